@@ -1,0 +1,1 @@
+//! Real-kernel integration tests live in `tests/tests/`; see ARCHITECTURE.md.
