@@ -1,0 +1,1 @@
+//! The LVM backend over liblvm2cmd (work in progress by the LVM engineer).

@@ -1,0 +1,169 @@
+//! The thin-pool backend: the one seam between volume orchestration and LVM.
+//!
+//! Two implementations share this trait and the checks in [`shared`]:
+//! [`lvm::LvmBackend`] (liblvm2cmd, in process, on one dedicated thread) and
+//! [`sim::SimBackend`] (in memory, for fast tests of the code above it).
+
+pub mod lvm;
+pub mod shared;
+pub mod sim;
+
+use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::capacity::PoolUsage;
+use crate::names::{LvName, NameError, VgName};
+use crate::units::{Bytes, ExtentSize, Percent, UnitError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// The VG and thin pool a backend manages, and the PVs they live on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinPoolSpec {
+    pub vg: VgName,
+    pub pool: LvName,
+    /// Block devices for `pvcreate`/`vgcreate` when the VG does not exist.
+    pub pvs: Vec<PathBuf>,
+    /// Physical data size of the pool; `None` takes the VG's free space
+    /// less room for metadata.
+    pub data_size: Option<Bytes>,
+    /// Thin-pool metadata size; `None` lets LVM choose.
+    pub metadata_size: Option<Bytes>,
+}
+
+impl ThinPoolSpec {
+    /// Checks what the names alone cannot: device-mapper names the pool
+    /// `<vg>-<pool>` (with `-` doubled), which must stay under 128 bytes.
+    pub fn new(vg: VgName, pool: LvName, pvs: Vec<PathBuf>) -> Result<ThinPoolSpec, NameError> {
+        let dm_len = vg.as_str().len()
+            + pool.as_str().len()
+            + 1
+            + vg.as_str().matches('-').count()
+            + pool.as_str().matches('-').count();
+        if dm_len > 127 {
+            return Err(NameError {
+                kind: "pool",
+                value: format!("{vg}/{pool}"),
+                reason: "VG and pool names together exceed device-mapper's 127-byte limit".into(),
+            });
+        }
+        Ok(ThinPoolSpec {
+            vg,
+            pool,
+            pvs,
+            data_size: None,
+            metadata_size: None,
+        })
+    }
+}
+
+/// A thin LV as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinVolume {
+    pub lv: LvName,
+    pub virtual_size: Bytes,
+    /// Share of the virtual size backed by pool data.
+    pub data_percent: Percent,
+    pub tags: BTreeSet<String>,
+    /// `/dev/<vg>/<lv>` when active.
+    pub device: Option<PathBuf>,
+}
+
+/// Pool state from one LVM report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub vg: VgName,
+    pub pool: LvName,
+    pub usage: PoolUsage,
+    pub extent_size: ExtentSize,
+    /// Unallocated space left in the VG (room to grow the pool).
+    pub vg_free: Bytes,
+}
+
+/// One variant per failing step; each carries what an operator needs.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("`{command}` failed (status {status}): {}", lines_or_none(.errors))]
+    Lvm {
+        command: String,
+        status: i32,
+        errors: Vec<String>,
+    },
+    #[error("could not parse the report of `{command}`: {reason}")]
+    Report { command: String, reason: String },
+    #[error("LV {lv} exists with size {existing}, not the requested {requested}")]
+    SizeMismatch {
+        lv: LvName,
+        existing: Bytes,
+        requested: Bytes,
+    },
+    #[error("LV {lv} is {current}; shrinking to {requested} is refused")]
+    Shrink {
+        lv: LvName,
+        current: Bytes,
+        requested: Bytes,
+    },
+    #[error("LV {lv} does not exist in pool {pool}")]
+    NotFound { lv: LvName, pool: LvName },
+    #[error("LV {lv} exists but is not ours (no '{tag}' tag or not a thin LV in {pool}); refusing to touch it")]
+    NotOurs {
+        lv: LvName,
+        pool: LvName,
+        tag: &'static str,
+    },
+    #[error("VG {vg} exists but {reason}")]
+    PoolMismatch { vg: VgName, reason: String },
+    #[error("no physical volumes given to create VG {vg}")]
+    NoPhysicalVolumes { vg: VgName },
+    #[error("the LVM worker thread has stopped")]
+    WorkerGone,
+    #[error("could not start the LVM worker thread: {0}")]
+    WorkerSpawn(std::io::Error),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Unit(#[from] UnitError),
+}
+
+fn lines_or_none(lines: &[String]) -> String {
+    if lines.is_empty() {
+        "no error output".to_owned()
+    } else {
+        lines.join("; ")
+    }
+}
+
+/// What the volume layer needs from a thin pool. All methods are idempotent.
+pub trait ThinBackend: Send + Sync {
+    /// The pool this backend manages.
+    fn spec(&self) -> &ThinPoolSpec;
+
+    /// Makes the PVs, VG and thin pool if missing; activates them if not.
+    fn ensure_pool(&self) -> Result<CreateAction<PoolStatus>, BackendError>;
+
+    fn pool_status(&self) -> Result<PoolStatus, BackendError>;
+
+    /// Creates an active thin LV carrying [`crate::names::OWNER_TAG`] plus
+    /// `tags`. Same name and same (extent-rounded) size is `Identity`; a
+    /// different size is [`BackendError::SizeMismatch`].
+    fn create_thin(
+        &self,
+        lv: &LvName,
+        size: Bytes,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError>;
+
+    /// Removes one of our thin LVs; a missing LV is `Identity`.
+    fn remove_thin(&self, lv: &LvName) -> Result<DeleteAction, BackendError>;
+
+    /// Grows one of our thin LVs; the same size is `Identity`, smaller is refused.
+    fn extend_thin(&self, lv: &LvName, size: Bytes) -> Result<ExtendAction, BackendError>;
+
+    /// Our thin LVs in the pool (never foreign ones), from one report.
+    fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError>;
+
+    /// Adds and removes tags on one of our LVs, in one LVM command.
+    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError>;
+
+    /// Activates one of our LVs (after a host restart) and returns its device.
+    fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError>;
+}

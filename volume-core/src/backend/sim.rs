@@ -1,0 +1,355 @@
+//! An in-memory thin pool with the same trait and the same checks as the LVM
+//! backend, for fast tests of everything above the backend.
+
+use super::shared::{self, FoundLv};
+use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
+use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::capacity::PoolUsage;
+use crate::names::{LvName, OWNER_TAG};
+use crate::units::{Bytes, ExtentSize, Percent, GIB, MIB};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// Counts of backend calls, so tests can assert on the cost of an operation
+/// (e.g. a restart does a constant number of reports).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SimCallCounts {
+    pub reports: u64,
+    pub changes: u64,
+}
+
+#[derive(Debug)]
+struct SimState {
+    pool_exists: bool,
+    volumes: BTreeMap<LvName, ThinVolume>,
+    calls: SimCallCounts,
+}
+
+/// The simulated pool. Its data size is `spec.data_size` (default 3 GiB).
+#[derive(Debug)]
+pub struct SimBackend {
+    spec: ThinPoolSpec,
+    state: Mutex<SimState>,
+}
+
+const SIM_METADATA: Bytes = Bytes(64 * MIB);
+
+impl SimBackend {
+    pub fn new(spec: ThinPoolSpec) -> SimBackend {
+        SimBackend {
+            spec,
+            state: Mutex::new(SimState {
+                pool_exists: false,
+                volumes: BTreeMap::new(),
+                calls: SimCallCounts::default(),
+            }),
+        }
+    }
+
+    pub fn calls(&self) -> SimCallCounts {
+        self.lock().calls
+    }
+
+    /// Marks `percent` of a volume's virtual size as written, as if a guest
+    /// had filled it; the pool's data usage follows.
+    pub fn simulate_write(&self, lv: &LvName, percent: Percent) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let volume = state
+            .volumes
+            .get_mut(lv)
+            .ok_or_else(|| BackendError::NotFound {
+                lv: lv.clone(),
+                pool: self.spec.pool.clone(),
+            })?;
+        volume.data_percent = percent;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn data_size(&self) -> Bytes {
+        self.spec.data_size.unwrap_or(Bytes(3 * GIB))
+    }
+
+    fn status_of(&self, state: &SimState) -> PoolStatus {
+        let provisioned: Bytes = state.volumes.values().map(|v| v.virtual_size).sum();
+        let written: u128 = state
+            .volumes
+            .values()
+            .map(|v| {
+                u128::from(v.virtual_size.0) * u128::from(v.data_percent.hundredths()) / 10_000
+            })
+            .sum();
+        let data_size = self.data_size();
+        PoolStatus {
+            vg: self.spec.vg.clone(),
+            pool: self.spec.pool.clone(),
+            usage: PoolUsage {
+                data_size,
+                data_used: Bytes(u64::try_from(written).unwrap_or(u64::MAX).min(data_size.0)),
+                metadata_size: self.spec.metadata_size.unwrap_or(SIM_METADATA),
+                metadata_used: Bytes(MIB + state.volumes.len() as u64 * 64 * 1024),
+                provisioned,
+                volume_count: state.volumes.len() as u32,
+            },
+            extent_size: ExtentSize::DEFAULT,
+            vg_free: Bytes::ZERO,
+        }
+    }
+
+    fn require_pool(&self, state: &SimState) -> Result<(), BackendError> {
+        if state.pool_exists {
+            Ok(())
+        } else {
+            Err(BackendError::PoolMismatch {
+                vg: self.spec.vg.clone(),
+                reason: format!("thin pool {} does not exist yet", self.spec.pool),
+            })
+        }
+    }
+
+    fn find(&self, state: &SimState, lv: &LvName) -> Option<FoundLv> {
+        state.volumes.get(lv).map(|volume| FoundLv {
+            volume: volume.clone(),
+            pool: Some(self.spec.pool.clone()),
+        })
+    }
+
+    fn device_of(&self, lv: &LvName) -> PathBuf {
+        PathBuf::from(format!("/dev/{}/{}", self.spec.vg, lv))
+    }
+}
+
+impl ThinBackend for SimBackend {
+    fn spec(&self) -> &ThinPoolSpec {
+        &self.spec
+    }
+
+    fn ensure_pool(&self) -> Result<CreateAction<PoolStatus>, BackendError> {
+        let mut state = self.lock();
+        state.calls.reports += 1;
+        if state.pool_exists {
+            return Ok(CreateAction::Identity(self.status_of(&state)));
+        }
+        if self.spec.pvs.is_empty() {
+            return Err(BackendError::NoPhysicalVolumes {
+                vg: self.spec.vg.clone(),
+            });
+        }
+        state.pool_exists = true;
+        state.calls.changes += 1;
+        Ok(CreateAction::Created(self.status_of(&state)))
+    }
+
+    fn pool_status(&self) -> Result<PoolStatus, BackendError> {
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        Ok(self.status_of(&state))
+    }
+
+    fn create_thin(
+        &self,
+        lv: &LvName,
+        size: Bytes,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError> {
+        shared::check_create_inputs(lv, size, tags)?;
+        let size = shared::round_to_extents(size, ExtentSize::DEFAULT)?;
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        if let Some(existing) = shared::decide_create(&self.spec, self.find(&state, lv), size)? {
+            return Ok(CreateAction::Identity(existing));
+        }
+        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
+        all_tags.insert(OWNER_TAG.to_owned());
+        let volume = ThinVolume {
+            lv: lv.clone(),
+            virtual_size: size,
+            data_percent: Percent::ZERO,
+            tags: all_tags,
+            device: Some(self.device_of(lv)),
+        };
+        state.volumes.insert(lv.clone(), volume.clone());
+        state.calls.changes += 1;
+        Ok(CreateAction::Created(volume))
+    }
+
+    fn remove_thin(&self, lv: &LvName) -> Result<DeleteAction, BackendError> {
+        shared::check_our_name(lv)?;
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        let Some(found) = self.find(&state, lv) else {
+            return Ok(DeleteAction::Identity);
+        };
+        shared::require_ours(&self.spec, found)?;
+        state.volumes.remove(lv);
+        state.calls.changes += 1;
+        Ok(DeleteAction::Deleted)
+    }
+
+    fn extend_thin(&self, lv: &LvName, size: Bytes) -> Result<ExtendAction, BackendError> {
+        shared::check_our_name(lv)?;
+        let size = shared::round_to_extents(size, ExtentSize::DEFAULT)?;
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        let found = self
+            .find(&state, lv)
+            .ok_or_else(|| BackendError::NotFound {
+                lv: lv.clone(),
+                pool: self.spec.pool.clone(),
+            })?;
+        let volume = shared::require_ours(&self.spec, found)?;
+        let Some(from) = shared::decide_extend(&volume, size)? else {
+            return Ok(ExtendAction::Identity(size));
+        };
+        if let Some(v) = state.volumes.get_mut(lv) {
+            v.virtual_size = size;
+        }
+        state.calls.changes += 1;
+        Ok(ExtendAction::Extended { from, to: size })
+    }
+
+    fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError> {
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        Ok(state
+            .volumes
+            .values()
+            .filter(|v| shared::is_ours(v))
+            .cloned()
+            .collect())
+    }
+
+    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+        for tag in add.iter().chain(remove) {
+            shared::check_tag(tag)?;
+        }
+        let mut state = self.lock();
+        let found = self
+            .find(&state, lv)
+            .ok_or_else(|| BackendError::NotFound {
+                lv: lv.clone(),
+                pool: self.spec.pool.clone(),
+            })?;
+        shared::require_ours(&self.spec, found)?;
+        let volume = state
+            .volumes
+            .get_mut(lv)
+            .expect("found above under the same lock");
+        for tag in remove {
+            volume.tags.remove(tag);
+        }
+        volume.tags.extend(add.iter().cloned());
+        state.calls.changes += 1;
+        Ok(())
+    }
+
+    fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
+        let state = self.lock();
+        let found = self
+            .find(&state, lv)
+            .ok_or_else(|| BackendError::NotFound {
+                lv: lv.clone(),
+                pool: self.spec.pool.clone(),
+            })?;
+        shared::require_ours(&self.spec, found)?;
+        Ok(self.device_of(lv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::{VgName, VolumeId};
+
+    fn sim() -> SimBackend {
+        let spec = ThinPoolSpec::new(
+            VgName::new("vg0").unwrap(),
+            LvName::new("pool0").unwrap(),
+            vec![PathBuf::from("/dev/loop0")],
+        )
+        .unwrap();
+        let sim = SimBackend::new(spec);
+        assert!(sim.ensure_pool().unwrap().changed());
+        assert!(!sim.ensure_pool().unwrap().changed());
+        sim
+    }
+
+    #[test]
+    fn create_remove_are_idempotent() {
+        let sim = sim();
+        let lv = VolumeId::generate().lv_name();
+        let size = Bytes(25 * GIB);
+        assert!(sim.create_thin(&lv, size, &[]).unwrap().changed());
+        assert!(!sim.create_thin(&lv, size, &[]).unwrap().changed());
+        assert!(matches!(
+            sim.create_thin(&lv, Bytes(26 * GIB), &[]),
+            Err(BackendError::SizeMismatch { .. })
+        ));
+        assert_eq!(sim.pool_status().unwrap().usage.provisioned, size);
+        assert!(sim.remove_thin(&lv).unwrap().changed());
+        assert!(!sim.remove_thin(&lv).unwrap().changed());
+    }
+
+    #[test]
+    fn sizes_round_up_to_extents_so_decimal_gb_is_idempotent() {
+        let sim = sim();
+        let lv = VolumeId::generate().lv_name();
+        let created = sim
+            .create_thin(&lv, Bytes::from_gb(25).unwrap(), &[])
+            .unwrap();
+        assert_eq!(created.inner().virtual_size.0 % (4 * MIB), 0);
+        assert!(!sim
+            .create_thin(&lv, Bytes::from_gb(25).unwrap(), &[])
+            .unwrap()
+            .changed());
+    }
+
+    #[test]
+    fn bad_input_changes_nothing() {
+        let sim = sim();
+        let before = sim.calls();
+        assert!(sim
+            .create_thin(&LvName::new("root").unwrap(), Bytes(GIB), &[])
+            .is_err());
+        assert!(sim
+            .create_thin(
+                &VolumeId::generate().lv_name(),
+                Bytes(GIB),
+                &["bad tag".into()]
+            )
+            .is_err());
+        assert_eq!(sim.calls().changes, before.changes);
+        assert!(sim.list_thins().unwrap().is_empty());
+    }
+
+    #[test]
+    fn extend_and_retag() {
+        let sim = sim();
+        let lv = VolumeId::generate().lv_name();
+        let _ = sim.create_thin(&lv, Bytes(GIB), &[]).unwrap();
+        assert_eq!(
+            sim.extend_thin(&lv, Bytes(2 * GIB)).unwrap(),
+            ExtendAction::Extended {
+                from: Bytes(GIB),
+                to: Bytes(2 * GIB)
+            }
+        );
+        assert!(!sim.extend_thin(&lv, Bytes(2 * GIB)).unwrap().changed());
+        sim.retag(&lv, &["vmv1.step=formatted".into()], &[])
+            .unwrap();
+        let listed = sim.list_thins().unwrap();
+        assert!(listed[0].tags.contains("vmv1.step=formatted"));
+    }
+}

@@ -1,0 +1,366 @@
+//! Checked names and ids.
+//!
+//! Every name that reaches LVM, device-mapper, the filesystem or the KV store
+//! is one of these types, validated once at the edge. None of them can hold a
+//! path separator, `..`, a leading `-`, or be empty.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Versioned prefix on every LV, dm mapping and LV tag this project makes,
+/// so that listing and cleanup find exactly our devices and never another's.
+pub const NAME_PREFIX: &str = "vmv1";
+/// The LVM tag carried by every LV this project owns.
+pub const OWNER_TAG: &str = "vmv1";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {value:?}: {reason}")]
+pub struct NameError {
+    pub kind: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn refuse(kind: &'static str, value: &str, reason: impl Into<String>) -> NameError {
+    NameError {
+        kind,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Rules every name shares, whatever else its kind allows.
+fn check_common(kind: &'static str, value: &str, max_len: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(refuse(kind, value, "must not be empty"));
+    }
+    if value.len() > max_len {
+        return Err(refuse(kind, value, format!("longer than {max_len} bytes")));
+    }
+    if value.contains('/') || value.contains('\0') {
+        return Err(refuse(kind, value, "must not contain '/' or NUL"));
+    }
+    if value == "." || value.contains("..") {
+        return Err(refuse(kind, value, "must not be '.' or contain '..'"));
+    }
+    if value.starts_with('-') {
+        return Err(refuse(kind, value, "must not start with '-'"));
+    }
+    Ok(())
+}
+
+fn check_charset(
+    kind: &'static str,
+    value: &str,
+    allowed: impl Fn(char) -> bool,
+    described: &str,
+) -> Result<(), NameError> {
+    match value.chars().find(|c| !allowed(*c)) {
+        Some(bad) => Err(refuse(
+            kind,
+            value,
+            format!("character {bad:?} not allowed (only {described})"),
+        )),
+        None => Ok(()),
+    }
+}
+
+macro_rules! checked_name {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, $check:path) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub const KIND: &'static str = $kind;
+
+            pub fn new(value: impl Into<String>) -> Result<$name, NameError> {
+                let value = value.into();
+                $check(&value)?;
+                Ok($name(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(value: String) -> Result<$name, NameError> {
+                $name::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(value: &str) -> Result<$name, NameError> {
+                $name::new(value)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+fn is_lvm_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-')
+}
+
+const LVM_CHARSET: &str = "A-Z a-z 0-9 + _ . -";
+
+/// LVM refuses LV names that contain these (they name hidden sub-LVs).
+const LV_RESERVED_PARTS: [&str; 14] = [
+    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_mimage", "_mlog", "_pmspare", "_rimage",
+    "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin",
+];
+
+fn check_vg(value: &str) -> Result<(), NameError> {
+    check_common("VG name", value, 127)?;
+    check_charset("VG name", value, is_lvm_char, LVM_CHARSET)
+}
+
+fn check_lv(value: &str) -> Result<(), NameError> {
+    // 127 is LVM's limit; the dm name is "<vg>-<lv>" and must stay below 128,
+    // which `ThinPoolSpec` checks for the pair.
+    check_common("LV name", value, 127)?;
+    check_charset("LV name", value, is_lvm_char, LVM_CHARSET)?;
+    if value.starts_with("snapshot") || value.starts_with("pvmove") {
+        return Err(refuse(
+            "LV name",
+            value,
+            "LVM reserves the prefixes 'snapshot' and 'pvmove'",
+        ));
+    }
+    if let Some(part) = LV_RESERVED_PARTS.iter().find(|p| value.contains(*p)) {
+        return Err(refuse(
+            "LV name",
+            value,
+            format!("LVM reserves the part {part:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Volume ids are `vol_` followed by 16 lowercase letters or digits.
+const VOLUME_ID_PREFIX: &str = "vol_";
+const VOLUME_ID_RANDOM_LEN: usize = 16;
+
+fn check_volume_id(value: &str) -> Result<(), NameError> {
+    check_common(
+        "volume id",
+        value,
+        VOLUME_ID_PREFIX.len() + VOLUME_ID_RANDOM_LEN,
+    )?;
+    let Some(random) = value.strip_prefix(VOLUME_ID_PREFIX) else {
+        return Err(refuse("volume id", value, "must start with 'vol_'"));
+    };
+    if random.len() != VOLUME_ID_RANDOM_LEN {
+        return Err(refuse(
+            "volume id",
+            value,
+            format!("needs exactly {VOLUME_ID_RANDOM_LEN} characters after 'vol_'"),
+        ));
+    }
+    check_charset(
+        "volume id",
+        random,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit(),
+        "a-z 0-9 after 'vol_'",
+    )
+    .map_err(|e| refuse("volume id", value, e.reason))
+}
+
+fn check_volume_name(value: &str) -> Result<(), NameError> {
+    check_common("volume name", value, 30)?;
+    check_charset(
+        "volume name",
+        value,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-',
+        "a-z 0-9 _ -",
+    )
+}
+
+/// Host ids, regions and zones: DNS-label-like.
+fn check_label(kind: &'static str, value: &str) -> Result<(), NameError> {
+    check_common(kind, value, 63)?;
+    check_charset(
+        kind,
+        value,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+        "a-z 0-9 -",
+    )
+}
+
+fn check_host_id(value: &str) -> Result<(), NameError> {
+    check_label("host id", value)
+}
+
+fn check_region(value: &str) -> Result<(), NameError> {
+    check_label("region", value)
+}
+
+fn check_zone(value: &str) -> Result<(), NameError> {
+    check_label("zone", value)
+}
+
+fn check_dm_name(value: &str) -> Result<(), NameError> {
+    check_common("device-mapper name", value, 127)?;
+    check_charset("device-mapper name", value, is_lvm_char, LVM_CHARSET)
+}
+
+checked_name!(
+    /// An LVM volume group name.
+    VgName, "VG name", check_vg
+);
+checked_name!(
+    /// An LVM logical volume name.
+    LvName, "LV name", check_lv
+);
+checked_name!(
+    /// A volume's unique id (`vol_` + 16 random characters).
+    VolumeId, "volume id", check_volume_id
+);
+checked_name!(
+    /// A volume's user-facing name; not unique (several volumes may share one).
+    VolumeName, "volume name", check_volume_name
+);
+checked_name!(
+    /// A host's id in the control plane.
+    HostId, "host id", check_host_id
+);
+checked_name!(
+    /// A region, e.g. `ewr`.
+    Region, "region", check_region
+);
+checked_name!(
+    /// An availability zone within a region.
+    Zone, "zone", check_zone
+);
+checked_name!(
+    /// A device-mapper device name (e.g. a dm-crypt mapping).
+    DmName, "device-mapper name", check_dm_name
+);
+
+impl VolumeId {
+    /// A fresh random id.
+    pub fn generate() -> VolumeId {
+        use rand::Rng;
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut rng = rand::rng();
+        let random: String = (0..VOLUME_ID_RANDOM_LEN)
+            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+            .collect();
+        VolumeId(format!("{VOLUME_ID_PREFIX}{random}"))
+    }
+
+    /// The thin LV that backs this volume.
+    pub fn lv_name(&self) -> LvName {
+        LvName(format!("{NAME_PREFIX}-{}", self.0))
+    }
+
+    /// The dm-crypt mapping that decrypts this volume.
+    pub fn crypt_name(&self) -> DmName {
+        DmName(format!("{NAME_PREFIX}-crypt-{}", self.0))
+    }
+
+    /// The inverse of [`VolumeId::lv_name`]; `None` for LVs that are not ours.
+    pub fn from_lv_name(lv: &LvName) -> Option<VolumeId> {
+        let rest = lv.as_str().strip_prefix(NAME_PREFIX)?.strip_prefix('-')?;
+        VolumeId::new(rest).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rejects_the_classic_bad_names() {
+        for bad in ["", "/", "a/b", "..", "a..b", ".", "-x", "x\0y"] {
+            assert!(VgName::new(bad).is_err(), "VG {bad:?}");
+            assert!(LvName::new(bad).is_err(), "LV {bad:?}");
+            assert!(VolumeName::new(bad).is_err(), "volume name {bad:?}");
+            assert!(HostId::new(bad).is_err(), "host {bad:?}");
+            assert!(DmName::new(bad).is_err(), "dm {bad:?}");
+        }
+        assert!(LvName::new("pool_tmeta").is_err());
+        assert!(LvName::new("snapshot1").is_err());
+    }
+
+    #[test]
+    fn errors_name_kind_value_and_reason() {
+        let err = LvName::new("a/b").unwrap_err().to_string();
+        assert_eq!(err, "invalid LV name \"a/b\": must not contain '/' or NUL");
+    }
+
+    #[test]
+    fn volume_ids_map_to_our_lv_names_and_back() {
+        let id = VolumeId::generate();
+        let lv = id.lv_name();
+        assert!(lv.as_str().starts_with("vmv1-vol_"));
+        assert_eq!(VolumeId::from_lv_name(&lv), Some(id.clone()));
+        assert_eq!(VolumeId::from_lv_name(&LvName::new("root").unwrap()), None);
+        assert!(DmName::new(id.crypt_name().as_str()).is_ok());
+    }
+
+    #[test]
+    fn serde_validates() {
+        assert!(serde_json::from_str::<VolumeId>("\"vol_../../etc\"").is_err());
+        let id: VolumeId = serde_json::from_str("\"vol_0123456789abcdef\"").unwrap();
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"vol_0123456789abcdef\""
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_accepts_a_path_separator(prefix in ".{0,20}", suffix in ".{0,20}") {
+            let value = format!("{prefix}/{suffix}");
+            prop_assert!(VgName::new(value.clone()).is_err());
+            prop_assert!(LvName::new(value.clone()).is_err());
+            prop_assert!(VolumeId::new(value.clone()).is_err());
+            prop_assert!(VolumeName::new(value.clone()).is_err());
+            prop_assert!(HostId::new(value.clone()).is_err());
+            prop_assert!(Region::new(value.clone()).is_err());
+            prop_assert!(Zone::new(value.clone()).is_err());
+            prop_assert!(DmName::new(value).is_err());
+        }
+
+        #[test]
+        fn accepted_names_are_safe_path_components(value in "[ -~]{0,40}") {
+            if let Ok(lv) = LvName::new(value.clone()) {
+                prop_assert!(!lv.as_str().is_empty());
+                prop_assert!(!lv.as_str().contains('/'));
+                prop_assert!(!lv.as_str().contains(".."));
+                prop_assert!(!lv.as_str().starts_with('-'));
+            }
+        }
+
+        #[test]
+        fn generated_ids_are_valid(_seed in 0u8..32) {
+            let id = VolumeId::generate();
+            prop_assert!(VolumeId::new(id.as_str()).is_ok());
+            prop_assert!(LvName::new(id.lv_name().as_str()).is_ok());
+        }
+    }
+}
