@@ -1,0 +1,242 @@
+//! Where everything lives in the KV store, and what it holds.
+//!
+//! ```text
+//! <root>/hosts/<host>/info        HostRecord   written by that host's volumed
+//! <root>/hosts/<host>/ledger      Ledger       reservations; every create's txn
+//!                                              checks its index (CAS), so two
+//!                                              creates can never over-commit
+//! <root>/desired/<host>/<volume>  VolumeSpec   written by volctl; volumed watches
+//!                                              <root>/desired/<host>/
+//! <root>/status/<host>/<volume>   VolumeStatus written by volumed
+//! <root>/keys/<volume>            sealed key   envelope store only; ciphertext
+//! ```
+//!
+//! `<root>` defaults to `volumes/v1`; the version lets a later layout live
+//! beside this one during a migration. Every prefix that is watched or listed
+//! ends in `/`, because Consul's prefix match is plain string prefix
+//! (`desired/h1` would also match `desired/h10`).
+
+use serde::{Deserialize, Serialize};
+use volume_core::capacity::{CapacityPolicy, PoolUsage};
+use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
+use volume_core::units::{Bytes, Percent};
+
+pub const DEFAULT_ROOT: &str = "volumes/v1";
+
+/// Builds and parses KV keys under one root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    root: String,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            root: DEFAULT_ROOT.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid KV root {0:?}: use segments of A-Z a-z 0-9 _ - . joined by '/', without leading or trailing '/'")]
+pub struct BadRoot(pub String);
+
+impl Layout {
+    pub fn new(root: &str) -> Result<Layout, BadRoot> {
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        if root.split('/').all(segment_ok) {
+            Ok(Layout {
+                root: root.to_owned(),
+            })
+        } else {
+            Err(BadRoot(root.to_owned()))
+        }
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    pub fn hosts_prefix(&self) -> String {
+        format!("{}/hosts/", self.root)
+    }
+
+    pub fn host_info(&self, host: &HostId) -> String {
+        format!("{}/hosts/{host}/info", self.root)
+    }
+
+    pub fn host_ledger(&self, host: &HostId) -> String {
+        format!("{}/hosts/{host}/ledger", self.root)
+    }
+
+    pub fn desired_root(&self) -> String {
+        format!("{}/desired/", self.root)
+    }
+
+    pub fn desired_prefix(&self, host: &HostId) -> String {
+        format!("{}/desired/{host}/", self.root)
+    }
+
+    pub fn desired(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/desired/{host}/{volume}", self.root)
+    }
+
+    pub fn status_root(&self) -> String {
+        format!("{}/status/", self.root)
+    }
+
+    pub fn status_prefix(&self, host: &HostId) -> String {
+        format!("{}/status/{host}/", self.root)
+    }
+
+    pub fn status(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/status/{host}/{volume}", self.root)
+    }
+
+    pub fn sealed_key(&self, volume: &VolumeId) -> String {
+        format!("{}/keys/{volume}", self.root)
+    }
+
+    /// `(host, volume)` from a desired or status key; `None` for anything else.
+    pub fn parse_volume_key(&self, key: &str) -> Option<(HostId, VolumeId)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix('/')?;
+        let rest = rest
+            .strip_prefix("desired/")
+            .or_else(|| rest.strip_prefix("status/"))?;
+        let (host, volume) = rest.split_once('/')?;
+        Some((HostId::new(host).ok()?, VolumeId::new(volume).ok()?))
+    }
+
+    /// The host of a `hosts/<host>/info` key.
+    pub fn parse_host_info_key(&self, key: &str) -> Option<HostId> {
+        let rest = key.strip_prefix(&self.hosts_prefix())?;
+        let host = rest.strip_suffix("/info")?;
+        HostId::new(host).ok()
+    }
+}
+
+/// A host as its daemon publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: HostId,
+    pub region: Region,
+    pub zone: Zone,
+    /// The pool as LVM last reported it.
+    pub pool: PoolUsage,
+    pub policy: CapacityPolicy,
+    /// Milliseconds since the Unix epoch of the daemon's last publish.
+    pub heartbeat_ms: u64,
+    /// Our LVs that have no desired record (never deleted without an explicit gc).
+    #[serde(default)]
+    pub orphans: Vec<VolumeId>,
+}
+
+/// Reservations on one host. Only changed inside a txn that checks its
+/// index, so every writer sees every reservation before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Sum of the sizes of every desired volume on the host.
+    pub reserved: Bytes,
+    pub volumes: u32,
+}
+
+/// What a volume should be. Written by volctl, read by volumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub id: VolumeId,
+    pub name: VolumeName,
+    pub host: HostId,
+    pub region: Region,
+    pub zone: Zone,
+    pub size: Bytes,
+    pub encrypted: bool,
+    pub created_ms: u64,
+    /// The explicit destroy intent: only this makes volumed delete data.
+    #[serde(default)]
+    pub destroy: bool,
+}
+
+/// Lifecycle as volumed reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    Creating,
+    Ready,
+    Extending,
+    Destroying,
+    Error,
+    /// One of our LVs with no desired record.
+    Orphan,
+}
+
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Ready => "ready",
+            VolumeState::Extending => "extending",
+            VolumeState::Destroying => "destroying",
+            VolumeState::Error => "error",
+            VolumeState::Orphan => "orphan",
+        }
+    }
+}
+
+/// What a volume is, as its host last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub id: VolumeId,
+    pub state: VolumeState,
+    /// The block device a VM gets: the crypt mapping or the thin LV.
+    pub device: Option<String>,
+    pub size: Bytes,
+    pub data_percent: Percent,
+    pub encrypted: bool,
+    /// Set when `state` is `error`; never holds secrets.
+    pub error: Option<String>,
+    pub updated_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_prefixes_end_in_slash() {
+        let layout = Layout::default();
+        let host = HostId::new("h1").unwrap();
+        let vol = VolumeId::new("vol_0123456789abcdef").unwrap();
+        assert_eq!(
+            layout.desired(&host, &vol),
+            "volumes/v1/desired/h1/vol_0123456789abcdef"
+        );
+        assert_eq!(
+            layout.parse_volume_key(&layout.desired(&host, &vol)),
+            Some((host.clone(), vol.clone()))
+        );
+        assert_eq!(
+            layout.parse_volume_key(&layout.status(&host, &vol)),
+            Some((host.clone(), vol))
+        );
+        assert_eq!(
+            layout.parse_host_info_key(&layout.host_info(&host)),
+            Some(host.clone())
+        );
+        assert!(layout.desired_prefix(&host).ends_with("/h1/"));
+        assert_eq!(layout.parse_volume_key("volumes/v1/desired/h1/../x"), None);
+    }
+
+    #[test]
+    fn roots_are_checked() {
+        assert!(Layout::new("volumes/v2").is_ok());
+        for bad in ["", "/volumes", "volumes/", "a//b", "a/../b", "a b"] {
+            assert!(Layout::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}
