@@ -109,7 +109,7 @@ impl Bytes {
 
     /// Exact conversion; refuses a size that is not whole sectors.
     pub fn to_sectors(self) -> Result<Sectors, UnitError> {
-        if self.0 % SECTOR_SIZE != 0 {
+        if !self.0.is_multiple_of(SECTOR_SIZE) {
             return Err(UnitError::NotAligned {
                 value: self.0,
                 unit: SECTOR_SIZE,
@@ -161,7 +161,7 @@ impl ExtentSize {
     pub const DEFAULT: ExtentSize = ExtentSize(Sectors(4 * MIB / SECTOR_SIZE));
 
     pub fn new(bytes: Bytes) -> Result<ExtentSize, UnitError> {
-        if bytes.0 == 0 || bytes.0 % SECTOR_SIZE != 0 {
+        if bytes.0 == 0 || !bytes.0.is_multiple_of(SECTOR_SIZE) {
             return Err(UnitError::BadExtentSize(bytes.0));
         }
         Ok(ExtentSize(Sectors(bytes.0 / SECTOR_SIZE)))
