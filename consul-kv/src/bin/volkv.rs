@@ -1,0 +1,83 @@
+//! `volkv`: the project's Consul-compatible KV server for a single host.
+//!
+//! `volkv --bind 127.0.0.1:8500 --data-dir DIR [--acl-token-file F]`
+//! prints the address it listens on and stops gracefully on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use consul_kv::server::{Server, ServerConfig};
+use consul_kv::SecretToken;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(name = "volkv", version, about = "Consul-compatible KV server (single host)")]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    bind: SocketAddr,
+    /// Directory keeping every committed write; without it, data is lost
+    /// on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// File of accepted ACL tokens, one per line (`#` starts a comment).
+    /// Without it, no token is required.
+    #[arg(long)]
+    acl_token_file: Option<PathBuf>,
+}
+
+fn read_tokens(path: &PathBuf) -> Result<Vec<SecretToken>, String> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read ACL token file {}: {e}", path.display()))?,
+    );
+    let tokens: Vec<SecretToken> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(SecretToken::new)
+        .collect();
+    if tokens.is_empty() {
+        return Err(format!("ACL token file {} holds no token", path.display()));
+    }
+    Ok(tokens)
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut config = ServerConfig::new(args.bind);
+    if let Some(dir) = args.data_dir {
+        config = config.with_data_dir(dir);
+    }
+    if let Some(path) = &args.acl_token_file {
+        config = config.with_acl_tokens(read_tokens(path)?);
+    }
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let handle = Server::start(config).await.map_err(|e| e.to_string())?;
+    println!("volkv listening on {}", handle.url());
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    handle.shutdown().await.map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("volkv: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

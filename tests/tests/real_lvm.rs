@@ -1,0 +1,187 @@
+//! Real-kernel device tests of the LVM backend: loop device, VG, a ~3 GiB
+//! thin pool and an over-committed 25 GiB thin volume in it.
+//!
+//! Run inside the micro-VM by `scripts/test-all`; filter with
+//! `cargo test -p volume-tests -- real_test_`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
+use volume_core::backend::lvm::report;
+use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
+use volume_core::backend::{BackendError, ThinBackend};
+use volume_core::names::{VolumeId, OWNER_TAG};
+use volume_core::units::{Bytes, GIB, MIB};
+use volume_tests::TestPool;
+
+fn small_pool(test: &str) -> TestPool {
+    TestPool::new(test, Bytes(4 * GIB), Bytes(3 * GIB))
+}
+
+/// Writes `len` bytes of a non-zero pattern at the start of `device` and
+/// flushes them to the pool.
+fn write_pattern(device: &std::path::Path, len: u64) {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap_or_else(|e| panic!("open {}: {e}", device.display()));
+    let chunk = vec![0xA5u8; MIB as usize];
+    for _ in 0..(len / MIB) {
+        file.write_all(&chunk).expect("write pattern");
+    }
+    file.sync_all().expect("fsync the thin device");
+}
+
+#[test]
+fn real_test_ensure_pool_is_idempotent() {
+    let pool = small_pool("ensure");
+    let first = pool.backend.ensure_pool().expect("first ensure");
+    assert!(matches!(first, CreateAction::Created(_)), "{first:?}");
+    let status = first.into_inner();
+    // The pool is ~3 GiB (LVM rounds to extents and may take a little for
+    // metadata), not the whole 4 GiB file.
+    assert!(status.usage.data_size >= Bytes(3 * GIB - 64 * MIB), "{status:?}");
+    assert!(status.usage.data_size <= Bytes(3 * GIB + 64 * MIB), "{status:?}");
+    assert!(status.usage.metadata_size > Bytes::ZERO);
+
+    let second = pool.backend.ensure_pool().expect("second ensure");
+    assert!(matches!(second, CreateAction::Identity(_)), "{second:?}");
+
+    // A second backend over the same VG (a daemon restart) also sees identity.
+    let again = volume_core::backend::lvm::LvmBackend::start(pool.spec().clone()).unwrap();
+    assert!(!again.ensure_pool().unwrap().changed());
+}
+
+#[test]
+fn real_test_overcommitted_thin_volume_lifecycle() {
+    let pool = small_pool("lifecycle");
+    let _ = pool.backend.ensure_pool().expect("ensure pool");
+    let id = VolumeId::generate();
+    let lv = id.lv_name();
+    let size = Bytes(25 * GIB);
+
+    // Create, then create again: identity, reported in the return type.
+    let created = pool.backend.create_thin(&lv, size, &[]).expect("create 25 GiB");
+    assert!(matches!(created, CreateAction::Created(_)), "{created:?}");
+    let volume = created.into_inner();
+    assert_eq!(volume.virtual_size, size);
+    assert!(volume.tags.contains(OWNER_TAG));
+    let device = volume.device.clone().expect("active thin LV has a device");
+    assert!(device.exists(), "{} missing", device.display());
+    assert!(!pool.backend.create_thin(&lv, size, &[]).unwrap().changed());
+
+    // Same name, other size: a clear error, and nothing changes.
+    let err = pool.backend.create_thin(&lv, Bytes(26 * GIB), &[]).unwrap_err();
+    assert!(matches!(err, BackendError::SizeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(lv.as_str()), "{err}");
+
+    // Over-commit: 25 GiB promised by a ~3 GiB pool.
+    let before = pool.backend.pool_status().expect("status");
+    println!("after create: {}", before.usage);
+    assert_eq!(before.usage.provisioned, size);
+    assert!(before.usage.provisioned > before.usage.data_size);
+    assert_eq!(before.usage.volume_count, 1);
+
+    // Listed, with its usage.
+    let listed = pool.backend.list_thins().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].lv, lv);
+
+    // Write 256 MiB: the pool's data% and the volume's data% rise.
+    write_pattern(&device, 256 * MIB);
+    let after = pool.backend.pool_status().expect("status after write");
+    println!("after writing 256 MiB: {}", after.usage);
+    assert!(
+        after.usage.data_used >= before.usage.data_used + Bytes(200 * MIB),
+        "data used {} -> {}",
+        before.usage.data_used,
+        after.usage.data_used
+    );
+    assert!(after.usage.data_percent() > before.usage.data_percent());
+    let listed = pool.backend.list_thins().unwrap();
+    assert!(listed[0].data_percent.hundredths() > 0, "{:?}", listed[0]);
+
+    // Extend, then extend again to the same size: identity.
+    let grown = Bytes(30 * GIB);
+    assert_eq!(
+        pool.backend.extend_thin(&lv, grown).unwrap(),
+        ExtendAction::Extended { from: size, to: grown }
+    );
+    assert!(!pool.backend.extend_thin(&lv, grown).unwrap().changed());
+    assert!(matches!(
+        pool.backend.extend_thin(&lv, size),
+        Err(BackendError::Shrink { .. })
+    ));
+    assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, grown);
+
+    // Remove, then remove again: identity.
+    assert_eq!(pool.backend.remove_thin(&lv).unwrap(), DeleteAction::Deleted);
+    assert_eq!(pool.backend.remove_thin(&lv).unwrap(), DeleteAction::Identity);
+    assert!(pool.backend.list_thins().unwrap().is_empty());
+    assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, Bytes::ZERO);
+}
+
+#[test]
+fn real_test_create_remove_repeats_converge() {
+    let pool = small_pool("repeat");
+    let _ = pool.backend.ensure_pool().unwrap();
+    let lv = VolumeId::generate().lv_name();
+    for round in 0..3 {
+        assert!(pool.backend.create_thin(&lv, Bytes(25 * GIB), &[]).unwrap().changed(), "round {round}");
+        assert!(!pool.backend.create_thin(&lv, Bytes(25 * GIB), &[]).unwrap().changed());
+        assert!(pool.backend.remove_thin(&lv).unwrap().changed());
+        assert!(!pool.backend.remove_thin(&lv).unwrap().changed());
+    }
+    assert_eq!(pool.backend.pool_status().unwrap().usage.volume_count, 0);
+}
+
+#[test]
+fn real_test_foreign_lvs_are_never_touched() {
+    let pool = small_pool("foreign");
+    let _ = pool.backend.ensure_pool().unwrap();
+    let runner = LvmRunner::start().unwrap();
+    // A thin LV with our name prefix but without our tag, as another tool
+    // might make it.
+    let impostor = VolumeId::generate().lv_name();
+    let line = CommandLine::command("lvcreate")
+        .args(["--thin", "-V", "1g", "-n", impostor.as_str()])
+        .arg(format!("{}/pool", pool.vg))
+        .build()
+        .unwrap();
+    runner.run(&line).expect("foreign lvcreate");
+
+    assert!(pool.backend.list_thins().unwrap().is_empty(), "foreign LV listed as ours");
+    let err = pool.backend.remove_thin(&impostor).unwrap_err();
+    assert!(matches!(err, BackendError::NotOurs { .. }), "{err}");
+    let err = pool.backend.create_thin(&impostor, Bytes(GIB), &[]).unwrap_err();
+    assert!(matches!(err, BackendError::NotOurs { .. }), "{err}");
+    // Its virtual size still counts against the pool.
+    assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, Bytes(GIB));
+}
+
+#[test]
+fn real_test_status_parser_on_real_lvs_output() {
+    let pool = small_pool("parser");
+    let _ = pool.backend.ensure_pool().unwrap();
+    let lv = VolumeId::generate().lv_name();
+    let _ = pool.backend.create_thin(&lv, Bytes(25 * GIB), &["vmv1.test=parser".into()]).unwrap();
+
+    let runner = LvmRunner::start().unwrap();
+    let line = CommandLine::command("lvs")
+        .args(["--reportformat", "json", "--units", "b", "--nosuffix", "-o", report::LV_FIELDS])
+        .arg(pool.vg.as_str())
+        .build()
+        .unwrap();
+    let output = runner.run(&line).expect("lvs");
+    println!("real lvs JSON:\n{}", output.report);
+    let rows = report::parse_lv_report(&output.report).expect("parse real lvs output");
+    let thin = rows.iter().find(|r| r.name == lv.as_str()).expect("our LV in the report");
+    assert_eq!(thin.kind, report::LvKind::Thin);
+    assert_eq!(thin.size, Bytes(25 * GIB));
+    assert_eq!(thin.pool.as_deref(), Some("pool"));
+    assert!(thin.tags.contains("vmv1.test=parser") && thin.tags.contains(OWNER_TAG));
+    assert!(thin.active);
+    let pool_row = rows.iter().find(|r| r.name == "pool").expect("pool in the report");
+    assert_eq!(pool_row.kind, report::LvKind::ThinPool);
+    assert!(pool_row.data_percent.is_some() && pool_row.metadata_percent.is_some());
+}

@@ -1,0 +1,665 @@
+//! The LVM backend: LVM2 thin pools through liblvm2cmd, in process, on one
+//! dedicated thread ([`runner`]), reading LVM's JSON reports ([`report`]).
+//!
+//! Every method reads the VG with a constant number of reports (one `lvs`
+//! for everything but `ensure_pool`), decides with [`super::shared`] exactly
+//! as the simulator does, and only then runs at most a few changing
+//! commands. Foreign LVs are read (their virtual size counts against the
+//! pool) but never changed.
+
+pub mod report;
+pub mod runner;
+
+use self::report::{LvKind, LvRecord, VgRecord};
+use self::runner::{CommandLine, CommandLineBuilder, LvmRunner};
+use super::shared::{self, FoundLv};
+use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
+use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::capacity::PoolUsage;
+use crate::names::{LvName, NameError, OWNER_TAG};
+use crate::units::{Bytes, Percent, SECTOR_SIZE};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// A thin pool managed through liblvm2cmd.
+#[derive(Debug)]
+pub struct LvmBackend {
+    spec: ThinPoolSpec,
+    runner: LvmRunner,
+    /// Each trait call reads, decides and changes as one step, as the
+    /// simulator does under its lock; LVM's own locks cover other processes.
+    operation: Mutex<()>,
+}
+
+impl LvmBackend {
+    /// Joins (or starts) the process's LVM worker thread. Touches no device:
+    /// call [`ThinBackend::ensure_pool`] to make or check the pool.
+    pub fn start(spec: ThinPoolSpec) -> Result<LvmBackend, BackendError> {
+        Ok(LvmBackend {
+            spec,
+            runner: LvmRunner::start()?,
+            operation: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is `()`; a panic elsewhere leaves nothing broken.
+        self.operation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every visible LV of our VG, one report.
+    fn read_vg(&self) -> Result<VgView, BackendError> {
+        let line = report_command("lvs")
+            .args(["-o", report::LV_FIELDS, self.spec.vg.as_str()])
+            .build()?;
+        let output = self.runner.run(&line)?;
+        let rows = report::parse_lv_report(&output.report).map_err(|err| BackendError::Report {
+            command: line.to_string(),
+            reason: err.to_string(),
+        })?;
+        Ok(VgView { rows, line })
+    }
+
+    /// Every VG on the host, one report; a missing VG is not an error here.
+    fn read_vgs(&self) -> Result<Vec<VgRecord>, BackendError> {
+        let line = report_command("vgs")
+            .args(["-o", report::VG_FIELDS])
+            .build()?;
+        let output = self.runner.run(&line)?;
+        report::parse_vg_report(&output.report).map_err(|err| BackendError::Report {
+            command: line.to_string(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Runs a command that changes LVM state.
+    fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
+        let line = line.build()?;
+        self.runner.run(&line)?;
+        tracing::info!(command = %line, "LVM changed");
+        Ok(())
+    }
+
+    fn vg_lv(&self, lv: &str) -> String {
+        format!("{}/{}", self.spec.vg, lv)
+    }
+
+    fn pool_missing(&self) -> BackendError {
+        BackendError::PoolMismatch {
+            vg: self.spec.vg.clone(),
+            reason: format!("thin pool {} does not exist yet", self.spec.pool),
+        }
+    }
+
+    fn not_found(&self, lv: &LvName) -> BackendError {
+        BackendError::NotFound {
+            lv: lv.clone(),
+            pool: self.spec.pool.clone(),
+        }
+    }
+
+    /// `lvcreate --type thin-pool` for the spec.
+    fn create_pool(&self) -> Result<(), BackendError> {
+        let mut line = CommandLine::command("lvcreate").args(["-qq", "--type", "thin-pool"]);
+        line = match self.spec.data_size {
+            Some(size) => line.args(["--size".into(), size_arg(size)?]),
+            // LVM subtracts room for the metadata LV and its spare itself
+            // when the size is a share of free space (tools/lvcreate.c).
+            None => line.args(["--extents", "100%FREE"]),
+        };
+        if let Some(size) = self.spec.metadata_size {
+            line = line.args(["--poolmetadatasize".into(), size_arg(size)?]);
+        }
+        // Zeroing stays on whatever lvm.conf says: volumes go to different
+        // tenants, and without it a fresh volume can read blocks a deleted
+        // one left behind. (It also spares lvcreate a signature wipe per
+        // thin LV.)
+        line = line.args(["--zero", "y", "--activate", "y"]);
+        self.change(line.args(["--name", self.spec.pool.as_str(), self.spec.vg.as_str()]))
+    }
+}
+
+/// A report command with the format every parser here expects.
+fn report_command(command: &str) -> CommandLineBuilder {
+    CommandLine::command(command).args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+}
+
+/// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not
+/// whole sectors, so round up to one.
+fn size_arg(size: Bytes) -> Result<String, BackendError> {
+    let size = size.round_up_to(Bytes(SECTOR_SIZE))?;
+    Ok(format!("{}b", size.0))
+}
+
+/// `share` of `whole`, rounded down.
+fn share(whole: Bytes, share: Percent) -> Bytes {
+    let part = u128::from(whole.0) * u128::from(share.hundredths()) / 10_000;
+    Bytes(u64::try_from(part).unwrap_or(u64::MAX))
+}
+
+/// One `lvs` report of our VG and the decisions read off it.
+struct VgView {
+    rows: Vec<LvRecord>,
+    line: CommandLine,
+}
+
+impl VgView {
+    fn named(&self, name: &str) -> Option<&LvRecord> {
+        self.rows.iter().find(|row| row.name == name)
+    }
+
+    fn report_error(&self, row: &LvRecord, reason: impl Into<String>) -> BackendError {
+        BackendError::Report {
+            command: self.line.to_string(),
+            reason: format!("row {}/{}: {}", row.vg, row.name, reason.into()),
+        }
+    }
+
+    fn pool(&self, spec: &ThinPoolSpec) -> Result<Option<&LvRecord>, BackendError> {
+        match self.named(spec.pool.as_str()) {
+            None => Ok(None),
+            Some(row) if row.kind == LvKind::ThinPool => Ok(Some(row)),
+            Some(row) => Err(BackendError::PoolMismatch {
+                vg: spec.vg.clone(),
+                reason: format!(
+                    "its LV {} is not a thin pool (layout {:?})",
+                    row.name, row.layout
+                ),
+            }),
+        }
+    }
+
+    /// The thin LVs in our pool, ours or not.
+    fn thins<'a>(&'a self, spec: &'a ThinPoolSpec) -> impl Iterator<Item = &'a LvRecord> + 'a {
+        self.rows.iter().filter(move |row| {
+            row.kind == LvKind::Thin && row.pool.as_deref() == Some(spec.pool.as_str())
+        })
+    }
+
+    fn thin_volume(&self, row: &LvRecord, lv: LvName) -> Result<ThinVolume, BackendError> {
+        // An inactive thin LV has no data% (LVM reads it from the kernel);
+        // nothing of it is in use by a guest, so 0 is what callers need.
+        let data_percent = match (row.data_percent, row.active, row.kind) {
+            (Some(percent), _, _) => percent,
+            (None, true, LvKind::Thin) => {
+                return Err(self.report_error(row, "active thin LV without data_percent"))
+            }
+            (None, _, _) => Percent::ZERO,
+        };
+        Ok(ThinVolume {
+            lv,
+            virtual_size: row.size,
+            data_percent,
+            tags: row.tags.clone(),
+            device: if row.active { row.path.clone() } else { None },
+        })
+    }
+
+    /// The LV called `lv`, whoever made it.
+    fn find(&self, lv: &LvName) -> Result<Option<FoundLv>, BackendError> {
+        let Some(row) = self.named(lv.as_str()) else {
+            return Ok(None);
+        };
+        let pool = match row.kind {
+            LvKind::Thin => row.pool.as_deref().and_then(|p| LvName::new(p).ok()),
+            LvKind::ThinPool | LvKind::Other => None,
+        };
+        Ok(Some(FoundLv {
+            volume: self.thin_volume(row, lv.clone())?,
+            pool,
+        }))
+    }
+
+    fn status(&self, spec: &ThinPoolSpec, pool: &LvRecord) -> Result<PoolStatus, BackendError> {
+        if !pool.active {
+            return Err(BackendError::PoolMismatch {
+                vg: spec.vg.clone(),
+                reason: format!(
+                    "thin pool {} is not active, so LVM cannot report its usage",
+                    spec.pool
+                ),
+            });
+        }
+        let data_percent = pool
+            .data_percent
+            .ok_or_else(|| self.report_error(pool, "active thin pool without data_percent"))?;
+        let metadata_percent = pool
+            .metadata_percent
+            .ok_or_else(|| self.report_error(pool, "active thin pool without metadata_percent"))?;
+        let metadata_size = pool
+            .metadata_size
+            .ok_or_else(|| self.report_error(pool, "thin pool without lv_metadata_size"))?;
+        let (provisioned, volume_count) = self
+            .thins(spec)
+            .fold((Bytes::ZERO, 0u32), |(sum, count), row| {
+                (sum + row.size, count + 1)
+            });
+        Ok(PoolStatus {
+            vg: spec.vg.clone(),
+            pool: spec.pool.clone(),
+            usage: PoolUsage {
+                data_size: pool.size,
+                data_used: share(pool.size, data_percent),
+                metadata_size,
+                metadata_used: share(metadata_size, metadata_percent),
+                provisioned,
+                volume_count,
+            },
+            extent_size: pool.extent_size,
+            vg_free: pool.vg_free,
+        })
+    }
+
+    /// Where LVM puts an LV's device node: beside the other LVs' (this
+    /// follows LVM's configured device directory; a thin pool has none).
+    fn device_of(&self, spec: &ThinPoolSpec, lv: &LvName) -> PathBuf {
+        self.rows
+            .iter()
+            .find_map(|row| row.path.as_deref()?.parent())
+            .map(|dir| dir.join(lv.as_str()))
+            .unwrap_or_else(|| PathBuf::from(format!("/dev/{}/{}", spec.vg, lv)))
+    }
+}
+
+impl ThinBackend for LvmBackend {
+    fn spec(&self) -> &ThinPoolSpec {
+        &self.spec
+    }
+
+    fn ensure_pool(&self) -> Result<CreateAction<PoolStatus>, BackendError> {
+        let _operation = self.lock();
+        let spec = &self.spec;
+        let vg_exists = self
+            .read_vgs()?
+            .iter()
+            .any(|vg| vg.name == spec.vg.as_str());
+        let mut created = false;
+        if !vg_exists {
+            if spec.pvs.is_empty() {
+                return Err(BackendError::NoPhysicalVolumes {
+                    vg: spec.vg.clone(),
+                });
+            }
+            let pvs = spec
+                .pvs
+                .iter()
+                .map(|pv| {
+                    pv.to_str().map(str::to_owned).ok_or_else(|| {
+                        BackendError::Name(NameError {
+                            kind: "PV path",
+                            value: pv.display().to_string(),
+                            reason: "not valid UTF-8".into(),
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // vgcreate initialises devices that are not PVs yet (an implicit
+            // pvcreate) and takes PVs left by an earlier, interrupted run,
+            // so one command covers both. -qq answers "no" to every prompt:
+            // a device with a filesystem or other signature is refused, not
+            // wiped.
+            self.change(
+                CommandLine::command("vgcreate")
+                    .args(["-qq", spec.vg.as_str()])
+                    .args(pvs),
+            )?;
+            created = true;
+        }
+
+        // A new VG has no LVs: no need to look.
+        let mut view = if created { None } else { Some(self.read_vg()?) };
+        let pool_active = match &view {
+            Some(view) => view.pool(spec)?.map(|pool| pool.active),
+            None => None,
+        };
+        match pool_active {
+            None => {
+                self.create_pool()?;
+                created = true;
+                view = None;
+            }
+            Some(false) => {
+                self.change(CommandLine::command("lvchange").args([
+                    "-qq",
+                    "--activate",
+                    "y",
+                    &self.vg_lv(spec.pool.as_str()),
+                ]))?;
+                view = None;
+            }
+            Some(true) => {}
+        }
+
+        let view = match view {
+            Some(view) => view,
+            None => self.read_vg()?,
+        };
+        let pool = view.pool(spec)?.ok_or_else(|| self.pool_missing())?;
+        if pool.errors_when_full != Some(true) {
+            // lvcreate of LVM 2.03.16 rejects --errorwhenfull for thin pools
+            // ("unsupported with thin pools"), so it is set here, which also
+            // brings a pool made by an interrupted earlier run into line.
+            // Error at once instead of queueing I/O for up to 60 s: we size
+            // the pool ourselves and refuse new space at the low-water
+            // marks, so nothing will extend a full pool, and queued I/O
+            // would hang every guest on it.
+            self.change(CommandLine::command("lvchange").args([
+                "-qq",
+                "--errorwhenfull",
+                "y",
+                &self.vg_lv(spec.pool.as_str()),
+            ]))?;
+        }
+        // Neither activation nor --errorwhenfull makes a pool.
+        let status = view.status(spec, pool)?;
+        Ok(if created {
+            CreateAction::Created(status)
+        } else {
+            CreateAction::Identity(status)
+        })
+    }
+
+    fn pool_status(&self) -> Result<PoolStatus, BackendError> {
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        view.status(&self.spec, pool)
+    }
+
+    fn create_thin(
+        &self,
+        lv: &LvName,
+        size: Bytes,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError> {
+        shared::check_create_inputs(lv, size, tags)?;
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let size = shared::round_to_extents(size, pool.extent_size)?;
+        if let Some(existing) = shared::decide_create(&self.spec, view.find(lv)?, size)? {
+            return Ok(CreateAction::Identity(existing));
+        }
+        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
+        all_tags.insert(OWNER_TAG.to_owned());
+        let mut line = CommandLine::command("lvcreate").args([
+            "-qq".into(),
+            "--type".into(),
+            "thin".into(),
+            "--virtualsize".into(),
+            size_arg(size)?,
+            "--thinpool".into(),
+            self.spec.pool.to_string(),
+            "--name".into(),
+            lv.to_string(),
+            "--activate".into(),
+            "y".into(),
+        ]);
+        for tag in &all_tags {
+            line = line.args(["--addtag", tag.as_str()]);
+        }
+        self.change(line.arg(self.spec.vg.as_str()))?;
+        Ok(CreateAction::Created(ThinVolume {
+            lv: lv.clone(),
+            virtual_size: size,
+            data_percent: Percent::ZERO,
+            tags: all_tags,
+            device: Some(view.device_of(&self.spec, lv)),
+        }))
+    }
+
+    fn remove_thin(&self, lv: &LvName) -> Result<DeleteAction, BackendError> {
+        shared::check_our_name(lv)?;
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let Some(found) = view.find(lv)? else {
+            return Ok(DeleteAction::Identity);
+        };
+        shared::require_ours(&self.spec, found)?;
+        self.change(CommandLine::command("lvremove").args([
+            "-qq",
+            "-f",
+            &self.vg_lv(lv.as_str()),
+        ]))?;
+        Ok(DeleteAction::Deleted)
+    }
+
+    fn extend_thin(&self, lv: &LvName, size: Bytes) -> Result<ExtendAction, BackendError> {
+        shared::check_our_name(lv)?;
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let size = shared::round_to_extents(size, pool.extent_size)?;
+        let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
+        let volume = shared::require_ours(&self.spec, found)?;
+        let Some(from) = shared::decide_extend(&volume, size)? else {
+            return Ok(ExtendAction::Identity(size));
+        };
+        self.change(CommandLine::command("lvextend").args([
+            "-qq".into(),
+            "--size".into(),
+            size_arg(size)?,
+            self.vg_lv(lv.as_str()),
+        ]))?;
+        Ok(ExtendAction::Extended { from, to: size })
+    }
+
+    fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError> {
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let mut ours = Vec::new();
+        for row in view.thins(&self.spec) {
+            // Foreign LVs need not pass our name rules; ours always do.
+            let Ok(lv) = LvName::new(row.name.as_str()) else {
+                continue;
+            };
+            let volume = view.thin_volume(row, lv)?;
+            if shared::is_ours(&volume) {
+                ours.push(volume);
+            }
+        }
+        Ok(ours)
+    }
+
+    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+        for tag in add.iter().chain(remove) {
+            shared::check_tag(tag)?;
+        }
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
+        shared::require_ours(&self.spec, found)?;
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let mut line = CommandLine::command("lvchange").arg("-qq");
+        for tag in add {
+            line = line.args(["--addtag", tag.as_str()]);
+        }
+        for tag in remove {
+            line = line.args(["--deltag", tag.as_str()]);
+        }
+        self.change(line.arg(self.vg_lv(lv.as_str())))
+    }
+
+    fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
+        let volume = shared::require_ours(&self.spec, found)?;
+        if let Some(device) = volume.device {
+            return Ok(device);
+        }
+        self.change(CommandLine::command("lvchange").args([
+            "-qq",
+            "--activate",
+            "y",
+            &self.vg_lv(lv.as_str()),
+        ]))?;
+        Ok(view.device_of(&self.spec, lv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report::tests::{REAL_ACTIVE, REAL_INACTIVE};
+    use super::runner::REAL_LVM_TESTS;
+    use super::*;
+    use crate::names::{VgName, VolumeId};
+    use crate::units::{ExtentSize, GIB, MIB};
+
+    fn spec() -> ThinPoolSpec {
+        ThinPoolSpec::new(
+            VgName::new("vmv1smoke").unwrap(),
+            LvName::new("pool0").unwrap(),
+            vec![],
+        )
+        .unwrap()
+    }
+
+    fn view(json: &str) -> VgView {
+        VgView {
+            rows: report::parse_lv_report(json).unwrap(),
+            line: CommandLine::command("lvs").build().unwrap(),
+        }
+    }
+
+    fn ours() -> LvName {
+        LvName::new("vmv1-vol_gjq9wcbfx7i9a3iy").unwrap()
+    }
+
+    #[test]
+    fn status_counts_every_thin_lv_in_the_pool() {
+        let view = view(REAL_ACTIVE);
+        let pool = view.pool(&spec()).unwrap().unwrap();
+        let status = view.status(&spec(), pool).unwrap();
+        let usage = status.usage;
+        assert_eq!(usage.data_size, Bytes(GIB));
+        // 3.91% of 1 GiB, rounded down: the 40 MiB written, as LVM rounds it.
+        assert_eq!(usage.data_used, Bytes(GIB * 391 / 10_000));
+        assert_eq!(usage.metadata_size, Bytes(4 * MIB));
+        assert_eq!(usage.metadata_used, Bytes(4 * MIB * 1143 / 10_000));
+        // The foreign thin LV counts: it shares the pool's space.
+        assert_eq!(usage.provisioned, Bytes(30 * GIB + 64 * MIB));
+        assert_eq!(usage.volume_count, 2);
+        assert_eq!(status.extent_size, ExtentSize::DEFAULT);
+        assert_eq!(status.vg_free, Bytes(1_052_770_304));
+    }
+
+    #[test]
+    fn found_lvs_feed_the_shared_decisions() {
+        let view = view(REAL_ACTIVE);
+        let found = view.find(&ours()).unwrap().unwrap();
+        assert_eq!(found.pool, Some(LvName::new("pool0").unwrap()));
+        let volume = shared::require_ours(&spec(), found).unwrap();
+        assert_eq!(volume.virtual_size, Bytes(30 * GIB));
+        assert_eq!(volume.data_percent, Percent::from_hundredths(13));
+        assert_eq!(
+            volume.device,
+            Some(PathBuf::from("/dev/vmv1smoke/vmv1-vol_gjq9wcbfx7i9a3iy"))
+        );
+
+        // A foreign thin LV in our pool and a linear LV are never ours.
+        let foreign = view
+            .find(&LvName::new("foreign").unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            shared::require_ours(&spec(), foreign),
+            Err(BackendError::NotOurs { .. })
+        ));
+        let linear = view
+            .find(&LvName::new("linear1").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(linear.pool, None);
+        assert!(view
+            .find(&LvName::new("vmv1-vol_ffffffffffffffff").unwrap())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_same_named_lv_that_is_not_a_thin_pool_is_a_mismatch() {
+        let mut spec = spec();
+        spec.pool = LvName::new("linear1").unwrap();
+        let err = view(REAL_ACTIVE).pool(&spec).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::PoolMismatch { reason, .. } if reason.contains("\"linear\"")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_inactive_vg_has_no_status_and_no_devices() {
+        let view = view(REAL_INACTIVE);
+        let pool = view.pool(&spec()).unwrap().unwrap();
+        assert!(!pool.active);
+        assert!(matches!(
+            view.status(&spec(), pool),
+            Err(BackendError::PoolMismatch { .. })
+        ));
+        let volume = shared::require_ours(&spec(), view.find(&ours()).unwrap().unwrap()).unwrap();
+        assert_eq!(volume.device, None);
+        assert_eq!(volume.data_percent, Percent::ZERO);
+    }
+
+    #[test]
+    fn an_active_thin_lv_without_data_percent_is_a_report_error() {
+        let text = REAL_ACTIVE.replace("\"data_percent\":\"0.13\"", "\"data_percent\":\"\"");
+        let err = view(&text).find(&ours()).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Report { reason, .. } if reason.contains("vmv1-vol_gjq9wcbfx7i9a3iy")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn new_devices_sit_beside_the_others() {
+        let lv = VolumeId::generate().lv_name();
+        assert_eq!(
+            view(REAL_ACTIVE).device_of(&spec(), &lv),
+            PathBuf::from(format!("/dev/vmv1smoke/{lv}"))
+        );
+    }
+
+    #[test]
+    fn sizes_are_whole_sectors_in_bytes() {
+        assert_eq!(size_arg(Bytes(4 * MIB)).unwrap(), "4194304b");
+        assert_eq!(size_arg(Bytes(1000)).unwrap(), "1024b");
+    }
+
+    /// liblvm2cmd for real, on a VG that does not exist: no device needed.
+    #[test]
+    fn a_missing_vg_is_an_lvm_error_with_the_command_line() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let spec = ThinPoolSpec::new(
+            VgName::new("vmv1-test-absent-vg").unwrap(),
+            LvName::new("pool0").unwrap(),
+            vec![],
+        )
+        .unwrap();
+        let backend = LvmBackend::start(spec).unwrap();
+        match backend.pool_status().unwrap_err() {
+            BackendError::Lvm {
+                command, errors, ..
+            } => {
+                assert!(command.starts_with("lvs --reportformat json"), "{command}");
+                assert!(command.ends_with(" vmv1-test-absent-vg"), "{command}");
+                assert!(errors.iter().any(|e| e.contains("not found")), "{errors:?}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        // No PVs to make the VG from: refused before any change.
+        assert!(matches!(
+            backend.ensure_pool(),
+            Err(BackendError::NoPhysicalVolumes { .. })
+        ));
+    }
+}

@@ -1,0 +1,540 @@
+//! Runs LVM commands in process through liblvm2cmd, on one dedicated thread.
+//!
+//! liblvm2cmd keeps process-global state (its log callback, device cache,
+//! locks), so the process has at most one handle, used from one thread: the
+//! worker. Every [`LvmRunner`] in the process shares that worker; it calls
+//! `lvm2_exit` when the last runner is dropped.
+//!
+//! Output comes back through the log callback, one line per call: the JSON
+//! report at level 4 (`LVM2_LOG_PRINT`) from libdm's report writer, warnings
+//! and other prints also at level 4 but from elsewhere, errors at level 3 or
+//! below, and verbose/debug chatter (which we drop) above 4.
+
+use crate::backend::BackendError;
+use crate::names::NameError;
+use nix::sys::stat::{umask, Mode};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// `lvm_split` (tools/lvmcmdline.c) stops at 64 words and then fails.
+const MAX_WORDS: usize = 63;
+/// Error lines kept per command; a failing report over many LVs can print
+/// one line per LV.
+const MAX_ERROR_LINES: usize = 64;
+/// LVM's own code expects a main-thread-sized stack (it also reserves 64 KiB
+/// of it before locking memory for device suspension).
+const WORKER_STACK: usize = 8 << 20;
+
+/// One command line for `lvm2_run`, checked so that LVM's word splitter
+/// reads back exactly the words we gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    text: String,
+}
+
+/// Builds a [`CommandLine`]; [`CommandLineBuilder::build`] checks every word.
+#[derive(Debug, Clone)]
+pub struct CommandLineBuilder {
+    words: Vec<String>,
+}
+
+impl CommandLine {
+    pub fn command(command: &str) -> CommandLineBuilder {
+        CommandLineBuilder {
+            words: vec![command.to_owned()],
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for CommandLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl CommandLineBuilder {
+    pub fn arg(mut self, word: impl Into<String>) -> CommandLineBuilder {
+        self.words.push(word.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, words: I) -> CommandLineBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.words.extend(words.into_iter().map(Into::into));
+        self
+    }
+
+    /// `lvm_split` splits on whitespace, takes a word that *starts* with a
+    /// quote up to the matching quote, and ends the line at a word starting
+    /// with `#`. Our words never need whitespace or quotes, so those are
+    /// refused rather than escaped; a word starting with `#` (a legal LVM
+    /// tag) is quoted.
+    pub fn build(self) -> Result<CommandLine, BackendError> {
+        if self.words.len() > MAX_WORDS {
+            return Err(refuse(
+                &self.words.join(" "),
+                format!("more than {MAX_WORDS} words; LVM cannot parse it"),
+            ));
+        }
+        let mut text = String::new();
+        for word in &self.words {
+            if word.is_empty() {
+                return Err(refuse(word, "empty word"));
+            }
+            if let Some(bad) = word
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control() || *c == '\'' || *c == '"')
+            {
+                return Err(refuse(
+                    word,
+                    format!("contains {bad:?}, which LVM's command-line splitter would misread"),
+                ));
+            }
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            if word.starts_with('#') {
+                text.push('\'');
+                text.push_str(word);
+                text.push('\'');
+            } else {
+                text.push_str(word);
+            }
+        }
+        Ok(CommandLine { text })
+    }
+}
+
+fn refuse(word: &str, reason: impl Into<String>) -> BackendError {
+    BackendError::Name(NameError {
+        kind: "LVM argument",
+        value: word.to_owned(),
+        reason: reason.into(),
+    })
+}
+
+/// What a successful command printed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LvmOutput {
+    /// The report, one line per line LVM printed (JSON for our reports).
+    pub report: String,
+    /// Other level-4 lines: warnings and plain prints such as `version`.
+    pub messages: Vec<String>,
+    /// Error lines; LVM can print some even when a command succeeds.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Captured {
+    report: Vec<String>,
+    messages: Vec<String>,
+    errors: Vec<String>,
+    errors_dropped: usize,
+}
+
+thread_local! {
+    /// Filled by [`capture_log`] on the worker thread during one `lvm2_run`.
+    static CAPTURED: RefCell<Captured> = RefCell::new(Captured::default());
+}
+
+/// LVM's log callback. It runs on the worker thread inside `lvm2_run`, so it
+/// only appends to that thread's buffer and must never unwind into C.
+extern "C" fn capture_log(
+    level: c_int,
+    file: *const c_char,
+    _line: c_int,
+    _dm_errno: c_int,
+    message: *const c_char,
+) {
+    if level > lvm2_sys::LVM2_LOG_PRINT as c_int || message.is_null() {
+        return;
+    }
+    // SAFETY: LVM passes a NUL-terminated message that lives for this call.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    // The callback gets the level without LVM's stdout/stderr flag, so
+    // warnings and report lines share level 4; the source file tells them
+    // apart: reports are written by libdm's report module.
+    let from_report_writer = !file.is_null() && {
+        // SAFETY: `file` is `__FILE__` of the logging call, a static
+        // NUL-terminated string.
+        let file = unsafe { CStr::from_ptr(file) };
+        file.to_bytes().ends_with(b"libdm-report.c")
+    };
+    let _ = CAPTURED.try_with(|captured| {
+        let Ok(mut captured) = captured.try_borrow_mut() else {
+            return;
+        };
+        if level == lvm2_sys::LVM2_LOG_PRINT as c_int {
+            if from_report_writer {
+                captured.report.push(text);
+            } else {
+                captured.messages.push(text);
+            }
+        } else if captured.errors.len() < MAX_ERROR_LINES {
+            captured.errors.push(text);
+        } else {
+            captured.errors_dropped += 1;
+        }
+    });
+}
+
+struct Request {
+    line: CommandLine,
+    reply: SyncSender<(i32, Captured)>,
+}
+
+/// The worker thread and the way to it.
+struct Worker {
+    requests: Option<Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop; it then calls lvm2_exit.
+        drop(self.requests.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the LVM worker thread panicked");
+            }
+        }
+    }
+}
+
+/// The process's worker while any runner holds it.
+static SHARED_WORKER: Mutex<Weak<Worker>> = Mutex::new(Weak::new());
+/// Held by a worker thread from before `lvm2_init` to after `lvm2_exit`, so
+/// that a new worker never overlaps one that is still shutting down.
+static LIBRARY: Mutex<()> = Mutex::new(());
+
+/// A handle to the in-process LVM worker; cheap to clone.
+#[derive(Clone)]
+pub struct LvmRunner {
+    worker: Arc<Worker>,
+}
+
+impl fmt::Debug for LvmRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LvmRunner")
+    }
+}
+
+impl LvmRunner {
+    /// Joins the process's LVM worker, starting it (and `lvm2_init`) if no
+    /// other runner is alive.
+    pub fn start() -> Result<LvmRunner, BackendError> {
+        let mut shared = SHARED_WORKER
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(worker) = shared.upgrade() {
+            return Ok(LvmRunner { worker });
+        }
+        let worker = Arc::new(spawn_worker()?);
+        *shared = Arc::downgrade(&worker);
+        Ok(LvmRunner { worker })
+    }
+
+    /// Runs one command and waits for it. A status other than
+    /// `LVM2_COMMAND_SUCCEEDED` is [`BackendError::Lvm`] with LVM's error
+    /// lines.
+    pub fn run(&self, line: &CommandLine) -> Result<LvmOutput, BackendError> {
+        let requests = self
+            .worker
+            .requests
+            .as_ref()
+            .ok_or(BackendError::WorkerGone)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        requests
+            .send(Request {
+                line: line.clone(),
+                reply,
+            })
+            .map_err(|_| BackendError::WorkerGone)?;
+        let (status, captured) = answer.recv().map_err(|_| BackendError::WorkerGone)?;
+        let Captured {
+            report,
+            messages,
+            mut errors,
+            errors_dropped,
+        } = captured;
+        if errors_dropped > 0 {
+            errors.push(format!("... and {errors_dropped} more error lines"));
+        }
+        for message in &messages {
+            // Over-commit is the point of a thin pool here, and admission
+            // control guards it, so LVM's warning about it on every create
+            // or extend is not news.
+            if message.contains("exceeds the size of thin pool") {
+                tracing::debug!(command = %line, "{}", message.trim());
+            } else if message.trim_start().starts_with("WARNING") {
+                tracing::warn!(command = %line, "{}", message.trim());
+            } else {
+                tracing::debug!(command = %line, "{}", message.trim());
+            }
+        }
+        if status != lvm2_sys::LVM2_COMMAND_SUCCEEDED as i32 {
+            // Some failures (e.g. a bad `-o` field) explain themselves only
+            // in level-4 lines.
+            let errors = if errors.is_empty() { messages } else { errors };
+            return Err(BackendError::Lvm {
+                command: line.to_string(),
+                status,
+                errors,
+            });
+        }
+        for error in &errors {
+            tracing::debug!(command = %line, "error line from a successful command: {error}");
+        }
+        let mut report = report.join("\n");
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        Ok(LvmOutput {
+            report,
+            messages,
+            errors,
+        })
+    }
+}
+
+fn spawn_worker() -> Result<Worker, BackendError> {
+    let (requests, incoming) = mpsc::channel::<Request>();
+    let (started, start_result) = mpsc::sync_channel::<Result<(), Vec<String>>>(1);
+    let thread = std::thread::Builder::new()
+        .name("lvm".into())
+        .stack_size(WORKER_STACK)
+        .spawn(move || worker_main(incoming, started))
+        .map_err(BackendError::WorkerSpawn)?;
+    match start_result.recv() {
+        Ok(Ok(())) => Ok(Worker {
+            requests: Some(requests),
+            thread: Some(thread),
+        }),
+        Ok(Err(errors)) => {
+            let _ = thread.join();
+            Err(BackendError::Lvm {
+                command: "lvm2_init".into(),
+                status: 0,
+                errors,
+            })
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(BackendError::WorkerGone)
+        }
+    }
+}
+
+/// Owns the liblvm2cmd handle for its whole life.
+struct Handle(*mut c_void);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from lvm2_init on this thread, is non-null,
+        // and is not used after this.
+        unsafe { lvm2_sys::lvm2_exit(self.0) };
+    }
+}
+
+fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<String>>>) {
+    let _library = LIBRARY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // SAFETY: this thread holds LIBRARY, so no other thread is inside
+    // liblvm2cmd; `capture_log` has the callback's exact C signature and
+    // lives for the whole program.
+    unsafe { lvm2_sys::lvm2_log_fn(Some(capture_log)) };
+
+    // lvm2_init sets the process umask to LVM's global/umask (077), and
+    // commands with --config set it again. The umask is process-wide, so
+    // LVM's is swapped in only while LVM runs and the process's own is put
+    // back after every call.
+    let process_umask = umask(Mode::from_bits_truncate(0o077));
+    take_captured();
+    // SAFETY: LIBRARY is held (see above); lvm2_init has no preconditions.
+    let raw = unsafe { lvm2_sys::lvm2_init() };
+    let mut lvm_umask = umask(process_umask);
+    let init_output = take_captured();
+    if raw.is_null() {
+        let _ = started.send(Err(init_output.errors));
+        return;
+    }
+    let handle = Handle(raw);
+    if started.send(Ok(())).is_err() {
+        return;
+    }
+
+    for request in incoming {
+        let Ok(text) = CString::new(request.line.as_str()) else {
+            // CommandLineBuilder refuses control characters, NUL included.
+            let _ = request.reply.send((
+                lvm2_sys::LVM2_INVALID_PARAMETERS as i32,
+                Captured {
+                    errors: vec!["command line contains NUL".into()],
+                    ..Captured::default()
+                },
+            ));
+            continue;
+        };
+        take_captured();
+        let began = Instant::now();
+        let process_umask = umask(lvm_umask);
+        // SAFETY: `handle` is the live handle from lvm2_init on this thread,
+        // `text` is NUL-terminated and outlives the call, and LIBRARY is held.
+        let status = unsafe { lvm2_sys::lvm2_run(handle.0, text.as_ptr()) };
+        lvm_umask = umask(process_umask);
+        tracing::debug!(
+            command = %request.line,
+            status,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "lvm command"
+        );
+        // The caller may have gone away; the command ran either way.
+        let _ = request.reply.send((status, take_captured()));
+    }
+    drop(handle);
+    take_captured();
+}
+
+fn take_captured() -> Captured {
+    CAPTURED.with(|captured| std::mem::take(&mut *captured.borrow_mut()))
+}
+
+/// Serialises tests that read process-wide state LVM changes while it runs.
+#[cfg(test)]
+pub(crate) static REAL_LVM_TESTS: Mutex<()> = Mutex::new(());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_that_lvm_would_misread_are_refused() {
+        for bad in ["a b", "a\tb", "'x", "x\"", "", "a\nb", "a\0b"] {
+            let err = CommandLine::command("lvs").arg(bad).build().unwrap_err();
+            assert!(
+                matches!(&err, BackendError::Name(e) if e.kind == "LVM argument"),
+                "{bad:?}: {err}"
+            );
+        }
+        let many = CommandLine::command("lvchange").args(std::iter::repeat_n("x", 63));
+        assert!(many.build().is_err());
+    }
+
+    #[test]
+    fn a_word_starting_with_hash_is_quoted() {
+        let line = CommandLine::command("lvchange")
+            .args(["--addtag", "#ops", "vg/lv"])
+            .build()
+            .unwrap();
+        assert_eq!(line.as_str(), "lvchange --addtag '#ops' vg/lv");
+    }
+
+    /// Runs liblvm2cmd for real: reports work without device-mapper, so
+    /// this holds on any host with liblvm2cmd.
+    #[test]
+    fn real_lvm_reports_and_errors_come_back() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let runner = LvmRunner::start().unwrap();
+
+        let line = CommandLine::command("vgs")
+            .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+            .args(["-o", super::super::report::VG_FIELDS])
+            .build()
+            .unwrap();
+        let output = runner.run(&line).unwrap();
+        assert!(
+            super::super::report::parse_vg_report(&output.report).is_ok(),
+            "{output:?}"
+        );
+
+        let line = CommandLine::command("lvs")
+            .arg("vmv1-no-such-vg-for-tests")
+            .build()
+            .unwrap();
+        match runner.run(&line).unwrap_err() {
+            BackendError::Lvm {
+                command,
+                status,
+                errors,
+            } => {
+                assert_eq!(command, "lvs vmv1-no-such-vg-for-tests");
+                assert_eq!(status, lvm2_sys::LVM2_PROCESSING_FAILED as i32);
+                assert!(
+                    errors
+                        .iter()
+                        .any(|e| e.contains("\"vmv1-no-such-vg-for-tests\" not found")),
+                    "{errors:?}"
+                );
+            }
+            other => panic!("unexpected {other}"),
+        }
+
+        let line = CommandLine::command("vgs")
+            .args(["-o", "no_such_field"])
+            .build()
+            .unwrap();
+        let err = runner.run(&line).unwrap_err().to_string();
+        assert!(err.contains("Unrecognised field: no_such_field"), "{err}");
+    }
+
+    #[test]
+    fn runners_share_one_worker_and_restart_after_the_last_goes() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let first = LvmRunner::start().unwrap();
+        let second = LvmRunner::start().unwrap();
+        assert!(Arc::ptr_eq(&first.worker, &second.worker));
+        let version = CommandLine::command("version").build().unwrap();
+        let threads: Vec<_> = [first, second]
+            .into_iter()
+            .map(|runner| {
+                let version = version.clone();
+                std::thread::spawn(move || {
+                    let output = runner.run(&version).unwrap();
+                    assert!(
+                        output.messages.iter().any(|m| m.contains("LVM version")),
+                        "{output:?}"
+                    );
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // Both runners are gone (tests holding one hold REAL_LVM_TESTS), so
+        // the worker has run lvm2_exit; a new one must init afresh.
+        assert!(SHARED_WORKER.lock().unwrap().upgrade().is_none());
+        let again = LvmRunner::start().unwrap();
+        assert!(again.run(&version).is_ok());
+    }
+
+    #[test]
+    fn the_process_umask_survives_lvm() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let runner = LvmRunner::start().unwrap();
+        let original = umask(Mode::from_bits_truncate(0o027));
+        // --config makes LVM reload its configuration, umask included.
+        let line = CommandLine::command("vgs")
+            .args(["--config", "global/umask=0077", "-o", "vg_name"])
+            .build()
+            .unwrap();
+        let result = runner.run(&line);
+        let after = umask(original);
+        result.unwrap();
+        assert_eq!(after.bits() & 0o777, 0o027, "LVM's umask leaked out");
+    }
+}

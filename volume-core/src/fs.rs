@@ -1,0 +1,533 @@
+//! ext4 on a volume's final block device: detect, make (never over data),
+//! grow.
+//!
+//! Detection reads on-disk signatures in process (the ext4 superblock magic
+//! at byte 1080, LUKS, XFS, btrfs, swap, partition tables): no program, no
+//! cache, and the same answer `blkid -p` would give for what we care about.
+//!
+//! `mkfs.ext4` options, chosen for thin volumes:
+//! * `-E lazy_itable_init=1,lazy_journal_init=1`: do not write every inode
+//!   table and the whole journal at mkfs time. On a thin LV those writes
+//!   would provision pool space for empty metadata and make create take time
+//!   proportional to the volume size; the kernel initialises inode tables
+//!   in the background after mount, and the journal is safe unzeroed
+//!   because jbd2 only replays blocks with its magic and the expected
+//!   sequence (over dm-crypt, unwritten blocks decrypt to noise, never to
+//!   a valid journal block of this filesystem).
+//! * `-E nodiscard`: a fresh thin LV has no provisioned blocks; a discard
+//!   pass over it does nothing useful and takes long on large volumes.
+//! * `-b 4096`: the block size must be at least the dm-crypt sector size
+//!   (4096); mke2fs would pick 1024 for small volumes, which dm-crypt with
+//!   4K sectors cannot serve.
+//! * `-U <uuid>` derived from the volume id, and `-L <label>` the 16 random
+//!   characters of the id (ext4 labels hold 16 bytes, `vol_` + 16 does not
+//!   fit): the UUID is what proves a filesystem is this volume's; the label
+//!   is for people reading `blkid`.
+//! * No `-F`: our own check refuses existing signatures first, and mke2fs's
+//!   "proceed anyway?" question, asked with stdin at `/dev/null`, is a second
+//!   refusal.
+//!
+//! Growing: `resize2fs` online when the filesystem is mounted on this host;
+//! otherwise `e2fsck -f -p` first (resize2fs demands a freshly checked
+//! filesystem; `-p` repairs only what is safe without a human and fails on
+//! anything else, where `-y` would answer yes to every destructive fix) and
+//! then `resize2fs` offline. A filesystem mounted inside a guest is not
+//! mounted here, so callers must not grow a volume a VM has open (see
+//! [`crate::host`]).
+
+use crate::actions::{CreateAction, ExtendAction};
+use crate::cmd::{CmdError, Tools};
+use crate::names::VolumeId;
+use crate::units::Bytes;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// Namespace for UUIDs derived from volume ids (UUIDv5), fixed forever.
+const VOLUME_UUID_NAMESPACE: Uuid = Uuid::from_u128(0x5d6a_4f0e_8c1b_4b7e_9a3d_2f61_c0de_0001);
+
+/// What a derived UUID names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UuidPurpose {
+    Filesystem,
+    LuksHeader,
+}
+
+/// A deterministic UUID for `id`: the same volume always gets the same one,
+/// so a re-run after a crash recognises what it made.
+pub fn volume_uuid(purpose: UuidPurpose, id: &VolumeId) -> Uuid {
+    let tag = match purpose {
+        UuidPurpose::Filesystem => "ext4",
+        UuidPurpose::LuksHeader => "luks2",
+    };
+    Uuid::new_v5(&VOLUME_UUID_NAMESPACE, format!("{tag}:{id}").as_bytes())
+}
+
+/// The ext4 label of `id`: its 16 random characters.
+pub fn volume_label(id: &VolumeId) -> &str {
+    id.as_str().strip_prefix("vol_").unwrap_or(id.as_str())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("could not read {device}: {source}")]
+    Read {
+        device: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device} already holds {found}; refusing to make a filesystem over it")]
+    Occupied { device: PathBuf, found: String },
+    #[error("{device} holds no ext4 filesystem ({found})")]
+    NotExt4 { device: PathBuf, found: String },
+    #[error("mkfs.ext4 on {device} finished but the device does not show our filesystem ({found})")]
+    NotMade { device: PathBuf, found: String },
+    #[error("could not read {path}: {source}")]
+    MountInfo {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Command(#[from] CmdError),
+}
+
+/// The fields of an ext2/3/4 superblock we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtSuperblock {
+    pub uuid: Uuid,
+    pub label: String,
+    pub block_size: u64,
+    pub blocks: u64,
+}
+
+impl ExtSuperblock {
+    pub fn size(&self) -> Bytes {
+        Bytes(self.blocks.saturating_mul(self.block_size))
+    }
+}
+
+/// What the start of a device holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signature {
+    /// No signature we know: a fresh thin LV (zeros) or a fresh dm-crypt
+    /// mapping (noise).
+    Nothing,
+    Ext(ExtSuperblock),
+    Luks,
+    Xfs,
+    Btrfs,
+    Swap,
+    PartitionTable,
+}
+
+impl std::fmt::Display for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Signature::Nothing => f.write_str("no known signature"),
+            Signature::Ext(sb) => write!(
+                f,
+                "an ext2/3/4 filesystem (UUID {}, label {:?}, {})",
+                sb.uuid,
+                sb.label,
+                sb.size()
+            ),
+            Signature::Luks => f.write_str("a LUKS header"),
+            Signature::Xfs => f.write_str("an XFS filesystem"),
+            Signature::Btrfs => f.write_str("a btrfs filesystem"),
+            Signature::Swap => f.write_str("a swap area"),
+            Signature::PartitionTable => f.write_str("a partition table"),
+        }
+    }
+}
+
+const PROBE_BYTES: usize = 68 * 1024;
+const EXT_SUPERBLOCK: usize = 1024;
+const EXT_MAGIC: u16 = 0xEF53;
+const EXT_INCOMPAT_64BIT: u32 = 0x80;
+
+fn le16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn le32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Reads the signatures at the start of `device` (a block device or file).
+pub fn probe(device: &Path) -> Result<Signature, FsError> {
+    let read_err = |source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    };
+    let mut file = File::open(device).map_err(read_err)?;
+    let mut head = vec![0u8; PROBE_BYTES];
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    head.truncate(filled);
+    Ok(parse_signature(&head))
+}
+
+/// The pure part of [`probe`].
+pub fn parse_signature(head: &[u8]) -> Signature {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"LUKS\xba\xbe") {
+        return Signature::Luks;
+    }
+    if head.len() >= EXT_SUPERBLOCK + 1024 {
+        let sb = &head[EXT_SUPERBLOCK..EXT_SUPERBLOCK + 1024];
+        if le16(sb, 0x38) == EXT_MAGIC {
+            let log_block = le32(sb, 0x18).min(16);
+            let incompat = le32(sb, 0x60);
+            let blocks_hi = if incompat & EXT_INCOMPAT_64BIT != 0 {
+                u64::from(le32(sb, 0x150))
+            } else {
+                0
+            };
+            let label = &sb[0x78..0x88];
+            let label_len = label.iter().position(|b| *b == 0).unwrap_or(label.len());
+            return Signature::Ext(ExtSuperblock {
+                uuid: Uuid::from_bytes(sb[0x68..0x78].try_into().expect("16 bytes")),
+                label: String::from_utf8_lossy(&label[..label_len]).into_owned(),
+                block_size: 1024u64 << log_block,
+                blocks: (blocks_hi << 32) | u64::from(le32(sb, 0x04)),
+            });
+        }
+    }
+    if at(0, b"XFSB") {
+        return Signature::Xfs;
+    }
+    if at(65536 + 64, b"_BHRfS_M") {
+        return Signature::Btrfs;
+    }
+    if at(4096 - 10, b"SWAPSPACE2") || at(4096 - 10, b"SWAP-SPACE") {
+        return Signature::Swap;
+    }
+    if at(512, b"EFI PART") || at(510, b"\x55\xaa") {
+        return Signature::PartitionTable;
+    }
+    Signature::Nothing
+}
+
+/// The arguments of `mkfs.ext4` for `id` on `device` (see the module docs).
+pub fn mkfs_args(device: &Path, id: &VolumeId) -> Vec<std::ffi::OsString> {
+    let uuid = volume_uuid(UuidPurpose::Filesystem, id).to_string();
+    [
+        "-q",
+        "-t",
+        "ext4",
+        "-b",
+        "4096",
+        "-U",
+        &uuid,
+        "-L",
+        volume_label(id),
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+    ]
+    .iter()
+    .map(Into::into)
+    .chain(std::iter::once(device.as_os_str().to_owned()))
+    .collect()
+}
+
+/// Makes this volume's ext4 filesystem on `device` unless it is already
+/// there. Any other signature, including another ext4 filesystem, is
+/// refused: this never formats over data.
+pub fn make_ext4(
+    tools: &Tools,
+    device: &Path,
+    id: &VolumeId,
+) -> Result<CreateAction<ExtSuperblock>, FsError> {
+    let ours = volume_uuid(UuidPurpose::Filesystem, id);
+    match probe(device)? {
+        Signature::Ext(sb) if sb.uuid == ours => return Ok(CreateAction::Identity(sb)),
+        Signature::Nothing => {}
+        found => {
+            return Err(FsError::Occupied {
+                device: device.to_owned(),
+                found: found.to_string(),
+            })
+        }
+    }
+    tools.mkfs_ext4.run(mkfs_args(device, id), &[0])?;
+    match probe(device)? {
+        Signature::Ext(sb) if sb.uuid == ours => Ok(CreateAction::Created(sb)),
+        found => Err(FsError::NotMade {
+            device: device.to_owned(),
+            found: found.to_string(),
+        }),
+    }
+}
+
+/// The size of a block device or file in bytes.
+pub fn device_size(device: &Path) -> Result<Bytes, FsError> {
+    let mut file = File::open(device).map_err(|source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    })?;
+    // Seeking to the end gives the size of block devices and files alike.
+    file.seek(SeekFrom::End(0))
+        .map(Bytes)
+        .map_err(|source| FsError::Read {
+            device: device.to_owned(),
+            source,
+        })
+}
+
+/// Whether the block device `device` is mounted according to `mountinfo`
+/// (normally `/proc/self/mountinfo`; a parameter so tests can point it at a
+/// file). Regular files are never mounted.
+pub fn is_mounted(device: &Path, mountinfo: &Path) -> Result<bool, FsError> {
+    let meta = std::fs::metadata(device).map_err(|source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Ok(false);
+    }
+    let rdev = meta.rdev();
+    let wanted = format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    let text = std::fs::read_to_string(mountinfo).map_err(|source| FsError::MountInfo {
+        path: mountinfo.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .any(|line| line.split_whitespace().nth(2) == Some(wanted.as_str())))
+}
+
+/// Grows the ext4 filesystem on `device` to fill it; `Identity` if it
+/// already does. Online when mounted on this host, offline otherwise (see
+/// the module docs for why `e2fsck -f -p`).
+pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<ExtendAction, FsError> {
+    let before = match probe(device)? {
+        Signature::Ext(sb) => sb,
+        found => {
+            return Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: found.to_string(),
+            })
+        }
+    };
+    let available = device_size(device)?.0 / before.block_size;
+    if before.blocks >= available {
+        return Ok(ExtendAction::Identity(before.size()));
+    }
+    if is_mounted(device, mountinfo)? {
+        tools.resize2fs.run([device.as_os_str()], &[0])?;
+    } else {
+        // 0: clean, 1: errors fixed safely; anything else needs a person.
+        tools
+            .e2fsck
+            .run([std::ffi::OsStr::new("-f"), "-p".as_ref(), device.as_os_str()], &[0, 1])?;
+        tools.resize2fs.run([device.as_os_str()], &[0])?;
+    }
+    let after = match probe(device)? {
+        Signature::Ext(sb) => sb,
+        found => {
+            return Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: found.to_string(),
+            })
+        }
+    };
+    Ok(ExtendAction::Extended {
+        from: before.size(),
+        to: after.size(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::MIB;
+
+    fn tools() -> Tools {
+        Tools::locate().expect("e2fsprogs installed on the test host")
+    }
+
+    fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let path = dir.join(name);
+        File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    }
+
+    #[test]
+    fn derived_uuids_are_stable_distinct_and_per_purpose() {
+        let id = VolumeId::new("vol_0123456789abcdef").unwrap();
+        let fs_uuid = volume_uuid(UuidPurpose::Filesystem, &id);
+        assert_eq!(fs_uuid, volume_uuid(UuidPurpose::Filesystem, &id));
+        assert_ne!(fs_uuid, volume_uuid(UuidPurpose::LuksHeader, &id));
+        assert_ne!(
+            fs_uuid,
+            volume_uuid(
+                UuidPurpose::Filesystem,
+                &VolumeId::new("vol_0123456789abcdee").unwrap()
+            )
+        );
+        assert_eq!(fs_uuid.get_version_num(), 5);
+        assert_eq!(volume_label(&id), "0123456789abcdef");
+        assert!(volume_label(&id).len() <= 16);
+    }
+
+    #[test]
+    fn mkfs_options_are_the_documented_ones() {
+        let id = VolumeId::new("vol_0123456789abcdef").unwrap();
+        let args: Vec<String> = mkfs_args(Path::new("/dev/mapper/x"), &id)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let uuid = volume_uuid(UuidPurpose::Filesystem, &id).to_string();
+        assert_eq!(
+            args,
+            [
+                "-q",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-U",
+                uuid.as_str(),
+                "-L",
+                "0123456789abcdef",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                "/dev/mapper/x"
+            ]
+        );
+        assert!(!args.contains(&"-F".to_owned()));
+    }
+
+    #[test]
+    fn signatures_are_recognised() {
+        let mut head = vec![0u8; PROBE_BYTES];
+        assert_eq!(parse_signature(&head), Signature::Nothing);
+        head[..6].copy_from_slice(b"LUKS\xba\xbe");
+        assert_eq!(parse_signature(&head), Signature::Luks);
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[..4].copy_from_slice(b"XFSB");
+        assert_eq!(parse_signature(&head), Signature::Xfs);
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[65536 + 64..65536 + 72].copy_from_slice(b"_BHRfS_M");
+        assert_eq!(parse_signature(&head), Signature::Btrfs);
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[510..512].copy_from_slice(b"\x55\xaa");
+        assert_eq!(parse_signature(&head), Signature::PartitionTable);
+        // Short devices are probed as far as they go.
+        assert_eq!(parse_signature(&[0u8; 100]), Signature::Nothing);
+    }
+
+    #[test]
+    fn make_detect_and_refuse_to_reformat() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = sparse_file(dir.path(), "vol.img", 64 * MIB);
+        let id = VolumeId::generate();
+        let made = make_ext4(&tools(), &device, &id).unwrap();
+        assert!(made.changed());
+        let sb = made.into_inner();
+        assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, &id));
+        assert_eq!(sb.label, volume_label(&id));
+        assert_eq!(sb.block_size, 4096);
+        assert_eq!(sb.size(), Bytes(64 * MIB));
+        // A second run changes no byte of the device.
+        let before = std::fs::read(&device).unwrap();
+        let again = make_ext4(&tools(), &device, &id).unwrap();
+        assert!(!again.changed());
+        assert_eq!(std::fs::read(&device).unwrap(), before);
+        // Another volume's filesystem is refused, and left byte-for-byte.
+        let err = make_ext4(&tools(), &device, &VolumeId::generate()).unwrap_err();
+        assert!(matches!(err, FsError::Occupied { .. }), "{err}");
+        assert!(err.to_string().contains(&sb.uuid.to_string()), "{err}");
+        assert_eq!(std::fs::read(&device).unwrap(), before);
+    }
+
+    #[test]
+    fn any_other_signature_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = sparse_file(dir.path(), "luks.img", 8 * MIB);
+        std::fs::write(&device, b"LUKS\xba\xbe\x00\x02").unwrap();
+        File::options()
+            .write(true)
+            .open(&device)
+            .unwrap()
+            .set_len(8 * MIB)
+            .unwrap();
+        let err = make_ext4(&tools(), &device, &VolumeId::generate()).unwrap_err();
+        assert!(err.to_string().contains("a LUKS header"), "{err}");
+        assert_eq!(&std::fs::read(&device).unwrap()[..6], b"LUKS\xba\xbe");
+    }
+
+    #[test]
+    fn grow_fills_the_device_offline_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = sparse_file(dir.path(), "vol.img", 64 * MIB);
+        let id = VolumeId::generate();
+        let tools = tools();
+        let _ = make_ext4(&tools, &device, &id).unwrap();
+        let mountinfo = dir.path().join("mountinfo");
+        std::fs::write(&mountinfo, "").unwrap();
+        assert_eq!(
+            grow_ext4(&tools, &device, &mountinfo).unwrap(),
+            ExtendAction::Identity(Bytes(64 * MIB))
+        );
+        File::options()
+            .write(true)
+            .open(&device)
+            .unwrap()
+            .set_len(96 * MIB)
+            .unwrap();
+        assert_eq!(
+            grow_ext4(&tools, &device, &mountinfo).unwrap(),
+            ExtendAction::Extended {
+                from: Bytes(64 * MIB),
+                to: Bytes(96 * MIB)
+            }
+        );
+        assert!(!grow_ext4(&tools, &device, &mountinfo).unwrap().changed());
+        // Growing a device with no filesystem is an error, not a mkfs.
+        let blank = sparse_file(dir.path(), "blank.img", 8 * MIB);
+        assert!(matches!(
+            grow_ext4(&tools, &blank, &mountinfo),
+            Err(FsError::NotExt4 { .. })
+        ));
+    }
+
+    #[test]
+    fn mount_detection_reads_major_minor_from_mountinfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("blk");
+        nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(253, 7),
+        )
+        .unwrap();
+        let mountinfo = dir.path().join("mountinfo");
+        std::fs::write(
+            &mountinfo,
+            "22 1 253:17 / /other rw - ext4 /dev/dm-17 rw\n\
+             36 35 253:7 / /mnt rw,noatime shared:1 - ext4 /dev/mapper/x rw\n",
+        )
+        .unwrap();
+        assert!(is_mounted(&node, &mountinfo).unwrap());
+        std::fs::write(&mountinfo, "22 1 253:17 / /other rw - ext4 /dev/dm-17 rw\n").unwrap();
+        assert!(!is_mounted(&node, &mountinfo).unwrap());
+        let file = sparse_file(dir.path(), "f", 4096);
+        assert!(!is_mounted(&file, &mountinfo).unwrap());
+    }
+}

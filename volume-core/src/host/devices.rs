@@ -1,0 +1,148 @@
+//! The device operations [`super::VolumeHost`] orchestrates, behind one
+//! small trait so the same orchestration runs on the real kernel
+//! ([`RealDevices`]: libcryptsetup, `cmd`, `mknod`) and in fast tests
+//! ([`super::sim::SimDevices`]).
+
+use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::cmd::Tools;
+use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
+use crate::fs::{self, FsError};
+use crate::jail::{self, DeviceNumber, JailError};
+use crate::keys::VolumeKey;
+use crate::names::VolumeId;
+use std::path::{Path, PathBuf};
+
+/// LUKS2, ext4 and device-number operations on one volume's devices. All
+/// are idempotent; see [`crate::crypt`] and [`crate::fs`] for the rules
+/// (never format over data, no half-made mappings).
+pub trait VolumeDevices: Send + Sync {
+    fn format_crypt(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        key: &VolumeKey,
+        guard: FormatGuard,
+    ) -> Result<CreateAction<()>, CryptError>;
+
+    /// Opens the mapping; returns its device path.
+    fn open_crypt(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        key: &VolumeKey,
+    ) -> Result<CreateAction<PathBuf>, CryptError>;
+
+    /// The mapping's device path if it is open.
+    fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError>;
+
+    fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError>;
+
+    /// Grows an open mapping to fill its grown LV.
+    fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError>;
+
+    /// Removes what makes the LV's content readable before the LV is
+    /// removed: the LUKS2 header of an encrypted volume. Called on a closed
+    /// volume only.
+    fn erase(&self, lv_device: &Path, id: &VolumeId, encrypted: bool)
+        -> Result<DeleteAction, CryptError>;
+
+    fn make_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
+
+    fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError>;
+
+    /// The current `st_rdev` of a block device.
+    fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError>;
+}
+
+/// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
+/// `resize2fs` through [`crate::cmd`].
+#[derive(Debug, Clone)]
+pub struct RealDevices {
+    tools: Tools,
+    options: CryptOptions,
+    mountinfo: PathBuf,
+}
+
+impl RealDevices {
+    /// `tools` from [`Tools::locate`] at start-up; `mountinfo` is normally
+    /// `/proc/self/mountinfo`.
+    pub fn new(tools: Tools, options: CryptOptions, mountinfo: impl Into<PathBuf>) -> RealDevices {
+        RealDevices {
+            tools,
+            options,
+            mountinfo: mountinfo.into(),
+        }
+    }
+
+    /// Locates the tools and uses the default options and mountinfo.
+    pub fn locate() -> Result<RealDevices, crate::cmd::CmdError> {
+        Ok(RealDevices::new(
+            Tools::locate()?,
+            CryptOptions::default(),
+            "/proc/self/mountinfo",
+        ))
+    }
+}
+
+impl VolumeDevices for RealDevices {
+    fn format_crypt(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        key: &VolumeKey,
+        guard: FormatGuard,
+    ) -> Result<CreateAction<()>, CryptError> {
+        crypt::format(lv_device, id, key, guard)
+    }
+
+    fn open_crypt(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        key: &VolumeKey,
+    ) -> Result<CreateAction<PathBuf>, CryptError> {
+        crypt::open(lv_device, id, key, &self.options)
+    }
+
+    fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
+        Ok(crypt::status(id)?.map(|(mapping, _)| mapping))
+    }
+
+    fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {
+        crypt::close(id)
+    }
+
+    fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError> {
+        crypt::resize(id)
+    }
+
+    fn erase(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        encrypted: bool,
+    ) -> Result<DeleteAction, CryptError> {
+        if encrypted {
+            crypt::erase(lv_device, id)
+        } else {
+            // A plain volume's blocks go back to the pool with the LV; the
+            // pool zeroes blocks when it provisions them again.
+            Ok(DeleteAction::Identity)
+        }
+    }
+
+    fn make_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
+        Ok(match fs::make_ext4(&self.tools, device, id)? {
+            CreateAction::Created(_) => CreateAction::Created(()),
+            CreateAction::Identity(_) => CreateAction::Identity(()),
+        })
+    }
+
+    fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError> {
+        fs::grow_ext4(&self.tools, device, &self.mountinfo)
+    }
+
+    fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError> {
+        jail::device_number(device)
+    }
+}

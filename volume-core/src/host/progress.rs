@@ -1,0 +1,198 @@
+//! Progress and facts recorded as LV tags, so that they live and die with
+//! the LV, change atomically with one `lvchange`, and need no state file.
+//!
+//! * `vmv1.step=lv|crypt|ready|deleting`: how far a create got, or that a
+//!   delete began. Only `ready` volumes may hold data, so only they are
+//!   never formatted or discarded.
+//! * `vmv1.enc=luks2|none`, `vmv1.name=<volume name>`: the spec.
+//! * `vmv1.node=<base64url>`: a jail node this volume is exposed at
+//!   (recorded before the node is made, removed after it is gone), so that
+//!   delete finds every node even after a crash.
+
+use crate::jail::JailPath;
+use crate::names::{VolumeName, NAME_PREFIX};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+/// How far a volume got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    /// LV made; nothing on it yet.
+    LvCreated,
+    /// LUKS2 header made; no filesystem yet.
+    CryptFormatted,
+    /// Filesystem made: the volume is usable and may hold data.
+    Ready,
+    /// A delete began; only finishing it is allowed.
+    Deleting,
+}
+
+impl VolumeState {
+    fn word(self) -> &'static str {
+        match self {
+            VolumeState::LvCreated => "lv",
+            VolumeState::CryptFormatted => "crypt",
+            VolumeState::Ready => "ready",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+
+    const ALL: [VolumeState; 4] = [
+        VolumeState::LvCreated,
+        VolumeState::CryptFormatted,
+        VolumeState::Ready,
+        VolumeState::Deleting,
+    ];
+}
+
+/// Whether a volume is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encryption {
+    Luks2,
+    None,
+}
+
+impl Encryption {
+    fn word(self) -> &'static str {
+        match self {
+            Encryption::Luks2 => "luks2",
+            Encryption::None => "none",
+        }
+    }
+}
+
+fn tag(key: &str, value: &str) -> String {
+    format!("{NAME_PREFIX}.{key}={value}")
+}
+
+fn value_of<'t>(tags: &'t BTreeSet<String>, key: &str) -> impl Iterator<Item = &'t str> {
+    let prefix = format!("{NAME_PREFIX}.{key}=");
+    tags.iter()
+        .filter_map(move |t| t.strip_prefix(prefix.as_str()))
+}
+
+pub fn state_tag(state: VolumeState) -> String {
+    tag("step", state.word())
+}
+
+/// Every step tag except `keep`'s, for removal in the same retag.
+pub fn other_state_tags(keep: VolumeState) -> Vec<String> {
+    VolumeState::ALL
+        .iter()
+        .filter(|s| **s != keep)
+        .map(|s| state_tag(*s))
+        .collect()
+}
+
+pub fn encryption_tag(encryption: Encryption) -> String {
+    tag("enc", encryption.word())
+}
+
+pub fn name_tag(name: &VolumeName) -> String {
+    tag("name", name.as_str())
+}
+
+/// LVM tags hold at most 1024 bytes.
+const MAX_TAG: usize = 1024;
+
+/// The tag that records an exposure, or `None` if the path is too long to
+/// record (refused: an unrecorded node could outlive its volume).
+pub fn node_tag(jail: &JailPath) -> Option<String> {
+    let mut raw = jail.root().as_os_str().as_bytes().to_vec();
+    raw.push(0);
+    raw.extend_from_slice(jail.relative().as_os_str().as_bytes());
+    let tag = tag("node", &URL_SAFE_NO_PAD.encode(raw));
+    (tag.len() <= MAX_TAG).then_some(tag)
+}
+
+pub fn state(tags: &BTreeSet<String>) -> Option<VolumeState> {
+    let mut found = value_of(tags, "step")
+        .filter_map(|word| VolumeState::ALL.into_iter().find(|s| s.word() == word));
+    let first = found.next()?;
+    // Two step tags would mean a broken retag; "deleting" wins, else none.
+    match found.next() {
+        None => Some(first),
+        Some(_) if tags.contains(&state_tag(VolumeState::Deleting)) => {
+            Some(VolumeState::Deleting)
+        }
+        Some(_) => None,
+    }
+}
+
+pub fn encryption(tags: &BTreeSet<String>) -> Option<Encryption> {
+    match value_of(tags, "enc").next()? {
+        "luks2" => Some(Encryption::Luks2),
+        "none" => Some(Encryption::None),
+        _ => None,
+    }
+}
+
+pub fn name(tags: &BTreeSet<String>) -> Option<VolumeName> {
+    value_of(tags, "name").find_map(|n| VolumeName::new(n).ok())
+}
+
+/// Every recorded exposure, with its tag (for removal).
+pub fn nodes(tags: &BTreeSet<String>) -> Vec<(JailPath, String)> {
+    value_of(tags, "node")
+        .filter_map(|encoded| {
+            let raw = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+            let split = raw.iter().position(|b| *b == 0)?;
+            let root = PathBuf::from(OsStr::from_bytes(&raw[..split]));
+            let relative = PathBuf::from(OsStr::from_bytes(&raw[split + 1..]));
+            let jail = JailPath::new(root, relative).ok()?;
+            Some((jail, tag("node", encoded)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::shared::check_tag;
+
+    #[test]
+    fn tags_pass_the_backend_check_and_parse_back() {
+        let jail = JailPath::new("/srv/jailer/fc/vm-1/root", "dev/vdb").unwrap();
+        let node = node_tag(&jail).unwrap();
+        let name = VolumeName::new("data-1").unwrap();
+        let mut tags = BTreeSet::new();
+        for t in [
+            state_tag(VolumeState::CryptFormatted),
+            encryption_tag(Encryption::Luks2),
+            name_tag(&name),
+            node.clone(),
+        ] {
+            check_tag(&t).unwrap();
+            tags.insert(t);
+        }
+        assert_eq!(state(&tags), Some(VolumeState::CryptFormatted));
+        assert_eq!(encryption(&tags), Some(Encryption::Luks2));
+        assert_eq!(self::name(&tags), Some(name));
+        assert_eq!(nodes(&tags), vec![(jail, node)]);
+    }
+
+    #[test]
+    fn over_long_jail_paths_are_not_recordable() {
+        let long = format!("/{}", "a".repeat(800));
+        let jail = JailPath::new(long, "dev/vdb").unwrap();
+        assert_eq!(node_tag(&jail), None);
+    }
+
+    #[test]
+    fn conflicting_step_tags_are_unknown_unless_deleting() {
+        let mut tags: BTreeSet<String> = [
+            state_tag(VolumeState::LvCreated),
+            state_tag(VolumeState::Ready),
+        ]
+        .into();
+        assert_eq!(state(&tags), None);
+        tags.insert(state_tag(VolumeState::Deleting));
+        assert_eq!(state(&tags), Some(VolumeState::Deleting));
+        assert_eq!(state(&BTreeSet::new()), None);
+    }
+}
