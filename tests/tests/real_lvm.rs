@@ -40,8 +40,14 @@ fn real_test_ensure_pool_is_idempotent() {
     let status = first.into_inner();
     // The pool is ~3 GiB (LVM rounds to extents and may take a little for
     // metadata), not the whole 4 GiB file.
-    assert!(status.usage.data_size >= Bytes(3 * GIB - 64 * MIB), "{status:?}");
-    assert!(status.usage.data_size <= Bytes(3 * GIB + 64 * MIB), "{status:?}");
+    assert!(
+        status.usage.data_size >= Bytes(3 * GIB - 64 * MIB),
+        "{status:?}"
+    );
+    assert!(
+        status.usage.data_size <= Bytes(3 * GIB + 64 * MIB),
+        "{status:?}"
+    );
     assert!(status.usage.metadata_size > Bytes::ZERO);
 
     let second = pool.backend.ensure_pool().expect("second ensure");
@@ -61,7 +67,10 @@ fn real_test_overcommitted_thin_volume_lifecycle() {
     let size = Bytes(25 * GIB);
 
     // Create, then create again: identity, reported in the return type.
-    let created = pool.backend.create_thin(&lv, size, &[]).expect("create 25 GiB");
+    let created = pool
+        .backend
+        .create_thin(&lv, size, &[])
+        .expect("create 25 GiB");
     assert!(matches!(created, CreateAction::Created(_)), "{created:?}");
     let volume = created.into_inner();
     assert_eq!(volume.virtual_size, size);
@@ -71,7 +80,10 @@ fn real_test_overcommitted_thin_volume_lifecycle() {
     assert!(!pool.backend.create_thin(&lv, size, &[]).unwrap().changed());
 
     // Same name, other size: a clear error, and nothing changes.
-    let err = pool.backend.create_thin(&lv, Bytes(26 * GIB), &[]).unwrap_err();
+    let err = pool
+        .backend
+        .create_thin(&lv, Bytes(26 * GIB), &[])
+        .unwrap_err();
     assert!(matches!(err, BackendError::SizeMismatch { .. }), "{err}");
     assert!(err.to_string().contains(lv.as_str()), "{err}");
 
@@ -105,7 +117,10 @@ fn real_test_overcommitted_thin_volume_lifecycle() {
     let grown = Bytes(30 * GIB);
     assert_eq!(
         pool.backend.extend_thin(&lv, grown).unwrap(),
-        ExtendAction::Extended { from: size, to: grown }
+        ExtendAction::Extended {
+            from: size,
+            to: grown
+        }
     );
     assert!(!pool.backend.extend_thin(&lv, grown).unwrap().changed());
     assert!(matches!(
@@ -115,10 +130,19 @@ fn real_test_overcommitted_thin_volume_lifecycle() {
     assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, grown);
 
     // Remove, then remove again: identity.
-    assert_eq!(pool.backend.remove_thin(&lv).unwrap(), DeleteAction::Deleted);
-    assert_eq!(pool.backend.remove_thin(&lv).unwrap(), DeleteAction::Identity);
+    assert_eq!(
+        pool.backend.remove_thin(&lv).unwrap(),
+        DeleteAction::Deleted
+    );
+    assert_eq!(
+        pool.backend.remove_thin(&lv).unwrap(),
+        DeleteAction::Identity
+    );
     assert!(pool.backend.list_thins().unwrap().is_empty());
-    assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, Bytes::ZERO);
+    assert_eq!(
+        pool.backend.pool_status().unwrap().usage.provisioned,
+        Bytes::ZERO
+    );
 }
 
 #[test]
@@ -127,8 +151,18 @@ fn real_test_create_remove_repeats_converge() {
     let _ = pool.backend.ensure_pool().unwrap();
     let lv = VolumeId::generate().lv_name();
     for round in 0..3 {
-        assert!(pool.backend.create_thin(&lv, Bytes(25 * GIB), &[]).unwrap().changed(), "round {round}");
-        assert!(!pool.backend.create_thin(&lv, Bytes(25 * GIB), &[]).unwrap().changed());
+        assert!(
+            pool.backend
+                .create_thin(&lv, Bytes(25 * GIB), &[])
+                .unwrap()
+                .changed(),
+            "round {round}"
+        );
+        assert!(!pool
+            .backend
+            .create_thin(&lv, Bytes(25 * GIB), &[])
+            .unwrap()
+            .changed());
         assert!(pool.backend.remove_thin(&lv).unwrap().changed());
         assert!(!pool.backend.remove_thin(&lv).unwrap().changed());
     }
@@ -150,13 +184,22 @@ fn real_test_foreign_lvs_are_never_touched() {
         .unwrap();
     runner.run(&line).expect("foreign lvcreate");
 
-    assert!(pool.backend.list_thins().unwrap().is_empty(), "foreign LV listed as ours");
+    assert!(
+        pool.backend.list_thins().unwrap().is_empty(),
+        "foreign LV listed as ours"
+    );
     let err = pool.backend.remove_thin(&impostor).unwrap_err();
     assert!(matches!(err, BackendError::NotOurs { .. }), "{err}");
-    let err = pool.backend.create_thin(&impostor, Bytes(GIB), &[]).unwrap_err();
+    let err = pool
+        .backend
+        .create_thin(&impostor, Bytes(GIB), &[])
+        .unwrap_err();
     assert!(matches!(err, BackendError::NotOurs { .. }), "{err}");
     // Its virtual size still counts against the pool.
-    assert_eq!(pool.backend.pool_status().unwrap().usage.provisioned, Bytes(GIB));
+    assert_eq!(
+        pool.backend.pool_status().unwrap().usage.provisioned,
+        Bytes(GIB)
+    );
 }
 
 #[test]
@@ -164,24 +207,41 @@ fn real_test_status_parser_on_real_lvs_output() {
     let pool = small_pool("parser");
     let _ = pool.backend.ensure_pool().unwrap();
     let lv = VolumeId::generate().lv_name();
-    let _ = pool.backend.create_thin(&lv, Bytes(25 * GIB), &["vmv1.test=parser".into()]).unwrap();
+    let _ = pool
+        .backend
+        .create_thin(&lv, Bytes(25 * GIB), &["vmv1.test=parser".into()])
+        .unwrap();
 
     let runner = LvmRunner::start().unwrap();
     let line = CommandLine::command("lvs")
-        .args(["--reportformat", "json", "--units", "b", "--nosuffix", "-o", report::LV_FIELDS])
+        .args([
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            report::LV_FIELDS,
+        ])
         .arg(pool.vg.as_str())
         .build()
         .unwrap();
     let output = runner.run(&line).expect("lvs");
     println!("real lvs JSON:\n{}", output.report);
     let rows = report::parse_lv_report(&output.report).expect("parse real lvs output");
-    let thin = rows.iter().find(|r| r.name == lv.as_str()).expect("our LV in the report");
+    let thin = rows
+        .iter()
+        .find(|r| r.name == lv.as_str())
+        .expect("our LV in the report");
     assert_eq!(thin.kind, report::LvKind::Thin);
     assert_eq!(thin.size, Bytes(25 * GIB));
     assert_eq!(thin.pool.as_deref(), Some("pool"));
     assert!(thin.tags.contains("vmv1.test=parser") && thin.tags.contains(OWNER_TAG));
     assert!(thin.active);
-    let pool_row = rows.iter().find(|r| r.name == "pool").expect("pool in the report");
+    let pool_row = rows
+        .iter()
+        .find(|r| r.name == "pool")
+        .expect("pool in the report");
     assert_eq!(pool_row.kind, report::LvKind::ThinPool);
     assert!(pool_row.data_percent.is_some() && pool_row.metadata_percent.is_some());
 }
