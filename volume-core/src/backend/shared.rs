@@ -38,6 +38,22 @@ pub fn check_tag(tag: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Checks a retag before anything changes: every tag well-formed, and our
+/// owner tag never removed (that would orphan the LV from every listing).
+pub fn check_retag(add: &[String], remove: &[String]) -> Result<(), NameError> {
+    for tag in add.iter().chain(remove) {
+        check_tag(tag)?;
+    }
+    if remove.iter().any(|tag| tag == OWNER_TAG) {
+        return Err(NameError {
+            kind: "LV tag",
+            value: OWNER_TAG.to_owned(),
+            reason: "the owner tag marks the LV as ours and is never removed".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The LV name must carry our prefix: we only ever make names of our own.
 pub fn check_our_name(lv: &LvName) -> Result<(), NameError> {
     if lv.as_str().starts_with(&format!("{NAME_PREFIX}-")) {
@@ -190,5 +206,7 @@ mod tests {
         assert!(check_tag("bad tag").is_err());
         assert!(check_tag("").is_err());
         assert!(check_our_name(&LvName::new("root").unwrap()).is_err());
+        assert!(check_retag(&["vmv1.state=ready".into()], &["vmv1.state=creating".into()]).is_ok());
+        assert!(check_retag(&[], &[OWNER_TAG.to_owned()]).is_err());
     }
 }

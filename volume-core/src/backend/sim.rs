@@ -232,9 +232,7 @@ impl ThinBackend for SimBackend {
     }
 
     fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
-        for tag in add.iter().chain(remove) {
-            shared::check_tag(tag)?;
-        }
+        shared::check_retag(add, remove)?;
         let mut state = self.lock();
         let found = self
             .find(&state, lv)

@@ -467,9 +467,7 @@ impl ThinBackend for LvmBackend {
     }
 
     fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
-        for tag in add.iter().chain(remove) {
-            shared::check_tag(tag)?;
-        }
+        shared::check_retag(add, remove)?;
         let _operation = self.lock();
         let view = self.read_vg()?;
         let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;

@@ -287,8 +287,8 @@ impl LvmRunner {
             }
         }
         if status != lvm2_sys::LVM2_COMMAND_SUCCEEDED as i32 {
-            // Some failures (e.g. a bad `-o` field) explain themselves only
-            // in level-4 lines.
+            // Without an error line, LVM's other output is the best
+            // explanation there is.
             let errors = if errors.is_empty() { messages } else { errors };
             return Err(BackendError::Lvm {
                 command: line.to_string(),
