@@ -58,7 +58,8 @@ pub fn parse_go_duration(text: &str) -> Result<GoDuration, DurationParseError> {
             Some((w, f)) => (w, f),
             None => (number, ""),
         };
-        if (whole.is_empty() && fraction.is_empty()) || !fraction.bytes().all(|b| b.is_ascii_digit())
+        if (whole.is_empty() && fraction.is_empty())
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
         {
             return Err(err());
         }
@@ -147,6 +148,20 @@ mod tests {
             Duration::from_nanos(1_500),
         ] {
             assert_eq!(parse(&format_go_duration(d)), d);
+        }
+    }
+
+    proptest::proptest! {
+        // `?wait=` is untrusted input: no text may panic the parser.
+        #[test]
+        fn never_panics(text in "[-+0-9.a-zµμ]{0,12}") {
+            let _ = parse_go_duration(&text);
+        }
+
+        #[test]
+        fn formatted_durations_parse_back(nanos in 0u64..(20 * 60 * 1_000_000_000)) {
+            let duration = Duration::from_nanos(nanos);
+            proptest::prop_assert_eq!(parse(&format_go_duration(duration)), duration);
         }
     }
 }

@@ -12,6 +12,8 @@ pub mod secret;
 pub mod server;
 pub mod types;
 
-pub use client::{BlockingQuery, ClientConfig, ConsulKv, Error, Indexed};
+pub use client::{
+    BlockingQuery, ClientConfig, ConsulKv, Error, Indexed, PrefixWatch, WatchOptions, WatchUpdate,
+};
 pub use secret::SecretToken;
 pub use types::{KvPair, TxnOp, TxnOpError, TxnResult};

@@ -3,6 +3,7 @@
 //! `volkv --bind 127.0.0.1:8500 --data-dir DIR [--acl-token-file F]`
 //! prints the address it listens on and stops gracefully on SIGTERM/SIGINT.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,11 @@ use consul_kv::SecretToken;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
-#[command(name = "volkv", version, about = "Consul-compatible KV server (single host)")]
+#[command(
+    name = "volkv",
+    version,
+    about = "Consul-compatible KV server (single host)"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8500")]
@@ -72,6 +77,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,

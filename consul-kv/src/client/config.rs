@@ -158,8 +158,11 @@ mod tests {
 
     #[test]
     fn ssl_flag_and_schemes() {
-        let config = from(&[("CONSUL_HTTP_ADDR", "consul.local:8501"), ("CONSUL_HTTP_SSL", "true")])
-            .unwrap();
+        let config = from(&[
+            ("CONSUL_HTTP_ADDR", "consul.local:8501"),
+            ("CONSUL_HTTP_SSL", "true"),
+        ])
+        .unwrap();
         assert_eq!(config.base_url(), "https://consul.local:8501");
         assert!(!config.is_loopback());
         let config = from(&[("CONSUL_HTTP_ADDR", "https://10.0.0.1:8501/")]).unwrap();
@@ -176,8 +179,14 @@ mod tests {
             ("CONSUL_CACERT", "/etc/consul/ca.pem"),
         ])
         .unwrap();
-        assert_eq!(config.token.as_ref().unwrap().expose(), "super-secret-token");
-        assert_eq!(config.ca_cert.as_deref(), Some("/etc/consul/ca.pem".as_ref()));
+        assert_eq!(
+            config.token.as_ref().unwrap().expose(),
+            "super-secret-token"
+        );
+        assert_eq!(
+            config.ca_cert.as_deref(),
+            Some("/etc/consul/ca.pem".as_ref())
+        );
         assert!(!format!("{config:?}").contains("super-secret"));
     }
 

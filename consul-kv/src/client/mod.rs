@@ -240,9 +240,7 @@ impl ConsulKv {
             query.push(("wait", format_go_duration(wait)));
             timeout += wait + wait / 16;
         }
-        let (target, answer) = self
-            .send(Method::GET, path, &query, None, timeout)
-            .await?;
+        let (target, answer) = self.send(Method::GET, path, &query, None, timeout).await?;
         let found = match answer.status {
             StatusCode::OK => true,
             StatusCode::NOT_FOUND => false,
@@ -272,8 +270,7 @@ impl ConsulKv {
         } else {
             Vec::new()
         };
-        let (target, body, index, known_leader) =
-            self.read(&kv_path(key), query, blocking).await?;
+        let (target, body, index, known_leader) = self.read(&kv_path(key), query, blocking).await?;
         let entries = match body {
             None => Vec::new(),
             Some(body) => serde_json::from_slice::<Vec<KvPair>>(&body)
@@ -296,7 +293,10 @@ impl ConsulKv {
 
     /// One key; `None` when it does not exist (the index is still valid).
     pub async fn get(&self, key: &str) -> Result<Indexed<Option<KvPair>>, Error> {
-        Ok(Self::single(self.read_entries(key, false, None).await?, key))
+        Ok(Self::single(
+            self.read_entries(key, false, None).await?,
+            key,
+        ))
     }
 
     /// [`Self::get`], waiting for the answer's index to pass `query.index`.
@@ -461,7 +461,13 @@ impl ConsulKv {
         let body = serde_json::to_vec(&ops.iter().map(TxnOp::to_wire).collect::<Vec<_>>())
             .expect("txn operations serialize");
         let (target, answer) = self
-            .send(Method::PUT, "/v1/txn", &[], Some(body), self.request_timeout)
+            .send(
+                Method::PUT,
+                "/v1/txn",
+                &[],
+                Some(body),
+                self.request_timeout,
+            )
             .await?;
         match answer.status {
             StatusCode::OK => {

@@ -99,9 +99,7 @@ impl PrefixWatch {
                     index: self.index,
                     wait: self.options.wait,
                 };
-                self.client
-                    .get_recurse_blocking(&self.prefix, query)
-                    .await
+                self.client.get_recurse_blocking(&self.prefix, query).await
             };
             let answer = match answer {
                 Ok(answer) => answer,

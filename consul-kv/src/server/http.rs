@@ -73,6 +73,26 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
         .expect("static response parts are valid")
 }
 
+/// A request refused before or instead of reaching the store: a status and
+/// a plain-text reason (what Consul sends for such errors).
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        text(self.status, self.message)
+    }
+}
+
 fn json_body(value: &impl Serialize, pretty: bool) -> Vec<u8> {
     if pretty {
         let mut out = serde_json::to_vec_pretty(value).expect("serializable");
@@ -115,7 +135,7 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     };
     if let Some(encoded_key) = key_path {
         if let Err(denied) = app.authorize(request.headers(), &params) {
-            return denied;
+            return denied.into_response();
         }
         let key = match percent_encoding::percent_decode_str(encoded_key).decode_utf8() {
             Ok(key) => key.into_owned(),
@@ -131,7 +151,7 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     match path.as_str() {
         "/v1/txn" => {
             if let Err(denied) = app.authorize(request.headers(), &params) {
-                return denied;
+                return denied.into_response();
             }
             if method != Method::PUT {
                 return method_not_allowed("PUT");
@@ -159,7 +179,7 @@ impl App {
     /// Consul's token sources, in order: `?token`, `X-Consul-Token`,
     /// `Authorization: Bearer`. No token is the anonymous token, which may
     /// do nothing here.
-    fn authorize(&self, headers: &HeaderMap, params: &Params) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap, params: &Params) -> Result<(), Refusal> {
         if self.acl_tokens.is_empty() {
             return Ok(());
         }
@@ -181,9 +201,9 @@ impl App {
                     .filter(|t| !t.is_empty())
             });
         match presented {
-            None => Err(text(StatusCode::FORBIDDEN, "Permission denied")),
+            None => Err(Refusal::new(StatusCode::FORBIDDEN, "Permission denied")),
             Some(token) if self.acl_tokens.iter().any(|t| t.matches(token)) => Ok(()),
-            Some(_) => Err(text(StatusCode::FORBIDDEN, "ACL not found")),
+            Some(_) => Err(Refusal::new(StatusCode::FORBIDDEN, "ACL not found")),
         }
     }
 
@@ -223,15 +243,18 @@ impl App {
         self.store.read(&query)
     }
 
-    async fn commit(self: &Arc<Self>, ops: Vec<ReceivedOp>) -> Result<Outcome, Response> {
+    async fn commit(self: &Arc<Self>, ops: Vec<ReceivedOp>) -> Result<Outcome, Refusal> {
         let app = Arc::clone(self);
         match tokio::task::spawn_blocking(move || app.store.commit(&ops)).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(error)) => {
                 tracing::error!(%error, "write refused");
-                Err(text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))
+                Err(Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    error.to_string(),
+                ))
             }
-            Err(join) => Err(text(
+            Err(join) => Err(Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("write task failed: {join}"),
             )),
@@ -252,18 +275,18 @@ fn with_jitter(wait: Duration) -> Duration {
 }
 
 /// `?index` and `?wait`.
-fn blocking_params(params: &Params) -> Result<(u64, Duration), Response> {
+fn blocking_params(params: &Params) -> Result<(u64, Duration), Refusal> {
     let index = match params.get("index") {
         None | Some("") => 0,
         Some(text_index) => text_index
             .parse::<u64>()
-            .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid index"))?,
+            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "Invalid index"))?,
     };
     let wait = match params.get("wait") {
         None | Some("") => Duration::ZERO,
         Some(wait) => {
             let parsed = parse_go_duration(wait)
-                .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid wait time"))?;
+                .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "Invalid wait time"))?;
             if parsed.negative {
                 Duration::ZERO
             } else {
@@ -277,7 +300,7 @@ fn blocking_params(params: &Params) -> Result<(u64, Duration), Response> {
 async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
     let (min_index, wait) = match blocking_params(params) {
         Ok(found) => found,
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let pretty = params.has("pretty");
     if params.has("keys") {
@@ -336,11 +359,11 @@ async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
     response
 }
 
-fn parse_u64_param(params: &Params, name: &str) -> Result<Option<u64>, Response> {
+fn parse_u64_param(params: &Params, name: &str) -> Result<Option<u64>, Refusal> {
     match params.get(name) {
         None => Ok(None),
         Some(value) => value.parse::<u64>().map(Some).map_err(|_| {
-            text(
+            Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("Invalid {name} value: {value:?}"),
             )
@@ -360,8 +383,8 @@ fn conflicting_flags(params: &Params, flags: &[&str]) -> Option<Response> {
     })
 }
 
-fn too_large(limit: usize) -> Response {
-    text(
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("Request body too large, max size: {limit} bytes"),
     )
@@ -369,7 +392,7 @@ fn too_large(limit: usize) -> Response {
 
 /// The body, refused with 413 past `limit` (by `Content-Length` first, so
 /// a huge upload is not read).
-async fn read_body(request: Request, limit: usize) -> Result<Bytes, Response> {
+async fn read_body(request: Request, limit: usize) -> Result<Bytes, Refusal> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -398,15 +421,15 @@ async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) 
     }
     let flags = match parse_u64_param(params, "flags") {
         Ok(flags) => flags.unwrap_or(0),
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let cas = match parse_u64_param(params, "cas") {
         Ok(cas) => cas,
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let value = match read_body(request, app.max_value_bytes).await {
         Ok(body) => body.to_vec(),
-        Err(too_large) => return too_large,
+        Err(too_large) => return too_large.into_response(),
     };
     let op = match cas {
         Some(index) => TxnOp::Cas {
@@ -420,7 +443,7 @@ async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) 
     match app.commit(vec![Ok(op)]).await {
         Ok(Outcome::Committed(_)) => json(StatusCode::OK, &true, params.has("pretty")),
         Ok(Outcome::Refused(_)) => json(StatusCode::OK, &false, params.has("pretty")),
-        Err(failed) => failed,
+        Err(failed) => failed.into_response(),
     }
 }
 
@@ -436,18 +459,15 @@ async fn kv_delete(app: &Arc<App>, key: String, params: &Params) -> Response {
         match parse_u64_param(params, "cas") {
             Ok(Some(index)) => TxnOp::DeleteCas { key, index },
             Ok(None) => TxnOp::Delete { key },
-            Err(bad) => return bad,
+            Err(bad) => return bad.into_response(),
         }
     };
     match app.commit(vec![Ok(op)]).await {
         Ok(Outcome::Committed(_)) => json(StatusCode::OK, &true, params.has("pretty")),
         Ok(Outcome::Refused(_)) => json(StatusCode::OK, &false, params.has("pretty")),
-        Err(failed) => failed,
+        Err(failed) => failed.into_response(),
     }
 }
-
-/// A request the txn endpoint refuses as a whole (400 or 413).
-struct Rejected(Response);
 
 /// Go's JSON decoding matches field names without regard to case.
 fn field<'a>(object: &'a serde_json::Map<String, Json>, name: &str) -> Option<&'a Json> {
@@ -457,14 +477,14 @@ fn field<'a>(object: &'a serde_json::Map<String, Json>, name: &str) -> Option<&'
         .map(|(_, v)| v)
 }
 
-fn bad_body(reason: impl std::fmt::Display) -> Rejected {
-    Rejected(text(
+fn bad_body(reason: impl std::fmt::Display) -> Refusal {
+    Refusal::new(
         StatusCode::BAD_REQUEST,
         format!("Failed to parse body: {reason}"),
-    ))
+    )
 }
 
-fn string_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<String, Rejected> {
+fn string_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<String, Refusal> {
     match field(kv, name) {
         None | Some(Json::Null) => Ok(String::new()),
         Some(Json::String(s)) => Ok(s.clone()),
@@ -472,7 +492,7 @@ fn string_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<String
     }
 }
 
-fn u64_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<u64, Rejected> {
+fn u64_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<u64, Refusal> {
     match field(kv, name) {
         None | Some(Json::Null) => Ok(0),
         Some(value) => value
@@ -484,7 +504,7 @@ fn u64_field(kv: &serde_json::Map<String, Json>, name: &str) -> Result<u64, Reje
 /// One element of the txn array. Body-level problems (types, base64,
 /// sizes) reject the request; an operation this server cannot run becomes
 /// that operation's error in the 409 answer.
-fn parse_op(raw: &Json, max_value_bytes: usize) -> Result<ReceivedOp, Rejected> {
+fn parse_op(raw: &Json, max_value_bytes: usize) -> Result<ReceivedOp, Refusal> {
     let Json::Object(op) = raw else {
         return Err(bad_body("each operation must be an object"));
     };
@@ -512,13 +532,13 @@ fn parse_op(raw: &Json, max_value_bytes: usize) -> Result<ReceivedOp, Rejected> 
         Some(other) => return Err(bad_body(format!("unexpected value type: {other}"))),
     };
     if value.len() > max_value_bytes {
-        return Err(Rejected(text(
+        return Err(Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "Value for key {key:?} is too large ({} > {max_value_bytes} bytes)",
                 value.len()
             ),
-        )));
+        ));
     }
     let flags = u64_field(kv, "Flags")?;
     let index = u64_field(kv, "Index")?;
@@ -562,11 +582,11 @@ fn is_write(op: &ReceivedOp) -> bool {
 async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
     let body = match read_body(request, MAX_TXN_BODY_BYTES.max(app.max_value_bytes)).await {
         Ok(body) => body,
-        Err(too_large) => return too_large,
+        Err(too_large) => return too_large.into_response(),
     };
     let raw_ops: Vec<Json> = match serde_json::from_slice(&body) {
         Ok(ops) => ops,
-        Err(e) => return bad_body(e).0,
+        Err(e) => return bad_body(e).into_response(),
     };
     if raw_ops.len() > app.max_txn_ops {
         return text(
@@ -582,7 +602,7 @@ async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
     for raw in &raw_ops {
         match parse_op(raw, app.max_value_bytes) {
             Ok(op) => ops.push(op),
-            Err(Rejected(response)) => return response,
+            Err(refused) => return refused.into_response(),
         }
     }
     let read_only = !ops.iter().any(is_write);
@@ -604,7 +624,7 @@ async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
             },
             pretty,
         ),
-        Err(failed) => return failed,
+        Err(failed) => return failed.into_response(),
     };
     if read_only {
         // Consul serves read-only transactions like reads (no index).

@@ -107,12 +107,13 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(data_dir.as_deref(), compact))
             .await
             .map_err(|e| ServerError::Task(e.to_string()))??;
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.bind,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
             addr: config.bind,
             source,

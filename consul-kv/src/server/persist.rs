@@ -102,7 +102,10 @@ fn encode_frame(payload: &[u8]) -> Vec<u8> {
 }
 
 enum FrameRead<'a> {
-    Complete { payload: &'a [u8], end: usize },
+    Complete {
+        payload: &'a [u8],
+        end: usize,
+    },
     /// Fewer bytes than the header announces, or a checksum mismatch.
     Bad(&'static str),
     End,
@@ -335,7 +338,7 @@ mod tests {
     use crate::types::TxnOp;
 
     fn write(p: &mut Persistence, state: &mut KvState, key: &str, value: &str) {
-        let index = state.last_index + 1;
+        let index = state.last_index.max(1) + 1;
         let eval = evaluate(
             state,
             index,
@@ -396,7 +399,7 @@ mod tests {
             let (mut p, mut state) = Persistence::open(dir.path(), 1).unwrap();
             write(&mut p, &mut state, "a", "1");
             write(&mut p, &mut state, "b", "2");
-            let index = state.last_index + 1;
+            let index = state.last_index.max(1) + 1;
             let eval = evaluate(&state, index, &[Ok(TxnOp::Delete { key: "a".into() })]);
             p.append(index, &eval.mutations).unwrap();
             state.apply(index, &eval.mutations);
@@ -406,7 +409,7 @@ mod tests {
         };
         let (_p, state) = Persistence::open(dir.path(), 1).unwrap();
         assert_eq!(state, expected);
-        assert_eq!(state.tombstones.get("a"), Some(&3));
+        assert_eq!(state.tombstones.get("a"), Some(&4));
     }
 
     #[test]

@@ -21,7 +21,9 @@ pub(crate) struct StoredEntry {
 impl StoredEntry {
     /// What Consul's `DirEntry.Equal` compares: everything but the indexes.
     fn same_content(&self, other: &StoredEntry) -> bool {
-        self.value == other.value && self.flags == other.flags && self.lock_index == other.lock_index
+        self.value == other.value
+            && self.flags == other.flags
+            && self.lock_index == other.lock_index
     }
 
     fn to_pair(&self, key: &str, with_value: bool) -> KvPair {
@@ -70,8 +72,11 @@ fn with_prefix<'a, V>(
     map: &'a BTreeMap<String, V>,
     prefix: &'a str,
 ) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
-    map.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-        .take_while(move |(key, _)| key.starts_with(prefix))
+    map.range::<str, _>((
+        std::ops::Bound::Included(prefix),
+        std::ops::Bound::Unbounded,
+    ))
+    .take_while(move |(key, _)| key.starts_with(prefix))
 }
 
 impl KvState {
@@ -175,9 +180,10 @@ impl TxnView<'_> {
     }
 
     fn list(&self, prefix: &str) -> Vec<(String, StoredEntry)> {
-        let mut merged: BTreeMap<String, Option<StoredEntry>> = with_prefix(&self.base.entries, prefix)
-            .map(|(k, e)| (k.clone(), Some(e.clone())))
-            .collect();
+        let mut merged: BTreeMap<String, Option<StoredEntry>> =
+            with_prefix(&self.base.entries, prefix)
+                .map(|(k, e)| (k.clone(), Some(e.clone())))
+                .collect();
         for (key, staged) in with_prefix(&self.overlay, prefix) {
             merged.insert(key.clone(), staged.clone());
         }
@@ -271,7 +277,9 @@ fn run_op(view: &mut TxnView<'_>, index: u64, op: &ReceivedOp) -> Result<Vec<Txn
         kv: entry.to_pair(key, false),
     };
     let result = match op {
-        TxnOp::Set { value, flags, .. } => Some(without_value(&view.set(index, key, value, *flags))),
+        TxnOp::Set { value, flags, .. } => {
+            Some(without_value(&view.set(index, key, value, *flags)))
+        }
         TxnOp::Cas {
             value,
             flags,
@@ -379,7 +387,7 @@ mod tests {
     }
 
     fn commit(state: &mut KvState, ops: &[ReceivedOp]) -> Evaluation {
-        let index = state.last_index + 1;
+        let index = state.last_index.max(1) + 1;
         let eval = evaluate(state, index, ops);
         if eval.errors.is_empty() && !eval.mutations.is_empty() {
             state.apply(index, &eval.mutations);
@@ -393,8 +401,8 @@ mod tests {
         commit(&mut state, &[set("a", "1")]);
         let eval = commit(&mut state, &[set("a", "1")]);
         assert!(eval.mutations.is_empty());
-        assert_eq!(eval.results[0].kv.modify_index, 1);
-        assert_eq!(state.last_index, 1);
+        assert_eq!(eval.results[0].kv.modify_index, 2);
+        assert_eq!(state.last_index, 2);
     }
 
     #[test]
@@ -433,10 +441,10 @@ mod tests {
         let failing: Vec<usize> = eval.errors.iter().map(|e| e.op_index).collect();
         assert_eq!(failing, vec![1, 2]);
         assert!(eval.mutations.is_empty() && eval.results.is_empty());
-        assert!(state.entries.get("b").is_none());
+        assert!(!state.entries.contains_key("b"));
         assert_eq!(
             eval.errors[0].what,
-            "failed index check for key \"a\", current modify index 1 != 99"
+            "failed index check for key \"a\", current modify index 2 != 99"
         );
     }
 
@@ -445,12 +453,17 @@ mod tests {
         let mut state = KvState::default();
         commit(&mut state, &[set("vol/1", "x"), set("vol/10", "y")]);
         commit(&mut state, &[set("other", "z")]);
-        assert_eq!(state.list("vol/").1, 1);
-        commit(&mut state, &[Ok(TxnOp::Delete { key: "vol/10".into() })]);
-        assert_eq!(state.list("vol/").1, 3);
-        assert_eq!(state.get("vol/10").1, 3);
+        assert_eq!(state.list("vol/").1, 2);
+        commit(
+            &mut state,
+            &[Ok(TxnOp::Delete {
+                key: "vol/10".into(),
+            })],
+        );
+        assert_eq!(state.list("vol/").1, 4);
+        assert_eq!(state.get("vol/10").1, 4);
         // Nothing ever matched: the table's index.
-        assert_eq!(state.list("nothing/").1, 3);
+        assert_eq!(state.list("nothing/").1, 4);
     }
 
     #[test]
@@ -458,7 +471,12 @@ mod tests {
         let mut state = KvState::default();
         commit(
             &mut state,
-            &[set("v/a/1", ""), set("v/a/2", ""), set("v/b", ""), set("w", "")],
+            &[
+                set("v/a/1", ""),
+                set("v/a/2", ""),
+                set("v/b", ""),
+                set("w", ""),
+            ],
         );
         assert_eq!(state.keys("v/", "/").0, vec!["v/a/", "v/b"]);
         assert_eq!(state.keys("v/", "").0, vec!["v/a/1", "v/a/2", "v/b"]);

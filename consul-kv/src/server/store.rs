@@ -58,7 +58,9 @@ impl Store {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Nothing panics while the state is half-changed (apply is plain
         // map updates), so a poisoned lock still guards a consistent state.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn read<R>(&self, query: impl FnOnce(&KvState) -> R) -> R {
@@ -74,7 +76,10 @@ impl Store {
     /// executor.
     pub fn commit(&self, ops: &[ReceivedOp]) -> Result<Outcome, CommitError> {
         let mut inner = self.lock();
-        let index = inner.state.last_index + 1;
+        // Index 1 is what an empty store answers (never 0), so the first
+        // write must be above it or a watcher at 1 would miss it; Consul
+        // gets the same from Raft's own first entries.
+        let index = inner.state.last_index.max(1) + 1;
         let evaluation = evaluate(&inner.state, index, ops);
         if !evaluation.errors.is_empty() {
             return Ok(Outcome::Refused(evaluation.errors));

@@ -70,7 +70,10 @@ async fn acl_token_file() {
         tokens.to_str().unwrap(),
     ])
     .await;
-    assert!(client_at(&url, Some("second-token")).put("k", b"v").await.unwrap());
+    assert!(client_at(&url, Some("second-token"))
+        .put("k", b"v")
+        .await
+        .unwrap());
     assert!(client_at(&url, None).get("k").await.is_err());
     stop(child, Signal::SIGTERM).await;
 }

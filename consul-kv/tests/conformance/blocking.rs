@@ -30,9 +30,39 @@ async fn prefix_watch_wakes_on_put() {
         )
         .await
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(2), "woke on the write");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "woke on the write"
+    );
     assert!(woke.index > first.index);
     assert_eq!(woke.value.len(), 2);
+}
+
+#[tokio::test]
+async fn first_write_wakes_a_watch_on_an_empty_store() {
+    let server = start().await;
+    let kv = client(&server);
+    let empty = kv.get_recurse("vol/").await.unwrap();
+    assert_eq!(empty.index, 1);
+    let writer = kv.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.put("vol/first", b"1").await.unwrap();
+    });
+    let woke = within(
+        Duration::from_secs(2),
+        kv.get_recurse_blocking(
+            "vol/",
+            BlockingQuery {
+                index: empty.index,
+                wait: LONG_WAIT,
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(woke.value.len(), 1);
+    assert!(woke.index > 1);
 }
 
 #[tokio::test]
@@ -167,7 +197,10 @@ async fn timeout_has_bounded_jitter() {
     let (took, changed) = block_while(&server, wait, async {}).await;
     assert!(!changed);
     // Up to wait/16 of jitter, plus scheduling slack.
-    assert!(took >= wait && took < wait + wait / 16 + Duration::from_millis(400), "{took:?}");
+    assert!(
+        took >= wait && took < wait + wait / 16 + Duration::from_millis(400),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]
@@ -177,7 +210,10 @@ async fn wait_accepts_go_durations() {
         let started = Instant::now();
         let answer = get_raw(&server, &format!("/v1/kv/x?index=1&wait={wait}")).await;
         assert_eq!(answer.status(), 404);
-        assert!(started.elapsed() >= Duration::from_millis(at_least), "{wait}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(at_least),
+            "{wait}"
+        );
     }
 }
 

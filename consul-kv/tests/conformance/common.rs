@@ -5,9 +5,18 @@ use std::time::Duration;
 use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv, SecretToken};
 
+/// Fails the test instead of hanging it.
+pub async fn within<T>(limit: Duration, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| panic!("no result within {limit:?}"))
+}
+
 /// An in-memory server on a free loopback port.
 pub async fn start() -> ServerHandle {
-    Server::start(ServerConfig::loopback()).await.expect("server starts")
+    Server::start(ServerConfig::loopback())
+        .await
+        .expect("server starts")
 }
 
 pub async fn start_with(config: ServerConfig) -> ServerHandle {
@@ -53,7 +62,11 @@ pub fn index_of(response: &reqwest::Response) -> u64 {
         .unwrap()
 }
 
-pub async fn put_raw(server: &ServerHandle, path_and_query: &str, body: &[u8]) -> reqwest::Response {
+pub async fn put_raw(
+    server: &ServerHandle,
+    path_and_query: &str,
+    body: &[u8],
+) -> reqwest::Response {
     http()
         .put(url(server, path_and_query))
         .body(body.to_vec())

@@ -19,7 +19,10 @@ async fn get_put_delete_round_trip_with_binary_values() {
     kv.delete("vol/1").await.unwrap();
     let missing = kv.get("vol/1").await.unwrap();
     assert!(missing.value.is_none());
-    assert!(missing.index > got.index, "404 keeps the index (the delete's)");
+    assert!(
+        missing.index > got.index,
+        "404 keeps the index (the delete's)"
+    );
 }
 
 #[tokio::test]
@@ -42,7 +45,10 @@ async fn get_is_not_recursive_but_get_recurse_is() {
     let all = kv.get_recurse("vol/1").await.unwrap().value;
     assert_eq!(all.len(), 2);
     kv.delete("vol/1").await.unwrap();
-    assert!(kv.get("vol/10").await.unwrap().value.is_some(), "delete is not recursive");
+    assert!(
+        kv.get("vol/10").await.unwrap().value.is_some(),
+        "delete is not recursive"
+    );
     kv.delete_tree("vol/").await.unwrap();
     assert!(kv.get_recurse("vol/").await.unwrap().value.is_empty());
 }
@@ -54,7 +60,10 @@ async fn keys_listing() {
     for key in ["v/a/1", "v/a/2", "v/b"] {
         kv.put(key, b"").await.unwrap();
     }
-    assert_eq!(kv.keys("v/", Some("/")).await.unwrap().value, ["v/a/", "v/b"]);
+    assert_eq!(
+        kv.keys("v/", Some("/")).await.unwrap().value,
+        ["v/a/", "v/b"]
+    );
     assert_eq!(kv.keys("v/", None).await.unwrap().value.len(), 3);
     assert!(kv.keys("nope/", None).await.unwrap().value.is_empty());
 }
@@ -63,18 +72,27 @@ async fn keys_listing() {
 async fn cas_semantics() {
     let server = start().await;
     let kv = client(&server);
-    assert!(kv.put_cas("lock", b"1", 0).await.unwrap(), "create-only succeeds once");
+    assert!(
+        kv.put_cas("lock", b"1", 0).await.unwrap(),
+        "create-only succeeds once"
+    );
     assert!(!kv.put_cas("lock", b"2", 0).await.unwrap());
     let index = kv.get("lock").await.unwrap().value.unwrap().modify_index;
     assert!(!kv.put_cas("lock", b"3", index + 1).await.unwrap());
     assert!(kv.put_cas("lock", b"4", index).await.unwrap());
-    assert!(!kv.put_cas("lock", b"5", index).await.unwrap(), "index moved on");
+    assert!(
+        !kv.put_cas("lock", b"5", index).await.unwrap(),
+        "index moved on"
+    );
     let now = kv.get("lock").await.unwrap().value.unwrap();
     assert_eq!(now.value, b"4");
     assert!(!kv.delete_cas("lock", index).await.unwrap());
     assert!(kv.delete_cas("lock", now.modify_index).await.unwrap());
     assert!(kv.delete_cas("lock", 12345).await.unwrap(), "missing key");
-    assert!(!kv.put_cas("never", b"x", 3).await.unwrap(), "cas>0 on a missing key");
+    assert!(
+        !kv.put_cas("never", b"x", 3).await.unwrap(),
+        "cas>0 on a missing key"
+    );
 }
 
 #[tokio::test]
@@ -105,24 +123,31 @@ async fn unreachable_server_is_a_transport_error_not_empty() {
     assert!(kv.put("vol/1", b"x").await.unwrap_err().is_transport());
 }
 
+/// A canned HTTP answer and the check its error must pass.
+type BadAnswerCase = (&'static str, fn(&Error) -> bool);
+
 #[tokio::test]
 async fn bad_answers_are_errors_never_empty_results() {
-    let cases: [(&str, fn(&Error) -> bool); 5] = [
-        ("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom", |e| {
-            matches!(e, Error::Status { status: 500, body, .. } if body == "boom")
-        }),
+    let cases: [BadAnswerCase; 5] = [
+        (
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom",
+            |e| matches!(e, Error::Status { status: 500, body, .. } if body == "boom"),
+        ),
         ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", |e| {
             matches!(e, Error::Decode { .. })
         }),
-        ("HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 5\r\n\r\n[{]}x", |e| {
-            matches!(e, Error::Decode { .. })
-        }),
-        ("HTTP/1.1 403 Forbidden\r\nContent-Length: 13\r\n\r\nACL not found", |e| {
-            matches!(e, Error::AclDenied { message, .. } if message == "ACL not found")
-        }),
-        ("HTTP/1.1 200 OK\r\nX-Consul-Index: 0x1\r\nContent-Length: 2\r\n\r\n[]", |e| {
-            matches!(e, Error::Decode { .. })
-        }),
+        (
+            "HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 5\r\n\r\n[{]}x",
+            |e| matches!(e, Error::Decode { .. }),
+        ),
+        (
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 13\r\n\r\nACL not found",
+            |e| matches!(e, Error::AclDenied { message, .. } if message == "ACL not found"),
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nX-Consul-Index: 0x1\r\nContent-Length: 2\r\n\r\n[]",
+            |e| matches!(e, Error::Decode { .. }),
+        ),
     ];
     for (answer, expected) in cases {
         let fake = FakeConsul::answering(answer).await;

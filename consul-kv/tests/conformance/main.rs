@@ -8,5 +8,6 @@ mod common;
 mod kv_client;
 mod kv_http;
 mod persistence;
+mod tls;
 mod txn;
 mod watch;

@@ -44,7 +44,10 @@ async fn restart_keeps_everything(compact_log_bytes: u64) {
     let all_after = kv.get_recurse("").await.unwrap();
     assert_eq!(all_after, all_before);
     let vol_after = kv.get_recurse("vol/").await.unwrap();
-    assert_eq!(vol_after.index, vol_before.index, "tombstones survive a restart");
+    assert_eq!(
+        vol_after.index, vol_before.index,
+        "tombstones survive a restart"
+    );
     assert_eq!(kv.get("vol/3").await.unwrap().index, deleted_before.index);
     kv.put("after", b"restart").await.unwrap();
     let next = kv.get("after").await.unwrap().index;
@@ -67,7 +70,8 @@ async fn restart_from_snapshots() {
 async fn a_data_dir_serves_one_server_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let first = start_with(ServerConfig::loopback().with_data_dir(dir.path())).await;
-    let second = consul_kv::server::Server::start(ServerConfig::loopback().with_data_dir(dir.path())).await;
+    let second =
+        consul_kv::server::Server::start(ServerConfig::loopback().with_data_dir(dir.path())).await;
     assert!(matches!(second, Err(ServerError::Data(_))), "{second:?}");
     first.shutdown().await.unwrap();
     let third = start_with(ServerConfig::loopback().with_data_dir(dir.path())).await;

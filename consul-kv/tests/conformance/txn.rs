@@ -23,7 +23,9 @@ async fn results_share_one_index_and_later_ops_see_earlier_ones() {
             set("t/a", b"1"),
             set("t/b", b"2"),
             TxnOp::Get { key: "t/a".into() },
-            TxnOp::GetTree { prefix: "t/".into() },
+            TxnOp::GetTree {
+                prefix: "t/".into(),
+            },
             TxnOp::Delete {
                 key: "pre/old".into(),
             },
@@ -76,7 +78,11 @@ async fn a_failing_check_writes_nothing_and_every_failure_is_listed() {
     let failing: Vec<usize> = failures.iter().map(|f| f.op_index).collect();
     // The create-only cas (op 4) succeeds: op 2 deleted `a` before it.
     assert_eq!(failing, [1, 3]);
-    assert!(failures[0].what.contains("failed index check"), "{}", failures[0].what);
+    assert!(
+        failures[0].what.contains("failed index check"),
+        "{}",
+        failures[0].what
+    );
     assert!(matches!(error, Error::TxnConflict { .. }));
     let after = kv.get_recurse("").await.unwrap();
     assert_eq!(after.value, before.value, "nothing written");

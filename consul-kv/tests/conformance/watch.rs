@@ -22,12 +22,16 @@ async fn yields_initial_state_then_changes_only() {
     let server = start().await;
     let kv = client(&server);
     let mut watch = kv.watch_prefix("vol/", quick());
-    let initial = watch.next().await.unwrap();
-    assert!(initial.entries.is_empty(), "empty prefix is an empty update");
+    let limit = Duration::from_secs(5);
+    let initial = within(limit, watch.next()).await.unwrap();
+    assert!(
+        initial.entries.is_empty(),
+        "empty prefix is an empty update"
+    );
     assert!(initial.index >= 1 && !initial.reset);
 
     kv.put("vol/1", b"a").await.unwrap();
-    let created = watch.next().await.unwrap();
+    let created = within(limit, watch.next()).await.unwrap();
     assert_eq!(created.entries.len(), 1);
     assert!(created.index > initial.index);
 
@@ -43,7 +47,7 @@ async fn yields_initial_state_then_changes_only() {
     unrelated.await.unwrap();
 
     kv.delete("vol/1").await.unwrap();
-    let deleted = watch.next().await.unwrap();
+    let deleted = within(limit, watch.next()).await.unwrap();
     assert!(deleted.entries.is_empty());
     assert!(deleted.index > created.index);
 }
@@ -55,13 +59,18 @@ async fn failed_reads_are_errors_and_back_off() {
     server.shutdown().await.unwrap();
     let kv = client_at(&url, None);
     let mut watch = kv.watch_prefix("vol/", quick());
-    let first = watch.next().await.unwrap_err();
+    let limit = Duration::from_secs(5);
+    let first = within(limit, watch.next()).await.unwrap_err();
     assert!(first.is_transport(), "{first:?}");
     let started = Instant::now();
-    let second = watch.next().await.unwrap_err();
+    let second = within(limit, watch.next()).await.unwrap_err();
     assert!(second.is_transport());
     // Backoff 200ms, jittered within its upper half.
-    assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(watch.index(), 0);
 }
 
@@ -75,7 +84,7 @@ async fn resets_when_the_index_goes_backwards() {
         kv.put(&format!("vol/{i}"), b"old").await.unwrap();
     }
     let mut watch = kv.watch_prefix("vol/", quick());
-    let old = watch.next().await.unwrap();
+    let old = within(Duration::from_secs(5), watch.next()).await.unwrap();
     assert_eq!(old.entries.len(), 6);
 
     // The watch is blocked when the server goes away...
@@ -105,7 +114,9 @@ async fn resets_when_the_index_goes_backwards() {
         .unwrap();
     let (last, failures) = outcomes.split_last().unwrap();
     assert!(!failures.is_empty(), "the outage was reported");
-    assert!(failures.iter().all(|f| f.as_ref().unwrap_err().is_transport()));
+    assert!(failures
+        .iter()
+        .all(|f| f.as_ref().unwrap_err().is_transport()));
     let update = last.as_ref().unwrap();
     assert!(update.reset, "{update:?}");
     assert!(update.index < old.index);
