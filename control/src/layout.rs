@@ -119,6 +119,13 @@ impl Layout {
         let host = rest.strip_suffix("/info")?;
         HostId::new(host).ok()
     }
+
+    /// The host of a `hosts/<host>/ledger` key.
+    pub fn parse_host_ledger_key(&self, key: &str) -> Option<HostId> {
+        let rest = key.strip_prefix(&self.hosts_prefix())?;
+        let host = rest.strip_suffix("/ledger")?;
+        HostId::new(host).ok()
+    }
 }
 
 /// A host as its daemon publishes it.
@@ -201,6 +208,10 @@ pub struct VolumeStatus {
     /// Set when `state` is `error`; never holds secrets.
     pub error: Option<String>,
     pub updated_ms: u64,
+    /// The block-device node made for the volume in its jail directory,
+    /// when the host exposes volumes into jails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[cfg(test)]
@@ -228,6 +239,11 @@ mod tests {
             layout.parse_host_info_key(&layout.host_info(&host)),
             Some(host.clone())
         );
+        assert_eq!(
+            layout.parse_host_ledger_key(&layout.host_ledger(&host)),
+            Some(host.clone())
+        );
+        assert_eq!(layout.parse_host_ledger_key(&layout.host_info(&host)), None);
         assert!(layout.desired_prefix(&host).ends_with("/h1/"));
         assert_eq!(layout.parse_volume_key("volumes/v1/desired/h1/../x"), None);
     }

@@ -1,0 +1,233 @@
+//! The command line, as clap parses it.
+
+use clap::{Args, Parser, Subcommand};
+use clap_complete::Shell;
+use volume_control::layout::DEFAULT_ROOT;
+use volume_core::names::{HostId, Region, VolumeId, VolumeName};
+
+/// Printed under `--help`: scripts branch on these.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  error (the volume's host reported an error, a record is unreadable, ...)
+  2  usage: bad arguments, a request that cannot apply (e.g. shrinking),
+     or a destroy without --yes when no terminal can confirm it
+  3  capacity: no host can take the volume, or its host cannot grow it
+  4  timed out waiting for the volume's host (the request stays recorded)
+  5  not found: no such volume
+  6  the KV store is unreachable
+  7  the KV store stayed contended: every attempt lost a race; retry
+
+Environment:
+  CONSUL_HTTP_ADDR   KV store address (default 127.0.0.1:8500, where the
+                     embedded server `volkv` and a local Consul agent listen)
+  CONSUL_HTTP_TOKEN  ACL token (or CONSUL_HTTP_TOKEN_FILE); never printed
+  CONSUL_HTTP_SSL, CONSUL_CACERT  as for Consul's own tools";
+
+/// Places, creates, lists, extends and destroys thin volumes across hosts.
+///
+/// volctl only talks to the KV store: it reserves capacity on a host and
+/// records what the volume should be; that host's volumed makes it.
+#[derive(Debug, Parser)]
+#[command(name = "volctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Root of this manager's keys in the KV store.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_ROOT)]
+    pub kv_root: String,
+
+    /// KV store address (overrides CONSUL_HTTP_ADDR), e.g. 127.0.0.1:8500
+    /// or https://consul.example:8501.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub kv_addr: Option<String>,
+
+    /// Hosts whose last heartbeat is older than this are not placed on.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_ttl: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Place and create volumes; waits until they are ready.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Create(CreateArgs),
+    /// List volumes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    List(ListArgs),
+    /// Show one volume.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Show(ShowArgs),
+    /// Destroy a volume and its data; waits until it is gone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Destroy(DestroyArgs),
+    /// Grow a volume; waits until its host has grown it.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Extend(ExtendArgs),
+    /// Show each host's pool and what is reserved on it.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Hosts(HostsArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+/// How long to wait for a host, and whether to.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Return once the request is recorded, without waiting for the host.
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Give up waiting after this many seconds (exit 4).
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// The volume's name; several volumes may share one.
+    pub name: VolumeName,
+
+    /// Size in decimal gigabytes (25 = 25,000,000,000 bytes).
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub size: u64,
+
+    /// Region to place in, e.g. ewr.
+    #[arg(long, value_name = "R")]
+    pub region: Region,
+
+    /// Store the volume unencrypted (default: LUKS2 with a per-volume key).
+    #[arg(long)]
+    pub no_encryption: bool,
+
+    /// Create this many volumes of this name, one after another.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+
+    /// Never put two volumes of this name in the same zone of the region.
+    #[arg(long)]
+    pub require_unique_zone: bool,
+
+    /// Place on this host (every capacity check still applies).
+    #[arg(long, value_name = "H")]
+    pub host: Option<HostId>,
+
+    /// Print JSON (an array of volumes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only volumes in this region.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+
+    /// Print JSON (an array of volumes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
+
+    /// Print JSON (one volume) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DestroyArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
+
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExtendArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
+
+    /// The new size in decimal gigabytes; must be larger than the current.
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub size: u64,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HostsArgs {
+    /// Only hosts in this region.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+
+    /// Print JSON (an array of hosts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    pub shell: Shell,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_names_and_sizes_are_usage_errors() {
+        for argv in [
+            &[
+                "volctl", "create", "Data", "--size", "25", "--region", "ewr",
+            ][..],
+            &["volctl", "create", "data", "--size", "0", "--region", "ewr"],
+            &[
+                "volctl", "create", "data", "--size", "25", "--region", "e/wr",
+            ],
+            &["volctl", "show", "vol_../../x"],
+            &[
+                "volctl", "create", "data", "--size", "1", "--region", "ewr", "--count", "0",
+            ],
+        ] {
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("4  timed out waiting"), "{help}");
+        assert!(help.contains("CONSUL_HTTP_TOKEN"), "{help}");
+    }
+}

@@ -1,0 +1,415 @@
+//! The commands: each reads or writes the store through [`Ctx`] and prints
+//! through [`Ui`].
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::CommandFactory;
+use serde::Serialize;
+use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
+use volume_control::placement::Candidate;
+use volume_core::names::VolumeId;
+use volume_core::units::Bytes;
+
+use crate::args::{
+    Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs, ShowArgs,
+};
+use crate::error::CliError;
+use crate::format::{self, Table};
+use crate::reserve::{self, CreateRequest};
+use crate::store::{self, now_ms, Ctx, SpecEntry, StatusEntry};
+use crate::ui::Ui;
+use crate::wait::{self, Deadline, Ready};
+
+/// A volume as `--json` prints it: the desired record's fields (`size` in
+/// bytes), the state, and the host's status record as it stores it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub spec: VolumeSpec,
+    /// The host's state, `pending` before its first report, `destroying`
+    /// once destroy is requested.
+    pub state: String,
+    pub status: Option<serde_json::Value>,
+}
+
+impl VolumeView {
+    fn new(spec: VolumeSpec, status: Option<&StatusEntry>) -> VolumeView {
+        let state = match status {
+            _ if spec.destroy => "destroying".to_owned(),
+            Some(entry) => entry.status.state.as_str().to_owned(),
+            None => "pending".to_owned(),
+        };
+        VolumeView {
+            state,
+            status: status.map(|entry| entry.raw.clone()),
+            spec,
+        }
+    }
+
+    fn device(&self) -> Option<&str> {
+        self.status.as_ref()?.get("device")?.as_str()
+    }
+}
+
+fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<()> {
+    let mut table = Table::new(&[
+        "ID", "NAME", "REGION", "ZONE", "HOST", ">SIZE", "ENC", "STATE", "DEVICE",
+    ]);
+    for view in volumes {
+        let spec = &view.spec;
+        table.row(vec![
+            spec.id.to_string(),
+            spec.name.to_string(),
+            spec.region.to_string(),
+            spec.zone.to_string(),
+            spec.host.to_string(),
+            format::size(spec.size),
+            if spec.encrypted { "yes" } else { "no" }.to_owned(),
+            view.state.clone(),
+            view.device().unwrap_or("-").to_owned(),
+        ]);
+    }
+    table.write(out)
+}
+
+fn print_json<T: Serialize + ?Sized>(value: &T, out: &mut dyn Write) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *out, value).expect("views serialize");
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Places `--count` volumes one transaction each, then (unless
+/// `--detach`) waits for every one to be ready.
+pub async fn create(
+    ctx: &Ctx,
+    args: &CreateArgs,
+    ui: &mut Ui<'_>,
+) -> Result<Vec<VolumeView>, CliError> {
+    let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
+    let request = CreateRequest {
+        name: args.name.clone(),
+        region: args.region.clone(),
+        size,
+        encrypted: !args.no_encryption,
+        require_unique_zone: args.require_unique_zone,
+        pinned_host: args.host.clone(),
+    };
+    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    if args.count > 1 {
+        reserve::check_all_fit(ctx, &request, args.count, ui).await?;
+    }
+    let mut reserved = Vec::new();
+    for _ in 0..args.count {
+        match reserve::reserve(ctx, &request, &VolumeId::generate(), ui).await {
+            Ok(volume) => reserved.push(volume),
+            // Another writer took the room the check saw: say what exists.
+            Err(CliError::NoPlacement(source)) if !reserved.is_empty() => {
+                return Err(CliError::PartialPlacement {
+                    wanted: args.count,
+                    placed: reserved.into_iter().map(|r| r.spec.id).collect(),
+                    source,
+                })
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    let mut views = Vec::new();
+    for volume in reserved {
+        let status = if args.wait.detach {
+            None
+        } else {
+            let ready = wait::until_ready(
+                ctx,
+                &volume.spec,
+                volume.spec_index,
+                Ready::Created,
+                deadline,
+                ui,
+            )
+            .await?;
+            Some(ready)
+        };
+        views.push(VolumeView::new(volume.spec, status.as_ref()));
+    }
+    if args.json {
+        print_json(&views, ui.out())?;
+    } else {
+        volume_table(&views, ui.out())?;
+    }
+    Ok(views)
+}
+
+async fn volume_views(ctx: &Ctx, ui: &mut Ui<'_>) -> Result<Vec<VolumeView>, CliError> {
+    let specs = store::read_specs(ctx, ui).await?;
+    let statuses = store::read_statuses(ctx, ui).await?;
+    let mut views: Vec<VolumeView> = specs
+        .into_iter()
+        .map(|SpecEntry { spec, .. }| {
+            let status = statuses.get(&(spec.host.clone(), spec.id.clone()));
+            VolumeView::new(spec, status)
+        })
+        .collect();
+    views.sort_by(|a, b| {
+        (&a.spec.name, a.spec.created_ms, &a.spec.id).cmp(&(
+            &b.spec.name,
+            b.spec.created_ms,
+            &b.spec.id,
+        ))
+    });
+    Ok(views)
+}
+
+pub async fn list(
+    ctx: &Ctx,
+    args: &ListArgs,
+    ui: &mut Ui<'_>,
+) -> Result<Vec<VolumeView>, CliError> {
+    let mut views = volume_views(ctx, ui).await?;
+    if let Some(region) = &args.region {
+        views.retain(|view| view.spec.region == *region);
+    }
+    if args.json {
+        print_json(&views, ui.out())?;
+    } else {
+        volume_table(&views, ui.out())?;
+    }
+    Ok(views)
+}
+
+pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
+    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    let status = store::read_status(ctx, &spec.host, &spec.id).await?;
+    let view = VolumeView::new(spec, status.as_ref());
+    if args.json {
+        print_json(&view, ui.out())?;
+        return Ok(view);
+    }
+    let spec = &view.spec;
+    let mut lines = vec![
+        ("id", spec.id.to_string()),
+        ("name", spec.name.to_string()),
+        ("state", view.state.clone()),
+        ("host", spec.host.to_string()),
+        ("region", spec.region.to_string()),
+        ("zone", spec.zone.to_string()),
+        ("size", format::size(spec.size)),
+        (
+            "encrypted",
+            if spec.encrypted { "yes" } else { "no" }.to_owned(),
+        ),
+        (
+            "created",
+            format!(
+                "{} ago",
+                format::age(now_ms().saturating_sub(spec.created_ms))
+            ),
+        ),
+    ];
+    if let Some(entry) = &status {
+        let status = &entry.status;
+        lines.push((
+            "device",
+            status.device.clone().unwrap_or_else(|| "-".to_owned()),
+        ));
+        if let Some(node) = &status.node {
+            lines.push(("jail node", node.clone()));
+        }
+        lines.push(("host size", format::size(status.size)));
+        lines.push(("data used", status.data_percent.to_string()));
+        if let Some(error) = &status.error {
+            lines.push(("error", error.clone()));
+        }
+        lines.push((
+            "reported",
+            format!(
+                "{} ago",
+                format::age(now_ms().saturating_sub(status.updated_ms))
+            ),
+        ));
+        // Fields a newer volumed reports that this volctl does not know.
+        let known = [
+            "id",
+            "state",
+            "device",
+            "size",
+            "data_percent",
+            "encrypted",
+            "error",
+            "updated_ms",
+            "node",
+        ];
+        if let Some(fields) = entry.raw.as_object() {
+            for (name, value) in fields {
+                if !known.contains(&name.as_str()) && !value.is_null() {
+                    let text = value
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_owned);
+                    lines.push((name.as_str(), text));
+                }
+            }
+        }
+    }
+    let width = lines
+        .iter()
+        .map(|(label, _)| label.len())
+        .max()
+        .unwrap_or(0);
+    let out = ui.out();
+    for (label, value) in &lines {
+        writeln!(out, "{label:<width$}  {value}")?;
+    }
+    Ok(view)
+}
+
+/// Records the destroy intent (after confirmation) and, unless
+/// `--detach`, waits until volumed has removed the volume.
+pub async fn destroy(ctx: &Ctx, args: &DestroyArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
+    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    if !args.yes && !spec.destroy {
+        let question = format!(
+            "destroy {} ({}, {} on {})? Its data is deleted. [y/N] ",
+            spec.id,
+            spec.name,
+            format::size(spec.size),
+            spec.host
+        );
+        match ui.confirm(&question) {
+            None => return Err(CliError::ConfirmationRequired { id: spec.id }),
+            Some(Ok(true)) => {}
+            Some(Ok(false)) => return Err(CliError::Declined { id: spec.id }),
+            Some(Err(error)) => return Err(CliError::Output(error)),
+        }
+    }
+    let marked = reserve::mark_destroy(ctx, &args.id).await?;
+    if !args.wait.detach {
+        let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+        wait::until_gone(ctx, &marked.spec, marked.index, deadline, ui).await?;
+        writeln!(ui.out(), "destroyed {}", marked.spec.id)?;
+    } else {
+        writeln!(ui.out(), "destroy of {} requested", marked.spec.id)?;
+    }
+    Ok(())
+}
+
+/// Grows a volume's reservation and desired size atomically and, unless
+/// `--detach`, waits for its host to report the new size.
+pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
+    let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
+    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    let grown = reserve::grow(ctx, &args.id, size).await?;
+    let status = if args.wait.detach {
+        None
+    } else {
+        let ready = Ready::GrownFrom(grown.previous_size);
+        Some(wait::until_ready(ctx, &grown.spec, grown.spec_index, ready, deadline, ui).await?)
+    };
+    let view = VolumeView::new(grown.spec, status.as_ref());
+    volume_table(std::slice::from_ref(&view), ui.out())?;
+    Ok(view)
+}
+
+/// A host as `hosts --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    #[serde(flatten)]
+    pub record: HostRecord,
+    pub ledger: Ledger,
+    /// Virtual size still placeable at the host's ratio, counting
+    /// reservations not yet on disk.
+    pub headroom: Bytes,
+    pub heartbeat_age_ms: u64,
+    /// Whether the heartbeat is recent enough to place on this host.
+    pub fresh: bool,
+}
+
+pub async fn hosts(
+    ctx: &Ctx,
+    args: &HostsArgs,
+    ui: &mut Ui<'_>,
+) -> Result<Vec<HostView>, CliError> {
+    let now = now_ms();
+    let ttl_ms = u64::try_from(ctx.heartbeat_ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut views: Vec<HostView> = store::read_hosts(ctx, ui)
+        .await?
+        .into_iter()
+        .filter(|entry| {
+            args.region
+                .as_ref()
+                .is_none_or(|r| entry.record.region == *r)
+        })
+        .map(|entry| {
+            let candidate = Candidate {
+                host: entry.record.clone(),
+                ledger: entry.ledger,
+            };
+            let heartbeat_age_ms = now.saturating_sub(entry.record.heartbeat_ms);
+            HostView {
+                headroom: candidate.headroom(),
+                fresh: heartbeat_age_ms <= ttl_ms,
+                heartbeat_age_ms,
+                ledger: entry.ledger,
+                record: entry.record,
+            }
+        })
+        .collect();
+    views.sort_by(|a, b| {
+        (&a.record.region, &a.record.zone, &a.record.id).cmp(&(
+            &b.record.region,
+            &b.record.zone,
+            &b.record.id,
+        ))
+    });
+    if args.json {
+        print_json(&views, ui.out())?;
+        return Ok(views);
+    }
+    let mut table = Table::new(&[
+        "HOST",
+        "REGION",
+        "ZONE",
+        ">POOL",
+        ">DATA%",
+        ">META%",
+        ">PROVISIONED",
+        ">RESERVED",
+        ">RATIO",
+        ">HEADROOM",
+        ">VOLUMES",
+        "HEARTBEAT",
+    ]);
+    for view in &views {
+        let pool = &view.record.pool;
+        let policy = &view.record.policy;
+        let heartbeat = format::age(view.heartbeat_age_ms);
+        table.row(vec![
+            view.record.id.to_string(),
+            view.record.region.to_string(),
+            view.record.zone.to_string(),
+            format::size(pool.data_size),
+            pool.data_percent().to_string(),
+            pool.metadata_percent().to_string(),
+            format::size(pool.provisioned),
+            format::size(view.ledger.reserved),
+            policy.overcommit.to_string(),
+            format::size(view.headroom),
+            format!(
+                "{}/{}",
+                view.ledger.volumes.max(pool.volume_count),
+                policy.max_volumes
+            ),
+            if view.fresh {
+                format!("{heartbeat} ago")
+            } else {
+                format!("{heartbeat} ago (stale)")
+            },
+        ]);
+    }
+    table.write(ui.out())?;
+    Ok(views)
+}
+
+pub fn completions(args: &CompletionsArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
+    clap_complete::generate(args.shell, &mut Cli::command(), "volctl", ui.out());
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Every way a command can fail, and the exit code each maps to.
+
+use std::time::Duration;
+
+use volume_control::placement::{NoPlacement, Skip};
+use volume_core::capacity::Refusal;
+use volume_core::names::{HostId, VolumeId};
+use volume_core::units::Bytes;
+
+/// Exit codes, as documented under `--help`.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const CAPACITY: i32 = 3;
+    pub const TIMED_OUT: i32 = 4;
+    pub const NOT_FOUND: i32 = 5;
+    pub const UNREACHABLE: i32 = 6;
+    pub const CONTENDED: i32 = 7;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Arguments that parse but cannot apply; nothing was changed.
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("destroying {id} deletes its data: pass --yes (there is no terminal to ask on)")]
+    ConfirmationRequired { id: VolumeId },
+
+    #[error("destroy of {id} cancelled; nothing changed")]
+    Declined { id: VolumeId },
+
+    #[error("{0}")]
+    NoPlacement(Box<NoPlacement>),
+
+    /// `--count N`: some volumes were placed before one did not fit.
+    #[error("placed {} of {wanted} volumes ({}); the next one did not fit: {source}",
+            placed.len(), list_ids(placed))]
+    PartialPlacement {
+        wanted: u32,
+        placed: Vec<VolumeId>,
+        source: Box<NoPlacement>,
+    },
+
+    /// `--count`: checked before anything is written.
+    #[error("only {fit} of {wanted} volumes fit; nothing was placed: {source}")]
+    CountDoesNotFit {
+        wanted: u32,
+        fit: u32,
+        source: Box<NoPlacement>,
+    },
+
+    #[error("host {host} cannot grow {id} by {}: {}", crate::format::size(*growth), refusal_text(refusal))]
+    GrowthRefused {
+        id: VolumeId,
+        host: HostId,
+        growth: Bytes,
+        refusal: Refusal,
+    },
+
+    #[error("{0}")]
+    TimedOut(Box<WaitTimedOut>),
+
+    #[error("volume {id} on {host} failed: {message}")]
+    VolumeFailed {
+        id: VolumeId,
+        host: HostId,
+        message: String,
+    },
+
+    #[error("no volume {id} (looked under {prefix})")]
+    NotFound { id: VolumeId, prefix: String },
+
+    #[error("volume {id} is being destroyed")]
+    BeingDestroyed { id: VolumeId },
+
+    #[error("cannot reach the KV store: {0}")]
+    Unreachable(#[source] consul_kv::Error),
+
+    #[error("KV store: {0}")]
+    Kv(#[source] consul_kv::Error),
+
+    #[error("{what}: every one of {attempts} attempts lost a race with another writer; retry")]
+    Contended { what: String, attempts: u32 },
+
+    #[error("unreadable record at {key}: {reason}")]
+    BadRecord { key: String, reason: String },
+
+    #[error("cannot write output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+/// The deadline of a wait passed; the request itself stays recorded.
+#[derive(Debug, thiserror::Error)]
+#[error("gave up after {}s waiting for {id} on {host} to become {goal}; last state: {last_state}{hint}",
+        timeout.as_secs())]
+pub struct WaitTimedOut {
+    pub id: VolumeId,
+    pub host: HostId,
+    pub goal: String,
+    pub last_state: String,
+    pub timeout: Duration,
+    /// What the operator can do next.
+    pub hint: String,
+}
+
+fn list_ids(ids: &[VolumeId]) -> String {
+    ids.iter()
+        .map(VolumeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl From<consul_kv::Error> for CliError {
+    fn from(error: consul_kv::Error) -> Self {
+        if error.is_transport() {
+            CliError::Unreachable(error)
+        } else {
+            CliError::Kv(error)
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(error: std::io::Error) -> Self {
+        CliError::Output(error)
+    }
+}
+
+impl From<NoPlacement> for CliError {
+    fn from(error: NoPlacement) -> Self {
+        CliError::NoPlacement(Box::new(error))
+    }
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) | CliError::ConfirmationRequired { .. } => exit::USAGE,
+            CliError::NoPlacement(_)
+            | CliError::PartialPlacement { .. }
+            | CliError::CountDoesNotFit { .. }
+            | CliError::GrowthRefused { .. } => exit::CAPACITY,
+            CliError::TimedOut(_) => exit::TIMED_OUT,
+            CliError::NotFound { .. } => exit::NOT_FOUND,
+            CliError::Unreachable(_) => exit::UNREACHABLE,
+            CliError::Contended { .. } => exit::CONTENDED,
+            CliError::Declined { .. }
+            | CliError::VolumeFailed { .. }
+            | CliError::BeingDestroyed { .. }
+            | CliError::Kv(_)
+            | CliError::BadRecord { .. }
+            | CliError::Output(_) => exit::ERROR,
+        }
+    }
+
+    /// Lines worth printing under the message: why each host was passed over.
+    pub fn details(&self) -> Vec<String> {
+        let refusal = match self {
+            CliError::NoPlacement(refusal) => refusal,
+            CliError::PartialPlacement { source, .. }
+            | CliError::CountDoesNotFit { source, .. } => source,
+            _ => return Vec::new(),
+        };
+        refusal
+            .skipped
+            .iter()
+            .map(|(host, why)| match why {
+                Skip::Capacity { refusal } => format!("{host}: {}", refusal_text(refusal)),
+                other => format!("{host}: {other}"),
+            })
+            .collect()
+    }
+}
+
+/// A refusal with sizes in decimal units, the ones `--size` takes.
+pub fn refusal_text(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::Overcommit {
+            requested,
+            headroom,
+            ratio,
+        } => format!(
+            "over-commit: {} requested, {} headroom at ratio {ratio}",
+            crate::format::size(*requested),
+            crate::format::size(*headroom)
+        ),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,350 @@
+//! The writes that reserve capacity, each one Consul transaction that
+//! checks the indexes of what it read, retried with fresh reads when another
+//! writer got there first.
+//!
+//! Create: `[cas <root>/hosts/<host>/ledger @ledger-index (0: create-only),
+//! cas <root>/desired/<host>/<id> @0]`, plus, with `--require-unique-zone`,
+//! `check-index` (or `check-not-exists`) on every other ledger of the
+//! region. Every create and every destroy changes its host's ledger, so a
+//! transaction that still matches all those indexes was decided on a view
+//! no other writer has changed: no host is over-committed and no zone
+//! gets a second volume of the name.
+//!
+//! Extend: `[cas ledger @index, cas desired spec @index]`.
+//! Destroy intent: `[cas desired spec @index]` (volumed releases the
+//! reservation when it has removed the volume).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use consul_kv::TxnOp;
+use rand::Rng as _;
+use volume_control::layout::{Ledger, VolumeSpec};
+use volume_control::placement::{self, Candidate, NoPlacement, Placement};
+use volume_core::names::{HostId, Region, VolumeId, VolumeName};
+use volume_core::units::Bytes;
+
+use crate::error::CliError;
+use crate::store::{self, encode, now_ms, Ctx, HostEntry, SpecEntry};
+use crate::ui::Ui;
+
+/// How many times a write is tried before volctl gives up on contention.
+pub const MAX_ATTEMPTS: u32 = 16;
+/// The first retry waits up to this long; each later one doubles it.
+const BACKOFF_BASE: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// "Full jitter" backoff: a random wait up to a doubling cap, so that
+/// writers who lost the same race do not collide again in step.
+async fn backoff(attempt: u32) {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    let wait = Duration::from_millis(rand::rng().random_range(0..=cap_ms));
+    tokio::time::sleep(wait).await;
+}
+
+/// What a new volume should be, before a host is chosen.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: VolumeName,
+    pub region: Region,
+    pub size: Bytes,
+    pub encrypted: bool,
+    pub require_unique_zone: bool,
+    pub pinned_host: Option<HostId>,
+}
+
+/// The store as one placement decision sees it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub hosts: Vec<HostEntry>,
+    /// Zones of the region that hold a volume of the requested name.
+    pub zones_in_use: BTreeSet<volume_core::names::Zone>,
+}
+
+/// Reads hosts, then (only if zones matter) desired records. Ledgers are
+/// read first: a create that lands in between changes a ledger, which the
+/// transaction then catches.
+pub async fn snapshot(
+    ctx: &Ctx,
+    request: &CreateRequest,
+    ui: &mut Ui<'_>,
+) -> Result<Snapshot, CliError> {
+    let hosts = store::read_hosts(ctx, ui).await?;
+    let mut zones_in_use = BTreeSet::new();
+    if request.require_unique_zone {
+        for entry in store::read_specs(ctx, ui).await? {
+            if entry.spec.name == request.name && entry.spec.region == request.region {
+                zones_in_use.insert(entry.spec.zone);
+            }
+        }
+    }
+    Ok(Snapshot {
+        hosts,
+        zones_in_use,
+    })
+}
+
+impl Snapshot {
+    pub fn decide(&self, ctx: &Ctx, request: &CreateRequest) -> Result<Placement, NoPlacement> {
+        let candidates: Vec<Candidate> = self
+            .hosts
+            .iter()
+            .map(|entry| Candidate {
+                host: entry.record.clone(),
+                ledger: entry.ledger,
+            })
+            .collect();
+        let request = placement::Request {
+            region: request.region.clone(),
+            size: request.size,
+            zones_in_use: self.zones_in_use.clone(),
+            require_unique_zone: request.require_unique_zone,
+            pinned_host: request.pinned_host.clone(),
+            now_ms: now_ms(),
+            heartbeat_ttl_ms: u64::try_from(ctx.heartbeat_ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        placement::place(&request, &candidates)
+    }
+
+    /// Records a placement as if written, for planning several in a row.
+    fn apply(&mut self, placed: &Placement) {
+        if let Some(entry) = self.hosts.iter_mut().find(|e| e.record.id == placed.host) {
+            entry.ledger = placed.ledger_after;
+        }
+        self.zones_in_use.insert(placed.zone.clone());
+    }
+}
+
+/// Checks that `count` volumes fit one after another on the current view,
+/// so that `--count` refuses up front instead of placing some of them.
+pub async fn check_all_fit(
+    ctx: &Ctx,
+    request: &CreateRequest,
+    count: u32,
+    ui: &mut Ui<'_>,
+) -> Result<(), CliError> {
+    let mut view = snapshot(ctx, request, ui).await?;
+    for fit in 0..count {
+        let placed = view.decide(ctx, request).map_err(|source| match fit {
+            0 => CliError::from(source),
+            _ => CliError::CountDoesNotFit {
+                wanted: count,
+                fit,
+                source: Box::new(source),
+            },
+        })?;
+        view.apply(&placed);
+    }
+    Ok(())
+}
+
+/// A reserved volume: its desired record is written, its host's ledger
+/// counts it.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    pub spec: VolumeSpec,
+    /// `ModifyIndex` of the desired record as written.
+    pub spec_index: u64,
+    /// Transactions sent (1 when nobody else was writing).
+    pub attempts: u32,
+}
+
+fn ledger_write(ctx: &Ctx, host: &HostId, ledger: &Ledger, index: u64) -> TxnOp {
+    TxnOp::Cas {
+        key: ctx.layout.host_ledger(host),
+        value: encode(ledger),
+        flags: 0,
+        index,
+    }
+}
+
+/// The index a transaction gave `key` (cas results carry no value).
+fn written_index(results: &[consul_kv::TxnResult], key: &str) -> u64 {
+    results
+        .iter()
+        .find(|result| result.kv.key == key)
+        .map_or(0, |result| result.kv.modify_index)
+}
+
+/// Places one volume and reserves it atomically; see the module docs.
+pub async fn reserve(
+    ctx: &Ctx,
+    request: &CreateRequest,
+    id: &VolumeId,
+    ui: &mut Ui<'_>,
+) -> Result<Reserved, CliError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let view = snapshot(ctx, request, ui).await?;
+        let placed = view.decide(ctx, request)?;
+        let chosen = view
+            .hosts
+            .iter()
+            .find(|entry| entry.record.id == placed.host)
+            .expect("placement picks one of the candidates");
+        let spec = VolumeSpec {
+            id: id.clone(),
+            name: request.name.clone(),
+            host: placed.host.clone(),
+            region: request.region.clone(),
+            zone: placed.zone.clone(),
+            size: request.size,
+            encrypted: request.encrypted,
+            created_ms: now_ms(),
+            destroy: false,
+        };
+        let spec_key = ctx.layout.desired(&spec.host, id);
+        let mut ops = vec![
+            ledger_write(ctx, &placed.host, &placed.ledger_after, chosen.ledger_index),
+            TxnOp::Cas {
+                key: spec_key.clone(),
+                value: encode(&spec),
+                flags: 0,
+                index: 0,
+            },
+        ];
+        if request.require_unique_zone {
+            let others = view.hosts.iter().filter(|entry| {
+                entry.record.region == request.region && entry.record.id != placed.host
+            });
+            for entry in others {
+                let key = ctx.layout.host_ledger(&entry.record.id);
+                ops.push(match entry.ledger_index {
+                    0 => TxnOp::CheckNotExists { key },
+                    index => TxnOp::CheckIndex { key, index },
+                });
+            }
+        }
+        match ctx.kv.txn(&ops).await {
+            Ok(results) => {
+                return Ok(Reserved {
+                    spec_index: written_index(&results, &spec_key),
+                    spec,
+                    attempts: attempt,
+                })
+            }
+            Err(consul_kv::Error::TxnConflict { .. }) => backoff(attempt).await,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CliError::Contended {
+        what: format!("reserving {id}"),
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
+/// A grown volume: spec and ledger both carry the new size.
+#[derive(Debug, Clone)]
+pub struct Grown {
+    pub spec: VolumeSpec,
+    pub spec_index: u64,
+    pub previous_size: Bytes,
+}
+
+/// Grows a volume's reservation and desired size in one transaction,
+/// after admitting the growth against the host's committed usage.
+pub async fn grow(ctx: &Ctx, id: &VolumeId, new_size: Bytes) -> Result<Grown, CliError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let SpecEntry { mut spec, index } = store::find_spec(ctx, id).await?;
+        if spec.destroy {
+            return Err(CliError::BeingDestroyed { id: id.clone() });
+        }
+        if new_size <= spec.size {
+            return Err(CliError::Usage(format!(
+                "extend must grow: {id} is {}, asked for {}",
+                crate::format::size(spec.size),
+                crate::format::size(new_size)
+            )));
+        }
+        let host = store::read_host(ctx, &spec.host).await?;
+        if host.ledger_index == 0 {
+            // A volume with no reservation: growing it would under-count.
+            return Err(CliError::BadRecord {
+                key: ctx.layout.host_ledger(&spec.host),
+                reason: format!("missing, although {id} is placed on {}", spec.host),
+            });
+        }
+        let growth = new_size - spec.size;
+        let candidate = Candidate {
+            host: host.record.clone(),
+            ledger: host.ledger,
+        };
+        if let Err(refusal) = candidate
+            .committed_usage()
+            .admit_growth(&host.record.policy, growth)
+        {
+            return Err(CliError::GrowthRefused {
+                id: id.clone(),
+                host: spec.host.clone(),
+                growth,
+                refusal,
+            });
+        }
+        let ledger_after = Ledger {
+            reserved: host.ledger.reserved + growth,
+            volumes: host.ledger.volumes,
+        };
+        let previous_size = spec.size;
+        spec.size = new_size;
+        let spec_key = ctx.layout.desired(&spec.host, id);
+        let ops = [
+            ledger_write(ctx, &spec.host, &ledger_after, host.ledger_index),
+            TxnOp::Cas {
+                key: spec_key.clone(),
+                value: encode(&spec),
+                flags: 0,
+                index,
+            },
+        ];
+        match ctx.kv.txn(&ops).await {
+            Ok(results) => {
+                return Ok(Grown {
+                    spec_index: written_index(&results, &spec_key),
+                    spec,
+                    previous_size,
+                })
+            }
+            Err(consul_kv::Error::TxnConflict { .. }) => backoff(attempt).await,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CliError::Contended {
+        what: format!("growing {id}"),
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
+/// Records the destroy intent on the current spec. Returns the spec and
+/// the index at which the intent was written (or found).
+pub async fn mark_destroy(ctx: &Ctx, id: &VolumeId) -> Result<SpecEntry, CliError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let SpecEntry { mut spec, index } = store::find_spec(ctx, id).await?;
+        if spec.destroy {
+            return Ok(SpecEntry { spec, index });
+        }
+        spec.destroy = true;
+        let key = ctx.layout.desired(&spec.host, id);
+        let op = TxnOp::Cas {
+            key: key.clone(),
+            value: encode(&spec),
+            flags: 0,
+            index,
+        };
+        match ctx.kv.txn(std::slice::from_ref(&op)).await {
+            Ok(results) => {
+                return Ok(SpecEntry {
+                    index: written_index(&results, &key),
+                    spec,
+                })
+            }
+            Err(consul_kv::Error::TxnConflict { .. }) => backoff(attempt).await,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CliError::Contended {
+        what: format!("recording the destroy of {id}"),
+        attempts: MAX_ATTEMPTS,
+    })
+}
