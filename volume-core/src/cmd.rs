@@ -119,12 +119,28 @@ impl Program {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.run_with_env(args, &[], accepted)
+    }
+
+    /// [`Program::run`] with a few extra environment variables (e.g.
+    /// `DM_DISABLE_UDEV=1` for device-mapper tools on hosts without udev).
+    pub fn run_with_env<I, S>(
+        &self,
+        args: I,
+        env: &[(&str, &OsStr)],
+        accepted: &[i32],
+    ) -> Result<Output, CmdError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         tracing::debug!(command = %render(&self.path, &args), "running");
         let output = Command::new(&self.path)
             .args(&args)
             .env_clear()
             .env("LC_ALL", "C")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -277,7 +293,10 @@ mod tests {
             other => panic!("unexpected {other}"),
         }
         let text = err.to_string();
-        assert!(text.contains("tool -x arg` failed with exit status 3"), "{text}");
+        assert!(
+            text.contains("tool -x arg` failed with exit status 3"),
+            "{text}"
+        );
         // An accepted non-zero status is success.
         assert!(program.run(["-x"], &[0, 3]).is_ok());
     }
@@ -296,6 +315,17 @@ mod tests {
             .unwrap();
         let stdout = String::from_utf8(output.stdout).unwrap();
         assert!(stdout.contains("LC_ALL=C"), "{stdout}");
+        let with = Program::at("envdump", &path)
+            .unwrap()
+            .run_with_env(
+                std::iter::empty::<&str>(),
+                &[("DM_DISABLE_UDEV", OsStr::new("1"))],
+                &[0],
+            )
+            .unwrap();
+        assert!(String::from_utf8(with.stdout)
+            .unwrap()
+            .contains("DM_DISABLE_UDEV=1"));
         assert!(!stdout.contains("HOME="), "{stdout}");
         assert!(!stdout.contains("got-input"), "{stdout}");
     }

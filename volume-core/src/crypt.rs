@@ -209,17 +209,15 @@ unsafe extern "C" fn capture_log(level: c_int, msg: *const c_char, _usrptr: *mut
         .to_string_lossy()
         .trim_end()
         .to_owned();
-    if level == libcryptsetup_rs_sys_level::ERROR {
+    if level == CRYPT_LOG_ERROR {
         LOG_ERRORS.with(|errors| errors.borrow_mut().push(text));
     } else {
         tracing::debug!(target: "libcryptsetup", "{text}");
     }
 }
 
-mod libcryptsetup_rs_sys_level {
-    /// `CRYPT_LOG_ERROR` from libcryptsetup.h.
-    pub const ERROR: std::ffi::c_int = 1;
-}
+/// `CRYPT_LOG_ERROR` from libcryptsetup.h.
+const CRYPT_LOG_ERROR: c_int = 1;
 
 fn install_log_capture() {
     static ONCE: Once = Once::new();
@@ -279,11 +277,7 @@ fn luks_pbkdf() -> CryptPbkdfType {
 
 /// Loads a LUKS2 header and checks it is this volume's. `Ok(None)`: there is
 /// no loadable LUKS2 header.
-fn load_ours(
-    cd: &mut CryptDevice,
-    device: &Path,
-    id: &VolumeId,
-) -> Result<Option<()>, CryptError> {
+fn load_ours(cd: &mut CryptDevice, device: &Path, id: &VolumeId) -> Result<Option<()>, CryptError> {
     if cd
         .context_handle()
         .load::<()>(Some(EncryptionFormat::Luks2), None)
@@ -613,8 +607,7 @@ pub fn resize(id: &VolumeId) -> Result<(), CryptError> {
         source,
         detail: detail(),
     };
-    let mut cd =
-        CryptInit::init_by_name_and_header(name.as_str(), None).map_err(resize_err)?;
+    let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None).map_err(resize_err)?;
     // Size 0: fill the backing device less the header.
     cd.context_handle()
         .resize(name.as_str(), 0)
@@ -768,9 +761,11 @@ mod header_tests {
         let (id, key) = (VolumeId::generate(), VolumeKey::generate().unwrap());
         let err = format(&image, &id, &key, FormatGuard::RequireBlank).unwrap_err();
         assert!(matches!(err, CryptError::Occupied { .. }), "{err}");
-        assert!(format(&image, &id, &key, FormatGuard::AllowUnfinishedOwnHeader)
-            .unwrap()
-            .changed());
+        assert!(
+            format(&image, &id, &key, FormatGuard::AllowUnfinishedOwnHeader)
+                .unwrap()
+                .changed()
+        );
         assert!(!format(&image, &id, &key, FormatGuard::RequireBlank)
             .unwrap()
             .changed());

@@ -82,7 +82,9 @@ pub enum FsError {
     Occupied { device: PathBuf, found: String },
     #[error("{device} holds no ext4 filesystem ({found})")]
     NotExt4 { device: PathBuf, found: String },
-    #[error("mkfs.ext4 on {device} finished but the device does not show our filesystem ({found})")]
+    #[error(
+        "mkfs.ext4 on {device} finished but the device does not show our filesystem ({found})"
+    )]
     NotMade { device: PathBuf, found: String },
     #[error("could not read {path}: {source}")]
     MountInfo {
@@ -331,9 +333,14 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     } else {
         // 0: clean, 1: errors fixed safely; anything else needs a person.
-        tools
-            .e2fsck
-            .run([std::ffi::OsStr::new("-f"), "-p".as_ref(), device.as_os_str()], &[0, 1])?;
+        tools.e2fsck.run(
+            [
+                std::ffi::OsStr::new("-f"),
+                "-p".as_ref(),
+                device.as_os_str(),
+            ],
+            &[0, 1],
+        )?;
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     }
     let after = match probe(device)? {

@@ -74,7 +74,10 @@ impl JailPath {
     /// Checks the shape of both paths: `root` absolute, `relative` relative
     /// and non-empty, neither with `..` or `.`; the kernel checks symlinks
     /// when the path is used.
-    pub fn new(root: impl Into<PathBuf>, relative: impl Into<PathBuf>) -> Result<JailPath, JailError> {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        relative: impl Into<PathBuf>,
+    ) -> Result<JailPath, JailError> {
         let root = root.into();
         let relative = relative.into();
         let bad = |path: &Path, reason: &'static str| JailError::BadPath {
@@ -105,10 +108,16 @@ impl JailPath {
                 .components()
                 .any(|c| !matches!(c, Component::Normal(_)))
         {
-            return Err(bad(&relative, "'.' and '..' are not allowed in a jail path"));
+            return Err(bad(
+                &relative,
+                "'.' and '..' are not allowed in a jail path",
+            ));
         }
         if relative.as_os_str().as_bytes().ends_with(b"/") {
-            return Err(bad(&relative, "the node path must name a file, not a directory"));
+            return Err(bad(
+                &relative,
+                "the node path must name a file, not a directory",
+            ));
         }
         Ok(JailPath { root, relative })
     }
@@ -393,12 +402,13 @@ fn make_node(
             gid: owner.gid,
             source,
         })?;
-        let stat = fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
-            |source| JailError::Stat {
-                path: shown.to_owned(),
-                source,
-            },
-        )?;
+        let stat =
+            fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|source| {
+                JailError::Stat {
+                    path: shown.to_owned(),
+                    source,
+                }
+            })?;
         if stat.st_mode & 0o7777 != NODE_MODE {
             return Err(JailError::Mode {
                 path: shown.to_owned(),
@@ -430,7 +440,9 @@ fn clear_temp(
 ) -> Result<(), JailError> {
     match inspect(dir, temp, shown)? {
         None => Ok(()),
-        Some(existing) if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) => {
+        Some(existing)
+            if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) =>
+        {
             unlinkat(dir, temp, UnlinkatFlags::NoRemoveDir).map_err(|source| JailError::Remove {
                 path: shown.to_owned(),
                 source,
@@ -533,10 +545,14 @@ pub fn unexpose(jail: &JailPath, volume: &VolumeId) -> Result<DeleteAction, Jail
     clear_temp(&dir, &temp, &shown.with_file_name(&temp), volume)?;
     match inspect(&dir, name, &shown)? {
         None => Ok(DeleteAction::Identity),
-        Some(existing) if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) => {
-            unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(|source| JailError::Remove {
-                path: shown,
-                source,
+        Some(existing)
+            if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) =>
+        {
+            unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(|source| {
+                JailError::Remove {
+                    path: shown,
+                    source,
+                }
             })?;
             Ok(DeleteAction::Deleted)
         }
@@ -649,7 +665,10 @@ mod tests {
         .unwrap();
         let err = expose(&jail, loop_rdev(3), OWNER, &volume).unwrap_err();
         assert!(matches!(err, JailError::Foreign { .. }), "{err}");
-        assert!(err.to_string().contains("no trusted.vmv1.volume mark"), "{err}");
+        assert!(
+            err.to_string().contains("no trusted.vmv1.volume mark"),
+            "{err}"
+        );
         assert!(matches!(
             unexpose(&jail, &volume),
             Err(JailError::Foreign { .. })
@@ -748,7 +767,16 @@ mod tests {
         let dir = jail_dir();
         let jail = JailPath::new(dir.path(), "missing/vdb").unwrap();
         let err = expose(&jail, loop_rdev(3), OWNER, &VolumeId::generate()).unwrap_err();
-        assert!(matches!(err, JailError::OpenDir { source: Errno::ENOENT, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                JailError::OpenDir {
+                    source: Errno::ENOENT,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!dir.path().join("missing").exists());
     }
 

@@ -112,6 +112,8 @@ pub enum KeyError {
     },
     #[error("{path} is not a directory (or is a symlink); refusing to keep keys there")]
     NotADirectory { path: PathBuf },
+    #[error("{path} is not a regular file; refusing to read a key from it")]
+    NotAFile { path: PathBuf },
     #[error("{path} has mode {mode:04o} or owner uid {uid}; keys need mode 0700/0600 (no group or other access) and owner uid {expected_uid}")]
     InsecurePermissions {
         path: PathBuf,
@@ -287,7 +289,7 @@ impl SecretDir {
             source,
         })?;
         if !meta.file_type().is_file() {
-            return Err(KeyError::NotADirectory { path });
+            return Err(KeyError::NotAFile { path });
         }
         check_private(&path, &meta)?;
         if meta.len() > max_len as u64 {
@@ -625,7 +627,8 @@ pub fn unseal(kek: &KeyEncryptionKey, id: &VolumeId, sealed: &[u8]) -> Result<Vo
             len: sealed.len(),
         });
     }
-    let nonce = XNonce::from(<[u8; NONCE_BYTES]>::try_from(&sealed[1..1 + NONCE_BYTES]).expect("24 bytes"));
+    let nonce =
+        XNonce::from(<[u8; NONCE_BYTES]>::try_from(&sealed[1..1 + NONCE_BYTES]).expect("24 bytes"));
     let (ciphertext, tag) = sealed[1 + NONCE_BYTES..].split_at(VOLUME_KEY_BYTES);
     let mut plaintext = Zeroizing::new([0u8; VOLUME_KEY_BYTES]);
     plaintext.copy_from_slice(ciphertext);
@@ -680,18 +683,6 @@ impl<S: SealedKeyStorage> KeyStore for EnvelopeKeyStore<S> {
 
     fn destroy(&self, id: &VolumeId) -> Result<DeleteAction, KeyError> {
         self.storage.remove(id)
-    }
-}
-
-impl<T: KeyStore + ?Sized> KeyStore for std::sync::Arc<T> {
-    fn load(&self, id: &VolumeId) -> Result<Option<VolumeKey>, KeyError> {
-        (**self).load(id)
-    }
-    fn insert(&self, id: &VolumeId, key: &VolumeKey) -> Result<(), KeyError> {
-        (**self).insert(id, key)
-    }
-    fn destroy(&self, id: &VolumeId) -> Result<DeleteAction, KeyError> {
-        (**self).destroy(id)
     }
 }
 
@@ -779,7 +770,10 @@ mod tests {
         let sealed = seal(&kek, &vol, &key).unwrap();
         let err = unseal(&other_kek, &vol, &sealed).unwrap_err();
         assert!(matches!(err, KeyError::Unseal { .. }));
-        assert!(err.to_string().contains("wrong key-encryption key"), "{err}");
+        assert!(
+            err.to_string().contains("wrong key-encryption key"),
+            "{err}"
+        );
         assert!(matches!(
             unseal(&kek, &id(), &sealed),
             Err(KeyError::Unseal { .. })
@@ -801,7 +795,10 @@ mod tests {
         assert!(created.changed());
         let key_path = store.key_path(&vol);
         assert_eq!(mode_of(&key_path), 0o600);
-        assert_eq!(fs::read(&key_path).unwrap(), created.inner().expose_secret());
+        assert_eq!(
+            fs::read(&key_path).unwrap(),
+            created.inner().expose_secret()
+        );
         // No temporary left behind.
         let names: Vec<_> = fs::read_dir(&dir_path)
             .unwrap()

@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod cmd;
 pub mod crypt;
 pub mod fs;
+pub mod host;
 pub mod jail;
 pub mod keys;
 pub mod names;

@@ -206,7 +206,11 @@ mod tests {
         assert!(check_tag("bad tag").is_err());
         assert!(check_tag("").is_err());
         assert!(check_our_name(&LvName::new("root").unwrap()).is_err());
-        assert!(check_retag(&["vmv1.state=ready".into()], &["vmv1.state=creating".into()]).is_ok());
+        assert!(check_retag(
+            &["vmv1.state=ready".into()],
+            &["vmv1.state=creating".into()]
+        )
+        .is_ok());
         assert!(check_retag(&[], &[OWNER_TAG.to_owned()]).is_err());
     }
 }

@@ -43,8 +43,12 @@ pub trait VolumeDevices: Send + Sync {
     /// Removes what makes the LV's content readable before the LV is
     /// removed: the LUKS2 header of an encrypted volume. Called on a closed
     /// volume only.
-    fn erase(&self, lv_device: &Path, id: &VolumeId, encrypted: bool)
-        -> Result<DeleteAction, CryptError>;
+    fn erase(
+        &self,
+        lv_device: &Path,
+        id: &VolumeId,
+        encrypted: bool,
+    ) -> Result<DeleteAction, CryptError>;
 
     fn make_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
 

@@ -117,9 +117,7 @@ pub fn state(tags: &BTreeSet<String>) -> Option<VolumeState> {
     // Two step tags would mean a broken retag; "deleting" wins, else none.
     match found.next() {
         None => Some(first),
-        Some(_) if tags.contains(&state_tag(VolumeState::Deleting)) => {
-            Some(VolumeState::Deleting)
-        }
+        Some(_) if tags.contains(&state_tag(VolumeState::Deleting)) => Some(VolumeState::Deleting),
         Some(_) => None,
     }
 }

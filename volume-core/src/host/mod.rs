@@ -1,0 +1,1015 @@
+//! [`VolumeHost`]: the library API the VM worker links.
+//!
+//! It orchestrates a [`ThinBackend`] (LVM or the simulator), a
+//! [`VolumeDevices`] (real LUKS2/ext4 or the simulator) and a [`KeyStore`].
+//! The orchestration is the same code in production and in fast tests: the
+//! simulators sit below it, never beside it.
+//!
+//! Guarantees, for every operation:
+//! * **Idempotent.** Repeating a call that succeeded changes nothing and
+//!   says so (`Identity`).
+//! * **Crash-safe.** Progress is recorded in LV tags ([`progress`]) after
+//!   every step that changes the disk, so a re-run after a crash at any
+//!   point finishes the job (create, expose, extend) or finishes the
+//!   clean-up (delete, rollback).
+//! * **Never formats over data.** Only volumes whose recorded progress is
+//!   before `ready` are formatted, and the format and mkfs steps themselves
+//!   refuse any signature they did not make.
+//! * **Rollback.** A failed create removes everything it made (key, LV,
+//!   header, mapping); a failed expose removes its node and record. A
+//!   failed rollback is reported as [`HostError::RollbackFailed`] with both
+//!   errors. Extend and delete need no rollback: re-running them converges.
+//! * **No secrets in errors or logs.** Keys never leave [`crate::keys`]
+//!   types; errors name volumes, devices and paths only.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use volume_core::backend::{sim::SimBackend, ThinBackend, ThinPoolSpec};
+//! use volume_core::host::{sim::SimDevices, Encryption, VolumeHost, VolumeSpec};
+//! use volume_core::jail::{JailPath, NodeOwner};
+//! use volume_core::keys::LocalKeyDir;
+//! use volume_core::names::{LvName, VgName, VolumeId, VolumeName};
+//! use volume_core::units::Bytes;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let scratch = tempfile::tempdir()?;
+//! # std::fs::create_dir(scratch.path().join("dev"))?;
+//! let spec = ThinPoolSpec::new(VgName::new("vg0")?, LvName::new("pool0")?, vec!["/dev/vdb".into()])?;
+//! let backend = Arc::new(SimBackend::new(spec));
+//! backend.ensure_pool()?;
+//! let host = VolumeHost::new(
+//!     backend.clone(),
+//!     Arc::new(SimDevices::new(backend.clone())),
+//!     Arc::new(LocalKeyDir::open(scratch.path().join("keys"))?),
+//!     Default::default(),
+//! );
+//!
+//! let id = VolumeId::generate();
+//! let volume = VolumeSpec {
+//!     id: id.clone(),
+//!     name: VolumeName::new("data")?,
+//!     size: Bytes::from_gib(25)?,
+//!     encryption: Encryption::Luks2,
+//! };
+//! let created = host.create(&volume)?;
+//! assert!(created.changed());
+//! assert!(!host.create(&volume)?.changed()); // idempotent
+//!
+//! let jail = JailPath::new(scratch.path(), "dev/vdb")?;
+//! host.expose(&id, &jail, NodeOwner { uid: 1000, gid: 1000 })?;
+//! host.extend(&id, Bytes::from_gib(30)?)?;
+//! assert_eq!(host.list()?.len(), 1);
+//! host.delete(&id)?;
+//! assert!(host.list()?.is_empty());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod devices;
+pub mod faults;
+pub mod progress;
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+pub use devices::{RealDevices, VolumeDevices};
+pub use faults::{Fault, FaultInjector, FaultPlan, Step};
+pub use progress::{Encryption, VolumeState};
+
+use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
+use crate::capacity::{CapacityPolicy, Refusal};
+use crate::crypt::{CryptError, FormatGuard};
+use crate::fs::FsError;
+use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
+use crate::keys::{KeyError, KeyStore, VolumeKey};
+use crate::names::{VolumeId, VolumeName};
+use crate::units::{Bytes, Percent};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub id: VolumeId,
+    pub name: VolumeName,
+    /// Virtual size; rounded up to whole extents.
+    pub size: Bytes,
+    pub encryption: Encryption,
+}
+
+/// A volume as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    pub id: VolumeId,
+    pub name: Option<VolumeName>,
+    pub size: Bytes,
+    pub data_percent: Percent,
+    pub encryption: Option<Encryption>,
+    /// `None` when the recorded progress is unreadable.
+    pub state: Option<VolumeState>,
+    /// The device a VM gets (the dm-crypt mapping or the LV), when open.
+    pub device: Option<PathBuf>,
+    /// Jail nodes recorded for this volume.
+    pub exposed: Vec<JailPath>,
+}
+
+/// What an extend did at each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendOutcome {
+    pub lv: ExtendAction,
+    pub filesystem: FsGrowth,
+}
+
+/// The filesystem part of an extend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsGrowth {
+    Grown(ExtendAction),
+    /// The volume is exposed to a VM, whose guest has the filesystem
+    /// mounted where this host cannot see it; the guest grows it online
+    /// (`resize2fs /dev/vdX`) after it sees the new device size. Growing it
+    /// offline from here under a running guest would corrupt it.
+    LeftToGuest,
+}
+
+/// One variant per failing step. None carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("volume {id}: no such volume")]
+    NotFound { id: VolumeId },
+    #[error("volume {id} exists with {field} {existing}, not the requested {requested}; nothing changed")]
+    SpecMismatch {
+        id: VolumeId,
+        field: &'static str,
+        existing: String,
+        requested: String,
+    },
+    #[error(
+        "volume {id} is {state:?}, not ready; re-run create to finish it or delete to remove it"
+    )]
+    NotReady { id: VolumeId, state: VolumeState },
+    #[error("volume {id} has unreadable progress tags {tags:?}; refusing to guess")]
+    UnknownState { id: VolumeId, tags: Vec<String> },
+    #[error("volume {id}: capacity refused: {refusal}")]
+    Admission { id: VolumeId, refusal: Refusal },
+    #[error("reading pool status failed: {0}")]
+    PoolStatus(#[source] BackendError),
+    #[error("listing volumes failed: {0}")]
+    List(#[source] BackendError),
+    #[error("volume {id}: storing a new key failed: {source}")]
+    KeyCreate {
+        id: VolumeId,
+        #[source]
+        source: Box<KeyError>,
+    },
+    #[error("volume {id}: loading its key failed: {source}")]
+    KeyLoad {
+        id: VolumeId,
+        #[source]
+        source: Box<KeyError>,
+    },
+    #[error("volume {id} is encrypted but its key is missing from the key store; refusing to reformat it")]
+    KeyMissing { id: VolumeId },
+    #[error("volume {id}: destroying its key failed: {source}")]
+    KeyDestroy {
+        id: VolumeId,
+        #[source]
+        source: Box<KeyError>,
+    },
+    #[error("volume {id}: creating the LV failed: {source}")]
+    LvCreate {
+        id: VolumeId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: activating the LV failed: {source}")]
+    LvActivate {
+        id: VolumeId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: extending the LV failed: {source}")]
+    LvExtend {
+        id: VolumeId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: removing the LV failed: {source}")]
+    LvRemove {
+        id: VolumeId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: recording progress ({what}) failed: {source}")]
+    Record {
+        id: VolumeId,
+        what: &'static str,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: LUKS2 format failed: {source}")]
+    CryptFormat {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: opening the dm-crypt mapping failed: {source}")]
+    CryptOpen {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: reading the dm-crypt mapping failed: {source}")]
+    CryptStatus {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: closing the dm-crypt mapping failed: {source}")]
+    CryptClose {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: resizing the dm-crypt mapping failed: {source}")]
+    CryptResize {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: erasing the LUKS2 header failed: {source}")]
+    CryptErase {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: making the filesystem failed: {source}")]
+    Mkfs {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
+    },
+    #[error("volume {id}: growing the filesystem failed: {source}")]
+    FsGrow {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
+    },
+    #[error("volume {id}: jail path {path} is too long to record in an LV tag")]
+    JailPathTooLong { id: VolumeId, path: PathBuf },
+    #[error("volume {id}: reading the device number failed: {source}")]
+    DeviceNumber {
+        id: VolumeId,
+        #[source]
+        source: Box<JailError>,
+    },
+    #[error("volume {id}: exposing it failed: {source}")]
+    Expose {
+        id: VolumeId,
+        #[source]
+        source: Box<JailError>,
+    },
+    #[error("volume {id}: removing a jail node failed: {source}")]
+    Unexpose {
+        id: VolumeId,
+        #[source]
+        source: Box<JailError>,
+    },
+    #[error("volume {id}: injected failure after step {step}")]
+    InjectedFailure { id: VolumeId, step: Step },
+    #[error("volume {id}: injected crash after step {step} (nothing rolled back)")]
+    InjectedCrash { id: VolumeId, step: Step },
+    #[error("{error}; rolling back failed too: {rollback}")]
+    RollbackFailed {
+        error: Box<HostError>,
+        rollback: Box<HostError>,
+    },
+}
+
+impl HostError {
+    fn is_crash(&self) -> bool {
+        matches!(self, HostError::InjectedCrash { .. })
+    }
+}
+
+/// The volume API for one host's thin pool.
+pub struct VolumeHost {
+    backend: Arc<dyn ThinBackend>,
+    devices: Arc<dyn VolumeDevices>,
+    keys: Arc<dyn KeyStore>,
+    policy: CapacityPolicy,
+    faults: Option<Arc<dyn FaultInjector>>,
+    /// Held across admission and LV creation/extension so two requests
+    /// cannot both take the last headroom.
+    pool_lock: Mutex<()>,
+    /// One lock per volume: operations on one volume run one at a time.
+    volume_locks: Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for VolumeHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeHost")
+            .field("pool", self.backend.spec())
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the guarded data consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl VolumeHost {
+    pub fn new(
+        backend: Arc<dyn ThinBackend>,
+        devices: Arc<dyn VolumeDevices>,
+        keys: Arc<dyn KeyStore>,
+        policy: CapacityPolicy,
+    ) -> VolumeHost {
+        VolumeHost {
+            backend,
+            devices,
+            keys,
+            policy,
+            faults: None,
+            pool_lock: Mutex::new(()),
+            volume_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Injects faults between steps (tests, on the simulator and the real
+    /// stack alike).
+    pub fn with_faults(mut self, faults: Arc<dyn FaultInjector>) -> VolumeHost {
+        self.faults = Some(faults);
+        self
+    }
+
+    pub fn backend(&self) -> &Arc<dyn ThinBackend> {
+        &self.backend
+    }
+
+    fn volume_lock(&self, id: &VolumeId) -> Arc<Mutex<()>> {
+        lock(&self.volume_locks)
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn step(&self, id: &VolumeId, step: Step) -> Result<(), HostError> {
+        tracing::debug!(volume = %id, %step, "step done");
+        match self.faults.as_ref().and_then(|f| f.after(step)) {
+            None => Ok(()),
+            Some(Fault::Fail) => Err(HostError::InjectedFailure {
+                id: id.clone(),
+                step,
+            }),
+            Some(Fault::Crash) => Err(HostError::InjectedCrash {
+                id: id.clone(),
+                step,
+            }),
+        }
+    }
+
+    fn find(&self, id: &VolumeId) -> Result<Option<ThinVolume>, HostError> {
+        let lv = id.lv_name();
+        Ok(self
+            .backend
+            .list_thins()
+            .map_err(HostError::List)?
+            .into_iter()
+            .find(|v| v.lv == lv))
+    }
+
+    fn state_of(id: &VolumeId, volume: &ThinVolume) -> Result<VolumeState, HostError> {
+        progress::state(&volume.tags).ok_or_else(|| HostError::UnknownState {
+            id: id.clone(),
+            tags: volume.tags.iter().cloned().collect(),
+        })
+    }
+
+    fn encryption_of(id: &VolumeId, volume: &ThinVolume) -> Result<Encryption, HostError> {
+        progress::encryption(&volume.tags).ok_or_else(|| HostError::UnknownState {
+            id: id.clone(),
+            tags: volume.tags.iter().cloned().collect(),
+        })
+    }
+
+    fn retag(
+        &self,
+        id: &VolumeId,
+        what: &'static str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        self.backend
+            .retag(&id.lv_name(), add, remove)
+            .map_err(|source| HostError::Record {
+                id: id.clone(),
+                what,
+                source: Box::new(source),
+            })
+    }
+
+    fn set_state(&self, id: &VolumeId, state: VolumeState) -> Result<(), HostError> {
+        self.retag(
+            id,
+            "step",
+            &[progress::state_tag(state)],
+            &progress::other_state_tags(state),
+        )
+    }
+
+    fn load_key(&self, id: &VolumeId) -> Result<VolumeKey, HostError> {
+        self.keys
+            .load(id)
+            .map_err(|source| HostError::KeyLoad {
+                id: id.clone(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| HostError::KeyMissing { id: id.clone() })
+    }
+
+    fn activate(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
+        self.backend
+            .activate_thin(&id.lv_name())
+            .map_err(|source| HostError::LvActivate {
+                id: id.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Activates the LV and opens the mapping; returns the final device.
+    fn ensure_open(&self, id: &VolumeId, encryption: Encryption) -> Result<PathBuf, HostError> {
+        let lv_device = self.activate(id)?;
+        match encryption {
+            Encryption::None => Ok(lv_device),
+            Encryption::Luks2 => {
+                let key = self.load_key(id)?;
+                Ok(self
+                    .devices
+                    .open_crypt(&lv_device, id, &key)
+                    .map_err(|source| HostError::CryptOpen {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?
+                    .into_inner())
+            }
+        }
+    }
+
+    fn status_of(&self, volume: &ThinVolume) -> Result<Option<VolumeStatus>, HostError> {
+        let Some(id) = VolumeId::from_lv_name(&volume.lv) else {
+            return Ok(None);
+        };
+        let encryption = progress::encryption(&volume.tags);
+        let device = match encryption {
+            Some(Encryption::Luks2) => {
+                self.devices
+                    .crypt_mapping(&id)
+                    .map_err(|source| HostError::CryptStatus {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?
+            }
+            _ => volume.device.clone(),
+        };
+        Ok(Some(VolumeStatus {
+            name: progress::name(&volume.tags),
+            size: volume.virtual_size,
+            data_percent: volume.data_percent,
+            encryption,
+            state: progress::state(&volume.tags),
+            device,
+            exposed: progress::nodes(&volume.tags)
+                .into_iter()
+                .map(|(jail, _)| jail)
+                .collect(),
+            id,
+        }))
+    }
+
+    fn status(&self, id: &VolumeId) -> Result<VolumeStatus, HostError> {
+        let volume = self
+            .find(id)?
+            .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
+        self.status_of(&volume)?
+            .ok_or_else(|| HostError::NotFound { id: id.clone() })
+    }
+
+    fn check_spec(spec: &VolumeSpec, volume: &ThinVolume) -> Result<(), HostError> {
+        let mismatch = |field, existing: String, requested: String| HostError::SpecMismatch {
+            id: spec.id.clone(),
+            field,
+            existing,
+            requested,
+        };
+        let encryption = Self::encryption_of(&spec.id, volume)?;
+        if encryption != spec.encryption {
+            return Err(mismatch(
+                "encryption",
+                format!("{encryption:?}"),
+                format!("{:?}", spec.encryption),
+            ));
+        }
+        let name = progress::name(&volume.tags);
+        if name.as_ref() != Some(&spec.name) {
+            return Err(mismatch(
+                "name",
+                name.map(|n| n.to_string()).unwrap_or_default(),
+                spec.name.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn admit_new(&self, spec: &VolumeSpec) -> Result<(), HostError> {
+        let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+        let size = spec
+            .size
+            .round_up_to(status.extent_size.bytes())
+            .map_err(|e| HostError::LvCreate {
+                id: spec.id.clone(),
+                source: Box::new(e.into()),
+            })?;
+        status
+            .usage
+            .admit_new(&self.policy, size)
+            .map(|_| ())
+            .map_err(|refusal| HostError::Admission {
+                id: spec.id.clone(),
+                refusal,
+            })
+    }
+
+    /// Creates a volume: key, thin LV, LUKS2 header, mapping, ext4; or
+    /// finishes one a crash interrupted. `Identity` for a volume that is
+    /// already ready with this spec (it is opened if it was closed).
+    pub fn create(&self, spec: &VolumeSpec) -> Result<CreateAction<VolumeStatus>, HostError> {
+        let volume_lock = self.volume_lock(&spec.id);
+        let _held = lock(&volume_lock);
+        let id = &spec.id;
+        let mut existing = self.find(id)?;
+        if let Some(volume) = &existing {
+            if Self::state_of(id, volume)? == VolumeState::Deleting {
+                // A delete or rollback began; finish it, then start afresh.
+                let _ = self.teardown(id, existing.take())?;
+            }
+        }
+        match &existing {
+            Some(volume) => {
+                Self::check_spec(spec, volume)?;
+                // Same size check as LVM makes: identity or SizeMismatch.
+                if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
+                    return Err(match source {
+                        BackendError::SizeMismatch {
+                            existing,
+                            requested,
+                            ..
+                        } => HostError::SpecMismatch {
+                            id: id.clone(),
+                            field: "size",
+                            existing: existing.to_string(),
+                            requested: requested.to_string(),
+                        },
+                        other => HostError::LvCreate {
+                            id: id.clone(),
+                            source: Box::new(other),
+                        },
+                    });
+                }
+                if Self::state_of(id, volume)? == VolumeState::Ready {
+                    self.ensure_open(id, spec.encryption)?;
+                    return Ok(CreateAction::Identity(self.status(id)?));
+                }
+                tracing::info!(volume = %id, "resuming an unfinished create");
+            }
+            None => self.admit_new(spec)?,
+        }
+        match self.build(spec, existing) {
+            Ok(status) => Ok(CreateAction::Created(status)),
+            Err(error) if error.is_crash() => Err(error),
+            Err(error) => {
+                tracing::warn!(volume = %id, %error, "create failed; rolling back");
+                match self.discard_unfinished(id) {
+                    Ok(()) => Err(error),
+                    Err(rollback) if rollback.is_crash() => Err(rollback),
+                    Err(rollback) => Err(HostError::RollbackFailed {
+                        error: Box::new(error),
+                        rollback: Box::new(rollback),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The mutating part of create; any error here is rolled back.
+    fn build(
+        &self,
+        spec: &VolumeSpec,
+        existing: Option<ThinVolume>,
+    ) -> Result<VolumeStatus, HostError> {
+        let id = &spec.id;
+        let key = match spec.encryption {
+            Encryption::Luks2 => {
+                let key = self
+                    .keys
+                    .get_or_create(id)
+                    .map_err(|source| HostError::KeyCreate {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?
+                    .into_inner();
+                self.step(id, Step::KeyReady)?;
+                Some(key)
+            }
+            Encryption::None => None,
+        };
+        let state = match existing {
+            Some(volume) => Self::state_of(id, &volume)?,
+            None => {
+                let tags = [
+                    progress::state_tag(VolumeState::LvCreated),
+                    progress::encryption_tag(spec.encryption),
+                    progress::name_tag(&spec.name),
+                ];
+                let _pool = lock(&self.pool_lock);
+                // Again under the lock: another create may have taken the room.
+                self.admit_new(spec)?;
+                let _ = self
+                    .backend
+                    .create_thin(&id.lv_name(), spec.size, &tags)
+                    .map_err(|source| HostError::LvCreate {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?;
+                tracing::info!(volume = %id, size = %spec.size, "created LV");
+                VolumeState::LvCreated
+            }
+        };
+        self.step(id, Step::LvCreated)?;
+        let lv_device = self.activate(id)?;
+        let fs_device = match &key {
+            Some(key) => {
+                if state == VolumeState::LvCreated {
+                    // The LV is ours and was never ready: nothing of value
+                    // can be on it, so a half-written header may be replaced.
+                    let _ = self
+                        .devices
+                        .format_crypt(&lv_device, id, key, FormatGuard::AllowUnfinishedOwnHeader)
+                        .map_err(|source| HostError::CryptFormat {
+                            id: id.clone(),
+                            source: Box::new(source),
+                        })?;
+                    self.step(id, Step::CryptFormatted)?;
+                    self.set_state(id, VolumeState::CryptFormatted)?;
+                    self.step(id, Step::ProgressCrypt)?;
+                }
+                let mapping = self
+                    .devices
+                    .open_crypt(&lv_device, id, key)
+                    .map_err(|source| HostError::CryptOpen {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?
+                    .into_inner();
+                self.step(id, Step::CryptOpened)?;
+                mapping
+            }
+            None => lv_device,
+        };
+        let _ = self
+            .devices
+            .make_fs(&fs_device, id)
+            .map_err(|source| HostError::Mkfs {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+        self.step(id, Step::FsMade)?;
+        self.set_state(id, VolumeState::Ready)?;
+        self.step(id, Step::ProgressReady)?;
+        tracing::info!(volume = %id, device = %fs_device.display(), "volume ready");
+        self.status(id)
+    }
+
+    /// Rollback of a failed create: removes everything unless the volume
+    /// reached `ready` (then it is kept: it may already be in use).
+    fn discard_unfinished(&self, id: &VolumeId) -> Result<(), HostError> {
+        let existing = self.find(id)?;
+        if let Some(volume) = &existing {
+            if progress::state(&volume.tags) == Some(VolumeState::Ready) {
+                return Ok(());
+            }
+        }
+        self.teardown(id, existing).map(|_| ())
+    }
+
+    /// Removes a volume and everything of it, in an order that a re-run
+    /// after a crash at any point completes: mark, unexpose, close, erase
+    /// the header, remove the LV, destroy the key.
+    fn teardown(
+        &self,
+        id: &VolumeId,
+        existing: Option<ThinVolume>,
+    ) -> Result<DeleteAction, HostError> {
+        let mut changed = false;
+        let mut encrypted = true;
+        if let Some(volume) = &existing {
+            // Unknown encryption: treat as encrypted; erasing finds no
+            // header of ours on a plain volume and does nothing.
+            encrypted = progress::encryption(&volume.tags) != Some(Encryption::None);
+            if progress::state(&volume.tags) != Some(VolumeState::Deleting) {
+                self.set_state(id, VolumeState::Deleting)?;
+                changed = true;
+                self.step(id, Step::MarkedDeleting)?;
+            }
+            let nodes = progress::nodes(&volume.tags);
+            for (jail, _) in &nodes {
+                match jail::unexpose(jail, id) {
+                    Ok(removed) => changed |= removed.changed(),
+                    // Our node was replaced by someone else's: theirs is
+                    // not ours to remove, and ours is gone.
+                    Err(JailError::Foreign { path, found, .. }) => {
+                        tracing::warn!(volume = %id, node = %path.display(), %found,
+                            "recorded node now holds something else; left alone");
+                    }
+                    Err(source) => {
+                        return Err(HostError::Unexpose {
+                            id: id.clone(),
+                            source: Box::new(source),
+                        })
+                    }
+                }
+                self.step(id, Step::NodeRemoved)?;
+            }
+            if !nodes.is_empty() {
+                let tags: Vec<String> = nodes.into_iter().map(|(_, tag)| tag).collect();
+                self.retag(id, "node records", &[], &tags)?;
+                self.step(id, Step::NodeForgotten)?;
+            }
+        }
+        changed |= self
+            .devices
+            .close_crypt(id)
+            .map_err(|source| HostError::CryptClose {
+                id: id.clone(),
+                source: Box::new(source),
+            })?
+            .changed();
+        self.step(id, Step::CryptClosed)?;
+        if existing.is_some() {
+            let lv_device = self.activate(id)?;
+            changed |= self
+                .devices
+                .erase(&lv_device, id, encrypted)
+                .map_err(|source| HostError::CryptErase {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?
+                .changed();
+            self.step(id, Step::HeaderErased)?;
+            changed |= self
+                .backend
+                .remove_thin(&id.lv_name())
+                .map_err(|source| HostError::LvRemove {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?
+                .changed();
+            self.step(id, Step::LvRemoved)?;
+        }
+        changed |= self
+            .keys
+            .destroy(id)
+            .map_err(|source| HostError::KeyDestroy {
+                id: id.clone(),
+                source: Box::new(source),
+            })?
+            .changed();
+        self.step(id, Step::KeyDestroyed)?;
+        if changed {
+            tracing::info!(volume = %id, "deleted");
+        }
+        Ok(if changed {
+            DeleteAction::Deleted
+        } else {
+            DeleteAction::Identity
+        })
+    }
+
+    /// Deletes a volume and its key, nodes, mapping and LV; `Identity` if
+    /// nothing of it is left. The VM using it must be stopped first
+    /// (a mapping held open is reported as busy).
+    pub fn delete(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let existing = self.find(id)?;
+        self.teardown(id, existing)
+    }
+
+    /// Opens a ready volume (after a host restart): activates the LV and
+    /// opens the mapping. Returns the device a VM gets.
+    pub fn open(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let volume = self.ready_volume(id)?;
+        self.ensure_open(id, Self::encryption_of(id, &volume)?)
+    }
+
+    /// Closes a volume's mapping (the LV stays active). A mapping in use is
+    /// reported as busy.
+    pub fn close(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let closed = self
+            .devices
+            .close_crypt(id)
+            .map_err(|source| HostError::CryptClose {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+        self.step(id, Step::CryptClosed)?;
+        Ok(closed)
+    }
+
+    fn ready_volume(&self, id: &VolumeId) -> Result<ThinVolume, HostError> {
+        let volume = self
+            .find(id)?
+            .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
+        match Self::state_of(id, &volume)? {
+            VolumeState::Ready => Ok(volume),
+            state => Err(HostError::NotReady {
+                id: id.clone(),
+                state,
+            }),
+        }
+    }
+
+    /// Exposes a ready volume's final device (opening it if needed) as a
+    /// block node at `jail`, owned by `owner`. A stale node of ours is
+    /// replaced; anything else at that path is refused.
+    pub fn expose(
+        &self,
+        id: &VolumeId,
+        jail: &JailPath,
+        owner: NodeOwner,
+    ) -> Result<CreateAction<ExposedNode>, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let volume = self.ready_volume(id)?;
+        let record = progress::node_tag(jail).ok_or_else(|| HostError::JailPathTooLong {
+            id: id.clone(),
+            path: jail.full(),
+        })?;
+        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?)?;
+        let rdev =
+            self.devices
+                .device_number(&device)
+                .map_err(|source| HostError::DeviceNumber {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+        let recorded_now = !volume.tags.contains(&record);
+        if recorded_now {
+            // Recorded first: a node made after a crash is still found.
+            self.retag(id, "node record", std::slice::from_ref(&record), &[])?;
+        }
+        let mut made_node = false;
+        let exposed: Result<_, HostError> = (|| {
+            self.step(id, Step::NodeRecorded)?;
+            let exposed =
+                jail::expose(jail, rdev, owner, id).map_err(|source| HostError::Expose {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            made_node = exposed.changed();
+            self.step(id, Step::NodeMade)?;
+            Ok(exposed)
+        })();
+        let error = match exposed {
+            Ok(exposed) => return Ok(exposed),
+            Err(error) if error.is_crash() => return Err(error),
+            Err(error) => error,
+        };
+        // jail::expose leaves nothing behind when it fails; a node it made
+        // before a later step failed is ours and goes.
+        let mut rollback = Ok(());
+        if made_node {
+            rollback = jail::unexpose(jail, id)
+                .map(|_| ())
+                .map_err(|source| HostError::Unexpose {
+                    id: id.clone(),
+                    source: Box::new(source),
+                });
+        }
+        if recorded_now && rollback.is_ok() {
+            rollback = self.retag(id, "node record", &[], &[record]);
+        }
+        match rollback {
+            Ok(()) => Err(error),
+            Err(rollback) => Err(HostError::RollbackFailed {
+                error: Box::new(error),
+                rollback: Box::new(rollback),
+            }),
+        }
+    }
+
+    /// Removes the node at `jail` if it is this volume's, and its record.
+    pub fn unexpose(&self, id: &VolumeId, jail: &JailPath) -> Result<DeleteAction, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let removed = jail::unexpose(jail, id).map_err(|source| HostError::Unexpose {
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
+        self.step(id, Step::NodeRemoved)?;
+        if let (Some(volume), Some(record)) = (self.find(id)?, progress::node_tag(jail)) {
+            if volume.tags.contains(&record) {
+                self.retag(id, "node record", &[], &[record])?;
+                self.step(id, Step::NodeForgotten)?;
+                return Ok(DeleteAction::Deleted);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Grows a ready volume to `size`: LV (after admission), mapping, and
+    /// filesystem (unless a VM has it: see [`FsGrowth::LeftToGuest`]).
+    /// Re-running after a failure or crash completes the layers left.
+    pub fn extend(&self, id: &VolumeId, size: Bytes) -> Result<ExtendOutcome, HostError> {
+        let volume_lock = self.volume_lock(id);
+        let _held = lock(&volume_lock);
+        let volume = self.ready_volume(id)?;
+        let encryption = Self::encryption_of(id, &volume)?;
+        let lv = {
+            let _pool = lock(&self.pool_lock);
+            let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+            let target =
+                size.round_up_to(status.extent_size.bytes())
+                    .map_err(|e| HostError::LvExtend {
+                        id: id.clone(),
+                        source: Box::new(e.into()),
+                    })?;
+            if let Some(growth) = target.checked_sub(volume.virtual_size) {
+                if growth > Bytes::ZERO {
+                    status
+                        .usage
+                        .admit_growth(&self.policy, growth)
+                        .map_err(|refusal| HostError::Admission {
+                            id: id.clone(),
+                            refusal,
+                        })?;
+                }
+            }
+            self.backend
+                .extend_thin(&id.lv_name(), size)
+                .map_err(|source| HostError::LvExtend {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?
+        };
+        self.step(id, Step::LvExtended)?;
+        let device = self.ensure_open(id, encryption)?;
+        if encryption == Encryption::Luks2 {
+            self.devices
+                .resize_crypt(id)
+                .map_err(|source| HostError::CryptResize {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            self.step(id, Step::CryptResized)?;
+        }
+        let filesystem = if progress::nodes(&volume.tags).is_empty() {
+            let grown = self
+                .devices
+                .grow_fs(&device)
+                .map_err(|source| HostError::FsGrow {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            self.step(id, Step::FsGrown)?;
+            FsGrowth::Grown(grown)
+        } else {
+            FsGrowth::LeftToGuest
+        };
+        Ok(ExtendOutcome { lv, filesystem })
+    }
+
+    /// Every volume of ours in the pool.
+    pub fn list(&self) -> Result<Vec<VolumeStatus>, HostError> {
+        let mut statuses = Vec::new();
+        for volume in self.backend.list_thins().map_err(HostError::List)? {
+            if let Some(status) = self.status_of(&volume)? {
+                statuses.push(status);
+            }
+        }
+        Ok(statuses)
+    }
+
+    pub fn pool_status(&self) -> Result<PoolStatus, HostError> {
+        self.backend.pool_status().map_err(HostError::PoolStatus)
+    }
+}
