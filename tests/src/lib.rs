@@ -33,7 +33,6 @@ pub struct TestPool {
     pub backend: LvmBackend,
     pub vg: VgName,
     runner: LvmRunner,
-    backing_prefix: PathBuf,
     // Dropped after the VG is removed (field order is drop order).
     loop_device: Option<LoopDevice>,
 }
@@ -61,7 +60,6 @@ impl TestPool {
             backend,
             vg,
             runner,
-            backing_prefix,
             loop_device: Some(loop_device),
         }
     }
@@ -91,22 +89,16 @@ impl Drop for TestPool {
             }
             return;
         }
-        clean_up(&self.runner, &self.vg, &self.backing_prefix);
+        remove_vg(&self.runner, &self.vg);
+        // The guard detaches its device and removes its backing file.
+        drop(self.loop_device.take());
     }
 }
 
-/// Removes the test's VG (all its LVs) and detaches its loop devices.
-/// Quiet when there is nothing to remove.
+/// Removes what an earlier run of the test left: its VG (all its LVs), its
+/// loop devices and its backing file. Quiet when there is nothing.
 fn clean_up(runner: &LvmRunner, vg: &VgName, backing_prefix: &Path) {
-    if vg_exists(runner, vg) {
-        let line = CommandLine::command("vgremove")
-            .args(["--force", "--force", vg.as_str()])
-            .build()
-            .expect("vgremove command line");
-        if let Err(err) = runner.run(&line) {
-            eprintln!("cleanup: {err}");
-        }
-    }
+    remove_vg(runner, vg);
     match loopdev::cleanup_by_prefix(backing_prefix) {
         Ok(detached) => {
             for device in detached {
@@ -116,6 +108,18 @@ fn clean_up(runner: &LvmRunner, vg: &VgName, backing_prefix: &Path) {
         Err(err) => eprintln!("cleanup: {err}"),
     }
     let _ = std::fs::remove_file(backing_prefix.with_extension("img"));
+}
+
+fn remove_vg(runner: &LvmRunner, vg: &VgName) {
+    if vg_exists(runner, vg) {
+        let line = CommandLine::command("vgremove")
+            .args(["--force", "--force", vg.as_str()])
+            .build()
+            .expect("vgremove command line");
+        if let Err(err) = runner.run(&line) {
+            eprintln!("cleanup: {err}");
+        }
+    }
 }
 
 fn vg_exists(runner: &LvmRunner, vg: &VgName) -> bool {
