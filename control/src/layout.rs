@@ -15,6 +15,19 @@
 //! beside this one during a migration. Every prefix that is watched or listed
 //! ends in `/`, because Consul's prefix match is plain string prefix
 //! (`desired/h1` would also match `desired/h10`).
+//!
+//! How volumed writes (see `volumed/src/kv.rs`):
+//! * Every status write is a txn guarded by the desired record it was
+//!   computed from (`check-index` on it; `check-not-exists` for an orphan),
+//!   so a status never outlives its record.
+//! * Only a record with `destroy: true` makes volumed delete data. After the
+//!   volume is gone, one txn does `check-index` on the desired record, `cas`
+//!   on the ledger (`reserved -= size`, `volumes -= 1`), and deletes the
+//!   desired record, the status and the sealed key; a 409 from a concurrent
+//!   ledger writer is retried, and a lost answer cannot refund twice.
+//! * Sealed keys are written create-only (`cas=0`) and hold ciphertext:
+//!   volume-core's envelope store seals each key under the host's KEK,
+//!   bound to the volume id.
 
 use serde::{Deserialize, Serialize};
 use volume_core::capacity::{CapacityPolicy, PoolUsage};

@@ -153,6 +153,44 @@ impl Sectors {
     }
 }
 
+impl std::str::FromStr for Bytes {
+    type Err = String;
+
+    /// A whole number with an optional unit: `KiB`/`MiB`/`GiB`/`TiB` and
+    /// LVM's `K`/`M`/`G`/`T` are binary, `KB`/`MB`/`GB`/`TB` decimal, and a
+    /// bare number or `B` is bytes. Fractions are refused, not rounded.
+    fn from_str(text: &str) -> Result<Bytes, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let value: u64 = digits
+            .parse()
+            .map_err(|_| format!("size {text:?} is not a whole number with an optional unit"))?;
+        let scale = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => KIB,
+            "M" | "MiB" => MIB,
+            "G" | "GiB" => GIB,
+            "T" | "TiB" => GIB << 10,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => GB,
+            "TB" => GB * 1_000,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in size {text:?} (use KiB, MiB, GiB, TiB, or KB, MB, GB, TB)"
+                ))
+            }
+        };
+        value
+            .checked_mul(scale)
+            .map(Bytes)
+            .ok_or_else(|| format!("size {text:?} overflows 64 bits"))
+    }
+}
+
 /// The size of one LVM physical extent (a VG property; 4 MiB by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ExtentSize(Sectors);
@@ -346,6 +384,24 @@ mod tests {
         assert_eq!(Percent::from_hundredths(1234).to_string(), "12.34%");
         assert_eq!("2.5".parse::<OvercommitRatio>().unwrap().to_string(), "2.5");
         assert_eq!("10".parse::<OvercommitRatio>().unwrap().to_string(), "10");
+    }
+
+    #[test]
+    fn sizes_parse_with_explicit_units() {
+        assert_eq!("3GiB".parse::<Bytes>(), Ok(Bytes(3 * GIB)));
+        assert_eq!("3G".parse::<Bytes>(), Ok(Bytes(3 * GIB)));
+        assert_eq!("25GB".parse::<Bytes>(), Ok(Bytes(25 * GB)));
+        assert_eq!("512".parse::<Bytes>(), Ok(Bytes(512)));
+        for bad in [
+            "",
+            "1.5G",
+            "-1G",
+            "3 gigs",
+            "99999999999999999999TiB",
+            "GiB",
+        ] {
+            assert!(bad.parse::<Bytes>().is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

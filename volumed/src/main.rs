@@ -1,14 +1,175 @@
-//! volumed: the per-host daemon (see ARCHITECTURE.md).
+//! volumed: the per-host daemon (see ARCHITECTURE.md and the crate docs).
 
 use clap::Parser;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use volumed::config::{Cli, Command, Config};
+use volumed::daemon::{self, Controls, Setup};
+use volumed::metrics::Metrics;
+use volumed::{gc, http, setup};
 
-/// Watches this host's desired volumes in Consul KV and converges the host to them.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {}
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never in the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match Config::resolve(&cli.options) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("volumed: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Run);
+    if command == Command::CheckConfig {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("volumed: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Gc { yes } => run_gc(config, yes).await,
+            _ => run_daemon(config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("volumed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
-fn main() {
-    let _args = Args::parse();
-    eprintln!("volumed: the reconciler is not built yet; see the control-plane issue");
-    std::process::exit(2);
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// The KV client, key store and host, built on a blocking thread (LVM
+/// runs there, and the envelope key store blocks on the runtime).
+async fn start(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(consul_kv::ConsulKv, setup::Built), Failure> {
+    let kv = setup::kv_client(config)?;
+    let handle = tokio::runtime::Handle::current();
+    let built = {
+        let config = config.clone();
+        let kv = kv.clone();
+        tokio::task::spawn_blocking(move || {
+            let keys = setup::key_store(&config, &kv, handle)?;
+            setup::build(&config, keys, metrics)
+        })
+        .await??
+    };
+    Ok((kv, built))
+}
+
+async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
+    let metrics = Arc::new(Metrics::default());
+    let (kv, built) = start(&config, metrics.clone()).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (resync_tx, resync_rx) = mpsc::unbounded_channel();
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let signals = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => {
+                    let _ = resync_tx.send(());
+                }
+            }
+        }
+        tracing::info!("stop signal received");
+        let _ = shutdown_tx.send(true);
+    });
+
+    let http_task = match config.listen {
+        Some(listen) => {
+            let mut stop = shutdown_rx.clone();
+            let stall_after = config.heartbeat_interval * 6;
+            let (bound, task) = http::serve(listen, metrics.clone(), stall_after, async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| format!("cannot listen on {listen} for /metrics: {e}"))?;
+            tracing::info!(%bound, "serving /metrics and /healthz");
+            Some(task)
+        }
+        None => None,
+    };
+
+    daemon::run(
+        Setup {
+            config,
+            host: built.host,
+            kv,
+            metrics,
+            pool: built.pool,
+        },
+        Controls {
+            shutdown: shutdown_rx,
+            resync: resync_rx,
+        },
+    )
+    .await?;
+    signals.abort();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_gc(config: Config, yes: bool) -> Result<ExitCode, Failure> {
+    let metrics = Arc::new(Metrics::default());
+    let (kv, built) = start(&config, metrics).await?;
+    let orphans = gc::gc(&config, &built.host, &kv, yes).await?;
+    if orphans.is_empty() {
+        println!("no orphans");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut failed = false;
+    for orphan in &orphans {
+        let volume = &orphan.volume;
+        let what = match &orphan.deleted {
+            None => "orphan".to_owned(),
+            Some(Ok(())) => "deleted".to_owned(),
+            Some(Err(error)) => {
+                failed = true;
+                format!("delete failed: {error}")
+            }
+        };
+        println!("{}\t{}\t{what}", volume.id, volume.size);
+    }
+    if !yes {
+        println!(
+            "{} orphan(s); run `volumed gc --yes` to delete them",
+            orphans.len()
+        );
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

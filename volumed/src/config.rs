@@ -1,0 +1,729 @@
+//! Configuration: a TOML file, environment variables and flags, in rising
+//! precedence (flags > env > file > defaults). clap reads flags and env;
+//! the file fills in what neither gave.
+//!
+//! No secret is ever a flag or a file field: the Consul ACL token comes from
+//! `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_TOKEN_FILE` (or `kv.token_file`), the
+//! key-encryption key from a file.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use volume_control::layout::{Layout, DEFAULT_ROOT};
+use volume_core::capacity::CapacityPolicy;
+use volume_core::names::{HostId, LvName, Region, VgName, Zone};
+use volume_core::units::{Bytes, OvercommitRatio, Percent};
+
+/// Watches this host's desired volumes in Consul KV and converges the host
+/// to them.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub options: Options,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// List our LVs that have no desired record; with --yes, delete them.
+    Gc {
+        /// Really delete the orphans (without it, only list them).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print the resolved configuration and exit.
+    CheckConfig,
+}
+
+/// Every setting, as a flag with its environment variable. All optional
+/// here: the file and the defaults fill the gaps.
+#[derive(Debug, Default, Clone, Args)]
+pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "VOLUMED_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// This host's id in the control plane.
+    #[arg(long, env = "VOLUMED_HOST", global = true)]
+    pub host: Option<String>,
+    #[arg(long, env = "VOLUMED_REGION", global = true)]
+    pub region: Option<String>,
+    #[arg(long, env = "VOLUMED_ZONE", global = true)]
+    pub zone: Option<String>,
+    /// KV root (default volumes/v1).
+    #[arg(long, env = "VOLUMED_KV_ROOT", global = true)]
+    pub kv_root: Option<String>,
+    /// Consul address, host:port or URL (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500).
+    #[arg(long, env = "VOLUMED_CONSUL_ADDR", global = true)]
+    pub consul_addr: Option<String>,
+    /// File holding the Consul ACL token (else CONSUL_HTTP_TOKEN/CONSUL_HTTP_TOKEN_FILE).
+    #[arg(long, env = "VOLUMED_CONSUL_TOKEN_FILE", global = true)]
+    pub consul_token_file: Option<PathBuf>,
+    /// Longest blocking-query wait, e.g. 5m.
+    #[arg(long, env = "VOLUMED_WATCH_WAIT", global = true)]
+    pub watch_wait: Option<String>,
+    /// Longest delay between retries while Consul is unreachable, e.g. 30s.
+    #[arg(long, env = "VOLUMED_RETRY_MAX", global = true)]
+    pub retry_max: Option<String>,
+    /// Volume group of the thin pool.
+    #[arg(long, env = "VOLUMED_VG", global = true)]
+    pub vg: Option<String>,
+    /// Thin pool LV name.
+    #[arg(long, env = "VOLUMED_POOL", global = true)]
+    pub pool: Option<String>,
+    /// Physical volume(s) for a VG that does not exist yet (repeat, or comma-separated).
+    #[arg(long = "pv", env = "VOLUMED_PVS", value_delimiter = ',', global = true)]
+    pub pvs: Vec<PathBuf>,
+    /// Pool data size when the pool is made, e.g. 3GiB (default: the VG's free space).
+    #[arg(long, env = "VOLUMED_POOL_DATA_SIZE", global = true)]
+    pub pool_data_size: Option<String>,
+    /// Pool metadata size when the pool is made, e.g. 1GiB (default: LVM's choice).
+    #[arg(long, env = "VOLUMED_POOL_METADATA_SIZE", global = true)]
+    pub pool_metadata_size: Option<String>,
+    /// Over-commit ratio, e.g. 10 or 2.5.
+    #[arg(long, env = "VOLUMED_OVERCOMMIT", global = true)]
+    pub overcommit: Option<String>,
+    /// Refuse new space below this share of free pool data, in percent.
+    #[arg(long, env = "VOLUMED_DATA_LOW_WATER", global = true)]
+    pub data_low_water: Option<u32>,
+    /// Refuse new space below this share of free pool metadata, in percent.
+    #[arg(long, env = "VOLUMED_METADATA_LOW_WATER", global = true)]
+    pub metadata_low_water: Option<u32>,
+    #[arg(long, env = "VOLUMED_MAX_VOLUMES", global = true)]
+    pub max_volumes: Option<u32>,
+    /// Key store: `local` (a 0700 directory of key files) or `envelope`
+    /// (keys sealed under a KEK, kept in the KV store).
+    #[arg(long, env = "VOLUMED_KEY_STORE", global = true)]
+    pub key_store: Option<String>,
+    /// Directory of the local key store.
+    #[arg(long, env = "VOLUMED_KEY_DIR", global = true)]
+    pub key_dir: Option<PathBuf>,
+    /// File of the 32-byte key-encryption key (envelope store).
+    #[arg(long, env = "VOLUMED_KEK_FILE", global = true)]
+    pub kek_file: Option<PathBuf>,
+    /// Expose each ready volume as `<jails-dir>/<volume id>/<jail-node>`.
+    #[arg(long, env = "VOLUMED_JAILS_DIR", global = true)]
+    pub jails_dir: Option<PathBuf>,
+    #[arg(long, env = "VOLUMED_JAIL_UID", global = true)]
+    pub jail_uid: Option<u32>,
+    #[arg(long, env = "VOLUMED_JAIL_GID", global = true)]
+    pub jail_gid: Option<u32>,
+    /// Node name inside each volume's jail directory (default `vol`).
+    #[arg(long, env = "VOLUMED_JAIL_NODE", global = true)]
+    pub jail_node: Option<String>,
+    /// Address of the /metrics and /healthz endpoint.
+    #[arg(long, env = "VOLUMED_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// How often the host record is republished, e.g. 10s.
+    #[arg(long, env = "VOLUMED_HEARTBEAT_INTERVAL", global = true)]
+    pub heartbeat_interval: Option<String>,
+    /// How old the cached pool report may get before a heartbeat reads LVM again, e.g. 60s.
+    #[arg(long, env = "VOLUMED_POOL_REFRESH_INTERVAL", global = true)]
+    pub pool_refresh_interval: Option<String>,
+    /// Volume operations run at once (different volumes only).
+    #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
+    pub max_concurrent: Option<usize>,
+    /// Simulated backend and devices (tests, benchmarks): no LVM, no dm.
+    #[arg(long, env = "VOLUMED_SIM", global = true)]
+    pub sim: bool,
+}
+
+/// The file's shape. Unknown fields are refused so typos surface.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub host: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub kv: FileKv,
+    #[serde(default)]
+    pub pool: FilePool,
+    #[serde(default)]
+    pub keys: FileKeys,
+    #[serde(default)]
+    pub jails: FileJails,
+    #[serde(default)]
+    pub daemon: FileDaemon,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKv {
+    pub root: Option<String>,
+    pub address: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub watch_wait: Option<String>,
+    pub retry_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub vg: Option<String>,
+    pub name: Option<String>,
+    pub pvs: Option<Vec<PathBuf>>,
+    pub data_size: Option<String>,
+    pub metadata_size: Option<String>,
+    pub overcommit: Option<String>,
+    pub data_low_water: Option<u32>,
+    pub metadata_low_water: Option<u32>,
+    pub max_volumes: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeys {
+    pub store: Option<String>,
+    pub dir: Option<PathBuf>,
+    pub kek_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJails {
+    pub dir: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDaemon {
+    pub listen: Option<SocketAddr>,
+    pub heartbeat_interval: Option<String>,
+    pub pool_refresh_interval: Option<String>,
+    pub max_concurrent: Option<usize>,
+    pub sim: Option<bool>,
+}
+
+/// Where volume keys live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyStoreConfig {
+    Local {
+        dir: PathBuf,
+    },
+    /// Sealed under the KEK in `kek_file`, kept at `<root>/keys/<volume>`.
+    Envelope {
+        kek_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    pub dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub node: String,
+}
+
+/// The resolved, checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub host: HostId,
+    pub region: Region,
+    pub zone: Zone,
+    pub layout: Layout,
+    pub consul_addr: Option<String>,
+    pub consul_token_file: Option<PathBuf>,
+    pub watch_wait: Duration,
+    pub retry_max: Duration,
+    pub vg: VgName,
+    pub pool: LvName,
+    pub pvs: Vec<PathBuf>,
+    pub pool_data_size: Option<Bytes>,
+    pub pool_metadata_size: Option<Bytes>,
+    pub policy: CapacityPolicy,
+    pub keys: KeyStoreConfig,
+    pub jails: Option<JailConfig>,
+    pub listen: Option<SocketAddr>,
+    pub heartbeat_interval: Duration,
+    pub pool_refresh_interval: Duration,
+    pub max_concurrent: usize,
+    pub sim: bool,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9108";
+pub const DEFAULT_KEY_DIR: &str = "/var/lib/volumed/keys";
+pub const DEFAULT_JAIL_NODE: &str = "vol";
+const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
+const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+const DEFAULT_POOL_REFRESH: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_CONCURRENT: usize = 4;
+
+/// One variant per way a configuration can be wrong; each names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{setting} is required (flag --{flag}, env {env}, or `{file}` in the config file)")]
+    Missing {
+        setting: &'static str,
+        flag: &'static str,
+        env: &'static str,
+        file: &'static str,
+    },
+    #[error("{setting} {value:?} is invalid: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, value: &str, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Flags and env (already merged by clap) over the file named by
+    /// `--config`, over the defaults.
+    pub fn resolve(options: &Options) -> Result<Config, ConfigError> {
+        let file = match &options.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(options, file)
+    }
+
+    pub fn merge(o: &Options, f: FileConfig) -> Result<Config, ConfigError> {
+        let required = |value: Option<String>,
+                        setting: &'static str,
+                        flag: &'static str,
+                        env: &'static str,
+                        file: &'static str| {
+            value.ok_or(ConfigError::Missing {
+                setting,
+                flag,
+                env,
+                file,
+            })
+        };
+        let host = required(
+            o.host.clone().or(f.host),
+            "host id",
+            "host",
+            "VOLUMED_HOST",
+            "host",
+        )?;
+        let host = HostId::new(&host).map_err(|e| invalid("host id", &host, e.reason))?;
+        let region = required(
+            o.region.clone().or(f.region),
+            "region",
+            "region",
+            "VOLUMED_REGION",
+            "region",
+        )?;
+        let region = Region::new(&region).map_err(|e| invalid("region", &region, e.reason))?;
+        let zone = required(
+            o.zone.clone().or(f.zone),
+            "zone",
+            "zone",
+            "VOLUMED_ZONE",
+            "zone",
+        )?;
+        let zone = Zone::new(&zone).map_err(|e| invalid("zone", &zone, e))?;
+
+        let root = o
+            .kv_root
+            .clone()
+            .or(f.kv.root)
+            .unwrap_or_else(|| DEFAULT_ROOT.to_owned());
+        let layout = Layout::new(&root).map_err(|e| invalid("KV root", &root, e))?;
+        let watch_wait = duration_setting(
+            "watch wait",
+            o.watch_wait.clone().or(f.kv.watch_wait),
+            DEFAULT_WATCH_WAIT,
+        )?;
+        let retry_max = duration_setting(
+            "retry max",
+            o.retry_max.clone().or(f.kv.retry_max),
+            DEFAULT_RETRY_MAX,
+        )?;
+
+        let sim = o.sim || f.daemon.sim.unwrap_or(false);
+        let vg = match o.vg.clone().or(f.pool.vg) {
+            Some(vg) => vg,
+            None if sim => "vmvg-sim".to_owned(),
+            None => required(None, "volume group", "vg", "VOLUMED_VG", "pool.vg")?,
+        };
+        let vg = VgName::new(&vg).map_err(|e| invalid("volume group", &vg, e.reason))?;
+        let pool = o
+            .pool
+            .clone()
+            .or(f.pool.name)
+            .unwrap_or_else(|| "pool".to_owned());
+        let pool = LvName::new(&pool).map_err(|e| invalid("thin pool", &pool, e.reason))?;
+        let mut pvs = if o.pvs.is_empty() {
+            f.pool.pvs.unwrap_or_default()
+        } else {
+            o.pvs.clone()
+        };
+        if sim && pvs.is_empty() {
+            pvs.push(PathBuf::from("/dev/sim0"));
+        }
+        let pool_data_size = match o.pool_data_size.clone().or(f.pool.data_size) {
+            Some(text) => Some(parse_size(&text).map_err(|e| invalid("pool data size", &text, e))?),
+            None => None,
+        };
+        let pool_metadata_size = match o.pool_metadata_size.clone().or(f.pool.metadata_size) {
+            Some(text) => {
+                Some(parse_size(&text).map_err(|e| invalid("pool metadata size", &text, e))?)
+            }
+            None => None,
+        };
+
+        let mut policy = CapacityPolicy::default();
+        if let Some(text) = o.overcommit.clone().or(f.pool.overcommit) {
+            policy.overcommit = text
+                .parse::<OvercommitRatio>()
+                .map_err(|e| invalid("over-commit ratio", &text, e))?;
+        }
+        if let Some(pct) = o.data_low_water.or(f.pool.data_low_water) {
+            policy.data_low_water = percent("data low-water mark", pct)?;
+        }
+        if let Some(pct) = o.metadata_low_water.or(f.pool.metadata_low_water) {
+            policy.metadata_low_water = percent("metadata low-water mark", pct)?;
+        }
+        if let Some(max) = o.max_volumes.or(f.pool.max_volumes) {
+            policy.max_volumes = max;
+        }
+
+        let store = o
+            .key_store
+            .clone()
+            .or(f.keys.store)
+            .unwrap_or_else(|| "local".to_owned());
+        let keys =
+            match store.as_str() {
+                "local" => KeyStoreConfig::Local {
+                    dir: o
+                        .key_dir
+                        .clone()
+                        .or(f.keys.dir)
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_DIR)),
+                },
+                "envelope" => KeyStoreConfig::Envelope {
+                    kek_file: o.kek_file.clone().or(f.keys.kek_file).ok_or(
+                        ConfigError::Missing {
+                            setting: "key-encryption key file (envelope key store)",
+                            flag: "kek-file",
+                            env: "VOLUMED_KEK_FILE",
+                            file: "keys.kek_file",
+                        },
+                    )?,
+                },
+                other => return Err(invalid("key store", other, "use `local` or `envelope`")),
+            };
+
+        let jails = match o.jails_dir.clone().or(f.jails.dir) {
+            None => None,
+            Some(dir) => {
+                if !dir.is_absolute() {
+                    return Err(invalid(
+                        "jails directory",
+                        &dir.display().to_string(),
+                        "must be an absolute path",
+                    ));
+                }
+                let node = o
+                    .jail_node
+                    .clone()
+                    .or(f.jails.node)
+                    .unwrap_or_else(|| DEFAULT_JAIL_NODE.to_owned());
+                if node.is_empty() || node.contains('/') || node == "." || node == ".." {
+                    return Err(invalid(
+                        "jail node name",
+                        &node,
+                        "must be one path component",
+                    ));
+                }
+                let id = |value: Option<u32>, setting, flag, env, file| {
+                    value.ok_or(ConfigError::Missing {
+                        setting,
+                        flag,
+                        env,
+                        file,
+                    })
+                };
+                Some(JailConfig {
+                    dir,
+                    uid: id(
+                        o.jail_uid.or(f.jails.uid),
+                        "jail node owner uid",
+                        "jail-uid",
+                        "VOLUMED_JAIL_UID",
+                        "jails.uid",
+                    )?,
+                    gid: id(
+                        o.jail_gid.or(f.jails.gid),
+                        "jail node owner gid",
+                        "jail-gid",
+                        "VOLUMED_JAIL_GID",
+                        "jails.gid",
+                    )?,
+                    node,
+                })
+            }
+        };
+
+        let listen = match o.listen.or(f.daemon.listen) {
+            Some(addr) => Some(addr),
+            None => Some(DEFAULT_LISTEN.parse().expect("valid default address")),
+        };
+        let heartbeat_interval = duration_setting(
+            "heartbeat interval",
+            o.heartbeat_interval.clone().or(f.daemon.heartbeat_interval),
+            DEFAULT_HEARTBEAT,
+        )?;
+        if heartbeat_interval.is_zero() {
+            return Err(invalid("heartbeat interval", "0", "must be positive"));
+        }
+        let pool_refresh_interval = duration_setting(
+            "pool refresh interval",
+            o.pool_refresh_interval
+                .clone()
+                .or(f.daemon.pool_refresh_interval),
+            DEFAULT_POOL_REFRESH,
+        )?;
+        let max_concurrent = o
+            .max_concurrent
+            .or(f.daemon.max_concurrent)
+            .unwrap_or(DEFAULT_MAX_CONCURRENT);
+        if max_concurrent == 0 {
+            return Err(invalid("max concurrent", "0", "must be at least 1"));
+        }
+
+        Ok(Config {
+            host,
+            region,
+            zone,
+            layout,
+            consul_addr: o.consul_addr.clone().or(f.kv.address),
+            consul_token_file: o.consul_token_file.clone().or(f.kv.token_file),
+            watch_wait,
+            retry_max,
+            vg,
+            pool,
+            pvs,
+            pool_data_size,
+            pool_metadata_size,
+            policy,
+            keys,
+            jails,
+            listen,
+            heartbeat_interval,
+            pool_refresh_interval,
+            max_concurrent,
+            sim,
+        })
+    }
+}
+
+fn percent(setting: &'static str, pct: u32) -> Result<Percent, ConfigError> {
+    if pct > 100 {
+        return Err(invalid(setting, &pct.to_string(), "must be 0..=100"));
+    }
+    Ok(Percent::from_whole(pct))
+}
+
+fn duration_setting(
+    setting: &'static str,
+    text: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        None => Ok(default),
+        Some(text) => parse_duration(&text).map_err(|e| invalid(setting, &text, e)),
+    }
+}
+
+/// Go duration text (`500ms`, `10s`, `5m`, `1h30m`), as Consul's own
+/// settings take it, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    match consul_kv::duration::parse_go_duration(text) {
+        Ok(parsed) if !parsed.negative => Ok(parsed.magnitude),
+        _ => Err("expected a duration such as 500ms, 10s, 5m or 1h30m".to_owned()),
+    }
+}
+
+/// `3GiB`, `512MiB`, `3G` (binary, as LVM reads it), `25GB` (decimal), or a
+/// bare number of bytes; never zero.
+pub fn parse_size(text: &str) -> Result<Bytes, String> {
+    let bytes: Bytes = text.parse()?;
+    if bytes == Bytes::ZERO {
+        return Err("must be larger than 0".to_owned());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volume_core::units::{GIB, MIB};
+
+    fn options(args: &[&str]) -> Options {
+        let mut full = vec!["volumed"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).unwrap().options
+    }
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    const FILE: &str = r#"
+        host = "h-file"
+        region = "ewr"
+        zone = "ewr-a"
+        [pool]
+        vg = "vg0"
+        pvs = ["/dev/vdb"]
+        overcommit = "2.5"
+        data_size = "3GiB"
+        [keys]
+        store = "envelope"
+        kek_file = "/etc/volumed/kek"
+        [jails]
+        dir = "/srv/jails"
+        uid = 1000
+        gid = 1001
+        [daemon]
+        heartbeat_interval = "5s"
+    "#;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let config = Config::merge(
+            &options(&["--host", "h-flag", "--heartbeat-interval", "2s"]),
+            file(FILE),
+        )
+        .unwrap();
+        assert_eq!(config.host.as_str(), "h-flag");
+        assert_eq!(config.region.as_str(), "ewr");
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(config.pool_refresh_interval, DEFAULT_POOL_REFRESH);
+        assert_eq!(config.policy.overcommit.thousandths(), 2500);
+        assert_eq!(config.pool_data_size, Some(Bytes(3 * GIB)));
+        assert_eq!(
+            config.keys,
+            KeyStoreConfig::Envelope {
+                kek_file: "/etc/volumed/kek".into()
+            }
+        );
+        let jails = config.jails.unwrap();
+        assert_eq!(
+            (jails.uid, jails.gid, jails.node.as_str()),
+            (1000, 1001, "vol")
+        );
+        assert_eq!(config.layout.root(), DEFAULT_ROOT);
+    }
+
+    #[test]
+    fn missing_and_bad_settings_name_themselves() {
+        let err = Config::merge(&options(&[]), FileConfig::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "host id is required (flag --host, env VOLUMED_HOST, or `host` in the config file)"
+        );
+        let err = Config::merge(&options(&["--host", "H/1"]), file(FILE)).unwrap_err();
+        assert!(
+            err.to_string().starts_with("host id \"H/1\" is invalid"),
+            "{err}"
+        );
+        let err = Config::merge(&options(&["--overcommit", "0"]), file(FILE)).unwrap_err();
+        assert!(err.to_string().contains("over-commit ratio"), "{err}");
+        let err = Config::merge(&options(&["--key-store", "vault"]), file(FILE)).unwrap_err();
+        assert!(
+            err.to_string().contains("use `local` or `envelope`"),
+            "{err}"
+        );
+        assert!(toml::from_str::<FileConfig>("hots = \"typo\"").is_err());
+    }
+
+    #[test]
+    fn sim_mode_needs_no_pool_settings() {
+        let config = Config::merge(
+            &options(&["--sim", "--host", "h1", "--region", "r", "--zone", "z"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(config.sim);
+        assert_eq!(config.pvs, vec![PathBuf::from("/dev/sim0")]);
+        assert_eq!(config.jails, None);
+    }
+
+    #[test]
+    fn env_sits_between_flags_and_the_file() {
+        // Only this test reads this variable's effect.
+        std::env::set_var("VOLUMED_MAX_CONCURRENT", "7");
+        let text = format!("{FILE}\nmax_concurrent = 3\n");
+        let from_env = Config::merge(&options(&[]), file(&text)).unwrap();
+        let from_flag = Config::merge(&options(&["--max-concurrent", "9"]), file(&text)).unwrap();
+        std::env::remove_var("VOLUMED_MAX_CONCURRENT");
+        assert_eq!(from_env.max_concurrent, 7);
+        assert_eq!(from_flag.max_concurrent, 9);
+        assert_eq!(
+            Config::merge(&options(&[]), file(&text))
+                .unwrap()
+                .max_concurrent,
+            3
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let example: FileConfig = toml::from_str(include_str!("../volumed.example.toml")).unwrap();
+        let config = Config::merge(&Options::default(), example).unwrap();
+        assert_eq!(config.host.as_str(), "h1");
+        assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT);
+        assert!(config.jails.is_some());
+    }
+
+    #[test]
+    fn units_parse_strictly() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert_eq!(parse_size("512MiB").unwrap(), Bytes(512 * MIB));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1.5G").is_err());
+    }
+}

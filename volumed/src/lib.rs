@@ -1,0 +1,28 @@
+//! volumed: the per-host daemon (see ARCHITECTURE.md).
+//!
+//! It watches `<root>/desired/<host>/` in the KV store and converges the
+//! host's thin volumes to it through [`volume_core::host::VolumeHost`]:
+//! creates (with dm-crypt and ext4 as the record asks), extends, exposes
+//! into jails, and destroys only on an explicit destroy intent. It writes
+//! each volume's status and the host record (capacity, heartbeat, orphans)
+//! back, and serves `/metrics` and `/healthz`.
+//!
+//! * [`config`]: TOML file, env and flags.
+//! * [`plan`]: the pure decisions (what a record means, what a volume needs).
+//! * [`daemon`]: the reconcile loop; [`worker`]: one volume's job.
+//! * [`kv`]: status and host-record writes, the destroy txn.
+//! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
+//! * [`gc`]: deleting orphans, only when asked.
+
+pub mod config;
+pub mod counting;
+pub mod daemon;
+pub mod gc;
+pub mod http;
+pub mod kv;
+pub mod metrics;
+pub mod notify;
+pub mod plan;
+pub mod sealed;
+pub mod setup;
+pub mod worker;

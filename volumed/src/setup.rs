@@ -1,0 +1,181 @@
+//! Start-up: the KV client, the key store, the backend (LVM or the
+//! simulator), the tool check, and the pool.
+
+use crate::config::{Config, KeyStoreConfig};
+use crate::counting::CountingBackend;
+use crate::metrics::Metrics;
+use crate::sealed::ConsulSealedStorage;
+use consul_kv::{ClientConfig, ConsulKv, SecretToken};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Handle;
+use volume_core::backend::lvm::LvmBackend;
+use volume_core::backend::sim::SimBackend;
+use volume_core::backend::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec};
+use volume_core::cmd::CmdError;
+use volume_core::host::sim::SimDevices;
+use volume_core::host::{FaultInjector, RealDevices, Step, VolumeDevices, VolumeHost};
+use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyError, KeyStore, LocalKeyDir};
+use volume_core::names::NameError;
+
+/// One variant per start-up step that can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("KV client: {0}")]
+    KvClient(#[source] consul_kv::Error),
+    #[error("cannot read the Consul token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tool check failed: {0}")]
+    Tools(#[source] CmdError),
+    #[error("thin pool spec: {0}")]
+    PoolSpec(#[source] NameError),
+    #[error("starting the LVM backend failed: {0}")]
+    Backend(#[source] BackendError),
+    #[error("ensuring the thin pool failed: {0}")]
+    Pool(#[source] BackendError),
+    #[error("opening the local key store failed: {0}")]
+    KeyDir(#[source] KeyError),
+    #[error("reading the key-encryption key failed: {0}")]
+    Kek(#[source] KeyError),
+}
+
+const KV_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client from Consul's environment variables, with the configured
+/// address and token file taking precedence.
+pub fn kv_client(config: &Config) -> Result<ConsulKv, StartError> {
+    let address = config.consul_addr.clone();
+    let mut client = ClientConfig::from_lookup(|name| match name {
+        "CONSUL_HTTP_ADDR" if address.is_some() => address.clone(),
+        _ => std::env::var(name).ok(),
+    })
+    .map_err(StartError::KvClient)?
+    .with_request_timeout(KV_REQUEST_TIMEOUT);
+    if let Some(path) = &config.consul_token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| StartError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.trim();
+        if !token.is_empty() {
+            client = client.with_token(SecretToken::new(token));
+        }
+    }
+    ConsulKv::new(client).map_err(StartError::KvClient)
+}
+
+/// The key store the configuration names. Must be called off the async
+/// workers when it is the envelope store (its calls block on `runtime`).
+pub fn key_store(
+    config: &Config,
+    kv: &ConsulKv,
+    runtime: Handle,
+) -> Result<Arc<dyn KeyStore>, StartError> {
+    Ok(match &config.keys {
+        KeyStoreConfig::Local { dir } => {
+            Arc::new(LocalKeyDir::open(dir.clone()).map_err(StartError::KeyDir)?)
+        }
+        KeyStoreConfig::Envelope { kek_file } => {
+            let kek = KeyEncryptionKey::from_file(kek_file).map_err(StartError::Kek)?;
+            let storage = ConsulSealedStorage::new(kv.clone(), config.layout.clone(), runtime);
+            Arc::new(EnvelopeKeyStore::new(kek, storage))
+        }
+    })
+}
+
+pub fn pool_spec(config: &Config) -> Result<ThinPoolSpec, StartError> {
+    let mut spec = ThinPoolSpec::new(config.vg.clone(), config.pool.clone(), config.pvs.clone())
+        .map_err(StartError::PoolSpec)?;
+    spec.data_size = config.pool_data_size;
+    spec.metadata_size = config.pool_metadata_size;
+    Ok(spec)
+}
+
+/// The built data path.
+pub struct Built {
+    pub host: Arc<VolumeHost>,
+    pub pool: PoolStatus,
+    /// The simulated backend, in `--sim` mode (benchmarks read its counts).
+    pub sim: Option<Arc<SimBackend>>,
+}
+
+/// Checks the tools, starts the backend, ensures the pool and builds the
+/// host. Blocking: LVM runs here.
+pub fn build(
+    config: &Config,
+    keys: Arc<dyn KeyStore>,
+    metrics: Arc<Metrics>,
+) -> Result<Built, StartError> {
+    let spec = pool_spec(config)?;
+    let (raw, devices, sim): (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>, _) = if config.sim {
+        let sim = Arc::new(SimBackend::new(spec));
+        let devices = Arc::new(SimDevices::new(sim.clone()));
+        (sim.clone(), devices, Some(sim))
+    } else {
+        let devices = Arc::new(RealDevices::locate().map_err(StartError::Tools)?);
+        let lvm = Arc::new(LvmBackend::start(spec).map_err(StartError::Backend)?);
+        (lvm, devices, None)
+    };
+    let backend: Arc<dyn ThinBackend> = Arc::new(CountingBackend::new(raw, metrics));
+    let pool = backend.ensure_pool().map_err(StartError::Pool)?;
+    if pool.changed() {
+        tracing::info!(vg = %config.vg, pool = %config.pool, "made the thin pool");
+    }
+    let pool = pool.into_inner();
+    tracing::info!(usage = %pool.usage, "thin pool ready");
+    let mut host = VolumeHost::new(backend, devices, keys, config.policy);
+    if let Some(pause) = PauseAfterStep::from_env() {
+        host = host.with_faults(Arc::new(pause));
+    }
+    Ok(Built {
+        host: Arc::new(host),
+        pool,
+        sim,
+    })
+}
+
+/// Test-only fault hook for crash tests on the real stack: with
+/// `VOLUMED_FAULT_PAUSE_AFTER=<step>` (e.g. `CryptFormatted`) and
+/// `VOLUMED_FAULT_MARKER=<file>`, the first time a volume operation
+/// reaches that step the worker writes the marker file and stops there for
+/// good, so a test can `kill -9` the daemon at a known point. Unset in
+/// production: no injector is installed.
+struct PauseAfterStep {
+    step: String,
+    marker: PathBuf,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl PauseAfterStep {
+    fn from_env() -> Option<PauseAfterStep> {
+        let step = std::env::var("VOLUMED_FAULT_PAUSE_AFTER").ok()?;
+        let marker = std::env::var_os("VOLUMED_FAULT_MARKER")?;
+        tracing::warn!(%step, "fault injection enabled: operations pause for good after this step");
+        Some(PauseAfterStep {
+            step,
+            marker: PathBuf::from(marker),
+            fired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+impl FaultInjector for PauseAfterStep {
+    fn after(&self, step: Step) -> Option<volume_core::host::Fault> {
+        if step.to_string() != self.step
+            || self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        if let Err(error) = std::fs::write(&self.marker, step.to_string()) {
+            tracing::error!(%error, "cannot write the fault marker");
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}

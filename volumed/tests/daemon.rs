@@ -1,0 +1,867 @@
+//! Host tests of the daemon: the simulated backend and devices, the
+//! embedded KV server in process, the daemon as a task.
+
+use consul_kv::server::{Server, ServerConfig, ServerHandle};
+use consul_kv::{ClientConfig, ConsulKv};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
+use volume_core::backend::sim::SimBackend;
+use volume_core::backend::{ThinBackend, ThinPoolSpec};
+use volume_core::host::sim::SimDevices;
+use volume_core::host::{self, Encryption, Fault, FaultPlan, Step, VolumeHost};
+use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyStore, LocalKeyDir};
+use volume_core::names::{HostId, LvName, Region, VgName, VolumeId, VolumeName, Zone};
+use volume_core::units::{Bytes, GIB};
+use volumed::config::{Cli, Config, FileConfig};
+use volumed::counting::CountingBackend;
+use volumed::daemon::{Running, Setup};
+use volumed::kv::{commit_destroy, Committed};
+use volumed::metrics::Metrics;
+use volumed::sealed::ConsulSealedStorage;
+
+const HOST: &str = "h1";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn start_server(bind: SocketAddr, data_dir: Option<&Path>) -> ServerHandle {
+    let mut config = ServerConfig::new(bind);
+    if let Some(dir) = data_dir {
+        config = config.with_data_dir(dir);
+    }
+    // The port of a just-stopped server may take a moment to free up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Server::start(config.clone()).await {
+            Ok(server) => return server,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("server start: {error}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("cannot start the KV server: {error}"),
+        }
+    }
+}
+
+fn client(server_addr: SocketAddr) -> ConsulKv {
+    ConsulKv::new(
+        ClientConfig::new(&server_addr.to_string())
+            .unwrap()
+            .with_request_timeout(Duration::from_secs(5)),
+    )
+    .unwrap()
+}
+
+fn config(extra: &[&str]) -> Config {
+    let mut args = vec![
+        "volumed",
+        "--sim",
+        "--host",
+        HOST,
+        "--region",
+        "ewr",
+        "--zone",
+        "ewr-a",
+        "--heartbeat-interval",
+        "1s",
+        "--retry-max",
+        "1s",
+        "--watch-wait",
+        "10s",
+        "--max-concurrent",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
+    Config::merge(&cli.options, FileConfig::default()).unwrap()
+}
+
+/// A simulated host that outlives daemons, as a real host outlives a
+/// daemon restart.
+struct SimHost {
+    sim: Arc<SimBackend>,
+    devices: Arc<SimDevices>,
+    keys: Arc<dyn KeyStore>,
+    _key_dir: Option<tempfile::TempDir>,
+}
+
+impl SimHost {
+    fn new(keys: Arc<dyn KeyStore>, key_dir: Option<tempfile::TempDir>) -> SimHost {
+        let mut spec = ThinPoolSpec::new(
+            VgName::new("vmvg-sim").unwrap(),
+            LvName::new("pool").unwrap(),
+            vec![PathBuf::from("/dev/sim0")],
+        )
+        .unwrap();
+        spec.data_size = Some(Bytes(100 * GIB));
+        let sim = Arc::new(SimBackend::new(spec));
+        let _ = sim.ensure_pool().unwrap();
+        let devices = Arc::new(SimDevices::new(sim.clone()));
+        SimHost {
+            sim,
+            devices,
+            keys,
+            _key_dir: key_dir,
+        }
+    }
+
+    fn local() -> SimHost {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(LocalKeyDir::open(dir.path().join("keys")).unwrap());
+        SimHost::new(keys, Some(dir))
+    }
+
+    /// Keys sealed into the KV store. Built off the async workers: the
+    /// storage blocks on the runtime.
+    fn envelope(kv: &ConsulKv) -> SimHost {
+        let storage = ConsulSealedStorage::new(
+            kv.clone(),
+            Layout::default(),
+            tokio::runtime::Handle::current(),
+        );
+        let keys = Arc::new(EnvelopeKeyStore::new(
+            KeyEncryptionKey::generate().unwrap(),
+            storage,
+        ));
+        SimHost::new(keys, None)
+    }
+
+    fn volume_host(&self, metrics: &Arc<Metrics>) -> Arc<VolumeHost> {
+        let backend = Arc::new(CountingBackend::new(self.sim.clone(), metrics.clone()));
+        Arc::new(VolumeHost::new(
+            backend,
+            self.devices.clone(),
+            self.keys.clone(),
+            Default::default(),
+        ))
+    }
+
+    fn lvs(&self) -> Vec<VolumeId> {
+        self.sim
+            .list_thins()
+            .unwrap()
+            .iter()
+            .filter_map(|v| VolumeId::from_lv_name(&v.lv))
+            .collect()
+    }
+}
+
+struct Daemon {
+    running: Running,
+    metrics: Arc<Metrics>,
+}
+
+fn start_daemon(
+    config: Config,
+    host: Arc<VolumeHost>,
+    kv: ConsulKv,
+    metrics: Arc<Metrics>,
+) -> Daemon {
+    let pool = host.pool_status().unwrap();
+    Daemon {
+        running: Running::spawn(Setup {
+            config,
+            host,
+            kv,
+            metrics: metrics.clone(),
+            pool,
+        }),
+        metrics,
+    }
+}
+
+fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
+    VolumeSpec {
+        id: VolumeId::generate(),
+        name: VolumeName::new("data").unwrap(),
+        host: HostId::new(HOST).unwrap(),
+        region: Region::new("ewr").unwrap(),
+        zone: Zone::new("ewr-a").unwrap(),
+        size,
+        encrypted,
+        created_ms: 1,
+        destroy: false,
+    }
+}
+
+fn host_id() -> HostId {
+    HostId::new(HOST).unwrap()
+}
+
+async fn put_spec(kv: &ConsulKv, spec: &VolumeSpec) {
+    let key = Layout::default().desired(&host_id(), &spec.id);
+    assert!(kv
+        .put(&key, &serde_json::to_vec(spec).unwrap())
+        .await
+        .unwrap());
+}
+
+async fn status(kv: &ConsulKv, id: &VolumeId) -> Option<VolumeStatus> {
+    let key = Layout::default().status(&host_id(), id);
+    let pair = kv.get(&key).await.ok()?.value?;
+    Some(serde_json::from_slice(&pair.value).unwrap())
+}
+
+async fn status_raw(kv: &ConsulKv, id: &VolumeId) -> Option<Vec<u8>> {
+    let key = Layout::default().status(&host_id(), id);
+    Some(kv.get(&key).await.unwrap().value?.value)
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_state(kv: &ConsulKv, id: &VolumeId, state: VolumeState) -> VolumeStatus {
+    wait_for(&format!("{id} to be {}", state.as_str()), || async {
+        status(kv, id).await.filter(|s| s.state == state)
+    })
+    .await
+}
+
+async fn host_record(kv: &ConsulKv) -> Option<HostRecord> {
+    let pair = kv
+        .get(&Layout::default().host_info(&host_id()))
+        .await
+        .ok()?
+        .value?;
+    Some(serde_json::from_slice(&pair.value).unwrap())
+}
+
+async fn ledger(kv: &ConsulKv) -> (Ledger, u64) {
+    let pair = kv
+        .get(&Layout::default().host_ledger(&host_id()))
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    (
+        serde_json::from_slice(&pair.value).unwrap(),
+        pair.modify_index,
+    )
+}
+
+async fn put_ledger(kv: &ConsulKv, ledger: Ledger) {
+    kv.put(
+        &Layout::default().host_ledger(&host_id()),
+        &serde_json::to_vec(&ledger).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_creates_extends_exposes_and_destroys() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let jails = tempfile::tempdir().unwrap();
+    let jails_dir = jails.path().join("jails");
+    let sim = SimHost::envelope(&kv);
+    let metrics = Arc::new(Metrics::default());
+    let config = config(&[
+        "--jails-dir",
+        jails_dir.to_str().unwrap(),
+        "--jail-uid",
+        "1000",
+        "--jail-gid",
+        "1001",
+    ]);
+    let daemon = start_daemon(config, sim.volume_host(&metrics), kv.clone(), metrics);
+
+    // An over-committed encrypted volume and a plain one, reserved as
+    // volctl would reserve them.
+    let big = spec(Bytes(25 * GIB), true);
+    let mut plain = spec(Bytes(GIB), false);
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: big.size + plain.size,
+            volumes: 2,
+        },
+    )
+    .await;
+    put_spec(&kv, &big).await;
+    put_spec(&kv, &plain).await;
+    let ready = wait_state(&kv, &big.id, VolumeState::Ready).await;
+    assert!(ready.encrypted);
+    assert_eq!(ready.size, Bytes(25 * GIB));
+    assert_eq!(ready.error, None);
+    assert!(ready.device.unwrap().starts_with("/dev/mapper/vmv1-crypt-"));
+    let node = PathBuf::from(ready.node.expect("exposed node in the status"));
+    assert_eq!(node, jails_dir.join(big.id.as_str()).join("vol"));
+    {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::symlink_metadata(&node).unwrap();
+        assert!(meta.file_type().is_block_device());
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1001));
+    }
+    let plain_ready = wait_state(&kv, &plain.id, VolumeState::Ready).await;
+    assert!(!plain_ready.encrypted);
+
+    // Only ciphertext of the right length is in the store.
+    let sealed = kv
+        .get(&Layout::default().sealed_key(&big.id))
+        .await
+        .unwrap()
+        .value
+        .expect("sealed key stored in KV");
+    assert_eq!(sealed.value.len(), 1 + 24 + 64 + 16);
+    assert!(kv
+        .get(&Layout::default().sealed_key(&plain.id))
+        .await
+        .unwrap()
+        .value
+        .is_none());
+
+    // Growth in the record extends the volume.
+    let mut grown = big.clone();
+    grown.size = Bytes(30 * GIB);
+    put_spec(&kv, &grown).await;
+    wait_for("the extend", || async {
+        status(&kv, &big.id)
+            .await
+            .filter(|s| s.size == Bytes(30 * GIB) && s.state == VolumeState::Ready)
+    })
+    .await;
+
+    // The destroy intent removes the volume, its node, key and records,
+    // and returns its reservation.
+    plain.destroy = true;
+    put_spec(&kv, &plain).await;
+    wait_for("the destroy commit", || async {
+        let desired = kv
+            .get(&Layout::default().desired(&host_id(), &plain.id))
+            .await
+            .ok()?;
+        desired.value.is_none().then_some(())
+    })
+    .await;
+    assert!(status(&kv, &plain.id).await.is_none());
+    assert!(!sim.lvs().contains(&plain.id));
+    assert!(!jails_dir.join(plain.id.as_str()).exists());
+    assert_eq!(
+        ledger(&kv).await.0,
+        Ledger {
+            reserved: big.size,
+            volumes: 1
+        }
+    );
+
+    let mut destroy_big = grown.clone();
+    destroy_big.destroy = true;
+    put_spec(&kv, &destroy_big).await;
+    wait_for("the second destroy", || async {
+        status(&kv, &big.id).await.is_none().then_some(())
+    })
+    .await;
+    assert!(kv
+        .get(&Layout::default().sealed_key(&big.id))
+        .await
+        .unwrap()
+        .value
+        .is_none());
+    assert!(!node.exists());
+    assert_eq!(ledger(&kv).await.0, Ledger::default());
+    assert!(sim.lvs().is_empty());
+
+    let record = wait_for("a host record with an empty pool", || async {
+        host_record(&kv).await.filter(|r| r.pool.volume_count == 0)
+    })
+    .await;
+    assert!(record.orphans.is_empty());
+    assert_eq!(record.pool.data_size, Bytes(100 * GIB));
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let count = 200;
+    let specs: Vec<VolumeSpec> = (0..count).map(|_| spec(Bytes(GIB), true)).collect();
+    for spec in &specs {
+        put_spec(&kv, spec).await;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(config(&[]), sim.volume_host(&metrics), kv.clone(), metrics);
+    for spec in &specs {
+        wait_state(&kv, &spec.id, VolumeState::Ready).await;
+    }
+    daemon.running.stop().await.unwrap();
+    assert_eq!(sim.lvs().len(), count);
+
+    // A new daemon over the same host: one list, no change, no status write
+    // that would change nothing.
+    let before = sim.sim.calls();
+    let metrics = Arc::new(Metrics::default());
+    let host = sim.volume_host(&metrics);
+    let pool = host.pool_status().unwrap();
+    let daemon = Daemon {
+        running: Running::spawn(Setup {
+            config: config(&[]),
+            host,
+            kv: kv.clone(),
+            metrics: metrics.clone(),
+            pool,
+        }),
+        metrics,
+    };
+    wait_for("the restarted daemon to read the records", || async {
+        (daemon.metrics.watch_updates() >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = sim.sim.calls();
+    assert_eq!(after.changes, before.changes, "a restart changed LVM state");
+    // pool_status above, and the daemon's one list.
+    assert_eq!(after.reports - before.reports, 2, "{before:?} -> {after:?}");
+    assert_eq!(daemon.metrics.lvm_calls(), 2);
+    let writes_after_start = daemon.metrics.kv_writes();
+    assert!(writes_after_start <= 2, "{writes_after_start} writes");
+
+    // Idle: no LVM call at all, and only heartbeats written.
+    let idle_reports = sim.sim.calls().reports;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(sim.sim.calls().reports, idle_reports);
+    let heartbeats = daemon.metrics.kv_writes() - writes_after_start;
+    assert!(
+        (1..=3).contains(&heartbeats),
+        "{heartbeats} writes while idle"
+    );
+    assert_eq!(daemon.metrics.watch_updates(), 1);
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reported_never_deleted_and_gc_deletes_them_only_when_asked() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let host = sim.volume_host(&metrics);
+
+    // One LV of ours made behind the daemon's back, one whose record is
+    // deleted outright (no destroy intent).
+    let stray = spec(Bytes(GIB), false);
+    let stray_volume = host::VolumeSpec {
+        id: stray.id.clone(),
+        name: stray.name.clone(),
+        size: stray.size,
+        encryption: Encryption::None,
+    };
+    let _ = host.create(&stray_volume).unwrap();
+    let kept = spec(Bytes(GIB), true);
+    put_spec(&kv, &kept).await;
+    // A status left behind for a volume with neither record nor LV.
+    let ghost = VolumeId::generate();
+    kv.put(&Layout::default().status(&host_id(), &ghost), b"{}")
+        .await
+        .unwrap();
+    let config = config(&[]);
+    let daemon = start_daemon(config.clone(), host.clone(), kv.clone(), metrics.clone());
+    wait_state(&kv, &stray.id, VolumeState::Orphan).await;
+    wait_state(&kv, &kept.id, VolumeState::Ready).await;
+    wait_for("the stale status to go", || async {
+        status_raw(&kv, &ghost).await.is_none().then_some(())
+    })
+    .await;
+    kv.delete(&Layout::default().desired(&host_id(), &kept.id))
+        .await
+        .unwrap();
+    wait_state(&kv, &kept.id, VolumeState::Orphan).await;
+    let record = wait_for("both orphans in the host record", || async {
+        host_record(&kv).await.filter(|r| r.orphans.len() == 2)
+    })
+    .await;
+    assert!(record.orphans.contains(&stray.id) && record.orphans.contains(&kept.id));
+    assert_eq!(metrics.orphans(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.lvs().len(), 2, "an orphan was deleted");
+
+    // gc without --yes only lists.
+    let listed = volumed::gc::gc(&config, &host, &kv, false).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|o| o.deleted.is_none()));
+    assert_eq!(sim.lvs().len(), 2);
+    // With --yes, they go, with their statuses.
+    let deleted = volumed::gc::gc(&config, &host, &kv, true).await.unwrap();
+    assert!(deleted.iter().all(|o| matches!(o.deleted, Some(Ok(())))));
+    assert!(sim.lvs().is_empty());
+    assert!(status(&kv, &stray.id).await.is_none());
+    // The daemon learns of it on a resync (SIGHUP).
+    daemon.running.resync();
+    wait_for("no orphans after the resync", || async {
+        host_record(&kv).await.filter(|r| r.orphans.is_empty())
+    })
+    .await;
+    assert_eq!(metrics.orphans(), 0);
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_outage_keeps_volumes_and_the_watch_resumes() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), Some(data.path())).await;
+    let addr = server.local_addr();
+    let kv = client(addr);
+    let sim = SimHost::envelope(&kv);
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let first = spec(Bytes(GIB), true);
+    put_spec(&kv, &first).await;
+    wait_state(&kv, &first.id, VolumeState::Ready).await;
+
+    server.shutdown().await.unwrap();
+    let changes = sim.sim.calls().changes;
+    wait_for("the daemon to notice the outage", || async {
+        (!metrics.kv_up()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sim.lvs(), vec![first.id.clone()], "a volume went away");
+    assert_eq!(sim.sim.calls().changes, changes);
+
+    // The same store comes back: the watch resumes and new work converges.
+    let server = start_server(addr, Some(data.path())).await;
+    let second = spec(Bytes(GIB), true);
+    put_spec(&kv, &second).await;
+    wait_state(&kv, &second.id, VolumeState::Ready).await;
+    assert!(metrics.kv_up());
+    assert_eq!(
+        status(&kv, &first.id).await.unwrap().state,
+        VolumeState::Ready
+    );
+    assert_eq!(sim.lvs().len(), 2);
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_store_turns_volumes_into_orphans_never_deletions() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), Some(data.path())).await;
+    let addr = server.local_addr();
+    let kv = client(addr);
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let volume = spec(Bytes(GIB), true);
+    // Enough writes that the fresh store's index is behind the old one.
+    put_spec(&kv, &volume).await;
+    for i in 0..20 {
+        put_ledger(
+            &kv,
+            Ledger {
+                reserved: Bytes(i),
+                volumes: 1,
+            },
+        )
+        .await;
+    }
+    wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    server.shutdown().await.unwrap();
+
+    // A store with no data on the same address: the index goes backwards.
+    let fresh = tempfile::tempdir().unwrap();
+    let server = start_server(addr, Some(fresh.path())).await;
+    let orphan = wait_state(&kv, &volume.id, VolumeState::Orphan).await;
+    assert!(orphan.encrypted);
+    let record = wait_for("the host record on the fresh store", || async {
+        host_record(&kv).await.filter(|r| !r.orphans.is_empty())
+    })
+    .await;
+    assert_eq!(record.orphans, vec![volume.id.clone()]);
+    assert_eq!(sim.lvs(), vec![volume.id.clone()], "an orphan was deleted");
+
+    // Its record restored: ready again, with no LVM change.
+    let changes = sim.sim.calls().changes;
+    put_spec(&kv, &volume).await;
+    wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    assert_eq!(sim.sim.calls().changes, changes);
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_get_an_error_status_and_do_not_stop_the_daemon() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let layout = Layout::default();
+
+    let garbage = VolumeId::generate();
+    kv.put(&layout.desired(&host_id(), &garbage), b"{\"id\": 42")
+        .await
+        .unwrap();
+    let mut other_host = spec(Bytes(GIB), false);
+    other_host.host = HostId::new("h2").unwrap();
+    put_spec(&kv, &other_host).await;
+    kv.put(
+        &format!("{}not-a-volume", layout.desired_prefix(&host_id())),
+        b"x",
+    )
+    .await
+    .unwrap();
+    let good = spec(Bytes(GIB), false);
+    put_spec(&kv, &good).await;
+
+    let error = wait_state(&kv, &garbage, VolumeState::Error).await;
+    assert!(error.error.unwrap().starts_with("malformed desired record"),);
+    let error = wait_state(&kv, &other_host.id, VolumeState::Error).await;
+    assert!(error.error.unwrap().contains("names host h2"));
+    wait_state(&kv, &good.id, VolumeState::Ready).await;
+    assert_eq!(sim.lvs(), vec![good.id.clone()]);
+
+    // A shrink is refused with a reason; the volume stays as it is.
+    let mut shrunk = good.clone();
+    shrunk.size = Bytes(GIB / 2);
+    put_spec(&kv, &shrunk).await;
+    let refused = wait_state(&kv, &good.id, VolumeState::Error).await;
+    assert!(refused.error.unwrap().contains("shrinking is refused"));
+    assert_eq!(refused.size, Bytes(GIB));
+
+    // A malformed record over a live volume keeps it, and it is no orphan.
+    kv.put(&layout.desired(&host_id(), &good.id), b"not json")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.lvs(), vec![good.id.clone()]);
+    assert_eq!(metrics.orphans(), 0);
+    assert!(metrics.errors("malformed") >= 3);
+
+    // Fixed, it converges again.
+    put_spec(&kv, &good).await;
+    wait_state(&kv, &good.id, VolumeState::Ready).await;
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_create_is_finished_by_the_next_daemon() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::envelope(&kv);
+    let metrics = Arc::new(Metrics::default());
+    let faults = Arc::new(FaultPlan::new());
+    faults.at(Step::CryptFormatted, Fault::Crash);
+    let backend = Arc::new(CountingBackend::new(sim.sim.clone(), metrics.clone()));
+    let crashing = Arc::new(
+        VolumeHost::new(
+            backend,
+            sim.devices.clone(),
+            sim.keys.clone(),
+            Default::default(),
+        )
+        .with_faults(faults.clone()),
+    );
+    let daemon = start_daemon(config(&[]), crashing, kv.clone(), metrics);
+    let volume = spec(Bytes(GIB), true);
+    put_spec(&kv, &volume).await;
+    let failed = wait_state(&kv, &volume.id, VolumeState::Error).await;
+    assert!(failed.error.unwrap().contains("injected crash"));
+    assert_eq!(faults.fired(), vec![(Step::CryptFormatted, Fault::Crash)]);
+    daemon.running.stop().await.unwrap();
+    // The crash left a half-made volume: LV and header, not ready.
+    assert_eq!(sim.lvs(), vec![volume.id.clone()]);
+
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let ready = wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    assert!(ready.encrypted && ready.device.is_some());
+    assert_eq!(sim.devices.counts(&volume.id).crypt_formats, 1);
+    let record = wait_for("the host record", || async { host_record(&kv).await }).await;
+    assert!(record.orphans.is_empty());
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destroy_commit_is_atomic_and_never_returns_a_reservation_twice() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let layout = Layout::default();
+    let metrics = Metrics::default();
+    let volume = spec(Bytes(3 * GIB), true);
+    put_spec(&kv, &volume).await;
+    let desired = kv
+        .get(&layout.desired(&host_id(), &volume.id))
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    kv.put(&layout.status(&host_id(), &volume.id), b"{}")
+        .await
+        .unwrap();
+    kv.put(&layout.sealed_key(&volume.id), b"sealed")
+        .await
+        .unwrap();
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: Bytes(10 * GIB),
+            volumes: 4,
+        },
+    )
+    .await;
+
+    // A stale record index: nothing is written.
+    let stale = commit_destroy(
+        &kv,
+        &layout,
+        &host_id(),
+        &volume.id,
+        volume.size,
+        desired.modify_index - 1,
+        &metrics,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale, Committed::RecordChanged);
+    assert_eq!(ledger(&kv).await.0.volumes, 4);
+
+    // Another writer keeps changing the ledger meanwhile (as volctl's
+    // creates do); the commit retries on its CAS and counts exactly once.
+    let bumper = {
+        let kv = kv.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let (current, index) = ledger(&kv).await;
+                let bumped = Ledger {
+                    reserved: current.reserved + Bytes(GIB),
+                    volumes: current.volumes + 1,
+                };
+                let _ = kv
+                    .put_cas(
+                        &Layout::default().host_ledger(&host_id()),
+                        &serde_json::to_vec(&bumped).unwrap(),
+                        index,
+                    )
+                    .await;
+            }
+        })
+    };
+    let done = commit_destroy(
+        &kv,
+        &layout,
+        &host_id(),
+        &volume.id,
+        volume.size,
+        desired.modify_index,
+        &metrics,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done, Committed::Done);
+    bumper.await.unwrap();
+    let (after, _) = ledger(&kv).await;
+    let bumps = after.volumes + 1 - 4;
+    assert_eq!(
+        after.reserved,
+        Bytes(10 * GIB) + Bytes(u64::from(bumps) * GIB) - Bytes(3 * GIB)
+    );
+    for key in [
+        layout.desired(&host_id(), &volume.id),
+        layout.status(&host_id(), &volume.id),
+        layout.sealed_key(&volume.id),
+    ] {
+        assert!(kv.get(&key).await.unwrap().value.is_none(), "{key} left");
+    }
+
+    // A retry after a lost answer finds the record gone: no second refund.
+    let again = commit_destroy(
+        &kv,
+        &layout,
+        &host_id(),
+        &volume.id,
+        volume.size,
+        desired.modify_index,
+        &metrics,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Committed::AlreadyGone);
+    assert_eq!(ledger(&kv).await.0, after);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_are_served() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let volume = spec(Bytes(GIB), false);
+    put_spec(&kv, &volume).await;
+    wait_state(&kv, &volume.id, VolumeState::Ready).await;
+
+    let (addr, http) = volumed::http::serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics.clone(),
+        Duration::from_secs(60),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let get = |path: &'static str| async move {
+        let answer = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    let (code, text) = get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("volumed_volumes{state=\"ready\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("volumed_pool_data_percent "), "{text}");
+    assert!(text.contains("volumed_pool_metadata_percent "), "{text}");
+    assert!(text.contains("volumed_operation_duration_seconds_count{operation=\"create\"} 1\n"));
+    assert!(text.contains("volumed_kv_up 1\n"), "{text}");
+    let (code, text) = get("/healthz").await;
+    assert_eq!((code, text.as_str()), (200, "ok\nkv: reachable\n"));
+    http.abort();
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
