@@ -150,6 +150,31 @@ impl SimDevices {
         })
     }
 
+    /// What a filesystem on `device` sits on: the LV behind it, the mapping's
+    /// backing LV if `device` is a crypt mapping, and the room the
+    /// filesystem can use (the LV less the LUKS header when mapped).
+    fn fs_target(&self, device: &Path) -> Result<(PathBuf, Option<PathBuf>, Bytes), FsError> {
+        let mapping = self
+            .lock()
+            .mappings
+            .iter()
+            .find(|(name, _)| Path::new(SIM_MAPPER_DIR).join(name.as_str()) == device)
+            .map(|(_, m)| m.backing.clone());
+        let lv_device = mapping.clone().unwrap_or_else(|| device.to_owned());
+        let lv_size = self
+            .require_lv(&lv_device)
+            .map_err(|source| FsError::Read {
+                device: device.to_owned(),
+                source,
+            })?;
+        let usable = if mapping.is_some() {
+            lv_size.saturating_sub(SIM_HEADER)
+        } else {
+            lv_size
+        };
+        Ok((lv_device, mapping, usable))
+    }
+
     fn mapping_path(id: &VolumeId) -> PathBuf {
         Path::new(SIM_MAPPER_DIR).join(id.crypt_name().as_str())
     }
@@ -334,24 +359,7 @@ impl VolumeDevices for SimDevices {
     }
 
     fn make_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
-        let mapping = self
-            .lock()
-            .mappings
-            .iter()
-            .find(|(name, _)| Path::new(SIM_MAPPER_DIR).join(name.as_str()) == device)
-            .map(|(_, m)| m.backing.clone());
-        let lv_device = mapping.clone().unwrap_or_else(|| device.to_owned());
-        let lv_size = self
-            .require_lv(&lv_device)
-            .map_err(|source| FsError::Read {
-                device: device.to_owned(),
-                source,
-            })?;
-        let size = if mapping.is_some() {
-            lv_size.saturating_sub(SIM_HEADER)
-        } else {
-            lv_size
-        };
+        let (lv_device, mapping, size) = self.fs_target(device)?;
         let mut state = self.lock();
         let lv = state.lvs.entry(lv_device).or_default();
         let slot = match (&mapping, lv.header.as_mut()) {
@@ -398,24 +406,7 @@ impl VolumeDevices for SimDevices {
     }
 
     fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError> {
-        let mapping = self
-            .lock()
-            .mappings
-            .iter()
-            .find(|(name, _)| Path::new(SIM_MAPPER_DIR).join(name.as_str()) == device)
-            .map(|(_, m)| m.backing.clone());
-        let lv_device = mapping.clone().unwrap_or_else(|| device.to_owned());
-        let lv_size = self
-            .require_lv(&lv_device)
-            .map_err(|source| FsError::Read {
-                device: device.to_owned(),
-                source,
-            })?;
-        let available = if mapping.is_some() {
-            lv_size.saturating_sub(SIM_HEADER)
-        } else {
-            lv_size
-        };
+        let (lv_device, mapping, available) = self.fs_target(device)?;
         let mut state = self.lock();
         let lv = state.lvs.entry(lv_device).or_default();
         let fs = match (&mapping, lv.header.as_mut()) {
