@@ -49,12 +49,12 @@ impl Guarded {
         self.child.as_ref().expect("running").id()
     }
 
-    /// SIGKILL, as a crash would; waits for the process to be gone.
-    pub fn kill_hard(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    /// SIGKILL, as a crash would; waits for the process to be gone and
+    /// returns how it ended (`None` if it was already reaped).
+    pub fn kill_hard(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
     }
 
     /// SIGTERM and wait up to `grace` for a clean exit; returns whether it
@@ -89,7 +89,7 @@ impl Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        self.kill_hard();
+        let _ = self.kill_hard();
     }
 }
 

@@ -12,34 +12,19 @@ use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::ThinBackend;
 use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::procs::{project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
 /// Creates under emulation take seconds each; leave room.
 const CONVERGE: Duration = Duration::from_secs(240);
-
-/// `target/<profile>/volumed`, beside `target/<profile>/deps/<this test>`.
-fn volumed_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps")
-        .join("volumed");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p volumed` before these tests",
-        path.display()
-    );
-    path
-}
 
 /// The KV server in this process, on its own runtime.
 struct Kv {
@@ -136,25 +121,6 @@ fn spec(size: Bytes) -> VolumeSpec {
     }
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A volumed child process; killed if a test fails before stopping it.
-struct Volumed {
-    child: Option<Child>,
-}
-
 /// Everything one daemon run needs from its test.
 struct Setup<'a> {
     pool: &'a TestPool,
@@ -167,7 +133,7 @@ impl Setup<'_> {
         self.scratch.join("jails")
     }
 
-    fn start(&self, extra_env: &[(&str, &Path)]) -> Volumed {
+    fn start(&self, extra_env: &[(&str, &Path)]) -> Guarded {
         let kek = self.scratch.join("kek");
         if !kek.exists() {
             KeyEncryptionKey::generate()
@@ -175,7 +141,7 @@ impl Setup<'_> {
                 .write_new_file(&kek)
                 .expect("write the KEK");
         }
-        let mut command = Command::new(volumed_binary());
+        let mut command = Command::new(project_binary("volumed"));
         command
             .args(["--host", HOST, "--region", "ewr", "--zone", "ewr-a"])
             .args(["--vg", self.pool.vg.as_str(), "--pool", "pool"])
@@ -195,39 +161,22 @@ impl Setup<'_> {
         for (name, value) in extra_env {
             command.env(name, value);
         }
-        let child = command.spawn().expect("start volumed");
-        Volumed { child: Some(child) }
+        Guarded::spawn("volumed", &mut command)
     }
 }
 
-impl Volumed {
-    fn kill_hard(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL volumed");
-            let status = child.wait().expect("reap volumed");
-            assert!(!status.success(), "volumed survived SIGKILL: {status}");
-        }
-    }
-
-    /// SIGTERM; the daemon must exit 0 after its running operations.
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let status = wait_for("volumed to stop", Duration::from_secs(60), || {
-            child.try_wait().expect("wait for volumed")
-        });
-        assert!(status.success(), "volumed exited with {status} on SIGTERM");
-    }
+/// SIGKILL, as a crash would.
+fn kill_hard(volumed: &mut Guarded) {
+    let status = volumed.kill_hard().expect("volumed was running");
+    assert!(!status.success(), "volumed survived SIGKILL: {status}");
 }
 
-impl Drop for Volumed {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// SIGTERM; the daemon must exit 0 after its running operations.
+fn stop(volumed: &mut Guarded) {
+    assert!(
+        volumed.terminate(Duration::from_secs(60)),
+        "volumed did not exit 0 within 60 s of SIGTERM"
+    );
 }
 
 fn wait_ready(kv: &Kv, id: &VolumeId) -> VolumeStatus {
@@ -348,7 +297,7 @@ fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
     )
     .expect("ledger JSON");
     assert_eq!(ledger, Ledger::default());
-    volumed.stop();
+    stop(&mut volumed);
 }
 
 #[test]
@@ -373,7 +322,7 @@ fn real_test_volumed_killed_mid_create_converges_after_restart() {
     wait_for("the create to reach the LUKS2 format", CONVERGE, || {
         marker.exists().then_some(())
     });
-    volumed.kill_hard();
+    kill_hard(&mut volumed);
     assert_eq!(our_lvs(&pool), vec![volume.id.clone()]);
     assert_eq!(
         kv.status(&volume.id).expect("status").state,
@@ -396,5 +345,5 @@ fn real_test_volumed_killed_mid_create_converges_after_restart() {
 
     destroy_and_wait(&kv, &pool, &volume);
     assert!(our_lvs(&pool).is_empty());
-    volumed.stop();
+    stop(&mut volumed);
 }
