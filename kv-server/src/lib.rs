@@ -2,9 +2,12 @@
 //! like `consul agent -dev`, with optional durability and ACL tokens).
 //!
 //! Implements `GET|PUT|DELETE /v1/kv/<key>` and `PUT /v1/txn` as described
-//! in the project's Consul KV note. Sessions are not implemented: PUT with
-//! `?acquire`/`?release` answers 501, and the txn verbs `lock`, `unlock` and
-//! `check-session` fail their operation with a message saying so.
+//! in the project's Consul KV note, plus the minimal `/v1/agent/self`,
+//! `/v1/status/leader` and `/v1/status/peers` that clients call at start-up.
+//! Sessions are not implemented: `/v1/session/*` and PUT with
+//! `?acquire`/`?release` answer 501, and the txn verbs `lock`, `unlock` and
+//! `check-session` fail their operation with a message saying so. `?dc=`
+//! naming another datacenter answers 500 "No path to datacenter".
 
 mod http;
 mod persist;
@@ -35,6 +38,11 @@ pub const DEFAULT_QUERY_WAIT: Duration = Duration::from_secs(5 * 60);
 /// Longest blocking-query wait (before jitter).
 pub const MAX_QUERY_WAIT: Duration = Duration::from_secs(10 * 60);
 
+/// Longest wait for a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Consul's default datacenter name.
+pub const DEFAULT_DATACENTER: &str = "dc1";
+
 /// How to run a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -48,6 +56,11 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     /// Log size past which it is folded into a snapshot.
     pub compact_log_bytes: u64,
+    /// This server's datacenter name; `?dc=` naming another is refused
+    /// with Consul's "No path to datacenter".
+    pub datacenter: String,
+    /// Longest wait for a request's body once its head arrived.
+    pub body_read_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -59,6 +72,8 @@ impl ServerConfig {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             compact_log_bytes: 16 * 1024 * 1024,
+            datacenter: DEFAULT_DATACENTER.to_owned(),
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
     }
 
@@ -125,6 +140,8 @@ impl Server {
             max_value_bytes: config.max_value_bytes,
             max_txn_ops: config.max_txn_ops,
             local_addr,
+            datacenter: config.datacenter,
+            body_read_timeout: config.body_read_timeout,
             shutdown: shutdown_rx.clone(),
         });
         let router = http::router(app);

@@ -31,6 +31,10 @@ struct Args {
     /// Without it, no token is required.
     #[arg(long)]
     acl_token_file: Option<PathBuf>,
+    /// This server's datacenter; `?dc=` naming another answers 500 "No
+    /// path to datacenter", as Consul does.
+    #[arg(long, default_value = consul_kv_server::DEFAULT_DATACENTER)]
+    datacenter: String,
 }
 
 fn read_tokens(path: &PathBuf) -> Result<Vec<SecretToken>, String> {
@@ -52,6 +56,7 @@ fn read_tokens(path: &PathBuf) -> Result<Vec<SecretToken>, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let mut config = ServerConfig::new(args.bind);
+    config.datacenter = args.datacenter;
     if let Some(dir) = args.data_dir {
         config = config.with_data_dir(dir);
     }

@@ -5,6 +5,7 @@ mod acl;
 mod binary;
 mod blocking;
 mod common;
+mod compat;
 mod kv_client;
 mod kv_http;
 mod persistence;
