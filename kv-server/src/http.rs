@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::state::{KvState, ReceivedOp};
 use crate::store::{Outcome, Store};
-use crate::{DEFAULT_QUERY_WAIT, MAX_QUERY_WAIT};
+use crate::{DEFAULT_QUERY_WAIT, MAX_KEY_BYTES, MAX_QUERY_WAIT};
 use consul_kv::duration::parse_go_duration;
 use consul_kv::secret::SecretToken;
 use consul_kv::types::{TxnOp, TxnResponseBody};
@@ -164,6 +164,9 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             Ok(key) => key.into_owned(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "Key is not valid UTF-8"),
         };
+        if let Err(refused) = check_key_length(&key) {
+            return refused.into_response();
+        }
         return match method {
             Method::GET => kv_get(&app, key, &params).await,
             Method::PUT => kv_put(&app, key, &params, request).await,
@@ -204,6 +207,18 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         ),
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
     }
+}
+
+/// Keys (and prefixes) are bounded, so a client cannot grow the state with
+/// one huge name.
+fn check_key_length(key: &str) -> Result<(), Refusal> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("Key too long ({} bytes > {MAX_KEY_BYTES} bytes)", key.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn method_not_allowed(allowed: &'static str) -> Response {
@@ -623,6 +638,7 @@ fn parse_op(raw: &Json, max_value_bytes: usize) -> Result<ReceivedOp, Refusal> {
     };
     let verb = string_field(kv, "Verb")?;
     let key = string_field(kv, "Key")?;
+    check_key_length(&key)?;
     let value = match field(kv, "Value") {
         None | Some(Json::Null) => Vec::new(),
         Some(Json::String(encoded)) => BASE64

@@ -96,6 +96,9 @@ struct SnapshotRecord {
     index: u64,
     entries: Vec<(String, StoredEntry)>,
     tombstones: Vec<(String, u64)>,
+    /// See `KvState::reaped_floor`.
+    #[serde(default)]
+    reaped_floor: u64,
 }
 
 /// The open log of a data directory.
@@ -283,6 +286,7 @@ impl Persistence {
                 .iter()
                 .map(|(k, i)| (k.clone(), *i))
                 .collect(),
+            reaped_floor: state.reaped_floor,
         };
         let payload = serde_json::to_vec(&record).map_err(io::Error::other)?;
         let temp_path = self.dir.join(SNAPSHOT_TEMP_FILE);
@@ -339,7 +343,9 @@ fn load_snapshot(path: &Path) -> Result<KvState, PersistError> {
     Ok(KvState {
         entries: record.entries.into_iter().collect(),
         tombstones: record.tombstones.into_iter().collect(),
+        reaped_floor: record.reaped_floor,
         last_index: record.index,
+        ..KvState::default()
     })
 }
 
@@ -586,6 +592,31 @@ mod tests {
         );
         assert!(error.to_string().contains("older volkv"), "{error}");
         assert_eq!(fs::read(dir.path().join(LOG_FILE)).unwrap(), old);
+    }
+
+    #[test]
+    fn the_reaped_floor_survives_compaction_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let (mut p, mut state) = Persistence::open(dir.path(), 1).unwrap();
+            state.tombstone_limit = 4;
+            for i in 0..20 {
+                let key = format!("vol/{i}");
+                write(&mut p, &mut state, &key, "v");
+                let index = state.last_index + 1;
+                let eval = evaluate(&state, index, &[Ok(TxnOp::Delete { key })]);
+                p.append(index, &eval.mutations).unwrap();
+                state.apply(index, &eval.mutations);
+                p.maybe_compact(&state).unwrap();
+            }
+            assert!(state.tombstones.len() <= 4 && state.reaped_floor > 0);
+            write(&mut p, &mut state, "keep/a", "x");
+            state
+        };
+        let (_p, after) = Persistence::open(dir.path(), 1).unwrap();
+        assert_eq!(after.reaped_floor, before.reaped_floor);
+        assert_eq!(after.list("vol/").1, before.list("vol/").1);
+        assert_eq!(after.list("keep/").1, before.list("keep/").1);
     }
 
     #[test]

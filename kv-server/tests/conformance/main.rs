@@ -8,6 +8,7 @@ mod common;
 mod compat;
 mod kv_client;
 mod kv_http;
+mod limits;
 mod persistence;
 mod tls;
 mod txn;
