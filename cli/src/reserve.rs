@@ -21,8 +21,8 @@ use consul_kv::TxnOp;
 use rand::Rng as _;
 use volume_control::layout::{Ledger, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
-use volume_core::names::{HostId, Region, VolumeId, VolumeName};
-use volume_core::units::Bytes;
+use volume_model::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::units::Bytes;
 
 use crate::error::CliError;
 use crate::store::{self, encode, now_ms, Ctx, HostEntry, SpecEntry};
@@ -61,7 +61,7 @@ pub struct CreateRequest {
 pub struct Snapshot {
     pub hosts: Vec<HostEntry>,
     /// Zones of the region that hold a volume of the requested name.
-    pub zones_in_use: BTreeSet<volume_core::names::Zone>,
+    pub zones_in_use: BTreeSet<volume_model::names::Zone>,
 }
 
 /// Reads hosts, then (only if zones matter) desired records. Ledgers are

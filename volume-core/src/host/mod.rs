@@ -67,7 +67,6 @@
 
 pub mod devices;
 pub mod faults;
-pub mod progress;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -75,6 +74,7 @@ mod tests;
 pub use devices::{RealDevices, VolumeDevices};
 pub use faults::{Fault, FaultInjector, FaultPlan, Step};
 pub use progress::{Encryption, VolumeState};
+pub use volume_model::progress;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};

@@ -9,7 +9,7 @@
 //!   (recorded before the node is made, removed after it is gone), so that
 //!   delete finds every node even after a crash.
 
-use crate::jail::JailPath;
+use crate::jail_path::JailPath;
 use crate::names::{VolumeName, NAME_PREFIX};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -151,7 +151,7 @@ pub fn nodes(tags: &BTreeSet<String>) -> Vec<(JailPath, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::shared::check_tag;
+    use crate::names::check_tag;
 
     #[test]
     fn tags_pass_the_backend_check_and_parse_back() {
