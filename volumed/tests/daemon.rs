@@ -457,7 +457,7 @@ async fn orphans_are_reported_never_deleted_and_gc_deletes_them_only_when_asked(
     // One LV of ours made behind the daemon's back, one whose record is
     // deleted outright (no destroy intent).
     let stray = spec(Bytes(GIB), false);
-    let stray_volume = host::VolumeSpec {
+    let stray_volume = host::NewVolume {
         id: stray.id.clone(),
         name: stray.name.clone(),
         size: stray.size,

@@ -25,7 +25,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use volume_core::backend::{sim::SimBackend, ThinBackend, ThinPoolSpec};
-//! use volume_core::host::{sim::SimDevices, Encryption, VolumeHost, VolumeSpec};
+//! use volume_core::host::{sim::SimDevices, Encryption, VolumeHost, NewVolume};
 //! use volume_core::jail::{JailPath, NodeOwner};
 //! use volume_core::keys::LocalKeyDir;
 //! use volume_core::names::{LvName, VgName, VolumeId, VolumeName};
@@ -45,7 +45,7 @@
 //! );
 //!
 //! let id = VolumeId::generate();
-//! let volume = VolumeSpec {
+//! let volume = NewVolume {
 //!     id: id.clone(),
 //!     name: VolumeName::new("data")?,
 //!     size: Bytes::from_gib(25)?,
@@ -73,7 +73,7 @@ mod tests;
 
 pub use devices::{RealDevices, VolumeDevices};
 pub use faults::{Fault, FaultInjector, FaultPlan, Step};
-pub use progress::{Encryption, VolumeState};
+pub use progress::{Encryption, Progress};
 pub use volume_model::progress;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
@@ -91,7 +91,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeSpec {
+pub struct NewVolume {
     pub id: VolumeId,
     pub name: VolumeName,
     /// Virtual size; rounded up to whole extents.
@@ -101,14 +101,14 @@ pub struct VolumeSpec {
 
 /// A volume as the host sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeStatus {
+pub struct LocalVolume {
     pub id: VolumeId,
     pub name: Option<VolumeName>,
     pub size: Bytes,
     pub data_percent: Percent,
     pub encryption: Option<Encryption>,
     /// `None` when the recorded progress is unreadable.
-    pub state: Option<VolumeState>,
+    pub progress: Option<Progress>,
     /// The device a VM gets (the dm-crypt mapping or the LV), when open.
     pub device: Option<PathBuf>,
     /// Jail nodes recorded for this volume.
@@ -146,11 +146,11 @@ pub enum HostError {
         requested: String,
     },
     #[error(
-        "volume {id} is {state:?}, not ready; re-run create to finish it or delete to remove it"
+        "volume {id} is {progress:?}, not ready; re-run create to finish it or delete to remove it"
     )]
-    NotReady { id: VolumeId, state: VolumeState },
+    NotReady { id: VolumeId, progress: Progress },
     #[error("volume {id} has unreadable progress tags {tags:?}; refusing to guess")]
-    UnknownState { id: VolumeId, tags: Vec<String> },
+    UnreadableProgress { id: VolumeId, tags: Vec<String> },
     #[error("volume {id}: capacity refused: {refusal}")]
     Admission { id: VolumeId, refusal: Refusal },
     #[error("reading pool status failed: {0}")]
@@ -384,15 +384,15 @@ impl VolumeHost {
             .find(|v| v.lv == lv))
     }
 
-    fn state_of(id: &VolumeId, volume: &ThinVolume) -> Result<VolumeState, HostError> {
-        progress::state(&volume.tags).ok_or_else(|| HostError::UnknownState {
+    fn progress_of(id: &VolumeId, volume: &ThinVolume) -> Result<Progress, HostError> {
+        progress::step(&volume.tags).ok_or_else(|| HostError::UnreadableProgress {
             id: id.clone(),
             tags: volume.tags.iter().cloned().collect(),
         })
     }
 
     fn encryption_of(id: &VolumeId, volume: &ThinVolume) -> Result<Encryption, HostError> {
-        progress::encryption(&volume.tags).ok_or_else(|| HostError::UnknownState {
+        progress::encryption(&volume.tags).ok_or_else(|| HostError::UnreadableProgress {
             id: id.clone(),
             tags: volume.tags.iter().cloned().collect(),
         })
@@ -414,12 +414,12 @@ impl VolumeHost {
             })
     }
 
-    fn set_state(&self, id: &VolumeId, state: VolumeState) -> Result<(), HostError> {
+    fn set_progress(&self, id: &VolumeId, reached: Progress) -> Result<(), HostError> {
         self.retag(
             id,
             "step",
-            &[progress::state_tag(state)],
-            &progress::other_state_tags(state),
+            &[progress::step_tag(reached)],
+            &progress::other_step_tags(reached),
         )
     }
 
@@ -461,7 +461,7 @@ impl VolumeHost {
         }
     }
 
-    fn status_of(&self, volume: &ThinVolume) -> Result<Option<VolumeStatus>, HostError> {
+    fn status_of(&self, volume: &ThinVolume) -> Result<Option<LocalVolume>, HostError> {
         let Some(id) = VolumeId::from_lv_name(&volume.lv) else {
             return Ok(None);
         };
@@ -477,12 +477,12 @@ impl VolumeHost {
             }
             _ => volume.device.clone(),
         };
-        Ok(Some(VolumeStatus {
+        Ok(Some(LocalVolume {
             name: progress::name(&volume.tags),
             size: volume.virtual_size,
             data_percent: volume.data_percent,
             encryption,
-            state: progress::state(&volume.tags),
+            progress: progress::step(&volume.tags),
             device,
             exposed: progress::nodes(&volume.tags)
                 .into_iter()
@@ -492,7 +492,7 @@ impl VolumeHost {
         }))
     }
 
-    fn status(&self, id: &VolumeId) -> Result<VolumeStatus, HostError> {
+    fn status(&self, id: &VolumeId) -> Result<LocalVolume, HostError> {
         let volume = self
             .find(id)?
             .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
@@ -500,7 +500,7 @@ impl VolumeHost {
             .ok_or_else(|| HostError::NotFound { id: id.clone() })
     }
 
-    fn check_spec(spec: &VolumeSpec, volume: &ThinVolume) -> Result<(), HostError> {
+    fn check_spec(spec: &NewVolume, volume: &ThinVolume) -> Result<(), HostError> {
         let mismatch = |field, existing: String, requested: String| HostError::SpecMismatch {
             id: spec.id.clone(),
             field,
@@ -526,7 +526,7 @@ impl VolumeHost {
         Ok(())
     }
 
-    fn admit_new(&self, spec: &VolumeSpec) -> Result<(), HostError> {
+    fn admit_new(&self, spec: &NewVolume) -> Result<(), HostError> {
         let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
         let size = spec
             .size
@@ -548,13 +548,13 @@ impl VolumeHost {
     /// Creates a volume: key, thin LV, LUKS2 header, mapping, ext4; or
     /// finishes one a crash interrupted. `Identity` for a volume that is
     /// already ready with this spec (it is opened if it was closed).
-    pub fn create(&self, spec: &VolumeSpec) -> Result<CreateAction<VolumeStatus>, HostError> {
+    pub fn create(&self, spec: &NewVolume) -> Result<CreateAction<LocalVolume>, HostError> {
         let volume_lock = self.volume_lock(&spec.id);
         let _held = lock(&volume_lock);
         let id = &spec.id;
         let mut existing = self.find(id)?;
         if let Some(volume) = &existing {
-            if Self::state_of(id, volume)? == VolumeState::Deleting {
+            if Self::progress_of(id, volume)? == Progress::Deleting {
                 // A delete or rollback began; finish it, then start afresh.
                 let _ = self.teardown(id, existing.take())?;
             }
@@ -581,7 +581,7 @@ impl VolumeHost {
                         },
                     });
                 }
-                if Self::state_of(id, volume)? == VolumeState::Ready {
+                if Self::progress_of(id, volume)? == Progress::Ready {
                     self.ensure_open(id, spec.encryption)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
@@ -609,9 +609,9 @@ impl VolumeHost {
     /// The mutating part of create; any error here is rolled back.
     fn build(
         &self,
-        spec: &VolumeSpec,
+        spec: &NewVolume,
         existing: Option<ThinVolume>,
-    ) -> Result<VolumeStatus, HostError> {
+    ) -> Result<LocalVolume, HostError> {
         let id = &spec.id;
         let key = match spec.encryption {
             Encryption::Luks2 => {
@@ -629,10 +629,10 @@ impl VolumeHost {
             Encryption::None => None,
         };
         let state = match existing {
-            Some(volume) => Self::state_of(id, &volume)?,
+            Some(volume) => Self::progress_of(id, &volume)?,
             None => {
                 let tags = [
-                    progress::state_tag(VolumeState::LvCreated),
+                    progress::step_tag(Progress::LvCreated),
                     progress::encryption_tag(spec.encryption),
                     progress::name_tag(&spec.name),
                 ];
@@ -647,14 +647,14 @@ impl VolumeHost {
                         source: Box::new(source),
                     })?;
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
-                VolumeState::LvCreated
+                Progress::LvCreated
             }
         };
         self.step(id, Step::LvCreated)?;
         let lv_device = self.activate(id)?;
         let fs_device = match &key {
             Some(key) => {
-                if state == VolumeState::LvCreated {
+                if state == Progress::LvCreated {
                     // The LV is ours and was never ready: nothing of value
                     // can be on it, so a half-written header may be replaced.
                     let _ = self
@@ -665,7 +665,7 @@ impl VolumeHost {
                             source: Box::new(source),
                         })?;
                     self.step(id, Step::CryptFormatted)?;
-                    self.set_state(id, VolumeState::CryptFormatted)?;
+                    self.set_progress(id, Progress::CryptFormatted)?;
                     self.step(id, Step::ProgressCrypt)?;
                 }
                 let mapping = self
@@ -689,7 +689,7 @@ impl VolumeHost {
                 source: Box::new(source),
             })?;
         self.step(id, Step::FsMade)?;
-        self.set_state(id, VolumeState::Ready)?;
+        self.set_progress(id, Progress::Ready)?;
         self.step(id, Step::ProgressReady)?;
         tracing::info!(volume = %id, device = %fs_device.display(), "volume ready");
         self.status(id)
@@ -700,7 +700,7 @@ impl VolumeHost {
     fn discard_unfinished(&self, id: &VolumeId) -> Result<(), HostError> {
         let existing = self.find(id)?;
         if let Some(volume) = &existing {
-            if progress::state(&volume.tags) == Some(VolumeState::Ready) {
+            if progress::step(&volume.tags) == Some(Progress::Ready) {
                 return Ok(());
             }
         }
@@ -721,8 +721,8 @@ impl VolumeHost {
             // Unknown encryption: treat as encrypted; erasing finds no
             // header of ours on a plain volume and does nothing.
             encrypted = progress::encryption(&volume.tags) != Some(Encryption::None);
-            if progress::state(&volume.tags) != Some(VolumeState::Deleting) {
-                self.set_state(id, VolumeState::Deleting)?;
+            if progress::step(&volume.tags) != Some(Progress::Deleting) {
+                self.set_progress(id, Progress::Deleting)?;
                 changed = true;
                 self.step(id, Step::MarkedDeleting)?;
             }
@@ -839,11 +839,11 @@ impl VolumeHost {
         let volume = self
             .find(id)?
             .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
-        match Self::state_of(id, &volume)? {
-            VolumeState::Ready => Ok(volume),
-            state => Err(HostError::NotReady {
+        match Self::progress_of(id, &volume)? {
+            Progress::Ready => Ok(volume),
+            other => Err(HostError::NotReady {
                 id: id.clone(),
-                state,
+                progress: other,
             }),
         }
     }
@@ -999,7 +999,7 @@ impl VolumeHost {
     }
 
     /// Every volume of ours in the pool.
-    pub fn list(&self) -> Result<Vec<VolumeStatus>, HostError> {
+    pub fn list(&self) -> Result<Vec<LocalVolume>, HostError> {
         let mut statuses = Vec::new();
         for volume in self.backend.list_thins().map_err(HostError::List)? {
             if let Some(status) = self.status_of(&volume)? {

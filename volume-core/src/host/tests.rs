@@ -55,8 +55,8 @@ fn harness() -> Harness {
     harness_with(CapacityPolicy::default())
 }
 
-fn spec(encryption: Encryption) -> VolumeSpec {
-    VolumeSpec {
+fn spec(encryption: Encryption) -> NewVolume {
+    NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
         size: Bytes(25 * GIB),
@@ -103,7 +103,7 @@ impl Harness {
         );
     }
 
-    fn assert_ready(&self, spec: &VolumeSpec) -> VolumeStatus {
+    fn assert_ready(&self, spec: &NewVolume) -> LocalVolume {
         let status = self
             .host
             .list()
@@ -111,7 +111,7 @@ impl Harness {
             .into_iter()
             .find(|s| s.id == spec.id)
             .expect("volume listed");
-        assert_eq!(status.state, Some(VolumeState::Ready));
+        assert_eq!(status.progress, Some(Progress::Ready));
         assert_eq!(status.encryption, Some(spec.encryption));
         assert_eq!(status.name.as_ref(), Some(&spec.name));
         assert!(status.device.is_some(), "ready volume is open");
@@ -176,21 +176,21 @@ fn a_different_spec_is_refused_and_changes_nothing() {
     for (field, changed) in [
         (
             "size",
-            VolumeSpec {
+            NewVolume {
                 size: Bytes(26 * GIB),
                 ..spec.clone()
             },
         ),
         (
             "encryption",
-            VolumeSpec {
+            NewVolume {
                 encryption: Encryption::None,
                 ..spec.clone()
             },
         ),
         (
             "name",
-            VolumeSpec {
+            NewVolume {
                 name: VolumeName::new("other").unwrap(),
                 ..spec.clone()
             },
@@ -356,11 +356,11 @@ fn a_crash_during_rollback_is_finished_by_the_next_create() {
         "{err}"
     );
     let listed = h.host.list().unwrap();
-    assert_eq!(listed[0].state, Some(VolumeState::Deleting));
+    assert_eq!(listed[0].progress, Some(Progress::Deleting));
     assert!(matches!(
         h.host.open(&spec.id),
         Err(HostError::NotReady {
-            state: VolumeState::Deleting,
+            progress: Progress::Deleting,
             ..
         })
     ));
@@ -438,7 +438,7 @@ fn expose_of_an_unfinished_or_missing_volume_is_refused() {
     assert!(matches!(
         h.host.expose(&spec.id, &jail, OWNER),
         Err(HostError::NotReady {
-            state: VolumeState::CryptFormatted,
+            progress: Progress::CryptFormatted,
             ..
         })
     ));
@@ -580,10 +580,10 @@ fn a_ready_volume_whose_key_is_lost_is_never_reformatted() {
 }
 
 impl Harness {
-    fn assert_ready_state_kept(&self, spec: &VolumeSpec) {
+    fn assert_ready_state_kept(&self, spec: &NewVolume) {
         let listed = self.host.list().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].state, Some(VolumeState::Ready));
+        assert_eq!(listed[0].progress, Some(Progress::Ready));
         assert_eq!(listed[0].id, spec.id);
     }
 }
@@ -630,8 +630,8 @@ fn a_resumed_create_refuses_foreign_content_on_its_lv() {
 fn concurrent_creates_respect_admission() {
     let h = Arc::new(harness_with(CapacityPolicy::default()));
     // 3 GiB pool at ratio 10: room for three 10 GiB volumes, not four.
-    let specs: Vec<VolumeSpec> = (0..4)
-        .map(|_| VolumeSpec {
+    let specs: Vec<NewVolume> = (0..4)
+        .map(|_| NewVolume {
             size: Bytes(10 * GIB),
             ..spec(Encryption::None)
         })
