@@ -22,7 +22,12 @@ pub fn is_ours(volume: &ThinVolume) -> bool {
 /// LVM allocates whole extents; a request is rounded up so that the
 /// idempotency check compares what LVM would actually make.
 pub fn round_to_extents(size: Bytes, extent: ExtentSize) -> Result<Bytes, BackendError> {
-    Ok(size.round_up_to(extent.bytes())?)
+    size.round_up_to(extent.bytes())
+        .map_err(|source| BackendError::NotRoundable {
+            size,
+            extent,
+            source,
+        })
 }
 
 /// Checks a retag before anything changes: every tag well-formed, and our

@@ -84,7 +84,7 @@ use crate::fs::FsError;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
 use crate::names::{VolumeId, VolumeName};
-use crate::units::{Bytes, Percent};
+use crate::units::{Bytes, ExtentSize, Percent, UnitError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -176,6 +176,18 @@ pub enum HostError {
         id: VolumeId,
         #[source]
         source: Box<KeyError>,
+    },
+    #[error(
+        "volume {id}: a size of {} bytes cannot be rounded up to whole extents of {} bytes: {source}",
+        size.0,
+        extent.bytes().0
+    )]
+    SizeNotRoundable {
+        id: VolumeId,
+        size: Bytes,
+        extent: ExtentSize,
+        #[source]
+        source: UnitError,
     },
     #[error("volume {id}: creating the LV failed: {source}")]
     LvCreate {
@@ -291,6 +303,17 @@ impl HostError {
     fn is_crash(&self) -> bool {
         matches!(self, HostError::InjectedCrash { .. })
     }
+}
+
+/// A requested size rounded up to whole extents, as LVM will allocate it.
+fn round_to_extents(id: &VolumeId, size: Bytes, extent: ExtentSize) -> Result<Bytes, HostError> {
+    size.round_up_to(extent.bytes())
+        .map_err(|source| HostError::SizeNotRoundable {
+            id: id.clone(),
+            size,
+            extent,
+            source,
+        })
 }
 
 /// The volume API for one host's thin pool.
@@ -528,13 +551,7 @@ impl VolumeHost {
 
     fn admit_new(&self, spec: &NewVolume) -> Result<(), HostError> {
         let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
-        let size = spec
-            .size
-            .round_up_to(status.extent_size.bytes())
-            .map_err(|e| HostError::LvCreate {
-                id: spec.id.clone(),
-                source: Box::new(e.into()),
-            })?;
+        let size = round_to_extents(&spec.id, spec.size, status.extent_size)?;
         status
             .usage
             .admit_new(&self.policy, size)
@@ -574,6 +591,16 @@ impl VolumeHost {
                             field: "size",
                             existing: existing.to_string(),
                             requested: requested.to_string(),
+                        },
+                        BackendError::NotRoundable {
+                            size,
+                            extent,
+                            source,
+                        } => HostError::SizeNotRoundable {
+                            id: id.clone(),
+                            size,
+                            extent,
+                            source,
                         },
                         other => HostError::LvCreate {
                             id: id.clone(),
@@ -947,12 +974,7 @@ impl VolumeHost {
         let lv = {
             let _pool = lock(&self.pool_lock);
             let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
-            let target =
-                size.round_up_to(status.extent_size.bytes())
-                    .map_err(|e| HostError::LvExtend {
-                        id: id.clone(),
-                        source: Box::new(e.into()),
-                    })?;
+            let target = round_to_extents(id, size, status.extent_size)?;
             if let Some(growth) = target.checked_sub(volume.virtual_size) {
                 if growth > Bytes::ZERO {
                     status

@@ -206,6 +206,42 @@ fn a_different_spec_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_size_that_cannot_be_rounded_to_extents_is_named_and_changes_nothing() {
+    let h = harness();
+    let extent = h.backend.pool_status().unwrap().extent_size;
+    let mut huge = spec(Encryption::Luks2);
+    huge.size = Bytes(u64::MAX);
+    let err = h.host.create(&huge).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == huge.size && *e == extent),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains(&u64::MAX.to_string()), "{message}");
+    assert!(message.contains(&extent.bytes().0.to_string()), "{message}");
+    h.assert_clean();
+
+    let volume = spec(Encryption::Luks2);
+    let _ = h.host.create(&volume).unwrap();
+    // Re-creating an existing volume checks its size through the backend.
+    let resized = NewVolume {
+        size: Bytes(u64::MAX),
+        ..volume.clone()
+    };
+    let err = h.host.create(&resized).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == resized.size && *e == extent),
+        "{err:?}"
+    );
+    let err = h.host.extend(&volume.id, Bytes(u64::MAX)).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, .. } if *size == Bytes(u64::MAX)),
+        "{err:?}"
+    );
+    assert_eq!(h.assert_ready(&volume).size, volume.size);
+}
+
+#[test]
 fn admission_refusal_creates_nothing() {
     let h = harness();
     let mut big = spec(Encryption::Luks2);
