@@ -133,6 +133,17 @@ pub enum FsGrowth {
     LeftToGuest,
 }
 
+/// The `map_err` of a step that failed on volume `id`: wraps the cause in
+/// that step's variant, `HostError::$step { id, source }`.
+macro_rules! failed_at {
+    ($step:ident, $id:expr) => {
+        |source| HostError::$step {
+            id: $id.clone(),
+            source: Box::new(source),
+        }
+    };
+}
+
 /// One variant per failing step. None carries key material.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -449,20 +460,14 @@ impl VolumeHost {
     fn load_key(&self, id: &VolumeId) -> Result<VolumeKey, HostError> {
         self.keys
             .load(id)
-            .map_err(|source| HostError::KeyLoad {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed_at!(KeyLoad, id))?
             .ok_or_else(|| HostError::KeyMissing { id: id.clone() })
     }
 
     fn activate(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
         self.backend
             .activate_thin(&id.lv_name())
-            .map_err(|source| HostError::LvActivate {
-                id: id.clone(),
-                source: Box::new(source),
-            })
+            .map_err(failed_at!(LvActivate, id))
     }
 
     /// Activates the LV and opens the mapping; returns the final device.
@@ -475,10 +480,7 @@ impl VolumeHost {
                 Ok(self
                     .devices
                     .open_crypt(&lv_device, id, &key)
-                    .map_err(|source| HostError::CryptOpen {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
+                    .map_err(failed_at!(CryptOpen, id))?
                     .into_inner())
             }
         }
@@ -490,14 +492,10 @@ impl VolumeHost {
         };
         let encryption = progress::encryption(&volume.tags);
         let device = match encryption {
-            Some(Encryption::Luks2) => {
-                self.devices
-                    .crypt_mapping(&id)
-                    .map_err(|source| HostError::CryptStatus {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
-            }
+            Some(Encryption::Luks2) => self
+                .devices
+                .crypt_mapping(&id)
+                .map_err(failed_at!(CryptStatus, id))?,
             _ => volume.device.clone(),
         };
         Ok(Some(LocalVolume {
@@ -645,10 +643,7 @@ impl VolumeHost {
                 let key = self
                     .keys
                     .get_or_create(id)
-                    .map_err(|source| HostError::KeyCreate {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
+                    .map_err(failed_at!(KeyCreate, id))?
                     .into_inner();
                 self.step(id, Step::KeyReady)?;
                 Some(key)
@@ -669,10 +664,7 @@ impl VolumeHost {
                 let _ = self
                     .backend
                     .create_thin(&id.lv_name(), spec.size, &tags)
-                    .map_err(|source| HostError::LvCreate {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?;
+                    .map_err(failed_at!(LvCreate, id))?;
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
                 Progress::LvCreated
             }
@@ -687,10 +679,7 @@ impl VolumeHost {
                     let _ = self
                         .devices
                         .format_crypt(&lv_device, id, key, FormatGuard::AllowUnfinishedOwnHeader)
-                        .map_err(|source| HostError::CryptFormat {
-                            id: id.clone(),
-                            source: Box::new(source),
-                        })?;
+                        .map_err(failed_at!(CryptFormat, id))?;
                     self.step(id, Step::CryptFormatted)?;
                     self.set_progress(id, Progress::CryptFormatted)?;
                     self.step(id, Step::ProgressCrypt)?;
@@ -698,10 +687,7 @@ impl VolumeHost {
                 let mapping = self
                     .devices
                     .open_crypt(&lv_device, id, key)
-                    .map_err(|source| HostError::CryptOpen {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
+                    .map_err(failed_at!(CryptOpen, id))?
                     .into_inner();
                 self.step(id, Step::CryptOpened)?;
                 mapping
@@ -711,10 +697,7 @@ impl VolumeHost {
         let _ = self
             .devices
             .make_fs(&fs_device, id)
-            .map_err(|source| HostError::Mkfs {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(failed_at!(Mkfs, id))?;
         self.step(id, Step::FsMade)?;
         self.set_progress(id, Progress::Ready)?;
         self.step(id, Step::ProgressReady)?;
@@ -781,10 +764,7 @@ impl VolumeHost {
         changed |= self
             .devices
             .close_crypt(id)
-            .map_err(|source| HostError::CryptClose {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed_at!(CryptClose, id))?
             .changed();
         self.step(id, Step::CryptClosed)?;
         if existing.is_some() {
@@ -792,29 +772,20 @@ impl VolumeHost {
             changed |= self
                 .devices
                 .erase(&lv_device, id, encrypted)
-                .map_err(|source| HostError::CryptErase {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(CryptErase, id))?
                 .changed();
             self.step(id, Step::HeaderErased)?;
             changed |= self
                 .backend
                 .remove_thin(&id.lv_name())
-                .map_err(|source| HostError::LvRemove {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(LvRemove, id))?
                 .changed();
             self.step(id, Step::LvRemoved)?;
         }
         changed |= self
             .keys
             .destroy(id)
-            .map_err(|source| HostError::KeyDestroy {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed_at!(KeyDestroy, id))?
             .changed();
         self.step(id, Step::KeyDestroyed)?;
         if changed {
@@ -854,10 +825,7 @@ impl VolumeHost {
         let closed = self
             .devices
             .close_crypt(id)
-            .map_err(|source| HostError::CryptClose {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(failed_at!(CryptClose, id))?;
         self.step(id, Step::CryptClosed)?;
         Ok(closed)
     }
@@ -892,13 +860,10 @@ impl VolumeHost {
             path: jail.full(),
         })?;
         let device = self.ensure_open(id, Self::encryption_of(id, &volume)?)?;
-        let rdev =
-            self.devices
-                .device_number(&device)
-                .map_err(|source| HostError::DeviceNumber {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+        let rdev = self
+            .devices
+            .device_number(&device)
+            .map_err(failed_at!(DeviceNumber, id))?;
         let recorded_now = !volume.tags.contains(&record);
         if recorded_now {
             // Recorded first: a node made after a crash is still found.
@@ -907,11 +872,7 @@ impl VolumeHost {
         let mut made_node = false;
         let exposed: Result<_, HostError> = (|| {
             self.step(id, Step::NodeRecorded)?;
-            let exposed =
-                jail::expose(jail, rdev, owner, id).map_err(|source| HostError::Expose {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+            let exposed = jail::expose(jail, rdev, owner, id).map_err(failed_at!(Expose, id))?;
             made_node = exposed.changed();
             self.step(id, Step::NodeMade)?;
             Ok(exposed)
@@ -927,10 +888,7 @@ impl VolumeHost {
         if made_node {
             rollback = jail::unexpose(jail, id)
                 .map(|_| ())
-                .map_err(|source| HostError::Unexpose {
-                    id: id.clone(),
-                    source: Box::new(source),
-                });
+                .map_err(failed_at!(Unexpose, id));
         }
         if recorded_now && rollback.is_ok() {
             rollback = self.retag(id, "node record", &[], &[record]);
@@ -948,10 +906,7 @@ impl VolumeHost {
     pub fn unexpose(&self, id: &VolumeId, jail: &JailPath) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
-        let removed = jail::unexpose(jail, id).map_err(|source| HostError::Unexpose {
-            id: id.clone(),
-            source: Box::new(source),
-        })?;
+        let removed = jail::unexpose(jail, id).map_err(failed_at!(Unexpose, id))?;
         self.step(id, Step::NodeRemoved)?;
         if let (Some(volume), Some(record)) = (self.find(id)?, progress::node_tag(jail)) {
             if volume.tags.contains(&record) {
@@ -988,30 +943,21 @@ impl VolumeHost {
             }
             self.backend
                 .extend_thin(&id.lv_name(), size)
-                .map_err(|source| HostError::LvExtend {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(LvExtend, id))?
         };
         self.step(id, Step::LvExtended)?;
         let device = self.ensure_open(id, encryption)?;
         if encryption == Encryption::Luks2 {
             self.devices
                 .resize_crypt(id)
-                .map_err(|source| HostError::CryptResize {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+                .map_err(failed_at!(CryptResize, id))?;
             self.step(id, Step::CryptResized)?;
         }
         let filesystem = if progress::nodes(&volume.tags).is_empty() {
             let grown = self
                 .devices
                 .grow_fs(&device)
-                .map_err(|source| HostError::FsGrow {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+                .map_err(failed_at!(FsGrow, id))?;
             self.step(id, Step::FsGrown)?;
             FsGrowth::Grown(grown)
         } else {
