@@ -15,5 +15,6 @@ pub mod fs;
 pub mod host;
 pub mod jail;
 pub mod keys;
+mod locked;
 
 pub use volume_model::{actions, capacity, names, units};
