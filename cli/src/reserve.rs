@@ -18,7 +18,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use consul_kv::TxnOp;
-use rand::Rng as _;
 use volume_control::layout::{Ledger, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
 use volume_model::names::{HostId, Region, VolumeId, VolumeName};
@@ -34,14 +33,10 @@ pub const MAX_ATTEMPTS: u32 = 16;
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// "Full jitter" backoff: a random wait up to a doubling cap, so that
-/// writers who lost the same race do not collide again in step.
+/// A jittered wait that doubles per attempt, so that writers who lost the
+/// same race do not collide again in step.
 async fn backoff(attempt: u32) {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1 << attempt.min(16))
-        .min(BACKOFF_MAX);
-    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    let wait = Duration::from_millis(rand::rng().random_range(0..=cap_ms));
+    let wait = consul_kv::Backoff::new(BACKOFF_BASE, BACKOFF_MAX).delay(attempt.saturating_add(1));
     tokio::time::sleep(wait).await;
 }
 
