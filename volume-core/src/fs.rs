@@ -34,14 +34,27 @@
 //! then `resize2fs` offline. A filesystem mounted inside a guest is not
 //! mounted here, so callers must not grow a volume a VM has open (see
 //! [`crate::host`]).
+//!
+//! **Never checks or resizes a filesystem something has open.** Before
+//! `e2fsck` and again before `resize2fs`, [`holders`] asks the kernel: the
+//! device-mapper open count of the device (and of the LV beneath a
+//! mapping, which the mapping itself holds once), and whether an exclusive
+//! open (`O_EXCL`) is refused because of a mount anywhere, in any mount
+//! namespace, or another exclusive claim. Anything found leaves the growth
+//! to whoever holds it ([`GrowOutcome::InUse`]). The check cannot be held
+//! across the programs (`e2fsck` and `resize2fs` open the device with
+//! `O_EXCL` themselves, which also keeps mounts out while each runs); a
+//! plain open that starts in between is the caller's to prevent, which is
+//! why the host runs extend under the volume's lock.
 
 use crate::actions::{CreateAction, ExtendAction};
 use crate::cmd::{CmdError, Tools};
 use crate::names::VolumeId;
 use crate::units::Bytes;
+use devicemapper::{DevId, DM};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -92,8 +105,108 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
+    #[error("could not tell whether {device} is in use: {reason}")]
+    Holders { device: PathBuf, reason: String },
     #[error(transparent)]
     Command(#[from] CmdError),
+}
+
+/// What holds a block device open beyond what is expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Holders {
+    /// Device-mapper opens beyond the expected ones (a VM, a `dd`, ...).
+    pub extra_opens: u32,
+    /// An exclusive open was refused: mounted (perhaps in another mount
+    /// namespace) or claimed by another exclusive opener.
+    pub exclusive: bool,
+}
+
+impl Holders {
+    pub fn any(&self) -> bool {
+        self.extra_opens > 0 || self.exclusive
+    }
+}
+
+impl std::fmt::Display for Holders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.extra_opens, self.exclusive) {
+            (0, false) => f.write_str("nothing holds it"),
+            (n, false) => write!(f, "open {n} more time(s) than this host's own stack"),
+            (0, true) => f.write_str("claimed exclusively (mounted, perhaps in another namespace)"),
+            (n, true) => write!(
+                f,
+                "open {n} more time(s) and claimed exclusively (mounted, perhaps in another namespace)"
+            ),
+        }
+    }
+}
+
+/// The open count of the device-mapper device `rdev`, or `None` when it is
+/// not a device-mapper device (or this kernel has no device-mapper).
+fn dm_open_count(device: &Path, rdev: u64) -> Result<Option<u32>, FsError> {
+    let fail = |reason: String| FsError::Holders {
+        device: device.to_owned(),
+        reason,
+    };
+    if !Path::new("/dev/mapper/control").exists() {
+        return Ok(None);
+    }
+    let dm = DM::new().map_err(|e| fail(e.to_string()))?;
+    let wanted = devicemapper::Device::from(rdev);
+    let Some((name, _, _)) = dm
+        .list_devices()
+        .map_err(|e| fail(e.to_string()))?
+        .into_iter()
+        .find(|(_, dev, _)| *dev == wanted)
+    else {
+        return Ok(None);
+    };
+    let info = dm
+        .device_info(&DevId::Name(&name))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Some(u32::try_from(info.open_count()).unwrap_or(0)))
+}
+
+/// Who holds `device` beyond `expected_opens` device-mapper opens (0 for a
+/// volume's final device; 1 for the LV under a dm-crypt mapping). A regular
+/// file has no holders.
+pub fn holders(device: &Path, expected_opens: u32) -> Result<Holders, FsError> {
+    let meta = std::fs::metadata(device).map_err(|source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Ok(Holders::default());
+    }
+    // Counted before our own probe below opens it.
+    let opens = dm_open_count(device, meta.rdev())?.unwrap_or(0);
+    let exclusive = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(device)
+    {
+        Ok(_probe) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+        Err(source) => {
+            return Err(FsError::Read {
+                device: device.to_owned(),
+                source,
+            })
+        }
+    };
+    Ok(Holders {
+        extra_opens: opens.saturating_sub(expected_opens),
+        exclusive,
+    })
+}
+
+/// What [`grow_ext4`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrowOutcome {
+    Grown(ExtendAction),
+    /// Something holds the device (or the LV beneath it) open; nothing was
+    /// checked or resized.
+    InUse(Holders),
 }
 
 /// The fields of an ext2/3/4 superblock we use.
@@ -314,8 +427,14 @@ pub fn is_mounted(device: &Path, mountinfo: &Path) -> Result<bool, FsError> {
 
 /// Grows the ext4 filesystem on `device` to fill it; `Identity` if it
 /// already does. Online when mounted on this host, offline otherwise (see
-/// the module docs for why `e2fsck -f -p`).
-pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<ExtendAction, FsError> {
+/// the module docs for why `e2fsck -f -p`), and then only while nothing
+/// holds `device` or `lower` (the LV under a mapping) open.
+pub fn grow_ext4(
+    tools: &Tools,
+    device: &Path,
+    lower: Option<&Path>,
+    mountinfo: &Path,
+) -> Result<GrowOutcome, FsError> {
     let before = match probe(device)? {
         Signature::Ext(sb) => sb,
         found => {
@@ -327,11 +446,23 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
     };
     let available = device_size(device)?.0 / before.block_size;
     if before.blocks >= available {
-        return Ok(ExtendAction::Identity(before.size()));
+        return Ok(GrowOutcome::Grown(ExtendAction::Identity(before.size())));
     }
+    let held = || -> Result<Option<Holders>, FsError> {
+        let mut found = holders(device, 0)?;
+        if let Some(lower) = lower {
+            let below = holders(lower, 1)?;
+            found.extra_opens += below.extra_opens;
+            found.exclusive |= below.exclusive;
+        }
+        Ok(found.any().then_some(found))
+    };
     if is_mounted(device, mountinfo)? {
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     } else {
+        if let Some(found) = held()? {
+            return Ok(GrowOutcome::InUse(found));
+        }
         // 0: clean, 1: errors fixed safely; anything else needs a person.
         tools.e2fsck.run(
             [
@@ -341,6 +472,9 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
             ],
             &[0, 1],
         )?;
+        if let Some(found) = held()? {
+            return Ok(GrowOutcome::InUse(found));
+        }
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     }
     let after = match probe(device)? {
@@ -352,10 +486,10 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
             })
         }
     };
-    Ok(ExtendAction::Extended {
+    Ok(GrowOutcome::Grown(ExtendAction::Extended {
         from: before.size(),
         to: after.size(),
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -488,8 +622,8 @@ mod tests {
         let mountinfo = dir.path().join("mountinfo");
         std::fs::write(&mountinfo, "").unwrap();
         assert_eq!(
-            grow_ext4(&tools, &device, &mountinfo).unwrap(),
-            ExtendAction::Identity(Bytes(64 * MIB))
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Identity(Bytes(64 * MIB)))
         );
         File::options()
             .write(true)
@@ -498,17 +632,20 @@ mod tests {
             .set_len(96 * MIB)
             .unwrap();
         assert_eq!(
-            grow_ext4(&tools, &device, &mountinfo).unwrap(),
-            ExtendAction::Extended {
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Extended {
                 from: Bytes(64 * MIB),
                 to: Bytes(96 * MIB)
-            }
+            })
         );
-        assert!(!grow_ext4(&tools, &device, &mountinfo).unwrap().changed());
+        assert!(matches!(
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Identity(_))
+        ));
         // Growing a device with no filesystem is an error, not a mkfs.
         let blank = sparse_file(dir.path(), "blank.img", 8 * MIB);
         assert!(matches!(
-            grow_ext4(&tools, &blank, &mountinfo),
+            grow_ext4(&tools, &blank, None, &mountinfo),
             Err(FsError::NotExt4 { .. })
         ));
     }
