@@ -83,7 +83,7 @@ use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
 use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
-use crate::fs::FsError;
+use crate::fs::{FsError, GrowOutcome, Holders};
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
 use crate::names::{VolumeId, VolumeName};
@@ -134,6 +134,11 @@ pub enum FsGrowth {
     /// (`resize2fs /dev/vdX`) after it sees the new device size. Growing it
     /// offline from here under a running guest would corrupt it.
     LeftToGuest,
+    /// Not exposed through a jail node, but something holds the device (or
+    /// the LV beneath it) open: a VM given the device path directly, a
+    /// mount in another namespace. Left to whoever has it, as for
+    /// [`FsGrowth::LeftToGuest`]; a later extend grows it once released.
+    InUse(Holders),
 }
 
 /// The `map_err` of a step that failed on volume `id`: wraps the cause in
@@ -492,16 +497,26 @@ impl VolumeHost {
 
     /// Activates the LV and opens the mapping; returns the final device.
     fn ensure_open(&self, id: &VolumeId, encryption: Encryption) -> Result<PathBuf, HostError> {
+        Ok(self.ensure_open_layers(id, encryption)?.0)
+    }
+
+    /// [`Self::ensure_open`], also returning the LV under a mapping.
+    fn ensure_open_layers(
+        &self,
+        id: &VolumeId,
+        encryption: Encryption,
+    ) -> Result<(PathBuf, Option<PathBuf>), HostError> {
         let lv_device = self.activate(id)?;
         match encryption {
-            Encryption::None => Ok(lv_device),
+            Encryption::None => Ok((lv_device, None)),
             Encryption::Luks2 => {
                 let key = self.load_key(id)?;
-                Ok(self
+                let mapping = self
                     .devices
                     .open_crypt(&lv_device, id, &key)
                     .map_err(failed_at!(CryptOpen, id))?
-                    .into_inner())
+                    .into_inner();
+                Ok((mapping, Some(lv_device)))
             }
         }
     }
@@ -990,7 +1005,8 @@ impl VolumeHost {
     }
 
     /// Grows a ready volume to `size`: LV (after admission), mapping, and
-    /// filesystem (unless a VM has it: see [`FsGrowth::LeftToGuest`]).
+    /// filesystem (unless a VM has it: see [`FsGrowth::LeftToGuest`], or
+    /// anything else holds it open: [`FsGrowth::InUse`]).
     /// Re-running after a failure or crash completes the layers left.
     pub fn extend(&self, id: &VolumeId, size: Bytes) -> Result<ExtendOutcome, HostError> {
         let volume_lock = self.volume_lock(id);
@@ -1017,7 +1033,7 @@ impl VolumeHost {
                 .map_err(failed_at!(LvExtend, id))?
         };
         self.step(id, Step::LvExtended)?;
-        let device = self.ensure_open(id, encryption)?;
+        let (device, lower) = self.ensure_open_layers(id, encryption)?;
         if encryption == Encryption::Luks2 {
             self.devices
                 .resize_crypt(id)
@@ -1025,12 +1041,21 @@ impl VolumeHost {
             self.step(id, Step::CryptResized)?;
         }
         let filesystem = if progress::nodes(&volume.tags).is_empty() {
-            let grown = self
+            match self
                 .devices
-                .grow_fs(&device)
-                .map_err(failed_at!(FsGrow, id))?;
-            self.step(id, Step::FsGrown)?;
-            FsGrowth::Grown(grown)
+                .grow_fs(&device, lower.as_deref())
+                .map_err(failed_at!(FsGrow, id))?
+            {
+                GrowOutcome::Grown(grown) => {
+                    self.step(id, Step::FsGrown)?;
+                    FsGrowth::Grown(grown)
+                }
+                GrowOutcome::InUse(holders) => {
+                    tracing::warn!(volume = %id, device = %device.display(), %holders,
+                        "filesystem not grown: something holds the device open");
+                    FsGrowth::InUse(holders)
+                }
+            }
         } else {
             FsGrowth::LeftToGuest
         };
