@@ -129,6 +129,7 @@ pub struct Options {
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
     /// Simulated backend and devices (tests, benchmarks): no LVM, no dm.
+    #[cfg(feature = "testing")]
     #[arg(long, env = "VOLUMED_SIM", global = true)]
     pub sim: bool,
 }
@@ -200,6 +201,7 @@ pub struct FileDaemon {
     pub heartbeat_interval: Option<String>,
     pub pool_refresh_interval: Option<String>,
     pub max_concurrent: Option<usize>,
+    #[cfg(feature = "testing")]
     pub sim: Option<bool>,
 }
 
@@ -246,6 +248,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub pool_refresh_interval: Duration,
     pub max_concurrent: usize,
+    #[cfg(feature = "testing")]
     pub sim: bool,
 }
 
@@ -371,7 +374,10 @@ impl Config {
             DEFAULT_RETRY_MAX,
         )?;
 
+        #[cfg(feature = "testing")]
         let sim = o.sim || f.daemon.sim.unwrap_or(false);
+        #[cfg(not(feature = "testing"))]
+        let sim = false;
         let vg = match o.vg.clone().or(f.pool.vg) {
             Some(vg) => vg,
             None if sim => "vmvg-sim".to_owned(),
@@ -545,6 +551,7 @@ impl Config {
             heartbeat_interval,
             pool_refresh_interval,
             max_concurrent,
+            #[cfg(feature = "testing")]
             sim,
         })
     }
@@ -675,6 +682,7 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("hots = \"typo\"").is_err());
     }
 
+    #[cfg(feature = "testing")]
     #[test]
     fn sim_mode_needs_no_pool_settings() {
         let config = Config::merge(
