@@ -6,6 +6,7 @@
 
 pub mod lvm;
 pub mod shared;
+#[cfg(feature = "testing")]
 pub mod sim;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};

@@ -69,14 +69,19 @@
 //! ```
 
 pub mod devices;
+#[cfg(feature = "testing")]
 pub mod faults;
+#[cfg(feature = "testing")]
 pub mod sim;
+pub mod steps;
 #[cfg(test)]
 mod tests;
 
 pub use devices::{RealDevices, VolumeDevices};
-pub use faults::{Fault, FaultInjector, FaultPlan, Step};
+#[cfg(feature = "testing")]
+pub use faults::{Fault, FaultInjector, FaultPlan};
 pub use progress::{Encryption, Progress};
+pub use steps::Step;
 pub use volume_model::progress;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
@@ -307,8 +312,10 @@ pub enum HostError {
         #[source]
         source: Box<JailError>,
     },
+    #[cfg(feature = "testing")]
     #[error("volume {id}: injected failure after step {step}")]
     InjectedFailure { id: VolumeId, step: Step },
+    #[cfg(feature = "testing")]
     #[error("volume {id}: injected crash after step {step} (nothing rolled back)")]
     InjectedCrash { id: VolumeId, step: Step },
     #[error("{error}; rolling back failed too: {rollback}")]
@@ -319,8 +326,15 @@ pub enum HostError {
 }
 
 impl HostError {
+    #[cfg(feature = "testing")]
     fn is_crash(&self) -> bool {
         matches!(self, HostError::InjectedCrash { .. })
+    }
+
+    /// Only an injected crash skips rollback, and only tests inject one.
+    #[cfg(not(feature = "testing"))]
+    fn is_crash(&self) -> bool {
+        false
     }
 }
 
@@ -358,6 +372,7 @@ pub struct VolumeHost {
     devices: Arc<dyn VolumeDevices>,
     keys: Arc<dyn KeyStore>,
     policy: CapacityPolicy,
+    #[cfg(feature = "testing")]
     faults: Option<Arc<dyn FaultInjector>>,
     /// Held across admission and LV creation/extension so two requests
     /// cannot both take the last headroom.
@@ -394,6 +409,7 @@ impl VolumeHost {
             devices,
             keys,
             policy,
+            #[cfg(feature = "testing")]
             faults: None,
             pool_lock: Mutex::new(()),
             volume_locks: Mutex::new(HashMap::new()),
@@ -402,6 +418,7 @@ impl VolumeHost {
 
     /// Injects faults between steps (tests, on the simulator and the real
     /// stack alike).
+    #[cfg(feature = "testing")]
     pub fn with_faults(mut self, faults: Arc<dyn FaultInjector>) -> VolumeHost {
         self.faults = Some(faults);
         self
@@ -420,17 +437,15 @@ impl VolumeHost {
 
     fn step(&self, id: &VolumeId, step: Step) -> Result<(), HostError> {
         tracing::debug!(volume = %id, %step, "step done");
-        match self.faults.as_ref().and_then(|f| f.after(step)) {
-            None => Ok(()),
-            Some(Fault::Fail) => Err(HostError::InjectedFailure {
-                id: id.clone(),
-                step,
-            }),
-            Some(Fault::Crash) => Err(HostError::InjectedCrash {
-                id: id.clone(),
-                step,
-            }),
+        #[cfg(feature = "testing")]
+        if let Some(fault) = self.faults.as_ref().and_then(|f| f.after(step)) {
+            let id = id.clone();
+            return Err(match fault {
+                Fault::Fail => HostError::InjectedFailure { id, step },
+                Fault::Crash => HostError::InjectedCrash { id, step },
+            });
         }
+        Ok(())
     }
 
     fn find(&self, id: &VolumeId) -> Result<Option<ThinVolume>, HostError> {
