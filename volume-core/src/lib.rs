@@ -16,5 +16,6 @@ pub mod fs;
 pub mod host;
 pub mod jail;
 pub mod keys;
+mod locked;
 pub mod names;
 pub mod units;

@@ -1,8 +1,8 @@
 //! Host tests of the daemon: the simulated backend and devices, the
 //! embedded KV server in process, the daemon as a task.
 
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clap::Parser as _;
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use volctl::{Cli, CliError, Ui};
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::capacity::{CapacityPolicy, PoolUsage};

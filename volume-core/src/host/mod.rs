@@ -15,10 +15,13 @@
 //! * **Never formats over data.** Only volumes whose recorded progress is
 //!   before `ready` are formatted, and the format and mkfs steps themselves
 //!   refuse any signature they did not make.
-//! * **Rollback.** A failed create removes everything it made (key, LV,
-//!   header, mapping); a failed expose removes its node and record. A
-//!   failed rollback is reported as [`HostError::RollbackFailed`] with both
-//!   errors. Extend and delete need no rollback: re-running them converges.
+//! * **Rollback removes only what this call made.** A failed create removes
+//!   the key, LV, header and mapping *it* made, never a key stored before
+//!   the call (another host's, with the envelope store) or the LV of an
+//!   earlier, unfinished create (a re-run resumes it; delete removes it);
+//!   a failed expose removes its node and record. A failed rollback is
+//!   reported as [`HostError::RollbackFailed`] with both errors. Extend and
+//!   delete need no rollback: re-running them converges.
 //! * **No secrets in errors or logs.** Keys never leave [`crate::keys`]
 //!   types; errors name volumes, devices and paths only.
 //!
@@ -293,6 +296,23 @@ impl HostError {
     }
 }
 
+/// What one create call made itself, so that its rollback removes exactly
+/// that.
+#[derive(Debug, Default, Clone, Copy)]
+struct Made {
+    key: bool,
+    lv: bool,
+    mapping: bool,
+}
+
+/// Whether a teardown destroys the volume's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFate {
+    Destroy,
+    /// The key existed before the create being rolled back.
+    Keep,
+}
+
 /// The volume API for one host's thin pool.
 pub struct VolumeHost {
     backend: Arc<dyn ThinBackend>,
@@ -556,7 +576,12 @@ impl VolumeHost {
         if let Some(volume) = &existing {
             if Self::state_of(id, volume)? == VolumeState::Deleting {
                 // A delete or rollback began; finish it, then start afresh.
-                let _ = self.teardown(id, existing.take())?;
+                let fate = if progress::key_kept(&volume.tags) {
+                    KeyFate::Keep
+                } else {
+                    KeyFate::Destroy
+                };
+                let _ = self.teardown(id, existing.take(), fate)?;
             }
         }
         match &existing {
@@ -589,12 +614,13 @@ impl VolumeHost {
             }
             None => self.admit_new(spec)?,
         }
-        match self.build(spec, existing) {
+        let mut made = Made::default();
+        match self.build(spec, existing, &mut made) {
             Ok(status) => Ok(CreateAction::Created(status)),
             Err(error) if error.is_crash() => Err(error),
             Err(error) => {
                 tracing::warn!(volume = %id, %error, "create failed; rolling back");
-                match self.discard_unfinished(id) {
+                match self.discard_unfinished(id, made) {
                     Ok(()) => Err(error),
                     Err(rollback) if rollback.is_crash() => Err(rollback),
                     Err(rollback) => Err(HostError::RollbackFailed {
@@ -606,11 +632,13 @@ impl VolumeHost {
         }
     }
 
-    /// The mutating part of create; any error here is rolled back.
+    /// The mutating part of create; any error here is rolled back, and
+    /// `made` says what this call made.
     fn build(
         &self,
         spec: &VolumeSpec,
         existing: Option<ThinVolume>,
+        made: &mut Made,
     ) -> Result<VolumeStatus, HostError> {
         let id = &spec.id;
         let key = match spec.encryption {
@@ -621,8 +649,9 @@ impl VolumeHost {
                     .map_err(|source| HostError::KeyCreate {
                         id: id.clone(),
                         source: Box::new(source),
-                    })?
-                    .into_inner();
+                    })?;
+                made.key = key.changed();
+                let key = key.into_inner();
                 self.step(id, Step::KeyReady)?;
                 Some(key)
             }
@@ -639,13 +668,14 @@ impl VolumeHost {
                 let _pool = lock(&self.pool_lock);
                 // Again under the lock: another create may have taken the room.
                 self.admit_new(spec)?;
-                let _ = self
+                made.lv = self
                     .backend
                     .create_thin(&id.lv_name(), spec.size, &tags)
                     .map_err(|source| HostError::LvCreate {
                         id: id.clone(),
                         source: Box::new(source),
-                    })?;
+                    })?
+                    .changed();
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
                 VolumeState::LvCreated
             }
@@ -674,8 +704,9 @@ impl VolumeHost {
                     .map_err(|source| HostError::CryptOpen {
                         id: id.clone(),
                         source: Box::new(source),
-                    })?
-                    .into_inner();
+                    })?;
+                made.mapping = mapping.changed();
+                let mapping = mapping.into_inner();
                 self.step(id, Step::CryptOpened)?;
                 mapping
             }
@@ -695,25 +726,65 @@ impl VolumeHost {
         self.status(id)
     }
 
-    /// Rollback of a failed create: removes everything unless the volume
-    /// reached `ready` (then it is kept: it may already be in use).
-    fn discard_unfinished(&self, id: &VolumeId) -> Result<(), HostError> {
-        let existing = self.find(id)?;
-        if let Some(volume) = &existing {
-            if progress::state(&volume.tags) == Some(VolumeState::Ready) {
-                return Ok(());
+    /// Rollback of a failed create: removes what this call made (`made`),
+    /// and nothing once the volume reached `ready` (it may be in use).
+    /// * This call made the LV: the LV goes with its header and mapping.
+    /// * The LV is an earlier call's (a resumed create): only the mapping
+    ///   this call opened is closed; the LV keeps its progress for a re-run.
+    /// * The key goes only if this call made it.
+    fn discard_unfinished(&self, id: &VolumeId, made: Made) -> Result<(), HostError> {
+        let fate = if made.key {
+            KeyFate::Destroy
+        } else {
+            KeyFate::Keep
+        };
+        if made.lv {
+            let existing = self.find(id)?;
+            if let Some(volume) = &existing {
+                if progress::state(&volume.tags) == Some(VolumeState::Ready) {
+                    return Ok(());
+                }
             }
+            return self.teardown(id, existing, fate).map(|_| ());
         }
-        self.teardown(id, existing).map(|_| ())
+        if made.mapping {
+            let _ = self
+                .devices
+                .close_crypt(id)
+                .map_err(|source| HostError::CryptClose {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            self.step(id, Step::CryptClosed)?;
+        }
+        if fate == KeyFate::Destroy {
+            self.destroy_key(id)?;
+        }
+        Ok(())
+    }
+
+    fn destroy_key(&self, id: &VolumeId) -> Result<bool, HostError> {
+        let changed = self
+            .keys
+            .destroy(id)
+            .map_err(|source| HostError::KeyDestroy {
+                id: id.clone(),
+                source: Box::new(source),
+            })?
+            .changed();
+        self.step(id, Step::KeyDestroyed)?;
+        Ok(changed)
     }
 
     /// Removes a volume and everything of it, in an order that a re-run
     /// after a crash at any point completes: mark, unexpose, close, erase
-    /// the header, remove the LV, destroy the key.
+    /// the header, remove the LV, destroy the key (unless `key` says keep;
+    /// the mark then records that, for the re-run).
     fn teardown(
         &self,
         id: &VolumeId,
         existing: Option<ThinVolume>,
+        key: KeyFate,
     ) -> Result<DeleteAction, HostError> {
         let mut changed = false;
         let mut encrypted = true;
@@ -722,7 +793,16 @@ impl VolumeHost {
             // header of ours on a plain volume and does nothing.
             encrypted = progress::encryption(&volume.tags) != Some(Encryption::None);
             if progress::state(&volume.tags) != Some(VolumeState::Deleting) {
-                self.set_state(id, VolumeState::Deleting)?;
+                let mut add = vec![progress::state_tag(VolumeState::Deleting)];
+                if key == KeyFate::Keep {
+                    add.push(progress::key_kept_tag());
+                }
+                self.retag(
+                    id,
+                    "step",
+                    &add,
+                    &progress::other_state_tags(VolumeState::Deleting),
+                )?;
                 changed = true;
                 self.step(id, Step::MarkedDeleting)?;
             }
@@ -781,15 +861,9 @@ impl VolumeHost {
                 .changed();
             self.step(id, Step::LvRemoved)?;
         }
-        changed |= self
-            .keys
-            .destroy(id)
-            .map_err(|source| HostError::KeyDestroy {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
-            .changed();
-        self.step(id, Step::KeyDestroyed)?;
+        if key == KeyFate::Destroy {
+            changed |= self.destroy_key(id)?;
+        }
         if changed {
             tracing::info!(volume = %id, "deleted");
         }
@@ -807,7 +881,7 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         let existing = self.find(id)?;
-        self.teardown(id, existing)
+        self.teardown(id, existing, KeyFate::Destroy)
     }
 
     /// Opens a ready volume (after a host restart): activates the LV and

@@ -8,6 +8,9 @@
 //! * `vmv1.node=<base64url>`: a jail node this volume is exposed at
 //!   (recorded before the node is made, removed after it is gone), so that
 //!   delete finds every node even after a crash.
+//! * `vmv1.key=kept`: set with `deleting` by a rollback whose key existed
+//!   before the failed create (another host's, or an earlier call's), so
+//!   that finishing the rollback after a crash keeps that key too.
 
 use crate::jail::JailPath;
 use crate::names::{VolumeName, NAME_PREFIX};
@@ -89,6 +92,15 @@ pub fn other_state_tags(keep: VolumeState) -> Vec<String> {
         .collect()
 }
 
+/// Marks a rollback that must keep the volume's key.
+pub fn key_kept_tag() -> String {
+    tag("key", "kept")
+}
+
+pub fn key_kept(tags: &BTreeSet<String>) -> bool {
+    tags.contains(&key_kept_tag())
+}
+
 pub fn encryption_tag(encryption: Encryption) -> String {
     tag("enc", encryption.word())
 }
@@ -164,6 +176,7 @@ mod tests {
             encryption_tag(Encryption::Luks2),
             name_tag(&name),
             node.clone(),
+            key_kept_tag(),
         ] {
             check_tag(&t).unwrap();
             tags.insert(t);
@@ -172,6 +185,7 @@ mod tests {
         assert_eq!(encryption(&tags), Some(Encryption::Luks2));
         assert_eq!(self::name(&tags), Some(name));
         assert_eq!(nodes(&tags), vec![(jail, node)]);
+        assert!(key_kept(&tags));
     }
 
     #[test]

@@ -665,3 +665,115 @@ fn delete_leaves_a_foreign_node_that_replaced_ours_alone() {
     assert!(h.backend.list_thins().unwrap().is_empty());
     assert!(h.key_files().is_empty());
 }
+
+/// Reproduced: an LV that listing does not show (it lost our tag) made
+/// create fail with `NotOurs`, and the rollback destroyed the key that was
+/// stored before the call.
+#[test]
+fn a_failed_create_keeps_a_key_that_existed_before_it() {
+    let h = harness();
+    let spec = spec(Encryption::Luks2);
+    let key = VolumeKey::generate().unwrap();
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.backend.plant_untagged(&spec.id.lv_name(), Bytes(GIB));
+    let err = h.host.create(&spec).unwrap_err();
+    assert!(
+        matches!(&err, HostError::LvCreate { source, .. } if matches!(**source, BackendError::NotOurs { .. })),
+        "{err}"
+    );
+    let kept = h.keys.load(&spec.id).unwrap().expect("key kept");
+    assert!(kept.same_as(&key));
+    // The same when the failure comes after this call made its LV: the LV
+    // goes, the older key stays.
+    let spec = self::spec(Encryption::Luks2);
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.plan.at(Step::FsMade, Fault::Fail);
+    assert!(matches!(
+        h.host.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    assert!(h.backend.list_thins().unwrap().is_empty());
+    assert!(h
+        .keys
+        .load(&spec.id)
+        .unwrap()
+        .expect("key kept")
+        .same_as(&key));
+    // Even when that rollback crashes half-way and a later create finishes it.
+    let spec = self::spec(Encryption::Luks2);
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.plan
+        .at(Step::FsMade, Fault::Fail)
+        .at(Step::HeaderErased, Fault::Crash);
+    assert!(h.host.create(&spec).is_err());
+    assert!(h.host.create(&spec).unwrap().changed());
+    assert!(h
+        .keys
+        .load(&spec.id)
+        .unwrap()
+        .expect("key kept")
+        .same_as(&key));
+}
+
+/// With the envelope store, every host sees every sealed key: a second
+/// host's failed create of the same volume id must not delete it.
+#[test]
+fn a_second_hosts_failed_create_never_deletes_the_shared_sealed_key() {
+    use crate::keys::{EnvelopeKeyStore, KeyEncryptionKey, LocalSealedStorage};
+    let first = harness();
+    let second = harness();
+    let sealed_dir = first.dir.path().join("sealed");
+    let kek = [7u8; crate::keys::KEK_BYTES];
+    let store = |h: &Harness| -> VolumeHost {
+        let keys = EnvelopeKeyStore::new(
+            KeyEncryptionKey::from_bytes(&kek).unwrap(),
+            LocalSealedStorage::open(&sealed_dir).unwrap(),
+        );
+        VolumeHost::new(
+            h.backend.clone(),
+            h.devices.clone(),
+            Arc::new(keys),
+            CapacityPolicy::default(),
+        )
+        .with_faults(h.plan.clone())
+    };
+    let (host_one, host_two) = (store(&first), store(&second));
+    let spec = spec(Encryption::Luks2);
+    let _ = host_one.create(&spec).unwrap();
+    second.plan.at(Step::FsMade, Fault::Fail);
+    assert!(matches!(
+        host_two.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    assert!(second.backend.list_thins().unwrap().is_empty());
+    // The first host's volume still opens with the shared key.
+    let _ = first.devices.close_crypt(&spec.id).unwrap();
+    host_one
+        .open(&spec.id)
+        .expect("the sealed key is still there");
+}
+
+/// A create that resumes an unfinished one and fails removes only what it
+/// made itself: the earlier call's LV and key stay for the next re-run.
+#[test]
+fn a_failed_resumed_create_leaves_what_earlier_calls_made() {
+    let h = harness();
+    let spec = spec(Encryption::Luks2);
+    h.plan.at(Step::LvCreated, Fault::Crash);
+    let _ = h.host.create(&spec).unwrap_err();
+    h.plan.at(Step::CryptOpened, Fault::Fail);
+    assert!(matches!(
+        h.host.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    let listed = h.host.list().unwrap();
+    assert_eq!(listed.len(), 1, "the earlier call's LV stays");
+    assert_eq!(listed[0].state, Some(VolumeState::CryptFormatted));
+    assert!(h.devices.mappings().is_empty(), "this call's mapping went");
+    assert_eq!(h.key_files().len(), 1, "the earlier call's key stays");
+    assert!(h.host.create(&spec).unwrap().changed());
+    h.assert_ready(&spec);
+    assert_eq!(h.devices.counts(&spec.id).crypt_formats, 1);
+    let _ = h.host.delete(&spec.id).unwrap();
+    h.assert_clean();
+}

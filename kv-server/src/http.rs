@@ -17,12 +17,12 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use tokio::sync::watch;
 
-use super::state::{KvState, ReceivedOp};
-use super::store::{Outcome, Store};
-use super::{DEFAULT_QUERY_WAIT, MAX_QUERY_WAIT};
-use crate::duration::parse_go_duration;
-use crate::secret::SecretToken;
-use crate::types::{TxnOp, TxnResponseBody};
+use crate::state::{KvState, ReceivedOp};
+use crate::store::{Outcome, Store};
+use crate::{DEFAULT_QUERY_WAIT, MAX_QUERY_WAIT};
+use consul_kv::duration::parse_go_duration;
+use consul_kv::secret::SecretToken;
+use consul_kv::types::{TxnOp, TxnResponseBody};
 
 /// Consul's `TxnMaxReqLen` default: the whole txn body.
 const MAX_TXN_BODY_BYTES: usize = 512 * 1024;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{base64_value, KvPair, TxnOp, TxnOpError, TxnResult};
+use consul_kv::types::{base64_value, KvPair, TxnOp, TxnOpError, TxnResult};
 
 /// A stored value and its indexes (the key is the map key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

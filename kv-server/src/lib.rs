@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 pub use persist::PersistError;
 
-use crate::secret::SecretToken;
+use consul_kv::secret::SecretToken;
 use store::Store;
 
 /// Largest value a PUT or a txn operation may carry (Consul's default

@@ -6,9 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::persist::{PersistError, Persistence};
-use super::state::{evaluate, KvState, ReceivedOp};
-use crate::types::{TxnOpError, TxnResult};
+use crate::persist::{PersistError, Persistence};
+use crate::state::{evaluate, KvState, ReceivedOp};
+use consul_kv::types::{TxnOpError, TxnResult};
 
 /// The outcome of a transaction.
 #[derive(Debug)]

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::SecretToken;
+use consul_kv_server::{Server, ServerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]

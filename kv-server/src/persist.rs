@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::state::{KvState, Mutation, StoredEntry};
+use crate::state::{KvState, Mutation, StoredEntry};
 
 const LOG_FILE: &str = "kv.log";
 const SNAPSHOT_FILE: &str = "kv.snapshot";
@@ -334,8 +334,8 @@ fn is_torn_tail(data: &[u8], at: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::state::evaluate;
-    use crate::types::TxnOp;
+    use crate::state::evaluate;
+    use consul_kv::types::TxnOp;
 
     fn write(p: &mut Persistence, state: &mut KvState, key: &str, value: &str) {
         let index = state.last_index.max(1) + 1;
