@@ -16,8 +16,8 @@ use volume_core::backend::ThinBackend;
 use volume_core::crypt::{self, CryptError};
 use volume_core::fs::{probe, volume_uuid, Signature, UuidPurpose};
 use volume_core::host::{
-    Encryption, Fault, FaultPlan, FsGrowth, HostError, RealDevices, Step, VolumeHost, VolumeSpec,
-    VolumeState,
+    Encryption, Fault, FaultPlan, FsGrowth, HostError, NewVolume, Progress, RealDevices, Step,
+    VolumeHost,
 };
 use volume_core::jail::{JailPath, NodeOwner};
 use volume_core::keys::{KeyStore, LocalKeyDir, VolumeKey};
@@ -88,8 +88,8 @@ impl Stack {
     }
 }
 
-fn spec(size: Bytes, encryption: Encryption) -> VolumeSpec {
-    VolumeSpec {
+fn spec(size: Bytes, encryption: Encryption) -> NewVolume {
+    NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
         size,
@@ -139,7 +139,7 @@ fn real_test_luks_pattern_through_the_jail_node_survives_close_and_reopen() {
         .into_iter()
         .find(|s| s.id == spec.id)
         .unwrap();
-    assert_eq!(lv_device.state, Some(VolumeState::Ready));
+    assert_eq!(lv_device.progress, Some(Progress::Ready));
     match probe(&mapping).unwrap() {
         Signature::Ext(sb) => {
             assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, &spec.id));

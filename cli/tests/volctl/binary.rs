@@ -3,8 +3,8 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::SecretToken;
+use consul_kv_server::{Server, ServerConfig};
 
 use crate::common::{self, host, Env, GB};
 
