@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 use volume_control::layout::DEFAULT_ROOT;
-use volume_core::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::names::{HostId, Region, VolumeId, VolumeName};
 
 /// Printed under `--help`: scripts branch on these.
 const EXIT_CODES_HELP: &str = "\

@@ -8,8 +8,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
-use volume_core::names::VolumeId;
-use volume_core::units::Bytes;
+use volume_model::names::VolumeId;
+use volume_model::units::Bytes;
 
 use crate::args::{
     Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs, ShowArgs,

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use volume_control::placement::{NoPlacement, Skip};
-use volume_core::capacity::Refusal;
-use volume_core::names::{HostId, VolumeId};
-use volume_core::units::Bytes;
+use volume_model::capacity::Refusal;
+use volume_model::names::{HostId, VolumeId};
+use volume_model::units::Bytes;
 
 /// Exit codes, as documented under `--help`.
 pub mod exit {

@@ -31,11 +31,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use consul_kv::TxnOp;
-use rand::Rng as _;
 use volume_control::layout::{Ledger, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
-use volume_core::names::{HostId, Region, VolumeId, VolumeName};
-use volume_core::units::Bytes;
+use volume_model::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::units::Bytes;
 
 use crate::error::CliError;
 use crate::store::{self, encode, now_ms, Ctx, HostEntry, SpecEntry};
@@ -47,14 +46,10 @@ pub const MAX_ATTEMPTS: u32 = 16;
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// "Full jitter" backoff: a random wait up to a doubling cap, so that
-/// writers who lost the same race do not collide again in step.
+/// A jittered wait that doubles per attempt, so that writers who lost the
+/// same race do not collide again in step.
 async fn backoff(attempt: u32) {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1 << attempt.min(16))
-        .min(BACKOFF_MAX);
-    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    let wait = Duration::from_millis(rand::rng().random_range(0..=cap_ms));
+    let wait = consul_kv::Backoff::new(BACKOFF_BASE, BACKOFF_MAX).delay(attempt.saturating_add(1));
     tokio::time::sleep(wait).await;
 }
 
@@ -121,7 +116,7 @@ fn outcome_unknown(error: &consul_kv::Error) -> bool {
 pub struct Snapshot {
     pub hosts: Vec<HostEntry>,
     /// Zones of the region that hold a volume of the requested name.
-    pub zones_in_use: BTreeSet<volume_core::names::Zone>,
+    pub zones_in_use: BTreeSet<volume_model::names::Zone>,
 }
 
 /// Reads hosts, then (only if zones matter) desired records. Ledgers are

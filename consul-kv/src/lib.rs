@@ -6,11 +6,13 @@
 //! It follows the project's note on Consul KV semantics (indexes, blocking
 //! queries, CAS, transactions, ACL).
 
+pub mod backoff;
 pub mod client;
 pub mod duration;
 pub mod secret;
 pub mod types;
 
+pub use backoff::Backoff;
 pub use client::{
     BlockingQuery, ClientConfig, ConsulKv, Error, Indexed, PrefixWatch, WatchOptions, WatchUpdate,
 };

@@ -7,13 +7,26 @@
 //! - `kv.log`: frames of batches with higher indexes;
 //! - `LOCK`: held with `flock` so two servers never share a directory.
 //!
-//! A frame is `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`,
-//! the payload JSON. Only the log's last frame can be torn by a crash (it
-//! was never acknowledged); replay drops it. A bad frame anywhere else is
-//! damage, and opening fails rather than silently losing writes.
+//! Both data files start with an 8-byte magic naming their format
+//! (`VKVLOG2\n`, `VKVSNP2\n`). A frame is
+//! `[payload length: u32 LE][crc32 of payload: u32 LE][crc32 of the first 8
+//! header bytes: u32 LE][payload]`, the payload JSON: the checksums cover the
+//! header and the payload, so a damaged length is detected, never taken for
+//! a short write.
+//!
+//! Appends are sequential and each is fsynced before it is acknowledged, so
+//! only the log's last frame can be torn by a crash, and it was never
+//! acknowledged: replay drops it. Torn means the file ends inside the frame
+//! (a header cut short, a payload cut short or ending at the end of the
+//! file with a bad checksum, or a header followed only by the zeros a file
+//! system leaves in an extended file). Any other bad frame is damage:
+//! opening fails with the file and offset, and nothing is truncated.
+//!
+//! The directory is made 0700 and every file in it 0600.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -25,7 +38,13 @@ const LOG_FILE: &str = "kv.log";
 const SNAPSHOT_FILE: &str = "kv.snapshot";
 const SNAPSHOT_TEMP_FILE: &str = "kv.snapshot.tmp";
 const LOCK_FILE: &str = "LOCK";
-const FRAME_HEADER_LEN: usize = 8;
+const LOG_MAGIC: &[u8; 8] = b"VKVLOG2\n";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"VKVSNP2\n";
+const FRAME_HEADER_LEN: usize = 12;
+/// Where the first frame of either file starts.
+const FIRST_FRAME_AT: usize = LOG_MAGIC.len();
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
 
 /// Why the data directory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +57,16 @@ pub enum PersistError {
     },
     #[error("data directory {path} is in use by another server")]
     Locked { path: PathBuf },
-    #[error("{path} is damaged at byte {offset}: {reason}")]
+    #[error("{path} is damaged at byte {offset}: {reason}; nothing was changed, and the server will not start until it is repaired or restored")]
     Corrupt {
         path: PathBuf,
         offset: u64,
         reason: String,
+    },
+    #[error("{path} is not in this server's format ({expected:?}): it was written by an older volkv, which this pre-release version does not read; move the data directory away and start with an empty one")]
+    UnknownFormat {
+        path: PathBuf,
+        expected: &'static str,
     },
 }
 
@@ -72,6 +96,9 @@ struct SnapshotRecord {
     index: u64,
     entries: Vec<(String, StoredEntry)>,
     tombstones: Vec<(String, u64)>,
+    /// See `KvState::reaped_floor`.
+    #[serde(default)]
+    reaped_floor: u64,
 }
 
 /// The open log of a data directory.
@@ -97,6 +124,8 @@ fn encode_frame(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let header_crc = crc32fast::hash(&frame[..8]);
+    frame.extend_from_slice(&header_crc.to_le_bytes());
     frame.extend_from_slice(payload);
     frame
 }
@@ -106,9 +135,15 @@ enum FrameRead<'a> {
         payload: &'a [u8],
         end: usize,
     },
-    /// Fewer bytes than the header announces, or a checksum mismatch.
-    Bad(&'static str),
+    /// The file ends inside this frame: the unacknowledged last append.
+    Torn(&'static str),
+    /// A bad frame that a crash cannot explain.
+    Damaged(&'static str),
     End,
+}
+
+fn le_u32(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
 }
 
 fn read_frame(data: &[u8], at: usize) -> FrameRead<'_> {
@@ -117,24 +152,40 @@ fn read_frame(data: &[u8], at: usize) -> FrameRead<'_> {
         return FrameRead::End;
     }
     if rest.len() < FRAME_HEADER_LEN {
-        return FrameRead::Bad("truncated frame header");
+        return FrameRead::Torn("frame header cut short by the end of the file");
     }
-    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if crc32fast::hash(&rest[..8]) != le_u32(&rest[8..12]) {
+        // A header written in part, the rest of the file zeros that the
+        // file system left when the size grew first: a torn append.
+        if rest[FRAME_HEADER_LEN..].iter().all(|b| *b == 0) {
+            return FrameRead::Torn("frame header written in part");
+        }
+        return FrameRead::Damaged("frame header checksum mismatch");
+    }
+    let len = le_u32(&rest[0..4]) as usize;
     if len == 0 {
-        // Never written: zeros left by a crash that extended the file.
-        return FrameRead::Bad("empty frame");
+        return FrameRead::Damaged("empty frame");
     }
-    let Some(payload) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
-        return FrameRead::Bad("truncated frame");
+    let end = at + FRAME_HEADER_LEN + len;
+    let Some(payload) = data.get(at + FRAME_HEADER_LEN..end) else {
+        return FrameRead::Torn("frame cut short by the end of the file");
     };
-    if crc32fast::hash(payload) != crc {
-        return FrameRead::Bad("checksum mismatch");
+    if crc32fast::hash(payload) != le_u32(&rest[4..8]) {
+        if end == data.len() {
+            return FrameRead::Torn("last frame's payload written in part");
+        }
+        return FrameRead::Damaged("payload checksum mismatch");
     }
-    FrameRead::Complete {
-        payload,
-        end: at + FRAME_HEADER_LEN + len,
-    }
+    FrameRead::Complete { payload, end }
+}
+
+/// Creates or opens a file of the data directory, always mode 0600.
+fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, PersistError> {
+    let file = options.mode(FILE_MODE).open(path).map_err(io_error(path))?;
+    // A file made by an older version, or by hand, may be wider.
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+        .map_err(io_error(path))?;
+    Ok(file)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -145,14 +196,17 @@ impl Persistence {
     /// Opens (creating if needed) `dir`, and rebuilds the state from the
     /// snapshot and the log.
     pub fn open(dir: &Path, compact_after_bytes: u64) -> Result<(Self, KvState), PersistError> {
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io_error(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(io_error(dir))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_error(&lock_path))?;
+        let lock_file = open_private(
+            &lock_path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
             PersistError::Locked {
                 path: dir.to_owned(),
@@ -161,13 +215,14 @@ impl Persistence {
 
         let mut state = load_snapshot(&dir.join(SNAPSHOT_FILE))?;
         let log_path = dir.join(LOG_FILE);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_error(&log_path))?;
+        let mut log = open_private(
+            &log_path,
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .append(true),
+        )?;
         let log_len = replay_log(&log_path, &mut log, &mut state)?;
         // The log file's existence must survive a crash too.
         sync_dir(dir).map_err(io_error(dir))?;
@@ -231,19 +286,28 @@ impl Persistence {
                 .iter()
                 .map(|(k, i)| (k.clone(), *i))
                 .collect(),
+            reaped_floor: state.reaped_floor,
         };
         let payload = serde_json::to_vec(&record).map_err(io::Error::other)?;
         let temp_path = self.dir.join(SNAPSHOT_TEMP_FILE);
-        let mut temp = File::create(&temp_path)?;
-        temp.write_all(&encode_frame(&payload))?;
+        let mut temp = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(&temp_path)?;
+        temp.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+        let mut contents = SNAPSHOT_MAGIC.to_vec();
+        contents.extend_from_slice(&encode_frame(&payload));
+        temp.write_all(&contents)?;
         temp.sync_all()?;
         drop(temp);
         fs::rename(&temp_path, self.dir.join(SNAPSHOT_FILE))?;
         sync_dir(&self.dir)?;
         // Records up to the snapshot's index are skipped on replay, so a
         // crash before this truncation loses nothing.
-        self.log.set_len(0)?;
-        self.log_len = 0;
+        self.log.set_len(FIRST_FRAME_AT as u64)?;
+        self.log_len = FIRST_FRAME_AT as u64;
         self.log.sync_all()?;
         tracing::debug!(index = state.last_index, "kv log compacted into a snapshot");
         Ok(())
@@ -261,10 +325,17 @@ fn load_snapshot(path: &Path) -> Result<KvState, PersistError> {
         offset: 0,
         reason,
     };
-    let payload = match read_frame(&data, 0) {
+    if !data.starts_with(SNAPSHOT_MAGIC) {
+        return Err(PersistError::UnknownFormat {
+            path: path.to_owned(),
+            expected: "VKVSNP2",
+        });
+    }
+    // A snapshot is complete before its rename: no frame of it may be torn.
+    let payload = match read_frame(&data, FIRST_FRAME_AT) {
         FrameRead::Complete { payload, end } if end == data.len() => payload,
         FrameRead::Complete { .. } => return Err(corrupt("trailing bytes".into())),
-        FrameRead::Bad(reason) => return Err(corrupt(reason.into())),
+        FrameRead::Torn(reason) | FrameRead::Damaged(reason) => return Err(corrupt(reason.into())),
         FrameRead::End => return Err(corrupt("empty snapshot".into())),
     };
     let record: SnapshotRecord =
@@ -272,17 +343,34 @@ fn load_snapshot(path: &Path) -> Result<KvState, PersistError> {
     Ok(KvState {
         entries: record.entries.into_iter().collect(),
         tombstones: record.tombstones.into_iter().collect(),
+        reaped_floor: record.reaped_floor,
         last_index: record.index,
+        ..KvState::default()
     })
 }
 
 /// Applies the log's records above the snapshot's index; returns the length
-/// of the valid log (a torn last frame is cut off).
+/// of the valid log (a torn last frame is cut off; a new or empty log gets
+/// its magic).
 fn replay_log(path: &Path, log: &mut File, state: &mut KvState) -> Result<u64, PersistError> {
     let mut data = Vec::new();
     log.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
     log.read_to_end(&mut data).map_err(io_error(path))?;
-    let mut at = 0usize;
+    if data.len() < LOG_MAGIC.len() && LOG_MAGIC.starts_with(&data) {
+        // New, or a crash while its magic was written: nothing was ever
+        // acknowledged from it.
+        log.set_len(0).map_err(io_error(path))?;
+        log.write_all(LOG_MAGIC).map_err(io_error(path))?;
+        log.sync_all().map_err(io_error(path))?;
+        return Ok(LOG_MAGIC.len() as u64);
+    }
+    if !data.starts_with(LOG_MAGIC) {
+        return Err(PersistError::UnknownFormat {
+            path: path.to_owned(),
+            expected: "VKVLOG2",
+        });
+    }
+    let mut at = FIRST_FRAME_AT;
     loop {
         match read_frame(&data, at) {
             FrameRead::End => break,
@@ -298,16 +386,18 @@ fn replay_log(path: &Path, log: &mut File, state: &mut KvState) -> Result<u64, P
                 }
                 at = end;
             }
-            FrameRead::Bad(reason) => {
-                if !is_torn_tail(&data, at) {
-                    return Err(PersistError::Corrupt {
-                        path: path.to_owned(),
-                        offset: at as u64,
-                        reason: reason.into(),
-                    });
-                }
+            FrameRead::Damaged(reason) => {
+                return Err(PersistError::Corrupt {
+                    path: path.to_owned(),
+                    offset: at as u64,
+                    reason: reason.into(),
+                });
+            }
+            FrameRead::Torn(reason) => {
                 tracing::warn!(
+                    offset = at,
                     dropped_bytes = data.len() - at,
+                    reason,
                     "dropping the torn, unacknowledged last record of the kv log"
                 );
                 log.set_len(at as u64).map_err(io_error(path))?;
@@ -317,18 +407,6 @@ fn replay_log(path: &Path, log: &mut File, state: &mut KvState) -> Result<u64, P
         }
     }
     Ok(at as u64)
-}
-
-/// A bad frame is a torn write only if nothing follows where it claims to
-/// end, or all that follows is zeros (a crash can only cut the last,
-/// unacknowledged append).
-fn is_torn_tail(data: &[u8], at: usize) -> bool {
-    let rest = &data[at..];
-    if rest.len() < FRAME_HEADER_LEN || rest.iter().all(|b| *b == 0) {
-        return true;
-    }
-    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-    rest.len() <= FRAME_HEADER_LEN + len
 }
 
 #[cfg(test)]
@@ -384,7 +462,7 @@ mod tests {
         }
         let path = dir.path().join(LOG_FILE);
         let mut data = fs::read(&path).unwrap();
-        data[FRAME_HEADER_LEN + 2] ^= 0xff;
+        data[FIRST_FRAME_AT + FRAME_HEADER_LEN + 2] ^= 0xff;
         fs::write(&path, data).unwrap();
         assert!(matches!(
             Persistence::open(dir.path(), u64::MAX),
@@ -404,12 +482,141 @@ mod tests {
             p.append(index, &eval.mutations).unwrap();
             state.apply(index, &eval.mutations);
             p.maybe_compact(&state).unwrap();
-            assert_eq!(p.log_len, 0);
+            assert_eq!(p.log_len, FIRST_FRAME_AT as u64);
             state
         };
         let (_p, state) = Persistence::open(dir.path(), 1).unwrap();
         assert_eq!(state, expected);
         assert_eq!(state.tombstones.get("a"), Some(&4));
+    }
+
+    fn three_writes(dir: &Path) {
+        let (mut p, mut state) = Persistence::open(dir, u64::MAX).unwrap();
+        write(&mut p, &mut state, "a", "1");
+        write(&mut p, &mut state, "b", "2");
+        write(&mut p, &mut state, "c", "3");
+    }
+
+    #[test]
+    fn a_damaged_length_before_the_tail_stops_startup_and_truncates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        three_writes(dir.path());
+        let path = dir.path().join(LOG_FILE);
+        let mut data = fs::read(&path).unwrap();
+        // The first frame now claims to run past the end of the file, like
+        // a torn tail would.
+        data[FIRST_FRAME_AT..FIRST_FRAME_AT + 4].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());
+        fs::write(&path, &data).unwrap();
+        let error = Persistence::open(dir.path(), u64::MAX).unwrap_err();
+        match &error {
+            PersistError::Corrupt {
+                path: at, offset, ..
+            } => {
+                assert_eq!(at, &path);
+                assert_eq!(*offset, FIRST_FRAME_AT as u64);
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let message = error.to_string();
+        assert!(
+            message.contains("kv.log") && message.contains(&format!("byte {FIRST_FRAME_AT}")),
+            "{message}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), data, "nothing was truncated");
+    }
+
+    #[test]
+    fn a_damaged_payload_in_the_middle_stops_startup_and_truncates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        three_writes(dir.path());
+        let path = dir.path().join(LOG_FILE);
+        let mut data = fs::read(&path).unwrap();
+        let len = data.len();
+        // A byte in the middle of the second frame's payload.
+        data[len / 2] ^= 0x55;
+        fs::write(&path, &data).unwrap();
+        assert!(matches!(
+            Persistence::open(dir.path(), u64::MAX),
+            Err(PersistError::Corrupt { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn a_torn_header_followed_by_zeros_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        three_writes(dir.path());
+        let path = dir.path().join(LOG_FILE);
+        let intact = fs::read(&path).unwrap();
+        let mut torn = intact.clone();
+        // Half a header, then what the file system filled with zeros.
+        torn.extend_from_slice(&[7, 0, 0]);
+        torn.extend_from_slice(&[0; 40]);
+        fs::write(&path, &torn).unwrap();
+        let (_p, state) = Persistence::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(state.entries.len(), 3);
+        assert_eq!(fs::read(&path).unwrap(), intact);
+    }
+
+    #[test]
+    fn the_data_dir_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("kv");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        {
+            let (mut p, mut state) = Persistence::open(&dir, 1).unwrap();
+            write(&mut p, &mut state, "a", "1");
+        }
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for name in [LOG_FILE, SNAPSHOT_FILE, LOCK_FILE] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_log_of_the_older_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // Format 1: [len][crc of payload][payload], no magic.
+        let payload = br#"{"index":2,"mutations":[]}"#;
+        let mut old = (payload.len() as u32).to_le_bytes().to_vec();
+        old.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        old.extend_from_slice(payload);
+        fs::write(dir.path().join(LOG_FILE), &old).unwrap();
+        let error = Persistence::open(dir.path(), u64::MAX).unwrap_err();
+        assert!(
+            matches!(error, PersistError::UnknownFormat { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("older volkv"), "{error}");
+        assert_eq!(fs::read(dir.path().join(LOG_FILE)).unwrap(), old);
+    }
+
+    #[test]
+    fn the_reaped_floor_survives_compaction_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let (mut p, mut state) = Persistence::open(dir.path(), 1).unwrap();
+            state.tombstone_limit = 4;
+            for i in 0..20 {
+                let key = format!("vol/{i}");
+                write(&mut p, &mut state, &key, "v");
+                let index = state.last_index + 1;
+                let eval = evaluate(&state, index, &[Ok(TxnOp::Delete { key })]);
+                p.append(index, &eval.mutations).unwrap();
+                state.apply(index, &eval.mutations);
+                p.maybe_compact(&state).unwrap();
+            }
+            assert!(state.tombstones.len() <= 4 && state.reaped_floor > 0);
+            write(&mut p, &mut state, "keep/a", "x");
+            state
+        };
+        let (_p, after) = Persistence::open(dir.path(), 1).unwrap();
+        assert_eq!(after.reaped_floor, before.reaped_floor);
+        assert_eq!(after.list("vol/").1, before.list("vol/").1);
+        assert_eq!(after.list("keep/").1, before.list("keep/").1);
     }
 
     #[test]

@@ -36,14 +36,20 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub fn open(data_dir: Option<&Path>, compact_after_bytes: u64) -> Result<Self, PersistError> {
-        let (persistence, state) = match data_dir {
+    pub fn open(
+        data_dir: Option<&Path>,
+        compact_after_bytes: u64,
+        max_tombstones: usize,
+    ) -> Result<Self, PersistError> {
+        let (persistence, mut state) = match data_dir {
             Some(dir) => {
                 let (persistence, state) = Persistence::open(dir, compact_after_bytes)?;
                 (Some(persistence), state)
             }
             None => (None, KvState::default()),
         };
+        state.tombstone_limit = max_tombstones;
+        state.reap_tombstones();
         let (index_tx, _) = watch::channel(state.last_index);
         Ok(Store {
             inner: Mutex::new(Inner {

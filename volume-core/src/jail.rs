@@ -25,8 +25,7 @@ use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
 use std::ffi::OsStr;
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// The extended attribute that marks a node as made by this project for a
 /// given volume.
@@ -63,93 +62,13 @@ pub struct NodeOwner {
     pub gid: u32,
 }
 
-/// What a caller asks to expose: the node `relative` beneath `root`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct JailPath {
-    root: PathBuf,
-    relative: PathBuf,
-}
-
-impl JailPath {
-    /// Checks the shape of both paths: `root` absolute, `relative` relative
-    /// and non-empty, neither with `..` or `.`; the kernel checks symlinks
-    /// when the path is used.
-    pub fn new(
-        root: impl Into<PathBuf>,
-        relative: impl Into<PathBuf>,
-    ) -> Result<JailPath, JailError> {
-        let root = root.into();
-        let relative = relative.into();
-        let bad = |path: &Path, reason: &'static str| JailError::BadPath {
-            path: path.to_owned(),
-            reason,
-        };
-        if !root.is_absolute() {
-            return Err(bad(&root, "the jail root must be an absolute path"));
-        }
-        // Components() hides "." and trailing "/"; look at the raw bytes too.
-        let has_dot_parts = |path: &Path| {
-            path.as_os_str()
-                .as_bytes()
-                .split(|b| *b == b'/')
-                .any(|part| part == b".." || part == b".")
-        };
-        if has_dot_parts(&root) {
-            return Err(bad(&root, "'.' and '..' are not allowed in a jail path"));
-        }
-        if relative.as_os_str().is_empty() || relative.is_absolute() {
-            return Err(bad(
-                &relative,
-                "the node path must be relative to the jail root and non-empty",
-            ));
-        }
-        if has_dot_parts(&relative)
-            || relative
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-        {
-            return Err(bad(
-                &relative,
-                "'.' and '..' are not allowed in a jail path",
-            ));
-        }
-        if relative.as_os_str().as_bytes().ends_with(b"/") {
-            return Err(bad(
-                &relative,
-                "the node path must name a file, not a directory",
-            ));
-        }
-        Ok(JailPath { root, relative })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn relative(&self) -> &Path {
-        &self.relative
-    }
-
-    /// The node's full path on the host (for messages and records).
-    pub fn full(&self) -> PathBuf {
-        self.root.join(&self.relative)
-    }
-
-    fn split(&self) -> (&Path, &OsStr) {
-        let name = self
-            .relative
-            .file_name()
-            .expect("checked in new: the last component is a normal name");
-        let parent = self.relative.parent().unwrap_or(Path::new(""));
-        (parent, name)
-    }
-}
+pub use volume_model::jail_path::{BadJailPath, JailPath};
 
 /// One variant per failing step; each carries the path and the OS error.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("jail path {path}: {reason}")]
-    BadPath { path: PathBuf, reason: &'static str },
+    #[error(transparent)]
+    BadPath(#[from] BadJailPath),
     #[error("{path} is or passes through a symlink; refusing to resolve it")]
     Symlink { path: PathBuf },
     #[error("{path} resolves outside the jail root")]
@@ -768,6 +687,7 @@ pub fn unexpose(jail: &JailPath, volume: &VolumeId) -> Result<DeleteAction, Jail
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const OWNER: NodeOwner = NodeOwner {
@@ -783,27 +703,6 @@ mod tests {
 
     fn loop_rdev(minor: u64) -> DeviceNumber {
         DeviceNumber::new(7, minor)
-    }
-
-    #[test]
-    fn path_shapes_are_checked() {
-        assert!(JailPath::new("/srv/jail", "dev/vdb").is_ok());
-        for (root, rel) in [
-            ("relative/root", "dev/vdb"),
-            ("/srv/jail", "/dev/vdb"),
-            ("/srv/jail", ""),
-            ("/srv/jail", "../etc/passwd"),
-            ("/srv/jail", "dev/../../x"),
-            ("/srv/jail", "./dev/vdb"),
-            ("/srv/jail", "dev/vdb/"),
-            ("/srv/../etc", "dev/vdb"),
-            ("/srv/./jail", "dev/vdb"),
-        ] {
-            assert!(
-                matches!(JailPath::new(root, rel), Err(JailError::BadPath { .. })),
-                "{root} {rel} accepted"
-            );
-        }
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! Configuration: a TOML file, environment variables and flags, in rising
-//! precedence (flags > env > file > defaults). clap reads flags and env;
-//! the file fills in what neither gave.
+//! precedence (flags > env > file > defaults). Every setting is declared
+//! once, in [`Settings`]: clap reads flags and env from it, serde the file;
+//! figment layers the two, and [`Config::merge`] checks the result and fills
+//! in the defaults.
 //!
 //! No secret is ever a flag or a file field: the Consul ACL token comes from
 //! `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_TOKEN_FILE` (or `kv.token_file`), the
 //! key-encryption key from a file.
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use figment::providers::Serialized;
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use serde_with::skip_serializing_none;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,13 +46,25 @@ pub enum Command {
     CheckConfig,
 }
 
-/// Every setting, as a flag with its environment variable. All optional
-/// here: the file and the defaults fill the gaps.
+/// The command line: where the file is, and every setting.
 #[derive(Debug, Default, Clone, Args)]
 pub struct Options {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "VOLUMED_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Every setting, declared once: clap reads each field as a flag with its
+/// `VOLUMED_*` environment variable, serde reads the same field from the
+/// file (the sections are the file's tables). `None` means "not given
+/// here"; [`Config::merge`] layers the sources and fills in the defaults.
+/// Unknown file keys are refused so typos surface. No secret is a setting.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
     /// This host's id in the control plane.
     #[arg(long, env = "VOLUMED_HOST", global = true)]
     pub host: Option<String>,
@@ -55,36 +72,108 @@ pub struct Options {
     pub region: Option<String>,
     #[arg(long, env = "VOLUMED_ZONE", global = true)]
     pub zone: Option<String>,
+    #[command(flatten)]
+    #[serde(default)]
+    pub kv: KvSettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub pool: PoolSettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub keys: KeySettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub jails: JailSettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub daemon: DaemonSettings,
+}
+
+/// `[kv]`: the store.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvSettings {
     /// KV root (default volumes/v1).
-    #[arg(long, env = "VOLUMED_KV_ROOT", global = true)]
-    pub kv_root: Option<String>,
+    #[arg(
+        id = "kv_root",
+        value_name = "KV_ROOT",
+        long = "kv-root",
+        env = "VOLUMED_KV_ROOT",
+        global = true
+    )]
+    pub root: Option<String>,
     /// Consul address, host:port or URL (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500).
-    #[arg(long, env = "VOLUMED_CONSUL_ADDR", global = true)]
-    pub consul_addr: Option<String>,
+    #[arg(
+        id = "consul_addr",
+        value_name = "CONSUL_ADDR",
+        long = "consul-addr",
+        env = "VOLUMED_CONSUL_ADDR",
+        global = true
+    )]
+    pub address: Option<String>,
     /// File holding the Consul ACL token (else CONSUL_HTTP_TOKEN/CONSUL_HTTP_TOKEN_FILE).
-    #[arg(long, env = "VOLUMED_CONSUL_TOKEN_FILE", global = true)]
-    pub consul_token_file: Option<PathBuf>,
+    #[arg(
+        id = "consul_token_file",
+        value_name = "CONSUL_TOKEN_FILE",
+        long = "consul-token-file",
+        env = "VOLUMED_CONSUL_TOKEN_FILE",
+        global = true
+    )]
+    pub token_file: Option<PathBuf>,
     /// Longest blocking-query wait, e.g. 5m.
     #[arg(long, env = "VOLUMED_WATCH_WAIT", global = true)]
     pub watch_wait: Option<String>,
     /// Longest delay between retries while Consul is unreachable, e.g. 30s.
     #[arg(long, env = "VOLUMED_RETRY_MAX", global = true)]
     pub retry_max: Option<String>,
+}
+
+/// `[pool]`: the thin pool and the admission policy.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
     /// Volume group of the thin pool.
     #[arg(long, env = "VOLUMED_VG", global = true)]
     pub vg: Option<String>,
     /// Thin pool LV name.
-    #[arg(long, env = "VOLUMED_POOL", global = true)]
-    pub pool: Option<String>,
+    #[arg(
+        id = "pool",
+        value_name = "POOL",
+        long = "pool",
+        env = "VOLUMED_POOL",
+        global = true
+    )]
+    pub name: Option<String>,
     /// Physical volume(s) for a VG that does not exist yet (repeat, or comma-separated).
-    #[arg(long = "pv", env = "VOLUMED_PVS", value_delimiter = ',', global = true)]
-    pub pvs: Vec<PathBuf>,
+    #[arg(
+        id = "pvs",
+        value_name = "PVS",
+        long = "pv",
+        env = "VOLUMED_PVS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub pvs: Option<Vec<PathBuf>>,
     /// Pool data size when the pool is made, e.g. 3GiB (default: the VG's free space).
-    #[arg(long, env = "VOLUMED_POOL_DATA_SIZE", global = true)]
-    pub pool_data_size: Option<String>,
+    #[arg(
+        id = "pool_data_size",
+        value_name = "POOL_DATA_SIZE",
+        long = "pool-data-size",
+        env = "VOLUMED_POOL_DATA_SIZE",
+        global = true
+    )]
+    pub data_size: Option<String>,
     /// Pool metadata size when the pool is made, e.g. 1GiB (default: LVM's choice).
-    #[arg(long, env = "VOLUMED_POOL_METADATA_SIZE", global = true)]
-    pub pool_metadata_size: Option<String>,
+    #[arg(
+        id = "pool_metadata_size",
+        value_name = "POOL_METADATA_SIZE",
+        long = "pool-metadata-size",
+        env = "VOLUMED_POOL_METADATA_SIZE",
+        global = true
+    )]
+    pub metadata_size: Option<String>,
     /// Over-commit ratio, e.g. 10 or 2.5.
     #[arg(long, env = "VOLUMED_OVERCOMMIT", global = true)]
     pub overcommit: Option<String>,
@@ -96,26 +185,83 @@ pub struct Options {
     pub metadata_low_water: Option<u32>,
     #[arg(long, env = "VOLUMED_MAX_VOLUMES", global = true)]
     pub max_volumes: Option<u32>,
+}
+
+/// `[keys]`: where volume keys live.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
     /// Key store: `local` (a 0700 directory of key files) or `envelope`
     /// (keys sealed under a KEK, kept in the KV store).
-    #[arg(long, env = "VOLUMED_KEY_STORE", global = true)]
-    pub key_store: Option<String>,
+    #[arg(
+        id = "key_store",
+        value_name = "KEY_STORE",
+        long = "key-store",
+        env = "VOLUMED_KEY_STORE",
+        global = true
+    )]
+    pub store: Option<String>,
     /// Directory of the local key store.
-    #[arg(long, env = "VOLUMED_KEY_DIR", global = true)]
-    pub key_dir: Option<PathBuf>,
+    #[arg(
+        id = "key_dir",
+        value_name = "KEY_DIR",
+        long = "key-dir",
+        env = "VOLUMED_KEY_DIR",
+        global = true
+    )]
+    pub dir: Option<PathBuf>,
     /// File of the 32-byte key-encryption key (envelope store).
     #[arg(long, env = "VOLUMED_KEK_FILE", global = true)]
     pub kek_file: Option<PathBuf>,
+}
+
+/// `[jails]`: where ready volumes are exposed.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailSettings {
     /// Expose each ready volume as `<jails-dir>/<volume id>/<jail-node>`.
-    #[arg(long, env = "VOLUMED_JAILS_DIR", global = true)]
-    pub jails_dir: Option<PathBuf>,
-    #[arg(long, env = "VOLUMED_JAIL_UID", global = true)]
-    pub jail_uid: Option<u32>,
-    #[arg(long, env = "VOLUMED_JAIL_GID", global = true)]
-    pub jail_gid: Option<u32>,
+    #[arg(
+        id = "jails_dir",
+        value_name = "JAILS_DIR",
+        long = "jails-dir",
+        env = "VOLUMED_JAILS_DIR",
+        global = true
+    )]
+    pub dir: Option<PathBuf>,
+    #[arg(
+        id = "jail_uid",
+        value_name = "JAIL_UID",
+        long = "jail-uid",
+        env = "VOLUMED_JAIL_UID",
+        global = true
+    )]
+    pub uid: Option<u32>,
+    #[arg(
+        id = "jail_gid",
+        value_name = "JAIL_GID",
+        long = "jail-gid",
+        env = "VOLUMED_JAIL_GID",
+        global = true
+    )]
+    pub gid: Option<u32>,
     /// Node name inside each volume's jail directory (default `vol`).
-    #[arg(long, env = "VOLUMED_JAIL_NODE", global = true)]
-    pub jail_node: Option<String>,
+    #[arg(
+        id = "jail_node",
+        value_name = "JAIL_NODE",
+        long = "jail-node",
+        env = "VOLUMED_JAIL_NODE",
+        global = true
+    )]
+    pub node: Option<String>,
+}
+
+/// `[daemon]`: the daemon itself.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, env = "VOLUMED_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
@@ -129,77 +275,14 @@ pub struct Options {
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
     /// Simulated backend and devices (tests, benchmarks): no LVM, no dm.
-    #[arg(long, env = "VOLUMED_SIM", global = true)]
-    pub sim: bool,
-}
-
-/// The file's shape. Unknown fields are refused so typos surface.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub host: Option<String>,
-    pub region: Option<String>,
-    pub zone: Option<String>,
-    #[serde(default)]
-    pub kv: FileKv,
-    #[serde(default)]
-    pub pool: FilePool,
-    #[serde(default)]
-    pub keys: FileKeys,
-    #[serde(default)]
-    pub jails: FileJails,
-    #[serde(default)]
-    pub daemon: FileDaemon,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileKv {
-    pub root: Option<String>,
-    pub address: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub watch_wait: Option<String>,
-    pub retry_max: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilePool {
-    pub vg: Option<String>,
-    pub name: Option<String>,
-    pub pvs: Option<Vec<PathBuf>>,
-    pub data_size: Option<String>,
-    pub metadata_size: Option<String>,
-    pub overcommit: Option<String>,
-    pub data_low_water: Option<u32>,
-    pub metadata_low_water: Option<u32>,
-    pub max_volumes: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileKeys {
-    pub store: Option<String>,
-    pub dir: Option<PathBuf>,
-    pub kek_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileJails {
-    pub dir: Option<PathBuf>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub node: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileDaemon {
-    pub listen: Option<SocketAddr>,
-    pub heartbeat_interval: Option<String>,
-    pub pool_refresh_interval: Option<String>,
-    pub max_concurrent: Option<usize>,
+    #[cfg(feature = "testing")]
+    #[arg(
+        long,
+        env = "VOLUMED_SIM",
+        global = true,
+        num_args = 0,
+        default_missing_value = "true"
+    )]
     pub sim: Option<bool>,
 }
 
@@ -246,6 +329,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub pool_refresh_interval: Duration,
     pub max_concurrent: usize,
+    #[cfg(feature = "testing")]
     pub sim: bool,
 }
 
@@ -292,8 +376,9 @@ fn invalid(setting: &'static str, value: &str, reason: impl ToString) -> ConfigE
     }
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+impl Settings {
+    /// The file's settings.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -303,6 +388,14 @@ impl FileConfig {
             reason: e.to_string(),
         })
     }
+
+    /// Each setting from `self` where it is given there, else from `below`.
+    fn over(&self, below: Settings) -> Settings {
+        Figment::from(Serialized::defaults(below))
+            .merge(Serialized::defaults(self))
+            .extract()
+            .expect("two layers of the same settings merge")
+    }
 }
 
 impl Config {
@@ -310,13 +403,16 @@ impl Config {
     /// `--config`, over the defaults.
     pub fn resolve(options: &Options) -> Result<Config, ConfigError> {
         let file = match &options.config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
+            Some(path) => Settings::load(path)?,
+            None => Settings::default(),
         };
-        Config::merge(options, file)
+        Config::merge(&options.settings, file)
     }
 
-    pub fn merge(o: &Options, f: FileConfig) -> Result<Config, ConfigError> {
+    /// `flags` (flags and env) over `file`, checked, with the defaults
+    /// filling in what neither gives.
+    pub fn merge(flags: &Settings, file: Settings) -> Result<Config, ConfigError> {
+        let s = flags.over(file);
         let required = |value: Option<String>,
                         setting: &'static str,
                         flag: &'static str,
@@ -329,124 +425,76 @@ impl Config {
                 file,
             })
         };
-        let host = required(
-            o.host.clone().or(f.host),
-            "host id",
-            "host",
-            "VOLUMED_HOST",
-            "host",
-        )?;
+        let host = required(s.host, "host id", "host", "VOLUMED_HOST", "host")?;
         let host = HostId::new(&host).map_err(|e| invalid("host id", &host, e.reason))?;
-        let region = required(
-            o.region.clone().or(f.region),
-            "region",
-            "region",
-            "VOLUMED_REGION",
-            "region",
-        )?;
+        let region = required(s.region, "region", "region", "VOLUMED_REGION", "region")?;
         let region = Region::new(&region).map_err(|e| invalid("region", &region, e.reason))?;
-        let zone = required(
-            o.zone.clone().or(f.zone),
-            "zone",
-            "zone",
-            "VOLUMED_ZONE",
-            "zone",
-        )?;
+        let zone = required(s.zone, "zone", "zone", "VOLUMED_ZONE", "zone")?;
         let zone = Zone::new(&zone).map_err(|e| invalid("zone", &zone, e))?;
 
-        let root = o
-            .kv_root
-            .clone()
-            .or(f.kv.root)
-            .unwrap_or_else(|| DEFAULT_ROOT.to_owned());
+        let root = s.kv.root.unwrap_or_else(|| DEFAULT_ROOT.to_owned());
         let layout = Layout::new(&root).map_err(|e| invalid("KV root", &root, e))?;
-        let watch_wait = duration_setting(
-            "watch wait",
-            o.watch_wait.clone().or(f.kv.watch_wait),
-            DEFAULT_WATCH_WAIT,
-        )?;
-        let retry_max = duration_setting(
-            "retry max",
-            o.retry_max.clone().or(f.kv.retry_max),
-            DEFAULT_RETRY_MAX,
-        )?;
+        let watch_wait = duration_setting("watch wait", s.kv.watch_wait, DEFAULT_WATCH_WAIT)?;
+        let retry_max = duration_setting("retry max", s.kv.retry_max, DEFAULT_RETRY_MAX)?;
 
-        let sim = o.sim || f.daemon.sim.unwrap_or(false);
-        let vg = match o.vg.clone().or(f.pool.vg) {
+        #[cfg(feature = "testing")]
+        let sim = s.daemon.sim.unwrap_or(false);
+        #[cfg(not(feature = "testing"))]
+        let sim = false;
+        let vg = match s.pool.vg {
             Some(vg) => vg,
             None if sim => "vmvg-sim".to_owned(),
             None => required(None, "volume group", "vg", "VOLUMED_VG", "pool.vg")?,
         };
         let vg = VgName::new(&vg).map_err(|e| invalid("volume group", &vg, e.reason))?;
-        let pool = o
-            .pool
-            .clone()
-            .or(f.pool.name)
-            .unwrap_or_else(|| "pool".to_owned());
+        let pool = s.pool.name.unwrap_or_else(|| "pool".to_owned());
         let pool = LvName::new(&pool).map_err(|e| invalid("thin pool", &pool, e.reason))?;
-        let mut pvs = if o.pvs.is_empty() {
-            f.pool.pvs.unwrap_or_default()
-        } else {
-            o.pvs.clone()
-        };
+        let mut pvs = s.pool.pvs.unwrap_or_default();
         if sim && pvs.is_empty() {
             pvs.push(PathBuf::from("/dev/sim0"));
         }
-        let pool_data_size = match o.pool_data_size.clone().or(f.pool.data_size) {
-            Some(text) => Some(parse_size(&text).map_err(|e| invalid("pool data size", &text, e))?),
-            None => None,
+        let size = |setting, text: Option<String>| match text {
+            Some(text) => parse_size(&text)
+                .map(Some)
+                .map_err(|e| invalid(setting, &text, e)),
+            None => Ok(None),
         };
-        let pool_metadata_size = match o.pool_metadata_size.clone().or(f.pool.metadata_size) {
-            Some(text) => {
-                Some(parse_size(&text).map_err(|e| invalid("pool metadata size", &text, e))?)
-            }
-            None => None,
-        };
+        let pool_data_size = size("pool data size", s.pool.data_size)?;
+        let pool_metadata_size = size("pool metadata size", s.pool.metadata_size)?;
 
         let mut policy = CapacityPolicy::default();
-        if let Some(text) = o.overcommit.clone().or(f.pool.overcommit) {
+        if let Some(text) = s.pool.overcommit {
             policy.overcommit = text
                 .parse::<OvercommitRatio>()
                 .map_err(|e| invalid("over-commit ratio", &text, e))?;
         }
-        if let Some(pct) = o.data_low_water.or(f.pool.data_low_water) {
+        if let Some(pct) = s.pool.data_low_water {
             policy.data_low_water = percent("data low-water mark", pct)?;
         }
-        if let Some(pct) = o.metadata_low_water.or(f.pool.metadata_low_water) {
+        if let Some(pct) = s.pool.metadata_low_water {
             policy.metadata_low_water = percent("metadata low-water mark", pct)?;
         }
-        if let Some(max) = o.max_volumes.or(f.pool.max_volumes) {
+        if let Some(max) = s.pool.max_volumes {
             policy.max_volumes = max;
         }
 
-        let store = o
-            .key_store
-            .clone()
-            .or(f.keys.store)
-            .unwrap_or_else(|| "local".to_owned());
-        let keys =
-            match store.as_str() {
-                "local" => KeyStoreConfig::Local {
-                    dir: o
-                        .key_dir
-                        .clone()
-                        .or(f.keys.dir)
-                        .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_DIR)),
-                },
-                "envelope" => KeyStoreConfig::Envelope {
-                    kek_file: o.kek_file.clone().or(f.keys.kek_file).ok_or(
-                        ConfigError::Missing {
-                            setting: "key-encryption key file (envelope key store)",
-                            flag: "kek-file",
-                            env: "VOLUMED_KEK_FILE",
-                            file: "keys.kek_file",
-                        },
-                    )?,
-                },
-                other => return Err(invalid("key store", other, "use `local` or `envelope`")),
-            };
+        let store = s.keys.store.unwrap_or_else(|| "local".to_owned());
+        let keys = match store.as_str() {
+            "local" => KeyStoreConfig::Local {
+                dir: s.keys.dir.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_DIR)),
+            },
+            "envelope" => KeyStoreConfig::Envelope {
+                kek_file: s.keys.kek_file.ok_or(ConfigError::Missing {
+                    setting: "key-encryption key file (envelope key store)",
+                    flag: "kek-file",
+                    env: "VOLUMED_KEK_FILE",
+                    file: "keys.kek_file",
+                })?,
+            },
+            other => return Err(invalid("key store", other, "use `local` or `envelope`")),
+        };
 
-        let jails = match o.jails_dir.clone().or(f.jails.dir) {
+        let jails = match s.jails.dir {
             None => None,
             Some(dir) => {
                 if !dir.is_absolute() {
@@ -456,11 +504,7 @@ impl Config {
                         "must be an absolute path",
                     ));
                 }
-                let node = o
-                    .jail_node
-                    .clone()
-                    .or(f.jails.node)
-                    .unwrap_or_else(|| DEFAULT_JAIL_NODE.to_owned());
+                let node = s.jails.node.unwrap_or_else(|| DEFAULT_JAIL_NODE.to_owned());
                 if node.is_empty() || node.contains('/') || node == "." || node == ".." {
                     return Err(invalid(
                         "jail node name",
@@ -479,14 +523,14 @@ impl Config {
                 Some(JailConfig {
                     dir,
                     uid: id(
-                        o.jail_uid.or(f.jails.uid),
+                        s.jails.uid,
                         "jail node owner uid",
                         "jail-uid",
                         "VOLUMED_JAIL_UID",
                         "jails.uid",
                     )?,
                     gid: id(
-                        o.jail_gid.or(f.jails.gid),
+                        s.jails.gid,
                         "jail node owner gid",
                         "jail-gid",
                         "VOLUMED_JAIL_GID",
@@ -497,13 +541,13 @@ impl Config {
             }
         };
 
-        let listen = match o.listen.or(f.daemon.listen) {
+        let listen = match s.daemon.listen {
             Some(addr) => Some(addr),
             None => Some(DEFAULT_LISTEN.parse().expect("valid default address")),
         };
         let heartbeat_interval = duration_setting(
             "heartbeat interval",
-            o.heartbeat_interval.clone().or(f.daemon.heartbeat_interval),
+            s.daemon.heartbeat_interval,
             DEFAULT_HEARTBEAT,
         )?;
         if heartbeat_interval.is_zero() {
@@ -511,15 +555,10 @@ impl Config {
         }
         let pool_refresh_interval = duration_setting(
             "pool refresh interval",
-            o.pool_refresh_interval
-                .clone()
-                .or(f.daemon.pool_refresh_interval),
+            s.daemon.pool_refresh_interval,
             DEFAULT_POOL_REFRESH,
         )?;
-        let max_concurrent = o
-            .max_concurrent
-            .or(f.daemon.max_concurrent)
-            .unwrap_or(DEFAULT_MAX_CONCURRENT);
+        let max_concurrent = s.daemon.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if max_concurrent == 0 {
             return Err(invalid("max concurrent", "0", "must be at least 1"));
         }
@@ -529,8 +568,8 @@ impl Config {
             region,
             zone,
             layout,
-            consul_addr: o.consul_addr.clone().or(f.kv.address),
-            consul_token_file: o.consul_token_file.clone().or(f.kv.token_file),
+            consul_addr: s.kv.address,
+            consul_token_file: s.kv.token_file,
             watch_wait,
             retry_max,
             vg,
@@ -545,6 +584,7 @@ impl Config {
             heartbeat_interval,
             pool_refresh_interval,
             max_concurrent,
+            #[cfg(feature = "testing")]
             sim,
         })
     }
@@ -596,13 +636,13 @@ mod tests {
     use super::*;
     use volume_core::units::{GIB, MIB};
 
-    fn options(args: &[&str]) -> Options {
+    fn options(args: &[&str]) -> Settings {
         let mut full = vec!["volumed"];
         full.extend_from_slice(args);
-        Cli::try_parse_from(full).unwrap().options
+        Cli::try_parse_from(full).unwrap().options.settings
     }
 
-    fn file(text: &str) -> FileConfig {
+    fn file(text: &str) -> Settings {
         toml::from_str(text).unwrap()
     }
 
@@ -655,7 +695,7 @@ mod tests {
 
     #[test]
     fn missing_and_bad_settings_name_themselves() {
-        let err = Config::merge(&options(&[]), FileConfig::default()).unwrap_err();
+        let err = Config::merge(&options(&[]), Settings::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "host id is required (flag --host, env VOLUMED_HOST, or `host` in the config file)"
@@ -672,14 +712,15 @@ mod tests {
             err.to_string().contains("use `local` or `envelope`"),
             "{err}"
         );
-        assert!(toml::from_str::<FileConfig>("hots = \"typo\"").is_err());
+        assert!(toml::from_str::<Settings>("hots = \"typo\"").is_err());
     }
 
+    #[cfg(feature = "testing")]
     #[test]
     fn sim_mode_needs_no_pool_settings() {
         let config = Config::merge(
             &options(&["--sim", "--host", "h1", "--region", "r", "--zone", "z"]),
-            FileConfig::default(),
+            Settings::default(),
         )
         .unwrap();
         assert!(config.sim);
@@ -707,8 +748,8 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let example: FileConfig = toml::from_str(include_str!("../volumed.example.toml")).unwrap();
-        let config = Config::merge(&Options::default(), example).unwrap();
+        let example: Settings = toml::from_str(include_str!("../volumed.example.toml")).unwrap();
+        let config = Config::merge(&Settings::default(), example).unwrap();
         assert_eq!(config.host.as_str(), "h1");
         assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT);
         assert!(config.jails.is_some());

@@ -65,7 +65,7 @@ const REFRESH_DEBOUNCE: Duration = Duration::from_millis(200);
 #[derive(Debug, Default)]
 struct Volume {
     desired: Option<Desired>,
-    observed: Option<host::VolumeStatus>,
+    observed: Option<host::LocalVolume>,
     running: bool,
     /// A newer record or fact arrived while the job ran.
     dirty: bool,
@@ -96,7 +96,7 @@ struct Daemon {
     running: usize,
     events_tx: mpsc::UnboundedSender<Event>,
     pool_tx: mpsc::UnboundedSender<Result<PoolStatus, String>>,
-    list_tx: mpsc::UnboundedSender<Result<Vec<host::VolumeStatus>, String>>,
+    list_tx: mpsc::UnboundedSender<Result<Vec<host::LocalVolume>, String>>,
     kv_down: bool,
     shutting_down: bool,
 }
@@ -313,8 +313,8 @@ impl Daemon {
 
     /// Replaces what is known of every volume not busy in a job, and
     /// reconsiders all of them.
-    fn apply_list(&mut self, listed: Vec<host::VolumeStatus>) {
-        let mut listed: BTreeMap<VolumeId, host::VolumeStatus> =
+    fn apply_list(&mut self, listed: Vec<host::LocalVolume>) {
+        let mut listed: BTreeMap<VolumeId, host::LocalVolume> =
             listed.into_iter().map(|v| (v.id.clone(), v)).collect();
         let ids: BTreeSet<VolumeId> = self
             .volumes

@@ -25,7 +25,7 @@ pub enum GcError {
 /// One orphan and, with `--yes`, what became of it.
 #[derive(Debug)]
 pub struct Orphan {
-    pub volume: host::VolumeStatus,
+    pub volume: host::LocalVolume,
     /// `None` when only listed; `Some(Err)` when its delete failed.
     pub deleted: Option<Result<(), String>>,
 }

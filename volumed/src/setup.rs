@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
 use volume_core::backend::lvm::LvmBackend;
+#[cfg(feature = "testing")]
 use volume_core::backend::sim::SimBackend;
 use volume_core::backend::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec};
 use volume_core::cmd::CmdError;
+#[cfg(feature = "testing")]
 use volume_core::host::sim::SimDevices;
-use volume_core::host::{FaultInjector, RealDevices, Step, VolumeDevices, VolumeHost};
+#[cfg(feature = "testing")]
+use volume_core::host::{FaultInjector, Step};
+use volume_core::host::{RealDevices, VolumeDevices, VolumeHost};
 use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyError, KeyStore, LocalKeyDir};
 use volume_core::names::NameError;
 
@@ -101,6 +105,7 @@ pub struct Built {
     pub host: Arc<VolumeHost>,
     pub pool: PoolStatus,
     /// The simulated backend, in `--sim` mode (benchmarks read its counts).
+    #[cfg(feature = "testing")]
     pub sim: Option<Arc<SimBackend>>,
 }
 
@@ -112,15 +117,17 @@ pub fn build(
     metrics: Arc<Metrics>,
 ) -> Result<Built, StartError> {
     let spec = pool_spec(config)?;
+    #[cfg(feature = "testing")]
     let (raw, devices, sim): (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>, _) = if config.sim {
         let sim = Arc::new(SimBackend::new(spec));
         let devices = Arc::new(SimDevices::new(sim.clone()));
         (sim.clone(), devices, Some(sim))
     } else {
-        let devices = Arc::new(RealDevices::locate().map_err(StartError::Tools)?);
-        let lvm = Arc::new(LvmBackend::start(spec).map_err(StartError::Backend)?);
+        let (lvm, devices) = real_backend(spec)?;
         (lvm, devices, None)
     };
+    #[cfg(not(feature = "testing"))]
+    let (raw, devices) = real_backend(spec)?;
     let backend: Arc<dyn ThinBackend> = Arc::new(CountingBackend::new(raw, metrics));
     let pool = backend.ensure_pool().map_err(StartError::Pool)?;
     if pool.changed() {
@@ -128,29 +135,43 @@ pub fn build(
     }
     let pool = pool.into_inner();
     tracing::info!(usage = %pool.usage, "thin pool ready");
-    let mut host = VolumeHost::new(backend, devices, keys, config.policy);
-    if let Some(pause) = PauseAfterStep::from_env() {
-        host = host.with_faults(Arc::new(pause));
-    }
+    let host = VolumeHost::new(backend, devices, keys, config.policy);
+    #[cfg(feature = "testing")]
+    let host = match PauseAfterStep::from_env() {
+        Some(pause) => host.with_faults(Arc::new(pause)),
+        None => host,
+    };
     Ok(Built {
         host: Arc::new(host),
         pool,
+        #[cfg(feature = "testing")]
         sim,
     })
+}
+
+/// A backend and the devices above it.
+type DataPath = (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>);
+
+fn real_backend(spec: ThinPoolSpec) -> Result<DataPath, StartError> {
+    let devices = Arc::new(RealDevices::locate().map_err(StartError::Tools)?);
+    let lvm = Arc::new(LvmBackend::start(spec).map_err(StartError::Backend)?);
+    Ok((lvm, devices))
 }
 
 /// Test-only fault hook for crash tests on the real stack: with
 /// `VOLUMED_FAULT_PAUSE_AFTER=<step>` (e.g. `CryptFormatted`) and
 /// `VOLUMED_FAULT_MARKER=<file>`, the first time a volume operation
 /// reaches that step the worker writes the marker file and stops there for
-/// good, so a test can `kill -9` the daemon at a known point. Unset in
-/// production: no injector is installed.
+/// good, so a test can `kill -9` the daemon at a known point. Only in a
+/// build with the `testing` feature.
+#[cfg(feature = "testing")]
 struct PauseAfterStep {
     step: String,
     marker: PathBuf,
     fired: std::sync::atomic::AtomicBool,
 }
 
+#[cfg(feature = "testing")]
 impl PauseAfterStep {
     fn from_env() -> Option<PauseAfterStep> {
         let step = std::env::var("VOLUMED_FAULT_PAUSE_AFTER").ok()?;
@@ -164,6 +185,7 @@ impl PauseAfterStep {
     }
 }
 
+#[cfg(feature = "testing")]
 impl FaultInjector for PauseAfterStep {
     fn after(&self, step: Step) -> Option<volume_core::host::Fault> {
         if step.to_string() != self.step

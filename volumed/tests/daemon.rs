@@ -15,7 +15,7 @@ use volume_core::host::{self, Encryption, Fault, FaultPlan, Step, VolumeHost};
 use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyStore, LocalKeyDir};
 use volume_core::names::{HostId, LvName, Region, VgName, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
-use volumed::config::{Cli, Config, FileConfig};
+use volumed::config::{Cli, Config, Settings};
 use volumed::counting::CountingBackend;
 use volumed::daemon::{Running, Setup};
 use volumed::kv::{commit_destroy, Committed};
@@ -74,7 +74,7 @@ fn config(extra: &[&str]) -> Config {
     ];
     args.extend_from_slice(extra);
     let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
-    Config::merge(&cli.options, FileConfig::default()).unwrap()
+    Config::merge(&cli.options.settings, Settings::default()).unwrap()
 }
 
 /// A simulated host that outlives daemons, as a real host outlives a
@@ -457,7 +457,7 @@ async fn orphans_are_reported_never_deleted_and_gc_deletes_them_only_when_asked(
     // One LV of ours made behind the daemon's back, one whose record is
     // deleted outright (no destroy intent).
     let stray = spec(Bytes(GIB), false);
-    let stray_volume = host::VolumeSpec {
+    let stray_volume = host::NewVolume {
         id: stray.id.clone(),
         name: stray.name.clone(),
         size: stray.size,

@@ -6,6 +6,7 @@
 
 pub mod lvm;
 pub mod shared;
+#[cfg(feature = "testing")]
 pub mod sim;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
@@ -120,6 +121,17 @@ pub enum BackendError {
     WorkerSpawn(std::io::Error),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(
+        "a size of {} bytes cannot be rounded up to whole extents of {} bytes: {source}",
+        size.0,
+        extent.bytes().0
+    )]
+    NotRoundable {
+        size: Bytes,
+        extent: ExtentSize,
+        #[source]
+        source: UnitError,
+    },
     #[error(transparent)]
     Unit(#[from] UnitError),
 }

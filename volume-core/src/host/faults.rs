@@ -3,70 +3,12 @@
 //! The host asks its injector after every step. A [`Fault::Fail`] makes the
 //! step report failure after doing its work (the worst case for rollback);
 //! a [`Fault::Crash`] stops the operation on the spot with no rollback, as
-//! if the process died. Production hosts have no injector.
+//! if the process died. Only built with the `testing` feature: a production
+//! build has no injector and no injected-error variants.
 
+use super::Step;
 use std::collections::VecDeque;
-use std::fmt;
 use std::sync::Mutex;
-
-/// Every step after which progress can be observed or lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Step {
-    // create
-    KeyReady,
-    LvCreated,
-    CryptFormatted,
-    ProgressCrypt,
-    CryptOpened,
-    FsMade,
-    ProgressReady,
-    // expose / unexpose
-    NodeRecorded,
-    NodeMade,
-    NodeRemoved,
-    NodeForgotten,
-    // extend
-    LvExtended,
-    CryptResized,
-    FsGrown,
-    // delete and rollback
-    MarkedDeleting,
-    CryptClosed,
-    HeaderErased,
-    LvRemoved,
-    KeyDestroyed,
-}
-
-impl Step {
-    /// The steps of a create of an encrypted volume, in order.
-    pub const CREATE_ENCRYPTED: [Step; 7] = [
-        Step::KeyReady,
-        Step::LvCreated,
-        Step::CryptFormatted,
-        Step::ProgressCrypt,
-        Step::CryptOpened,
-        Step::FsMade,
-        Step::ProgressReady,
-    ];
-    /// The steps of a create of a plain volume, in order.
-    pub const CREATE_PLAIN: [Step; 3] = [Step::LvCreated, Step::FsMade, Step::ProgressReady];
-    /// The steps of a delete of an exposed, encrypted volume, in order.
-    pub const DELETE: [Step; 7] = [
-        Step::MarkedDeleting,
-        Step::NodeRemoved,
-        Step::NodeForgotten,
-        Step::CryptClosed,
-        Step::HeaderErased,
-        Step::LvRemoved,
-        Step::KeyDestroyed,
-    ];
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

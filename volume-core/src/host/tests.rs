@@ -55,8 +55,8 @@ fn harness() -> Harness {
     harness_with(CapacityPolicy::default())
 }
 
-fn spec(encryption: Encryption) -> VolumeSpec {
-    VolumeSpec {
+fn spec(encryption: Encryption) -> NewVolume {
+    NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
         size: Bytes(25 * GIB),
@@ -103,7 +103,7 @@ impl Harness {
         );
     }
 
-    fn assert_ready(&self, spec: &VolumeSpec) -> VolumeStatus {
+    fn assert_ready(&self, spec: &NewVolume) -> LocalVolume {
         let status = self
             .host
             .list()
@@ -111,7 +111,7 @@ impl Harness {
             .into_iter()
             .find(|s| s.id == spec.id)
             .expect("volume listed");
-        assert_eq!(status.state, Some(VolumeState::Ready));
+        assert_eq!(status.progress, Some(Progress::Ready));
         assert_eq!(status.encryption, Some(spec.encryption));
         assert_eq!(status.name.as_ref(), Some(&spec.name));
         assert!(status.device.is_some(), "ready volume is open");
@@ -176,21 +176,21 @@ fn a_different_spec_is_refused_and_changes_nothing() {
     for (field, changed) in [
         (
             "size",
-            VolumeSpec {
+            NewVolume {
                 size: Bytes(26 * GIB),
                 ..spec.clone()
             },
         ),
         (
             "encryption",
-            VolumeSpec {
+            NewVolume {
                 encryption: Encryption::None,
                 ..spec.clone()
             },
         ),
         (
             "name",
-            VolumeSpec {
+            NewVolume {
                 name: VolumeName::new("other").unwrap(),
                 ..spec.clone()
             },
@@ -203,6 +203,42 @@ fn a_different_spec_is_refused_and_changes_nothing() {
     }
     assert_eq!(h.backend.calls().changes, before);
     h.assert_ready(&spec);
+}
+
+#[test]
+fn a_size_that_cannot_be_rounded_to_extents_is_named_and_changes_nothing() {
+    let h = harness();
+    let extent = h.backend.pool_status().unwrap().extent_size;
+    let mut huge = spec(Encryption::Luks2);
+    huge.size = Bytes(u64::MAX);
+    let err = h.host.create(&huge).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == huge.size && *e == extent),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains(&u64::MAX.to_string()), "{message}");
+    assert!(message.contains(&extent.bytes().0.to_string()), "{message}");
+    h.assert_clean();
+
+    let volume = spec(Encryption::Luks2);
+    let _ = h.host.create(&volume).unwrap();
+    // Re-creating an existing volume checks its size through the backend.
+    let resized = NewVolume {
+        size: Bytes(u64::MAX),
+        ..volume.clone()
+    };
+    let err = h.host.create(&resized).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == resized.size && *e == extent),
+        "{err:?}"
+    );
+    let err = h.host.extend(&volume.id, Bytes(u64::MAX)).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, .. } if *size == Bytes(u64::MAX)),
+        "{err:?}"
+    );
+    assert_eq!(h.assert_ready(&volume).size, volume.size);
 }
 
 #[test]
@@ -356,11 +392,11 @@ fn a_crash_during_rollback_is_finished_by_the_next_create() {
         "{err}"
     );
     let listed = h.host.list().unwrap();
-    assert_eq!(listed[0].state, Some(VolumeState::Deleting));
+    assert_eq!(listed[0].progress, Some(Progress::Deleting));
     assert!(matches!(
         h.host.open(&spec.id),
         Err(HostError::NotReady {
-            state: VolumeState::Deleting,
+            progress: Progress::Deleting,
             ..
         })
     ));
@@ -438,7 +474,7 @@ fn expose_of_an_unfinished_or_missing_volume_is_refused() {
     assert!(matches!(
         h.host.expose(&spec.id, &jail, OWNER),
         Err(HostError::NotReady {
-            state: VolumeState::CryptFormatted,
+            progress: Progress::CryptFormatted,
             ..
         })
     ));
@@ -580,10 +616,10 @@ fn a_ready_volume_whose_key_is_lost_is_never_reformatted() {
 }
 
 impl Harness {
-    fn assert_ready_state_kept(&self, spec: &VolumeSpec) {
+    fn assert_ready_state_kept(&self, spec: &NewVolume) {
         let listed = self.host.list().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].state, Some(VolumeState::Ready));
+        assert_eq!(listed[0].progress, Some(Progress::Ready));
         assert_eq!(listed[0].id, spec.id);
     }
 }
@@ -630,8 +666,8 @@ fn a_resumed_create_refuses_foreign_content_on_its_lv() {
 fn concurrent_creates_respect_admission() {
     let h = Arc::new(harness_with(CapacityPolicy::default()));
     // 3 GiB pool at ratio 10: room for three 10 GiB volumes, not four.
-    let specs: Vec<VolumeSpec> = (0..4)
-        .map(|_| VolumeSpec {
+    let specs: Vec<NewVolume> = (0..4)
+        .map(|_| NewVolume {
             size: Bytes(10 * GIB),
             ..spec(Encryption::None)
         })
@@ -768,7 +804,7 @@ fn a_failed_resumed_create_leaves_what_earlier_calls_made() {
     ));
     let listed = h.host.list().unwrap();
     assert_eq!(listed.len(), 1, "the earlier call's LV stays");
-    assert_eq!(listed[0].state, Some(VolumeState::CryptFormatted));
+    assert_eq!(listed[0].progress, Some(Progress::CryptFormatted));
     assert!(h.devices.mappings().is_empty(), "this call's mapping went");
     assert_eq!(h.key_files().len(), 1, "the earlier call's key stays");
     assert!(h.host.create(&spec).unwrap().changed());

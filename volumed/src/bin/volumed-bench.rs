@@ -25,7 +25,7 @@ use volume_core::host::VolumeHost;
 use volume_core::keys::LocalKeyDir;
 use volume_core::names::{HostId, LvName, Region, VgName, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
-use volumed::config::{Cli, Config, FileConfig};
+use volumed::config::{Cli, Config, Settings};
 use volumed::counting::CountingBackend;
 use volumed::daemon::{Running, Setup};
 use volumed::metrics::Metrics;
@@ -132,7 +132,7 @@ fn config(host: &str, heartbeat: &str, extra: &[&str]) -> Result<Config, Failure
     ];
     args.extend_from_slice(extra);
     let cli = Cli::try_parse_from(args)?;
-    Ok(Config::merge(&cli.options, FileConfig::default())?)
+    Ok(Config::merge(&cli.options.settings, Settings::default())?)
 }
 
 async fn bench(args: Args) -> Result<(), Failure> {

@@ -1,0 +1,63 @@
+//! The steps of [`super::VolumeHost`] operations: after each one, progress
+//! can be observed (the debug log names it) or, in tests, a fault injected.
+
+use std::fmt;
+
+/// Every step after which progress can be observed or lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    // create
+    KeyReady,
+    LvCreated,
+    CryptFormatted,
+    ProgressCrypt,
+    CryptOpened,
+    FsMade,
+    ProgressReady,
+    // expose / unexpose
+    NodeRecorded,
+    NodeMade,
+    NodeRemoved,
+    NodeForgotten,
+    // extend
+    LvExtended,
+    CryptResized,
+    FsGrown,
+    // delete and rollback
+    MarkedDeleting,
+    CryptClosed,
+    HeaderErased,
+    LvRemoved,
+    KeyDestroyed,
+}
+
+impl Step {
+    /// The steps of a create of an encrypted volume, in order.
+    pub const CREATE_ENCRYPTED: [Step; 7] = [
+        Step::KeyReady,
+        Step::LvCreated,
+        Step::CryptFormatted,
+        Step::ProgressCrypt,
+        Step::CryptOpened,
+        Step::FsMade,
+        Step::ProgressReady,
+    ];
+    /// The steps of a create of a plain volume, in order.
+    pub const CREATE_PLAIN: [Step; 3] = [Step::LvCreated, Step::FsMade, Step::ProgressReady];
+    /// The steps of a delete of an exposed, encrypted volume, in order.
+    pub const DELETE: [Step; 7] = [
+        Step::MarkedDeleting,
+        Step::NodeRemoved,
+        Step::NodeForgotten,
+        Step::CryptClosed,
+        Step::HeaderErased,
+        Step::LvRemoved,
+        Step::KeyDestroyed,
+    ];
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
