@@ -125,6 +125,14 @@ pub async fn create(
                     source,
                 })
             }
+            // Say which volumes of this run are already recorded.
+            Err(error) if !reserved.is_empty() => {
+                return Err(CliError::PartialCreate {
+                    wanted: args.count,
+                    placed: reserved.into_iter().map(|r| r.spec.id).collect(),
+                    source: Box::new(error),
+                })
+            }
             Err(error) => return Err(error),
         }
     }
