@@ -56,6 +56,7 @@ pub struct Metrics {
     watch_updates: AtomicU64,
     lvm_reports: AtomicU64,
     lvm_changes: AtomicU64,
+    ledger_repairs: AtomicU64,
     /// Milliseconds since start of the reconcile loop's last turn (liveness).
     loop_alive_ms: AtomicU64,
 }
@@ -72,6 +73,7 @@ impl Default for Metrics {
             watch_updates: AtomicU64::new(0),
             lvm_reports: AtomicU64::new(0),
             lvm_changes: AtomicU64::new(0),
+            ledger_repairs: AtomicU64::new(0),
             loop_alive_ms: AtomicU64::new(0),
         }
     }
@@ -158,6 +160,11 @@ impl Metrics {
     /// Backend calls made through the daemon (each reads LVM at least once).
     pub fn lvm_calls(&self) -> u64 {
         self.lvm_reports.load(Ordering::Relaxed)
+    }
+
+    /// The ledger disagreed with the desired records and was corrected.
+    pub fn ledger_repaired(&self) {
+        self.ledger_repairs.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn loop_alive(&self) {
@@ -292,6 +299,11 @@ impl Metrics {
             "volumed_lvm_changes_total",
             "Thin-backend calls that may change LVM state.",
             self.lvm_changes.load(Ordering::Relaxed),
+        );
+        counter(
+            "volumed_ledger_repairs_total",
+            "Times the host's ledger disagreed with its desired records and was rewritten.",
+            self.ledger_repairs.load(Ordering::Relaxed),
         );
         out
     }
