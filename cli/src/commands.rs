@@ -409,6 +409,7 @@ pub async fn hosts(
         ">RATIO",
         ">HEADROOM",
         ">VOLUMES",
+        ">ORPHANS",
         "HEARTBEAT",
     ]);
     for view in &views {
@@ -431,6 +432,9 @@ pub async fn hosts(
                 view.ledger.volumes.max(pool.volume_count),
                 policy.max_volumes
             ),
+            // LVs of ours with no desired record: the pool holds them, no
+            // reservation does, until `volumed gc` removes them.
+            view.record.orphans.len().to_string(),
             if view.fresh {
                 format!("{heartbeat} ago")
             } else {
