@@ -937,8 +937,8 @@ impl ThinBackend for HookBackend {
     }
 }
 
-fn plain_volume(spec: &VolumeSpec) -> host::VolumeSpec {
-    host::VolumeSpec {
+fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {
+    host::NewVolume {
         id: spec.id.clone(),
         name: spec.name.clone(),
         size: spec.size,

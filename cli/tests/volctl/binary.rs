@@ -7,7 +7,7 @@ use consul_kv::SecretToken;
 use consul_kv_server::{Server, ServerConfig};
 
 use crate::common::{self, host, Env, GB};
-use volume_core::names::VolumeId;
+use volume_model::names::VolumeId;
 
 const CONSUL_VARS: [&str; 5] = [
     "CONSUL_HTTP_ADDR",
