@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 use volume_control::layout::DEFAULT_ROOT;
-use volume_core::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::names::{HostId, Region, VolumeId, VolumeName};
 
 /// Printed under `--help`: scripts branch on these.
 const EXIT_CODES_HELP: &str = "\
@@ -122,6 +122,17 @@ pub struct CreateArgs {
     #[arg(long, value_name = "H")]
     pub host: Option<HostId>,
 
+    /// Create the volume under this id (vol_ and 16 of a-z 0-9) instead of
+    /// a random one, so that running the same command again is safe: if a
+    /// volume with this id is already recorded with the same name, size,
+    /// region and encryption, no second one is made and volctl waits for
+    /// that one (exit 0); recorded with other settings, exit 2 and nothing
+    /// changes. Without --id, volctl already keeps one id across its own
+    /// retries and, when an answer is lost, reads back whether the volume
+    /// was recorded; if it cannot tell, it names the id to retry with.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<VolumeId>,
+
     /// Print JSON (an array of volumes) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -229,5 +240,17 @@ mod tests {
         let help = Cli::command().render_help().to_string();
         assert!(help.contains("4  timed out waiting"), "{help}");
         assert!(help.contains("CONSUL_HTTP_TOKEN"), "{help}");
+    }
+
+    #[test]
+    fn create_help_says_how_to_retry_safely() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("create")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--id <ID>"), "{help}");
+        assert!(help.contains("no second one is made"), "{help}");
     }
 }

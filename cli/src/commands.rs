@@ -8,8 +8,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
-use volume_core::names::VolumeId;
-use volume_core::units::Bytes;
+use volume_model::names::VolumeId;
+use volume_model::units::Bytes;
 
 use crate::args::{
     Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs, ShowArgs,
@@ -94,14 +94,28 @@ pub async fn create(
         encrypted: !args.no_encryption,
         require_unique_zone: args.require_unique_zone,
         pinned_host: args.host.clone(),
+        id_from_caller: args.id.is_some(),
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    if let Some(id) = &args.id {
+        if args.count > 1 {
+            return Err(CliError::Usage(format!(
+                "--id names one volume; it cannot go with --count {}",
+                args.count
+            )));
+        }
+        if let Some(volume) = reserve::existing(ctx, &request, id, ui).await? {
+            return finish_create(ctx, args, vec![volume], deadline, ui).await;
+        }
+    }
     if args.count > 1 {
         reserve::check_all_fit(ctx, &request, args.count, ui).await?;
     }
     let mut reserved = Vec::new();
     for _ in 0..args.count {
-        match reserve::reserve(ctx, &request, &VolumeId::generate(), ui).await {
+        // One id per volume, fixed before its first transaction.
+        let id = args.id.clone().unwrap_or_else(VolumeId::generate);
+        match reserve::reserve(ctx, &request, &id, ui).await {
             Ok(volume) => reserved.push(volume),
             // Another writer took the room the check saw: say what exists.
             Err(CliError::NoPlacement(source)) if !reserved.is_empty() => {
@@ -114,6 +128,17 @@ pub async fn create(
             Err(error) => return Err(error),
         }
     }
+    finish_create(ctx, args, reserved, deadline, ui).await
+}
+
+/// Waits (unless `--detach`) for each reserved volume and prints them.
+async fn finish_create(
+    ctx: &Ctx,
+    args: &CreateArgs,
+    reserved: Vec<reserve::Reserved>,
+    deadline: Deadline,
+    ui: &mut Ui<'_>,
+) -> Result<Vec<VolumeView>, CliError> {
     let mut views = Vec::new();
     for volume in reserved {
         let status = if args.wait.detach {

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use volume_control::placement::{NoPlacement, Skip};
-use volume_core::capacity::Refusal;
-use volume_core::names::{HostId, VolumeId};
-use volume_core::units::Bytes;
+use volume_model::capacity::Refusal;
+use volume_model::names::{HostId, VolumeId};
+use volume_model::units::Bytes;
 
 /// Exit codes, as documented under `--help`.
 pub mod exit {
@@ -81,6 +81,32 @@ pub enum CliError {
     #[error("KV store: {0}")]
     Kv(#[source] consul_kv::Error),
 
+    /// A create was sent, its answer was lost and the store stopped
+    /// answering before volctl could read back whether it landed.
+    #[error(
+        "cannot tell whether {id} was recorded on {host}: the store stopped answering \
+             after the create was sent ({source}); nothing more was sent. \
+             See `volctl show {id}`, or rerun the same command with `--id {id}`: \
+             it creates the volume only if it is not recorded yet"
+    )]
+    OutcomeUnknown {
+        id: VolumeId,
+        host: HostId,
+        #[source]
+        source: consul_kv::Error,
+    },
+
+    /// `--id` names a volume recorded with other settings.
+    #[error(
+        "{id} is already recorded as {existing}, not {requested}; nothing changed \
+             (an id names one volume: pick another --id)"
+    )]
+    IdInUse {
+        id: VolumeId,
+        existing: String,
+        requested: String,
+    },
+
     #[error("{what}: every one of {attempts} attempts lost a race with another writer; retry")]
     Contended { what: String, attempts: u32 },
 
@@ -137,14 +163,16 @@ impl From<NoPlacement> for CliError {
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Usage(_) | CliError::ConfirmationRequired { .. } => exit::USAGE,
+            CliError::Usage(_)
+            | CliError::ConfirmationRequired { .. }
+            | CliError::IdInUse { .. } => exit::USAGE,
             CliError::NoPlacement(_)
             | CliError::PartialPlacement { .. }
             | CliError::CountDoesNotFit { .. }
             | CliError::GrowthRefused { .. } => exit::CAPACITY,
             CliError::TimedOut(_) => exit::TIMED_OUT,
             CliError::NotFound { .. } => exit::NOT_FOUND,
-            CliError::Unreachable(_) => exit::UNREACHABLE,
+            CliError::Unreachable(_) | CliError::OutcomeUnknown { .. } => exit::UNREACHABLE,
             CliError::Contended { .. } => exit::CONTENDED,
             CliError::Declined { .. }
             | CliError::VolumeFailed { .. }

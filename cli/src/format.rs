@@ -1,7 +1,7 @@
 //! Human output: aligned tables, decimal sizes, ages.
 
 use std::io::{self, Write};
-use volume_core::units::Bytes;
+use volume_model::units::Bytes;
 
 /// Decimal units, the ones `--size` is given in, with one decimal.
 pub fn size(bytes: Bytes) -> String {

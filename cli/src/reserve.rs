@@ -10,6 +10,19 @@
 //! no other writer has changed: no host is over-committed and no zone
 //! gets a second volume of the name.
 //!
+//! With `--id`, the transaction also checks that no other host of the
+//! region holds a desired record of that id, so two runs with one id
+//! cannot both place it.
+//!
+//! A create whose answer is lost (the connection drops or times out after
+//! the request was sent, or a 5xx) may or may not have committed. The id
+//! and the record's contents are fixed before the first attempt, so volctl
+//! reads the record back: found, the create is done; not found, it is sent
+//! again, to the same host only (a late commit of the lost one and the new
+//! one then both `cas` that host's ledger, so at most one lands). If the
+//! store stays away, the error names the id and `--id <id>`, which makes a
+//! retried *command* find the record instead of making a second volume.
+//!
 //! Extend: `[cas ledger @index, cas desired spec @index]`.
 //! Destroy intent: `[cas desired spec @index]` (volumed releases the
 //! reservation when it has removed the volume).
@@ -18,11 +31,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use consul_kv::TxnOp;
-use rand::Rng as _;
 use volume_control::layout::{Ledger, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
-use volume_core::names::{HostId, Region, VolumeId, VolumeName};
-use volume_core::units::Bytes;
+use volume_model::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::units::Bytes;
 
 use crate::error::CliError;
 use crate::store::{self, encode, now_ms, Ctx, HostEntry, SpecEntry};
@@ -34,14 +46,10 @@ pub const MAX_ATTEMPTS: u32 = 16;
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// "Full jitter" backoff: a random wait up to a doubling cap, so that
-/// writers who lost the same race do not collide again in step.
+/// A jittered wait that doubles per attempt, so that writers who lost the
+/// same race do not collide again in step.
 async fn backoff(attempt: u32) {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1 << attempt.min(16))
-        .min(BACKOFF_MAX);
-    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    let wait = Duration::from_millis(rand::rng().random_range(0..=cap_ms));
+    let wait = consul_kv::Backoff::new(BACKOFF_BASE, BACKOFF_MAX).delay(attempt.saturating_add(1));
     tokio::time::sleep(wait).await;
 }
 
@@ -54,6 +62,53 @@ pub struct CreateRequest {
     pub encrypted: bool,
     pub require_unique_zone: bool,
     pub pinned_host: Option<HostId>,
+    /// The id came from the caller (`--id`): another run may be creating
+    /// the same id, so the transaction checks every host of the region.
+    pub id_from_caller: bool,
+}
+
+impl CreateRequest {
+    /// Whether `spec` is the volume this request asks for (what a retry of
+    /// the same command would record).
+    pub fn matches(&self, spec: &VolumeSpec) -> bool {
+        spec.name == self.name
+            && spec.region == self.region
+            && spec.size == self.size
+            && spec.encrypted == self.encrypted
+            && self
+                .pinned_host
+                .as_ref()
+                .is_none_or(|host| *host == spec.host)
+    }
+}
+
+/// A desired record in one line, for messages.
+fn describe(spec: &VolumeSpec) -> String {
+    format!(
+        "{} {}, {}, in {} on {}",
+        spec.name,
+        crate::format::size(spec.size),
+        if spec.encrypted {
+            "encrypted"
+        } else {
+            "unencrypted"
+        },
+        spec.region,
+        spec.host
+    )
+}
+
+/// Reads read-back attempts before volctl gives up on an unanswering store.
+const READ_BACK_ATTEMPTS: u32 = 8;
+
+/// Whether a failed write may still have been applied: the request was
+/// (or may have been) sent and no answer says what happened.
+fn outcome_unknown(error: &consul_kv::Error) -> bool {
+    match error {
+        consul_kv::Error::Transport { .. } => true,
+        consul_kv::Error::Status { status, .. } => *status >= 500,
+        _ => false,
+    }
 }
 
 /// The store as one placement decision sees it.
@@ -61,7 +116,7 @@ pub struct CreateRequest {
 pub struct Snapshot {
     pub hosts: Vec<HostEntry>,
     /// Zones of the region that hold a volume of the requested name.
-    pub zones_in_use: BTreeSet<volume_core::names::Zone>,
+    pub zones_in_use: BTreeSet<volume_model::names::Zone>,
 }
 
 /// Reads hosts, then (only if zones matter) desired records. Ledgers are
@@ -169,6 +224,99 @@ fn written_index(results: &[consul_kv::TxnResult], key: &str) -> u64 {
         .map_or(0, |result| result.kv.modify_index)
 }
 
+/// A desired record of `id` that an earlier run recorded (`--id`): the
+/// same volume is adopted, anything else under that id is refused.
+pub async fn existing(
+    ctx: &Ctx,
+    request: &CreateRequest,
+    id: &VolumeId,
+    ui: &mut Ui<'_>,
+) -> Result<Option<Reserved>, CliError> {
+    let SpecEntry { spec, index } = match store::find_spec(ctx, id).await {
+        Ok(entry) => entry,
+        Err(CliError::NotFound { .. }) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if spec.destroy {
+        return Err(CliError::BeingDestroyed { id: id.clone() });
+    }
+    if !request.matches(&spec) {
+        return Err(CliError::IdInUse {
+            id: id.clone(),
+            existing: describe(&spec),
+            requested: format!(
+                "{} {}, {}, in {}",
+                request.name,
+                crate::format::size(request.size),
+                if request.encrypted {
+                    "encrypted"
+                } else {
+                    "unencrypted"
+                },
+                request.region
+            ),
+        });
+    }
+    ui.warn(&format!(
+        "{id} is already recorded ({}): not creating another",
+        describe(&spec)
+    ));
+    Ok(Some(Reserved {
+        spec,
+        spec_index: index,
+        attempts: 0,
+    }))
+}
+
+/// What a read-back found at the key a lost transaction wrote.
+enum ReadBack {
+    /// The record we sent: the transaction landed.
+    Landed(Reserved),
+    NotThere,
+}
+
+/// Reads `spec`'s desired record after a transaction's answer was lost,
+/// retrying while the store does not answer.
+async fn read_back(ctx: &Ctx, spec: &VolumeSpec, attempts: u32) -> Result<ReadBack, CliError> {
+    let key = ctx.layout.desired(&spec.host, &spec.id);
+    let mut attempt = 0;
+    let pair = loop {
+        attempt += 1;
+        match ctx.kv.get(&key).await {
+            Ok(answer) => break answer.value,
+            Err(error) if outcome_unknown(&error) && attempt < READ_BACK_ATTEMPTS => {
+                backoff(attempt).await;
+            }
+            Err(error) if outcome_unknown(&error) => {
+                return Err(CliError::OutcomeUnknown {
+                    id: spec.id.clone(),
+                    host: spec.host.clone(),
+                    source: error,
+                })
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    let Some(pair) = pair else {
+        return Ok(ReadBack::NotThere);
+    };
+    let found: VolumeSpec = store::decode(&pair)?;
+    // Ids are random and every attempt sends the same record, so anything
+    // else under this key was written by someone else.
+    if found != *spec {
+        return Err(CliError::IdInUse {
+            id: spec.id.clone(),
+            existing: describe(&found),
+            requested: describe(spec),
+        });
+    }
+    Ok(ReadBack::Landed(Reserved {
+        spec: found,
+        spec_index: pair.modify_index,
+        attempts,
+    }))
+}
+
 /// Places one volume and reserves it atomically; see the module docs.
 pub async fn reserve(
     ctx: &Ctx,
@@ -176,9 +324,20 @@ pub async fn reserve(
     id: &VolumeId,
     ui: &mut Ui<'_>,
 ) -> Result<Reserved, CliError> {
+    let mut request = request.clone();
+    // Fixed for every attempt, so a read-back can recognise our record.
+    let created_ms = now_ms();
+    // The record a transaction with a lost answer may have written.
+    let mut in_doubt: Option<VolumeSpec> = None;
     for attempt in 1..=MAX_ATTEMPTS {
-        let view = snapshot(ctx, request, ui).await?;
-        let placed = view.decide(ctx, request)?;
+        if let Some(sent) = &in_doubt {
+            // A late commit of the lost transaction shows up here.
+            if let ReadBack::Landed(reserved) = read_back(ctx, sent, attempt - 1).await? {
+                return Ok(reserved);
+            }
+        }
+        let view = snapshot(ctx, &request, ui).await?;
+        let placed = view.decide(ctx, &request)?;
         let chosen = view
             .hosts
             .iter()
@@ -192,7 +351,7 @@ pub async fn reserve(
             zone: placed.zone.clone(),
             size: request.size,
             encrypted: request.encrypted,
-            created_ms: now_ms(),
+            created_ms,
             destroy: false,
         };
         let spec_key = ctx.layout.desired(&spec.host, id);
@@ -205,16 +364,20 @@ pub async fn reserve(
                 index: 0,
             },
         ];
-        if request.require_unique_zone {
-            let others = view.hosts.iter().filter(|entry| {
-                entry.record.region == request.region && entry.record.id != placed.host
-            });
-            for entry in others {
+        let others_in_region = view.hosts.iter().filter(|entry| {
+            entry.record.region == request.region && entry.record.id != placed.host
+        });
+        for entry in others_in_region {
+            if request.require_unique_zone {
                 let key = ctx.layout.host_ledger(&entry.record.id);
                 ops.push(match entry.ledger_index {
                     0 => TxnOp::CheckNotExists { key },
                     index => TxnOp::CheckIndex { key, index },
                 });
+            }
+            if request.id_from_caller {
+                let key = ctx.layout.desired(&entry.record.id, id);
+                ops.push(TxnOp::CheckNotExists { key });
             }
         }
         match ctx.kv.txn(&ops).await {
@@ -225,7 +388,34 @@ pub async fn reserve(
                     attempts: attempt,
                 })
             }
-            Err(consul_kv::Error::TxnConflict { .. }) => backoff(attempt).await,
+            Err(consul_kv::Error::TxnConflict { .. }) => {
+                // Another run with the same `--id` may have won.
+                if request.id_from_caller {
+                    if let Some(reserved) = existing(ctx, &request, id, ui).await? {
+                        return Ok(reserved);
+                    }
+                }
+                backoff(attempt).await;
+            }
+            Err(error) if outcome_unknown(&error) => {
+                ui.warn(&format!(
+                    "the answer to the create of {id} on {} was lost ({error}); \
+                     reading back whether it was recorded",
+                    spec.host
+                ));
+                match read_back(ctx, &spec, attempt).await? {
+                    ReadBack::Landed(reserved) => {
+                        ui.warn(&format!("{id} was recorded on {}", spec.host));
+                        return Ok(reserved);
+                    }
+                    ReadBack::NotThere => ui.warn(&format!(
+                        "{id} was not recorded; sending it again, to {} only",
+                        spec.host
+                    )),
+                }
+                request.pinned_host = Some(spec.host.clone());
+                in_doubt = Some(spec);
+            }
             Err(other) => return Err(other.into()),
         }
     }

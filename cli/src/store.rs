@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use consul_kv::{ConsulKv, KvPair};
 use serde::de::DeserializeOwned;
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeStatus};
-use volume_core::names::{HostId, VolumeId};
+use volume_model::names::{HostId, VolumeId};
 
 use crate::error::CliError;
 use crate::ui::Ui;

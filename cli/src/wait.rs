@@ -6,7 +6,7 @@ use std::time::Duration;
 use consul_kv::{BlockingQuery, ConsulKv, KvPair};
 use tokio::time::Instant;
 use volume_control::layout::{VolumeSpec, VolumeState};
-use volume_core::units::Bytes;
+use volume_model::units::Bytes;
 
 use crate::error::{CliError, WaitTimedOut};
 use crate::format;

@@ -1,17 +1,18 @@
 //! Consul KV and Txn for the volume manager: a typed client
-//! ([`client::ConsulKv`]) that talks to a real Consul cluster, and a
-//! Consul-compatible single-host server ([`server::Server`], the `volkv`
-//! binary) that is the embedded default and what the tests run against.
+//! ([`client::ConsulKv`]) that talks to a real Consul cluster or to the
+//! project's own server (crate `consul-kv-server`, binary `volkv`), and the
+//! wire types and Go-duration parsing both share.
 //!
-//! Both follow the project's note on Consul KV semantics (indexes, blocking
+//! It follows the project's note on Consul KV semantics (indexes, blocking
 //! queries, CAS, transactions, ACL).
 
+pub mod backoff;
 pub mod client;
 pub mod duration;
 pub mod secret;
-pub mod server;
 pub mod types;
 
+pub use backoff::Backoff;
 pub use client::{
     BlockingQuery, ClientConfig, ConsulKv, Error, Indexed, PrefixWatch, WatchOptions, WatchUpdate,
 };

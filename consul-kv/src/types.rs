@@ -27,7 +27,7 @@ pub struct KvPair {
 }
 
 /// `Value` as Consul writes it: base64 text, or `null` for an empty value.
-pub(crate) mod base64_value {
+pub mod base64_value {
     use super::*;
 
     pub fn serialize<S: Serializer>(value: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
@@ -168,7 +168,7 @@ pub struct TxnOpError {
 /// Body of `PUT /v1/txn` answers, 200 and 409 alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct TxnResponseBody {
+pub struct TxnResponseBody {
     pub results: Option<Vec<TxnResult>>,
     pub errors: Option<Vec<TxnOpError>>,
 }

@@ -30,9 +30,9 @@
 //!   bound to the volume id.
 
 use serde::{Deserialize, Serialize};
-use volume_core::capacity::{CapacityPolicy, PoolUsage};
-use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
-use volume_core::units::{Bytes, Percent};
+use volume_model::capacity::{CapacityPolicy, PoolUsage};
+use volume_model::names::{HostId, Region, VolumeId, VolumeName, Zone};
+use volume_model::units::{Bytes, Percent};
 
 pub const DEFAULT_ROOT: &str = "volumes/v1";
 

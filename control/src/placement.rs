@@ -3,7 +3,7 @@
 //!
 //! Candidates are the hosts of the region whose heartbeat is fresh. Each is
 //! judged by the same admission check the host itself uses
-//! ([`volume_core::capacity`]), against the larger of what LVM reported and
+//! ([`volume_model::capacity`]), against the larger of what LVM reported and
 //! what the ledger has reserved (a reservation may not be on disk yet).
 //!
 //! **Tie rule:** the host with the most headroom wins; equal headroom goes to
@@ -14,9 +14,9 @@ use crate::layout::{HostRecord, Ledger};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fmt;
-use volume_core::capacity::{PoolUsage, Refusal};
-use volume_core::names::{HostId, Region, Zone};
-use volume_core::units::{Bytes, GB};
+use volume_model::capacity::{PoolUsage, Refusal};
+use volume_model::names::{HostId, Region, Zone};
+use volume_model::units::{Bytes, GB};
 
 /// One host as placement sees it.
 #[derive(Debug, Clone)]
@@ -224,8 +224,8 @@ fn preference(candidate: &Candidate) -> (std::cmp::Reverse<Bytes>, u32, &HostId)
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use volume_core::capacity::CapacityPolicy;
-    use volume_core::units::{OvercommitRatio, GIB};
+    use volume_model::capacity::CapacityPolicy;
+    use volume_model::units::{OvercommitRatio, GIB};
 
     fn host(id: &str, region: &str, zone: &str, data_gib: u64) -> Candidate {
         Candidate {

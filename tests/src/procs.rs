@@ -2,7 +2,7 @@
 //! server (`volkv`), the daemon (`volumed`) and the CLI (`volctl`).
 //!
 //! They are found beside the test binary (`target/<profile>/`), so they must
-//! be built first: `cargo build -p volumed -p volctl -p consul-kv --bins`
+//! be built first: `cargo build -p volumed -p volctl -p consul-kv-server --bins`
 //! (`scripts/test-all` does).
 
 use std::io::{BufRead, BufReader};
@@ -21,7 +21,7 @@ pub fn project_binary(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo build -p volumed -p volctl -p consul-kv --bins` first",
+        "{} is missing: run `cargo build -p volumed -p volctl -p consul-kv-server --bins` first",
         path.display()
     );
     path

@@ -7,7 +7,8 @@
 use nix::mount::{mount, umount, MsFlags};
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use volume_core::backend::lvm::LvmBackend;
@@ -15,8 +16,8 @@ use volume_core::backend::ThinBackend;
 use volume_core::crypt::{self, CryptError};
 use volume_core::fs::{probe, volume_uuid, Signature, UuidPurpose};
 use volume_core::host::{
-    Encryption, Fault, FaultPlan, FsGrowth, HostError, RealDevices, Step, VolumeHost, VolumeSpec,
-    VolumeState,
+    Encryption, Fault, FaultPlan, FsGrowth, HostError, NewVolume, Progress, RealDevices, Step,
+    VolumeHost,
 };
 use volume_core::jail::{JailPath, NodeOwner};
 use volume_core::keys::{KeyStore, LocalKeyDir, VolumeKey};
@@ -87,8 +88,8 @@ impl Stack {
     }
 }
 
-fn spec(size: Bytes, encryption: Encryption) -> VolumeSpec {
-    VolumeSpec {
+fn spec(size: Bytes, encryption: Encryption) -> NewVolume {
+    NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
         size,
@@ -138,7 +139,7 @@ fn real_test_luks_pattern_through_the_jail_node_survives_close_and_reopen() {
         .into_iter()
         .find(|s| s.id == spec.id)
         .unwrap();
-    assert_eq!(lv_device.state, Some(VolumeState::Ready));
+    assert_eq!(lv_device.progress, Some(Progress::Ready));
     match probe(&mapping).unwrap() {
         Signature::Ext(sb) => {
             assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, &spec.id));
@@ -269,6 +270,42 @@ fn real_test_extend_grows_the_filesystem_offline_and_online() {
     assert!(size > 2900 * MIB, "df size {size} after online grow");
     umount(&stack.mnt()).unwrap();
 
+    // Held open by something this host cannot see as a jail node (a VM
+    // given the device path, a mount in another namespace): the filesystem
+    // is neither checked nor resized, and the outcome says so.
+    let blocks = || match probe(&mapping).unwrap() {
+        Signature::Ext(sb) => sb.blocks,
+        other => panic!("expected ext4, found {other}"),
+    };
+    let before = blocks();
+    for (holder, flags) in [("an exclusive holder", libc::O_EXCL), ("a plain reader", 0)] {
+        let held = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(&mapping)
+            .unwrap();
+        let outcome = host
+            .extend(&spec.id, Bytes(3 * GIB + 512 * MIB))
+            .unwrap_or_else(|e| panic!("extend with {holder}: {e}"));
+        match outcome.filesystem {
+            FsGrowth::InUse(holders) => {
+                assert!(holders.extra_opens >= 1, "{holder}: {holders}");
+                assert_eq!(
+                    holders.exclusive,
+                    flags == libc::O_EXCL,
+                    "{holder}: {holders}"
+                );
+            }
+            other => panic!("{holder}: {other:?}"),
+        }
+        assert_eq!(blocks(), before, "{holder}: the filesystem was resized");
+        drop(held);
+    }
+    // Released: the next extend finishes the job.
+    let grown = host.extend(&spec.id, Bytes(3 * GIB + 512 * MIB)).unwrap();
+    assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
+    assert!(blocks() > before);
+
     // Exposed to a VM: the guest grows it.
     let _ = host.expose(&spec.id, &stack.jail(), OWNER).unwrap();
     let left = host.extend(&spec.id, Bytes(4 * GIB)).unwrap();
@@ -372,4 +409,71 @@ fn real_test_plain_volume_and_foreign_jail_nodes() {
     );
     let _ = host.delete(&spec.id).unwrap();
     stack.assert_gone(&host, &spec.id);
+}
+
+/// Reproduced: a hard link the jail owner made to its node outlived the
+/// unexpose with uid 1000 and mode 0600, and device-mapper reuses minors,
+/// so the link later opened another volume's data.
+#[test]
+fn real_test_a_kept_hard_link_never_opens_the_next_volume_on_the_minor() {
+    let stack = Stack::new("dp-links");
+    // The jail owner (uid 1000) must be able to reach the jail directory.
+    for dir in [stack.scratch.path(), &stack.scratch.path().join("jail")] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dev = stack.scratch.path().join("jail/dev");
+    fs::set_permissions(&dev, fs::Permissions::from_mode(0o777)).unwrap();
+    let jailed = NodeOwner {
+        uid: 1000,
+        gid: 1000,
+    };
+    let host = stack.host();
+    let first = spec(Bytes(GIB), Encryption::Luks2);
+    let _ = host.create(&first).expect("create A");
+    let jail = stack.jail();
+    let node = host.expose(&first.id, &jail, jailed).unwrap().into_inner();
+    let link = dev.join("kept");
+    fs::hard_link(jail.full(), &link).unwrap();
+    let read_as_jail_owner = |path: &Path| {
+        std::process::Command::new("/bin/dd")
+            .arg(format!("if={}", path.display()))
+            .args(["of=/dev/null", "bs=4096", "count=1"])
+            .uid(1000)
+            .gid(1000)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        read_as_jail_owner(&link).status.success(),
+        "the jail owner reads its own exposed volume"
+    );
+    assert!(host.unexpose(&first.id, &jail).unwrap().changed());
+    assert!(host.close(&first.id).unwrap().changed());
+    // B takes the freed minor (device-mapper hands out the lowest free one).
+    let second = spec(Bytes(GIB), Encryption::None);
+    let device = host
+        .create(&second)
+        .expect("create B")
+        .into_inner()
+        .device
+        .unwrap();
+    assert_eq!(
+        fs::metadata(&device).unwrap().rdev(),
+        node.rdev.0,
+        "B did not reuse A's minor; the scenario needs it"
+    );
+    let meta = fs::symlink_metadata(&link).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 0, 0),
+        "the kept link still grants access"
+    );
+    let output = read_as_jail_owner(&link);
+    assert!(
+        !output.status.success(),
+        "the kept link read B's data: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = host.delete(&second.id).unwrap();
+    let _ = host.delete(&first.id).unwrap();
 }

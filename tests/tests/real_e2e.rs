@@ -1,7 +1,7 @@
 //! End to end on a real kernel: one bundled KV server, three volumed hosts on
 //! three loop-backed thin pools (h1, h2 in ewr; h3 in ord), and volctl.
 //!
-//! Needs `cargo build -p volumed -p volctl -p consul-kv --bins` first.
+//! Needs `cargo build -p volumed -p volctl -p consul-kv-server --bins` first.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //! cargo test -p volume-tests --test real_volumed -- --test-threads=1`
 
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

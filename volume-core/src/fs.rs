@@ -1,9 +1,13 @@
 //! ext4 on a volume's final block device: detect, make (never over data),
 //! grow.
 //!
-//! Detection reads on-disk signatures in process (the ext4 superblock magic
-//! at byte 1080, LUKS, XFS, btrfs, swap, partition tables): no program, no
-//! cache, and the same answer `blkid -p` would give for what we care about.
+//! Detection is libblkid's low-level probe in process (`libblkid-rs`, as
+//! stratisd uses it): every superblock and partition-table type libblkid
+//! knows, no program, no cache, the answer `blkid -p` gives. It is the guard
+//! before `crypt_format` and `mkfs.ext4`: anything it finds, or an
+//! ambiguous answer, is refused. Of an ext2/3/4 signature we also read the
+//! superblock fields we need (UUID, label, block size and count) ourselves,
+//! because libblkid 2.38 does not report the block count.
 //!
 //! `mkfs.ext4` options, chosen for thin volumes:
 //! * `-E lazy_itable_init=1,lazy_journal_init=1`: do not write every inode
@@ -34,14 +38,28 @@
 //! then `resize2fs` offline. A filesystem mounted inside a guest is not
 //! mounted here, so callers must not grow a volume a VM has open (see
 //! [`crate::host`]).
+//!
+//! **Never checks or resizes a filesystem something has open.** Before
+//! `e2fsck` and again before `resize2fs`, [`holders`] asks the kernel: the
+//! device-mapper open count of the device (and of the LV beneath a
+//! mapping, which the mapping itself holds once), and whether an exclusive
+//! open (`O_EXCL`) is refused because of a mount anywhere, in any mount
+//! namespace, or another exclusive claim. Anything found leaves the growth
+//! to whoever holds it ([`GrowOutcome::InUse`]). The check cannot be held
+//! across the programs (`e2fsck` and `resize2fs` open the device with
+//! `O_EXCL` themselves, which also keeps mounts out while each runs); a
+//! plain open that starts in between is the caller's to prevent, which is
+//! why the host runs extend under the volume's lock.
 
 use crate::actions::{CreateAction, ExtendAction};
 use crate::cmd::{CmdError, Tools};
 use crate::names::VolumeId;
 use crate::units::Bytes;
+use devicemapper::{DevId, DM};
+use libblkid_rs::{BlkidProbe, BlkidSafeprobeRet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -78,6 +96,8 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
+    #[error("could not probe {device} for signatures: {reason}")]
+    Probe { device: PathBuf, reason: String },
     #[error("{device} already holds {found}; refusing to make a filesystem over it")]
     Occupied { device: PathBuf, found: String },
     #[error("{device} holds no ext4 filesystem ({found})")]
@@ -92,8 +112,108 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
+    #[error("could not tell whether {device} is in use: {reason}")]
+    Holders { device: PathBuf, reason: String },
     #[error(transparent)]
     Command(#[from] CmdError),
+}
+
+/// What holds a block device open beyond what is expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Holders {
+    /// Device-mapper opens beyond the expected ones (a VM, a `dd`, ...).
+    pub extra_opens: u32,
+    /// An exclusive open was refused: mounted (perhaps in another mount
+    /// namespace) or claimed by another exclusive opener.
+    pub exclusive: bool,
+}
+
+impl Holders {
+    pub fn any(&self) -> bool {
+        self.extra_opens > 0 || self.exclusive
+    }
+}
+
+impl std::fmt::Display for Holders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.extra_opens, self.exclusive) {
+            (0, false) => f.write_str("nothing holds it"),
+            (n, false) => write!(f, "open {n} more time(s) than this host's own stack"),
+            (0, true) => f.write_str("claimed exclusively (mounted, perhaps in another namespace)"),
+            (n, true) => write!(
+                f,
+                "open {n} more time(s) and claimed exclusively (mounted, perhaps in another namespace)"
+            ),
+        }
+    }
+}
+
+/// The open count of the device-mapper device `rdev`, or `None` when it is
+/// not a device-mapper device (or this kernel has no device-mapper).
+fn dm_open_count(device: &Path, rdev: u64) -> Result<Option<u32>, FsError> {
+    let fail = |reason: String| FsError::Holders {
+        device: device.to_owned(),
+        reason,
+    };
+    if !Path::new("/dev/mapper/control").exists() {
+        return Ok(None);
+    }
+    let dm = DM::new().map_err(|e| fail(e.to_string()))?;
+    let wanted = devicemapper::Device::from(rdev);
+    let Some((name, _, _)) = dm
+        .list_devices()
+        .map_err(|e| fail(e.to_string()))?
+        .into_iter()
+        .find(|(_, dev, _)| *dev == wanted)
+    else {
+        return Ok(None);
+    };
+    let info = dm
+        .device_info(&DevId::Name(&name))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Some(u32::try_from(info.open_count()).unwrap_or(0)))
+}
+
+/// Who holds `device` beyond `expected_opens` device-mapper opens (0 for a
+/// volume's final device; 1 for the LV under a dm-crypt mapping). A regular
+/// file has no holders.
+pub fn holders(device: &Path, expected_opens: u32) -> Result<Holders, FsError> {
+    let meta = std::fs::metadata(device).map_err(|source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Ok(Holders::default());
+    }
+    // Counted before our own probe below opens it.
+    let opens = dm_open_count(device, meta.rdev())?.unwrap_or(0);
+    let exclusive = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(device)
+    {
+        Ok(_probe) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+        Err(source) => {
+            return Err(FsError::Read {
+                device: device.to_owned(),
+                source,
+            })
+        }
+    };
+    Ok(Holders {
+        extra_opens: opens.saturating_sub(expected_opens),
+        exclusive,
+    })
+}
+
+/// What [`grow_ext4`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrowOutcome {
+    Grown(ExtendAction),
+    /// Something holds the device (or the LV beneath it) open; nothing was
+    /// checked or resized.
+    InUse(Holders),
 }
 
 /// The fields of an ext2/3/4 superblock we use.
@@ -123,6 +243,8 @@ pub enum Signature {
     Btrfs,
     Swap,
     PartitionTable,
+    /// Any other signature libblkid knows (its `TYPE`), or more than one.
+    Other(String),
 }
 
 impl std::fmt::Display for Signature {
@@ -141,12 +263,12 @@ impl std::fmt::Display for Signature {
             Signature::Btrfs => f.write_str("a btrfs filesystem"),
             Signature::Swap => f.write_str("a swap area"),
             Signature::PartitionTable => f.write_str("a partition table"),
+            Signature::Other(what) => write!(f, "{what}"),
         }
     }
 }
 
-const PROBE_BYTES: usize = 68 * 1024;
-const EXT_SUPERBLOCK: usize = 1024;
+const EXT_SUPERBLOCK: u64 = 1024;
 const EXT_MAGIC: u16 = 0xEF53;
 const EXT_INCOMPAT_64BIT: u32 = 0x80;
 
@@ -158,66 +280,86 @@ fn le32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Reads the signatures at the start of `device` (a block device or file).
+/// Reads the signatures on `device` (a block device or file) with libblkid.
 pub fn probe(device: &Path) -> Result<Signature, FsError> {
+    let fail = |reason: String| FsError::Probe {
+        device: device.to_owned(),
+        reason,
+    };
+    // libblkid opens the path itself; check first that it can be read, so
+    // a missing device is a plain read error.
+    File::open(device).map_err(|source| FsError::Read {
+        device: device.to_owned(),
+        source,
+    })?;
+    let mut blkid = BlkidProbe::new_from_filename(device).map_err(|e| fail(e.to_string()))?;
+    blkid
+        .enable_superblocks(true)
+        .and_then(|()| blkid.enable_partitions(true))
+        .map_err(|e| fail(e.to_string()))?;
+    match blkid.do_safeprobe().map_err(|e| fail(e.to_string()))? {
+        BlkidSafeprobeRet::None => return Ok(Signature::Nothing),
+        BlkidSafeprobeRet::Ambiguous => {
+            return Ok(Signature::Other(
+                "more than one signature (libblkid calls it ambiguous)".to_owned(),
+            ))
+        }
+        BlkidSafeprobeRet::Success => {}
+    }
+    let value = |name: &str| blkid.lookup_value(name).ok();
+    let signature = match value("TYPE").as_deref() {
+        Some("ext2" | "ext3" | "ext4" | "ext4dev") => match read_ext_superblock(device)? {
+            Some(sb) => Signature::Ext(sb),
+            None => Signature::Other("an ext2/3/4 signature without a readable superblock".into()),
+        },
+        Some("crypto_LUKS") => Signature::Luks,
+        Some("xfs") => Signature::Xfs,
+        Some("btrfs") => Signature::Btrfs,
+        Some("swap" | "swsuspend") => Signature::Swap,
+        Some(other) => Signature::Other(format!("a {other} signature")),
+        None if value("PTTYPE").is_some() => Signature::PartitionTable,
+        None => Signature::Other("a signature of unknown type".to_owned()),
+    };
+    Ok(signature)
+}
+
+/// The ext2/3/4 superblock at byte 1024 of `device`, if its magic is there.
+fn read_ext_superblock(device: &Path) -> Result<Option<ExtSuperblock>, FsError> {
     let read_err = |source| FsError::Read {
         device: device.to_owned(),
         source,
     };
     let mut file = File::open(device).map_err(read_err)?;
-    let mut head = vec![0u8; PROBE_BYTES];
-    let mut filled = 0;
-    while filled < head.len() {
-        match file.read(&mut head[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(read_err(e)),
-        }
+    file.seek(SeekFrom::Start(EXT_SUPERBLOCK))
+        .map_err(read_err)?;
+    let mut sb = vec![0u8; 1024];
+    match file.read_exact(&mut sb) {
+        Ok(()) => Ok(parse_ext_superblock(&sb)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(read_err(e)),
     }
-    head.truncate(filled);
-    Ok(parse_signature(&head))
 }
 
-/// The pure part of [`probe`].
-pub fn parse_signature(head: &[u8]) -> Signature {
-    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
-    if at(0, b"LUKS\xba\xbe") {
-        return Signature::Luks;
+/// The fields we use of a 1024-byte ext2/3/4 superblock.
+pub fn parse_ext_superblock(sb: &[u8]) -> Option<ExtSuperblock> {
+    if sb.len() < 1024 || le16(sb, 0x38) != EXT_MAGIC {
+        return None;
     }
-    if head.len() >= EXT_SUPERBLOCK + 1024 {
-        let sb = &head[EXT_SUPERBLOCK..EXT_SUPERBLOCK + 1024];
-        if le16(sb, 0x38) == EXT_MAGIC {
-            let log_block = le32(sb, 0x18).min(16);
-            let incompat = le32(sb, 0x60);
-            let blocks_hi = if incompat & EXT_INCOMPAT_64BIT != 0 {
-                u64::from(le32(sb, 0x150))
-            } else {
-                0
-            };
-            let label = &sb[0x78..0x88];
-            let label_len = label.iter().position(|b| *b == 0).unwrap_or(label.len());
-            return Signature::Ext(ExtSuperblock {
-                uuid: Uuid::from_bytes(sb[0x68..0x78].try_into().expect("16 bytes")),
-                label: String::from_utf8_lossy(&label[..label_len]).into_owned(),
-                block_size: 1024u64 << log_block,
-                blocks: (blocks_hi << 32) | u64::from(le32(sb, 0x04)),
-            });
-        }
-    }
-    if at(0, b"XFSB") {
-        return Signature::Xfs;
-    }
-    if at(65536 + 64, b"_BHRfS_M") {
-        return Signature::Btrfs;
-    }
-    if at(4096 - 10, b"SWAPSPACE2") || at(4096 - 10, b"SWAP-SPACE") {
-        return Signature::Swap;
-    }
-    if at(512, b"EFI PART") || at(510, b"\x55\xaa") {
-        return Signature::PartitionTable;
-    }
-    Signature::Nothing
+    let log_block = le32(sb, 0x18).min(16);
+    let incompat = le32(sb, 0x60);
+    let blocks_hi = if incompat & EXT_INCOMPAT_64BIT != 0 {
+        u64::from(le32(sb, 0x150))
+    } else {
+        0
+    };
+    let label = &sb[0x78..0x88];
+    let label_len = label.iter().position(|b| *b == 0).unwrap_or(label.len());
+    Some(ExtSuperblock {
+        uuid: Uuid::from_bytes(sb[0x68..0x78].try_into().expect("16 bytes")),
+        label: String::from_utf8_lossy(&label[..label_len]).into_owned(),
+        block_size: 1024u64 << log_block,
+        blocks: (blocks_hi << 32) | u64::from(le32(sb, 0x04)),
+    })
 }
 
 /// The arguments of `mkfs.ext4` for `id` on `device` (see the module docs).
@@ -314,8 +456,14 @@ pub fn is_mounted(device: &Path, mountinfo: &Path) -> Result<bool, FsError> {
 
 /// Grows the ext4 filesystem on `device` to fill it; `Identity` if it
 /// already does. Online when mounted on this host, offline otherwise (see
-/// the module docs for why `e2fsck -f -p`).
-pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<ExtendAction, FsError> {
+/// the module docs for why `e2fsck -f -p`), and then only while nothing
+/// holds `device` or `lower` (the LV under a mapping) open.
+pub fn grow_ext4(
+    tools: &Tools,
+    device: &Path,
+    lower: Option<&Path>,
+    mountinfo: &Path,
+) -> Result<GrowOutcome, FsError> {
     let before = match probe(device)? {
         Signature::Ext(sb) => sb,
         found => {
@@ -327,11 +475,23 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
     };
     let available = device_size(device)?.0 / before.block_size;
     if before.blocks >= available {
-        return Ok(ExtendAction::Identity(before.size()));
+        return Ok(GrowOutcome::Grown(ExtendAction::Identity(before.size())));
     }
+    let held = || -> Result<Option<Holders>, FsError> {
+        let mut found = holders(device, 0)?;
+        if let Some(lower) = lower {
+            // The mapping holds the LV once and claims it exclusively, so
+            // only further opens count there.
+            found.extra_opens += holders(lower, 1)?.extra_opens;
+        }
+        Ok(found.any().then_some(found))
+    };
     if is_mounted(device, mountinfo)? {
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     } else {
+        if let Some(found) = held()? {
+            return Ok(GrowOutcome::InUse(found));
+        }
         // 0: clean, 1: errors fixed safely; anything else needs a person.
         tools.e2fsck.run(
             [
@@ -341,6 +501,9 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
             ],
             &[0, 1],
         )?;
+        if let Some(found) = held()? {
+            return Ok(GrowOutcome::InUse(found));
+        }
         tools.resize2fs.run([device.as_os_str()], &[0])?;
     }
     let after = match probe(device)? {
@@ -352,16 +515,17 @@ pub fn grow_ext4(tools: &Tools, device: &Path, mountinfo: &Path) -> Result<Exten
             })
         }
     };
-    Ok(ExtendAction::Extended {
+    Ok(GrowOutcome::Grown(ExtendAction::Extended {
         from: before.size(),
         to: after.size(),
-    })
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::units::MIB;
+    use std::os::unix::fs::FileExt;
 
     fn tools() -> Tools {
         Tools::locate().expect("e2fsprogs installed on the test host")
@@ -419,23 +583,77 @@ mod tests {
         assert!(!args.contains(&"-F".to_owned()));
     }
 
+    /// Runs a tool the test needs (not production code: `cmd` is for that).
+    fn run(program: &str, args: &[&str], input: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e} (scripts/setup installs it)"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{program} {args:?}");
+    }
+
     #[test]
     fn signatures_are_recognised() {
-        let mut head = vec![0u8; PROBE_BYTES];
-        assert_eq!(parse_signature(&head), Signature::Nothing);
-        head[..6].copy_from_slice(b"LUKS\xba\xbe");
-        assert_eq!(parse_signature(&head), Signature::Luks);
-        let mut head = vec![0u8; PROBE_BYTES];
-        head[..4].copy_from_slice(b"XFSB");
-        assert_eq!(parse_signature(&head), Signature::Xfs);
-        let mut head = vec![0u8; PROBE_BYTES];
-        head[65536 + 64..65536 + 72].copy_from_slice(b"_BHRfS_M");
-        assert_eq!(parse_signature(&head), Signature::Btrfs);
-        let mut head = vec![0u8; PROBE_BYTES];
-        head[510..512].copy_from_slice(b"\x55\xaa");
-        assert_eq!(parse_signature(&head), Signature::PartitionTable);
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+        let blank = sparse_file(dir.path(), "blank.img", 8 * MIB);
+        assert_eq!(probe(&blank).unwrap(), Signature::Nothing);
+        let luks = sparse_file(dir.path(), "luks.img", 8 * MIB);
+        File::options()
+            .write(true)
+            .open(&luks)
+            .unwrap()
+            .write_all_at(b"LUKS\xba\xbe\x00\x02", 0)
+            .unwrap();
+        assert_eq!(probe(&luks).unwrap(), Signature::Luks);
+        let xfs = sparse_file(dir.path(), "xfs.img", 320 * MIB);
+        run("mkfs.xfs", &["-q", &path("xfs.img")], "");
+        assert_eq!(probe(&xfs).unwrap(), Signature::Xfs);
+        let btrfs = sparse_file(dir.path(), "btrfs.img", 320 * MIB);
+        run("mkfs.btrfs", &["-q", &path("btrfs.img")], "");
+        assert_eq!(probe(&btrfs).unwrap(), Signature::Btrfs);
+        let swap = sparse_file(dir.path(), "swap.img", 8 * MIB);
+        run("mkswap", &["-q", &path("swap.img")], "");
+        assert_eq!(probe(&swap).unwrap(), Signature::Swap);
+        for label in ["dos", "gpt"] {
+            let table = sparse_file(dir.path(), label, 8 * MIB);
+            run(
+                "sfdisk",
+                &["-q", &path(label)],
+                &format!("label: {label}\nstart=2048, size=4096\n"),
+            );
+            assert_eq!(probe(&table).unwrap(), Signature::PartitionTable, "{label}");
+        }
+        // Anything else libblkid knows is named: an external ext4 journal.
+        let journal = sparse_file(dir.path(), "journal.img", 8 * MIB);
+        run(
+            "mke2fs",
+            &[
+                "-q",
+                "-O",
+                "journal_dev",
+                "-b",
+                "4096",
+                &path("journal.img"),
+            ],
+            "",
+        );
+        match probe(&journal).unwrap() {
+            Signature::Other(what) => assert!(what.contains("jbd"), "{what}"),
+            other => panic!("expected the journal's signature, got {other}"),
+        }
         // Short devices are probed as far as they go.
-        assert_eq!(parse_signature(&[0u8; 100]), Signature::Nothing);
+        let short = sparse_file(dir.path(), "short.img", 100);
+        assert_eq!(probe(&short).unwrap(), Signature::Nothing);
     }
 
     #[test]
@@ -488,8 +706,8 @@ mod tests {
         let mountinfo = dir.path().join("mountinfo");
         std::fs::write(&mountinfo, "").unwrap();
         assert_eq!(
-            grow_ext4(&tools, &device, &mountinfo).unwrap(),
-            ExtendAction::Identity(Bytes(64 * MIB))
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Identity(Bytes(64 * MIB)))
         );
         File::options()
             .write(true)
@@ -498,17 +716,20 @@ mod tests {
             .set_len(96 * MIB)
             .unwrap();
         assert_eq!(
-            grow_ext4(&tools, &device, &mountinfo).unwrap(),
-            ExtendAction::Extended {
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Extended {
                 from: Bytes(64 * MIB),
                 to: Bytes(96 * MIB)
-            }
+            })
         );
-        assert!(!grow_ext4(&tools, &device, &mountinfo).unwrap().changed());
+        assert!(matches!(
+            grow_ext4(&tools, &device, None, &mountinfo).unwrap(),
+            GrowOutcome::Grown(ExtendAction::Identity(_))
+        ));
         // Growing a device with no filesystem is an error, not a mkfs.
         let blank = sparse_file(dir.path(), "blank.img", 8 * MIB);
         assert!(matches!(
-            grow_ext4(&tools, &blank, &mountinfo),
+            grow_ext4(&tools, &blank, None, &mountinfo),
             Err(FsError::NotExt4 { .. })
         ));
     }

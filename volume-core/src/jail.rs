@@ -19,14 +19,13 @@
 use crate::actions::{CreateAction, DeleteAction};
 use crate::names::VolumeId;
 use nix::errno::Errno;
-use nix::fcntl::{openat2, renameat, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
-use nix::sys::stat::{fstatat, mknodat, Mode, SFlag};
+use nix::fcntl::{openat2, renameat, AtFlags, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
+use nix::sys::stat::{fchmodat, fstat, fstatat, mknodat, FchmodatFlags, FileStat, Mode, SFlag};
 use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
 use std::ffi::OsStr;
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// The extended attribute that marks a node as made by this project for a
 /// given volume.
@@ -63,93 +62,13 @@ pub struct NodeOwner {
     pub gid: u32,
 }
 
-/// What a caller asks to expose: the node `relative` beneath `root`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct JailPath {
-    root: PathBuf,
-    relative: PathBuf,
-}
-
-impl JailPath {
-    /// Checks the shape of both paths: `root` absolute, `relative` relative
-    /// and non-empty, neither with `..` or `.`; the kernel checks symlinks
-    /// when the path is used.
-    pub fn new(
-        root: impl Into<PathBuf>,
-        relative: impl Into<PathBuf>,
-    ) -> Result<JailPath, JailError> {
-        let root = root.into();
-        let relative = relative.into();
-        let bad = |path: &Path, reason: &'static str| JailError::BadPath {
-            path: path.to_owned(),
-            reason,
-        };
-        if !root.is_absolute() {
-            return Err(bad(&root, "the jail root must be an absolute path"));
-        }
-        // Components() hides "." and trailing "/"; look at the raw bytes too.
-        let has_dot_parts = |path: &Path| {
-            path.as_os_str()
-                .as_bytes()
-                .split(|b| *b == b'/')
-                .any(|part| part == b".." || part == b".")
-        };
-        if has_dot_parts(&root) {
-            return Err(bad(&root, "'.' and '..' are not allowed in a jail path"));
-        }
-        if relative.as_os_str().is_empty() || relative.is_absolute() {
-            return Err(bad(
-                &relative,
-                "the node path must be relative to the jail root and non-empty",
-            ));
-        }
-        if has_dot_parts(&relative)
-            || relative
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-        {
-            return Err(bad(
-                &relative,
-                "'.' and '..' are not allowed in a jail path",
-            ));
-        }
-        if relative.as_os_str().as_bytes().ends_with(b"/") {
-            return Err(bad(
-                &relative,
-                "the node path must name a file, not a directory",
-            ));
-        }
-        Ok(JailPath { root, relative })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn relative(&self) -> &Path {
-        &self.relative
-    }
-
-    /// The node's full path on the host (for messages and records).
-    pub fn full(&self) -> PathBuf {
-        self.root.join(&self.relative)
-    }
-
-    fn split(&self) -> (&Path, &OsStr) {
-        let name = self
-            .relative
-            .file_name()
-            .expect("checked in new: the last component is a normal name");
-        let parent = self.relative.parent().unwrap_or(Path::new(""));
-        (parent, name)
-    }
-}
+pub use volume_model::jail_path::{BadJailPath, JailPath};
 
 /// One variant per failing step; each carries the path and the OS error.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("jail path {path}: {reason}")]
-    BadPath { path: PathBuf, reason: &'static str },
+    #[error(transparent)]
+    BadPath(#[from] BadJailPath),
     #[error("{path} is or passes through a symlink; refusing to resolve it")]
     Symlink { path: PathBuf },
     #[error("{path} resolves outside the jail root")]
@@ -189,18 +108,27 @@ pub enum JailError {
         #[source]
         source: Errno,
     },
+    #[error("could not set mode {mode:04o} on {path}: {source}")]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        #[source]
+        source: Errno,
+    },
     #[error("could not mark {path} with {OWNER_XATTR}: {source}")]
     Mark {
         path: PathBuf,
         #[source]
-        source: rustix::io::Errno,
+        source: Errno,
     },
     #[error("could not read the mark of {path}: {source}")]
     ReadMark {
         path: PathBuf,
         #[source]
-        source: rustix::io::Errno,
+        source: Errno,
     },
+    #[error("{path} no longer names the node just made ({found}); something swapped it, so nothing was chowned, marked or moved")]
+    Swapped { path: PathBuf, found: String },
     #[error("{path} has mode {mode:04o} after mknod, not {NODE_MODE:04o} (umask?)")]
     Mode { path: PathBuf, mode: u32 },
     #[error("could not move the new node into place at {path}: {source}")]
@@ -225,6 +153,10 @@ pub struct ExposedNode {
     pub owner: NodeOwner,
     /// The device number of a stale node of ours that was replaced.
     pub replaced: Option<DeviceNumber>,
+    /// Other hard links the replaced node had (made by someone in the
+    /// jail); its inode was made root-owned with mode 0, so they open
+    /// nothing.
+    pub extra_links: u64,
 }
 
 /// The current device number of a block device (follows symlinks such as
@@ -284,64 +216,205 @@ fn open_parent(jail: &JailPath) -> Result<OwnedFd, JailError> {
     .map_err(|e| map_resolve_error(&jail.root().join(parent), e))
 }
 
-/// `name` inside the directory `dir` as a path the xattr calls can use
-/// without resolving anything again: the magic link names exactly the
-/// directory we opened, and the `l*` calls do not follow a final symlink.
-fn through_fd(dir: &OwnedFd, name: &OsStr) -> PathBuf {
-    let mut path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    path.push(name);
-    path
+/// The path that names exactly the inode an `O_PATH` descriptor holds. The
+/// kernel resolves this magic link to that inode without looking at any
+/// directory entry again, so the following `*xattr`/`chmod` calls act on
+/// our inode even if its name has been swapped since. (Linux refuses
+/// `fsetxattr`/`fchmod` on `O_PATH` descriptors before 6.6/6.12, and the
+/// guest kernels here are older.)
+fn by_fd(fd: &OwnedFd) -> std::ffi::CString {
+    std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .expect("no NUL in a decimal number")
 }
 
-/// What sits at a name: nothing, or an inode with its type, rdev and mark.
-struct Existing {
-    is_block: bool,
-    rdev: DeviceNumber,
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    mark: Option<String>,
+fn xattr_name() -> std::ffi::CString {
+    std::ffi::CString::new(OWNER_XATTR).expect("constant without NUL")
 }
 
-fn inspect(dir: &OwnedFd, name: &OsStr, shown: &Path) -> Result<Option<Existing>, JailError> {
-    let stat = match fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(stat) => stat,
-        Err(Errno::ENOENT) => return Ok(None),
-        Err(source) => {
-            return Err(JailError::Stat {
-                path: shown.to_owned(),
-                source,
-            })
-        }
-    };
-    let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
-    let mark = if kind == SFlag::S_IFLNK {
-        None
-    } else {
-        read_mark(dir, name, shown)?
-    };
-    Ok(Some(Existing {
-        is_block: kind == SFlag::S_IFBLK,
-        rdev: DeviceNumber(stat.st_rdev),
-        uid: stat.st_uid,
-        gid: stat.st_gid,
-        mode: stat.st_mode & 0o7777,
-        mark,
-    }))
-}
-
-fn read_mark(dir: &OwnedFd, name: &OsStr, shown: &Path) -> Result<Option<String>, JailError> {
-    let mut value = [0u8; 64];
-    match rustix::fs::lgetxattr(through_fd(dir, name), OWNER_XATTR, &mut value[..]) {
-        Ok(len) => Ok(Some(String::from_utf8_lossy(&value[..len]).into_owned())),
-        Err(rustix::io::Errno::NODATA) => Ok(None),
-        // A mark longer than any volume id is not ours.
-        Err(rustix::io::Errno::RANGE) => Ok(Some("<oversized mark>".to_owned())),
-        Err(source) => Err(JailError::ReadMark {
+/// Opens `name` in `dir` without following a symlink or opening a device:
+/// an `O_PATH` descriptor of whatever inode is there now.
+fn open_inode(dir: &OwnedFd, name: &OsStr, shown: &Path) -> Result<Option<OwnedFd>, JailError> {
+    match nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(source) => Err(JailError::Stat {
             path: shown.to_owned(),
             source,
         }),
     }
+}
+
+fn stat_fd(fd: &OwnedFd, shown: &Path) -> Result<FileStat, JailError> {
+    fstat(fd).map_err(|source| JailError::Stat {
+        path: shown.to_owned(),
+        source,
+    })
+}
+
+/// An inode found at a name, held by an `O_PATH` descriptor, with what was
+/// read through that descriptor.
+struct Existing {
+    fd: OwnedFd,
+    stat: FileStat,
+    is_block: bool,
+    rdev: DeviceNumber,
+    mark: Option<String>,
+}
+
+impl Existing {
+    fn mode(&self) -> u32 {
+        self.stat.st_mode & 0o7777
+    }
+
+    fn is_ours(&self, volume: &VolumeId) -> bool {
+        self.is_block && self.mark.as_deref() == Some(volume.as_str())
+    }
+
+    /// Whether `name` in `dir` still names this inode.
+    fn still_at(&self, dir: &OwnedFd, name: &OsStr) -> bool {
+        fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|now| now.st_dev == self.stat.st_dev && now.st_ino == self.stat.st_ino)
+    }
+}
+
+fn inspect(dir: &OwnedFd, name: &OsStr, shown: &Path) -> Result<Option<Existing>, JailError> {
+    let Some(fd) = open_inode(dir, name, shown)? else {
+        return Ok(None);
+    };
+    let stat = stat_fd(&fd, shown)?;
+    let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+    // A symlink's own xattrs are never ours; do not resolve through it.
+    let mark = if kind == SFlag::S_IFLNK {
+        None
+    } else {
+        read_mark(&fd, shown)?
+    };
+    Ok(Some(Existing {
+        is_block: kind == SFlag::S_IFBLK,
+        rdev: DeviceNumber(stat.st_rdev),
+        fd,
+        stat,
+        mark,
+    }))
+}
+
+fn read_mark(fd: &OwnedFd, shown: &Path) -> Result<Option<String>, JailError> {
+    let mut value = [0u8; 64];
+    let (path, name) = (by_fd(fd), xattr_name());
+    // SAFETY: `path` and `name` are NUL-terminated and live across the
+    // call; `value` is writable for the length passed.
+    let len = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    match usize::try_from(len) {
+        Ok(len) => Ok(Some(String::from_utf8_lossy(&value[..len]).into_owned())),
+        Err(_) => match Errno::last() {
+            Errno::ENODATA => Ok(None),
+            // A mark longer than any volume id is not ours.
+            Errno::ERANGE => Ok(Some("<oversized mark>".to_owned())),
+            source => Err(JailError::ReadMark {
+                path: shown.to_owned(),
+                source,
+            }),
+        },
+    }
+}
+
+fn write_mark(fd: &OwnedFd, volume: &VolumeId, shown: &Path) -> Result<(), JailError> {
+    let (path, name) = (by_fd(fd), xattr_name());
+    let value = volume.as_str().as_bytes();
+    // SAFETY: `path` and `name` are NUL-terminated and live across the
+    // call; `value` is readable for the length passed.
+    let done = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            libc::XATTR_CREATE,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(JailError::Mark {
+            path: shown.to_owned(),
+            source: Errno::last(),
+        })
+    }
+}
+
+fn chown_fd(fd: &OwnedFd, uid: u32, gid: u32, shown: &Path) -> Result<(), JailError> {
+    fchownat(
+        fd,
+        "",
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|source| JailError::Chown {
+        path: shown.to_owned(),
+        uid,
+        gid,
+        source,
+    })
+}
+
+fn chmod_fd(fd: &OwnedFd, mode: u32, shown: &Path) -> Result<(), JailError> {
+    fchmodat(
+        AT_FDCWD,
+        by_fd(fd).as_c_str(),
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|source| JailError::Chmod {
+        path: shown.to_owned(),
+        mode,
+        source,
+    })
+}
+
+/// Takes every access away from an inode of ours before its name goes:
+/// owner root, mode 0. Hard links share the inode, so this reaches links
+/// a jail owner made that we cannot find. Returns how many other links
+/// the inode has (reported: they stay, harmless).
+fn neutralise(node: &Existing, shown: &Path) -> Result<u64, JailError> {
+    chown_fd(&node.fd, 0, 0, shown)?;
+    chmod_fd(&node.fd, 0, shown)?;
+    let extra = u64::from(stat_fd(&node.fd, shown)?.st_nlink).saturating_sub(1);
+    if extra > 0 {
+        tracing::warn!(node = %shown.display(), extra_links = extra,
+            "our device node had other hard links; they are now root-owned with mode 0");
+    }
+    Ok(extra)
+}
+
+/// Neutralises and unlinks our node at `name`, if the name still refers
+/// to it; returns the extra links found.
+fn remove_ours(
+    dir: &OwnedFd,
+    name: &OsStr,
+    node: &Existing,
+    shown: &Path,
+) -> Result<u64, JailError> {
+    let extra = neutralise(node, shown)?;
+    if node.still_at(dir, name) {
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(|source| JailError::Remove {
+            path: shown.to_owned(),
+            source,
+        })?;
+    }
+    Ok(extra)
 }
 
 fn describe(existing: &Existing) -> String {
@@ -356,7 +429,11 @@ fn describe(existing: &Existing) -> String {
     }
 }
 
-/// Makes a marked, owned node at `name` in `dir`.
+/// Makes a marked, owned node at `name` in `dir` and returns it, held by
+/// its descriptor. Every step after `mknodat` goes through one `O_PATH`
+/// descriptor of the inode, checked first to be the one just made (block
+/// device, our rdev, our uid, exactly one link), so a name swapped under us
+/// gets nothing chowned, marked or moved.
 fn make_node(
     dir: &OwnedFd,
     name: &OsStr,
@@ -364,7 +441,8 @@ fn make_node(
     rdev: DeviceNumber,
     owner: NodeOwner,
     volume: &VolumeId,
-) -> Result<(), JailError> {
+    after_mknod: AfterMknod<'_>,
+) -> Result<Existing, JailError> {
     mknodat(
         dir,
         name,
@@ -377,50 +455,61 @@ fn make_node(
         rdev,
         source,
     })?;
+    after_mknod(dir, name);
+    let swapped = |found: String| JailError::Swapped {
+        path: shown.to_owned(),
+        found,
+    };
+    let fd = open_inode(dir, name, shown)?.ok_or_else(|| swapped("nothing".to_owned()))?;
+    let stat = stat_fd(&fd, shown)?;
+    let is_block = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK;
+    if !is_block
+        || stat.st_rdev != rdev.0
+        || stat.st_nlink != 1
+        || stat.st_uid != nix::unistd::geteuid().as_raw()
+    {
+        return Err(swapped(format!(
+            "{} {}, {} links, owner uid {}",
+            if is_block {
+                "block device"
+            } else {
+                "not a block device:"
+            },
+            DeviceNumber(stat.st_rdev),
+            stat.st_nlink,
+            stat.st_uid
+        )));
+    }
+    let node = Existing {
+        fd,
+        stat,
+        is_block,
+        rdev,
+        mark: Some(volume.as_str().to_owned()),
+    };
     let finish = || -> Result<(), JailError> {
         // Marked first: a node that exists is provably ours from here on.
-        rustix::fs::lsetxattr(
-            through_fd(dir, name),
-            OWNER_XATTR,
-            volume.as_str().as_bytes(),
-            rustix::fs::XattrFlags::CREATE,
-        )
-        .map_err(|source| JailError::Mark {
-            path: shown.to_owned(),
-            source,
-        })?;
-        fchownat(
-            dir,
-            name,
-            Some(Uid::from_raw(owner.uid)),
-            Some(Gid::from_raw(owner.gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|source| JailError::Chown {
-            path: shown.to_owned(),
-            uid: owner.uid,
-            gid: owner.gid,
-            source,
-        })?;
-        let stat =
-            fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|source| {
-                JailError::Stat {
-                    path: shown.to_owned(),
-                    source,
-                }
-            })?;
-        if stat.st_mode & 0o7777 != NODE_MODE {
+        write_mark(&node.fd, volume, shown)?;
+        chown_fd(&node.fd, owner.uid, owner.gid, shown)?;
+        // Set explicitly: mknod's mode went through the process umask.
+        chmod_fd(&node.fd, NODE_MODE, shown)?;
+        let mode = stat_fd(&node.fd, shown)?.st_mode & 0o7777;
+        if mode != NODE_MODE {
             return Err(JailError::Mode {
                 path: shown.to_owned(),
-                mode: stat.st_mode & 0o7777,
+                mode,
             });
         }
         Ok(())
     };
-    finish().inspect_err(|_| {
-        // Do not leave a half-made node behind; it was made just now.
-        let _ = unlinkat(dir, name, UnlinkatFlags::NoRemoveDir);
-    })
+    match finish() {
+        Ok(()) => Ok(node),
+        Err(error) => {
+            // Do not leave a half-made node behind; it was made just now.
+            let _ = remove_ours(dir, name, &node, shown);
+            Err(error)
+        }
+    }
 }
 
 fn temp_name(name: &OsStr) -> std::ffi::OsString {
@@ -440,13 +529,8 @@ fn clear_temp(
 ) -> Result<(), JailError> {
     match inspect(dir, temp, shown)? {
         None => Ok(()),
-        Some(existing)
-            if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) =>
-        {
-            unlinkat(dir, temp, UnlinkatFlags::NoRemoveDir).map_err(|source| JailError::Remove {
-                path: shown.to_owned(),
-                source,
-            })
+        Some(existing) if existing.is_ours(volume) => {
+            remove_ours(dir, temp, &existing, shown).map(|_| ())
         }
         Some(existing) => Err(JailError::Foreign {
             path: shown.to_owned(),
@@ -460,8 +544,10 @@ fn clear_temp(
 ///
 /// * Nothing there: a node is made → `Created`.
 /// * Our node for this volume with the same rdev, owner and mode → `Identity`.
-/// * Our node for this volume, stale (other rdev, owner or mode) → replaced
-///   atomically → `Created` with [`ExposedNode::replaced`] set.
+/// * Our node for this volume, stale (other rdev, owner or mode) → the old
+///   inode is neutralised (root, mode 0: see [`ExposedNode::extra_links`])
+///   and a new node renamed over it → `Created` with
+///   [`ExposedNode::replaced`] set.
 /// * Anything else (no mark, another volume's mark, not a block device, a
 ///   symlink) → [`JailError::Foreign`]; nothing is changed.
 pub fn expose(
@@ -470,20 +556,34 @@ pub fn expose(
     owner: NodeOwner,
     volume: &VolumeId,
 ) -> Result<CreateAction<ExposedNode>, JailError> {
+    expose_with(jail, rdev, owner, volume, &|_, _| {})
+}
+
+/// A hook that runs right after `mknodat` of the temporary name: tests play
+/// a hostile jail owner there.
+type AfterMknod<'a> = &'a dyn Fn(&OwnedFd, &OsStr);
+
+fn expose_with(
+    jail: &JailPath,
+    rdev: DeviceNumber,
+    owner: NodeOwner,
+    volume: &VolumeId,
+    after_mknod: AfterMknod<'_>,
+) -> Result<CreateAction<ExposedNode>, JailError> {
     let dir = open_parent(jail)?;
     let (_, name) = jail.split();
     let shown = jail.full();
-    let node = |replaced| ExposedNode {
+    let node = |replaced, extra_links| ExposedNode {
         path: shown.clone(),
         rdev,
         owner,
         replaced,
+        extra_links,
     };
-    let replaced = match inspect(&dir, name, &shown)? {
+    let stale = match inspect(&dir, name, &shown)? {
         None => None,
         Some(existing) => {
-            let ours = existing.is_block && existing.mark.as_deref() == Some(volume.as_str());
-            if !ours {
+            if !existing.is_ours(volume) {
                 return Err(JailError::Foreign {
                     path: shown,
                     volume: volume.clone(),
@@ -491,20 +591,34 @@ pub fn expose(
                 });
             }
             if existing.rdev == rdev
-                && existing.uid == owner.uid
-                && existing.gid == owner.gid
-                && existing.mode == NODE_MODE
+                && existing.stat.st_uid == owner.uid
+                && existing.stat.st_gid == owner.gid
+                && existing.mode() == NODE_MODE
             {
-                return Ok(CreateAction::Identity(node(None)));
+                return Ok(CreateAction::Identity(node(None, 0)));
             }
-            Some(existing.rdev)
+            Some(existing)
         }
     };
     let temp = temp_name(name);
     let temp_shown = shown.with_file_name(&temp);
     clear_temp(&dir, &temp, &temp_shown, volume)?;
-    make_node(&dir, &temp, &temp_shown, rdev, owner, volume)?;
-    let moved = match replaced {
+    let made = make_node(&dir, &temp, &temp_shown, rdev, owner, volume, after_mknod)?;
+    let undo = |error: JailError| {
+        let _ = remove_ours(&dir, &temp, &made, &temp_shown);
+        error
+    };
+    let extra_links = match &stale {
+        Some(old) => neutralise(old, &shown).map_err(undo)?,
+        None => 0,
+    };
+    if !made.still_at(&dir, &temp) {
+        return Err(undo(JailError::Swapped {
+            path: temp_shown.clone(),
+            found: "another inode at the temporary name".to_owned(),
+        }));
+    }
+    let moved = match stale {
         // Nothing was there: refuse to clobber a node that appeared since.
         None => nix::fcntl::renameat2(
             &dir,
@@ -516,20 +630,32 @@ pub fn expose(
         Some(_) => renameat(&dir, temp.as_os_str(), &dir, name),
     };
     if let Err(source) = moved {
-        let _ = unlinkat(&dir, temp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-        return Err(JailError::Rename {
+        return Err(undo(JailError::Rename {
             path: shown,
             source,
+        }));
+    }
+    if !made.still_at(&dir, name) {
+        // Swapped between the check and the rename: whatever now sits at
+        // the name is not ours; our inode loses all access.
+        let _ = neutralise(&made, &temp_shown);
+        return Err(JailError::Swapped {
+            path: shown,
+            found: "another inode moved into place".to_owned(),
         });
     }
+    let replaced = stale.as_ref().map(|old| old.rdev);
     if let Some(old) = replaced {
-        tracing::info!(node = %shown.display(), %old, new = %rdev, "replaced stale device node");
+        tracing::info!(node = %shown.display(), %old, new = %rdev, extra_links,
+            "replaced stale device node");
     }
-    Ok(CreateAction::Created(node(replaced)))
+    Ok(CreateAction::Created(node(replaced, extra_links)))
 }
 
-/// Removes the node at `jail` if, and only if, it is ours for `volume`. A
-/// missing node (or missing jail directory) is `Identity`.
+/// Removes the node at `jail` if, and only if, it is ours for `volume`,
+/// after neutralising its inode (root, mode 0), so that any hard link to
+/// it is useless too. A missing node (or missing jail directory) is
+/// `Identity`.
 pub fn unexpose(jail: &JailPath, volume: &VolumeId) -> Result<DeleteAction, JailError> {
     let dir = match open_parent(jail) {
         Ok(dir) => dir,
@@ -545,15 +671,8 @@ pub fn unexpose(jail: &JailPath, volume: &VolumeId) -> Result<DeleteAction, Jail
     clear_temp(&dir, &temp, &shown.with_file_name(&temp), volume)?;
     match inspect(&dir, name, &shown)? {
         None => Ok(DeleteAction::Identity),
-        Some(existing)
-            if existing.is_block && existing.mark.as_deref() == Some(volume.as_str()) =>
-        {
-            unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir).map_err(|source| {
-                JailError::Remove {
-                    path: shown,
-                    source,
-                }
-            })?;
+        Some(existing) if existing.is_ours(volume) => {
+            let _ = remove_ours(&dir, name, &existing, &shown)?;
             Ok(DeleteAction::Deleted)
         }
         Some(existing) => Err(JailError::Foreign {
@@ -568,6 +687,7 @@ pub fn unexpose(jail: &JailPath, volume: &VolumeId) -> Result<DeleteAction, Jail
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const OWNER: NodeOwner = NodeOwner {
@@ -586,27 +706,6 @@ mod tests {
     }
 
     #[test]
-    fn path_shapes_are_checked() {
-        assert!(JailPath::new("/srv/jail", "dev/vdb").is_ok());
-        for (root, rel) in [
-            ("relative/root", "dev/vdb"),
-            ("/srv/jail", "/dev/vdb"),
-            ("/srv/jail", ""),
-            ("/srv/jail", "../etc/passwd"),
-            ("/srv/jail", "dev/../../x"),
-            ("/srv/jail", "./dev/vdb"),
-            ("/srv/jail", "dev/vdb/"),
-            ("/srv/../etc", "dev/vdb"),
-            ("/srv/./jail", "dev/vdb"),
-        ] {
-            assert!(
-                matches!(JailPath::new(root, rel), Err(JailError::BadPath { .. })),
-                "{root} {rel} accepted"
-            );
-        }
-    }
-
-    #[test]
     fn expose_makes_a_marked_owned_0600_block_node() {
         let dir = jail_dir();
         let volume = VolumeId::generate();
@@ -619,7 +718,7 @@ mod tests {
         assert_eq!((meta.uid(), meta.gid()), (OWNER.uid, OWNER.gid));
         assert_eq!(meta.rdev(), loop_rdev(3).0);
         let mut mark = [0u8; 64];
-        let len = rustix::fs::lgetxattr(jail.full(), OWNER_XATTR, &mut mark[..]).unwrap();
+        let len = lgetxattr_for_test(&jail.full(), &mut mark).unwrap();
         assert_eq!(&mark[..len], volume.as_str().as_bytes());
         // Again: identity, nothing changes, no temporaries.
         let again = expose(&jail, loop_rdev(3), OWNER, &volume).unwrap();
@@ -798,6 +897,89 @@ mod tests {
             Err(JailError::Foreign { .. })
         ));
         assert_eq!(fs::read(temp.full()).unwrap(), b"not ours");
+    }
+
+    /// Reproduced: a jail owner who swapped a hard link to another file into
+    /// the temporary name got that file chowned to them.
+    #[test]
+    fn a_hard_link_swapped_into_the_temporary_name_is_never_touched() {
+        let dir = jail_dir();
+        let outside = dir.path().join("secret");
+        fs::write(&outside, b"root only").unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o600)).unwrap();
+        let volume = VolumeId::generate();
+        let jail = JailPath::new(dir.path(), "dev/vdb").unwrap();
+        let swap = |dir: &OwnedFd, temp: &OsStr| {
+            unlinkat(dir, temp, UnlinkatFlags::NoRemoveDir).unwrap();
+            nix::unistd::linkat(AT_FDCWD, &outside, dir, temp, nix::fcntl::AtFlags::empty())
+                .unwrap();
+        };
+        let err = expose_with(&jail, loop_rdev(3), OWNER, &volume, &swap).unwrap_err();
+        assert!(matches!(err, JailError::Swapped { .. }), "{err}");
+        let meta = fs::metadata(&outside).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "the other file was chowned"
+        );
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        let mut mark = [0u8; 64];
+        assert!(lgetxattr_for_test(&outside, &mut mark).is_none(), "marked");
+        assert!(!jail.full().exists(), "moved into place");
+        // The next expose clears the leftover without touching the file.
+        assert!(matches!(
+            expose(&jail, loop_rdev(3), OWNER, &volume),
+            Err(JailError::Foreign { .. })
+        ));
+        assert_eq!(fs::metadata(&outside).unwrap().uid(), 0);
+    }
+
+    /// Reproduced: a link the jail owner made to our node survived a replace
+    /// and an unexpose with its old rdev, uid 1000 and mode 0600.
+    #[test]
+    fn links_to_our_nodes_are_neutralised_before_unlink_or_replace() {
+        let dir = jail_dir();
+        let volume = VolumeId::generate();
+        let jail = JailPath::new(dir.path(), "dev/vdb").unwrap();
+        let owner_and_mode = |path: &Path| {
+            let meta = fs::symlink_metadata(path).unwrap();
+            (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777)
+        };
+        let _ = expose(&jail, loop_rdev(3), OWNER, &volume).unwrap();
+        let kept = dir.path().join("dev/kept");
+        fs::hard_link(jail.full(), &kept).unwrap();
+        let replaced = expose(&jail, loop_rdev(9), OWNER, &volume).unwrap();
+        assert_eq!(replaced.inner().extra_links, 1);
+        assert_eq!(owner_and_mode(&kept), (0, 0, 0), "link kept after replace");
+        assert_eq!(
+            owner_and_mode(&jail.full()),
+            (OWNER.uid, OWNER.gid, NODE_MODE)
+        );
+        let kept_again = dir.path().join("dev/kept-again");
+        fs::hard_link(jail.full(), &kept_again).unwrap();
+        assert_eq!(unexpose(&jail, &volume).unwrap(), DeleteAction::Deleted);
+        assert_eq!(
+            owner_and_mode(&kept_again),
+            (0, 0, 0),
+            "link kept after unexpose"
+        );
+        assert!(!jail.full().exists());
+    }
+
+    fn lgetxattr_for_test(path: &Path, value: &mut [u8]) -> Option<usize> {
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let name = std::ffi::CString::new(OWNER_XATTR).unwrap();
+        // SAFETY: both strings are NUL-terminated and `value` is writable
+        // for its length.
+        let len = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        usize::try_from(len).ok()
     }
 
     #[test]

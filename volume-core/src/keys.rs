@@ -1,12 +1,19 @@
 //! Volume keys and where they are kept.
 //!
-//! A [`VolumeKey`] is 512 random bits, one per volume. It lives in zeroized
-//! heap memory, has no `Display`, and its `Debug` is redacted, so it cannot
-//! reach a log line or an error by accident. Two [`KeyStore`]s keep keys:
+//! A [`VolumeKey`] is 512 random bits, one per volume. It and the KEK live
+//! in locked memory (`mlock`, excluded from core dumps, zeroed when
+//! dropped), have no `Display`, and their `Debug` is redacted, so they
+//! cannot reach swap, a core file, a log line or an error by accident. An
+//! all-zero key is never a real key (odds 2^-512) and is refused wherever
+//! one is read. Two [`KeyStore`]s keep keys:
 //!
 //! * [`LocalKeyDir`]: one file per volume in a `0700` directory, each file
 //!   `0600`, written atomically (temporary file, `fsync`, hard link into
 //!   place so an existing key is never replaced, `fsync` of the directory).
+//!   Removal first renames the file to a tombstone name that is never
+//!   loaded (and `fsync`s the directory), then overwrites and unlinks the
+//!   tombstone, so a crash at any step leaves either the whole key or no
+//!   loadable file.
 //! * [`EnvelopeKeyStore`]: the key is sealed with XChaCha20-Poly1305 under a
 //!   key-encryption key (KEK) read from a file, with the volume id as
 //!   associated data, so a sealed key can live in the control plane: without
@@ -17,6 +24,7 @@
 //! Destroying a volume destroys its key ([`KeyStore::destroy`]).
 
 use crate::actions::{CreateAction, DeleteAction};
+use crate::locked::{LockError, LockedBytes};
 use crate::names::VolumeId;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -25,59 +33,82 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use zeroize::{Zeroize, Zeroizing};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 /// Bytes in a volume key: 512 bits, the size of an AES-256-XTS key.
 pub const VOLUME_KEY_BYTES: usize = 64;
 /// Bytes in a key-encryption key (XChaCha20-Poly1305).
 pub const KEK_BYTES: usize = 32;
 
-/// A volume's secret. Never printed, never cloned implicitly, wiped on drop.
-pub struct VolumeKey(Box<[u8; VOLUME_KEY_BYTES]>);
+/// A volume's secret. Never printed, never cloned implicitly, kept in
+/// locked memory and wiped on drop.
+pub struct VolumeKey(LockedBytes<VOLUME_KEY_BYTES>);
+
+fn locked<const N: usize>() -> Result<LockedBytes<N>, KeyError> {
+    LockedBytes::new().map_err(KeyError::LockedMemory)
+}
+
+/// Fills `buffer` from the operating system's random source; never leaves
+/// it all-zero.
+fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
+    loop {
+        getrandom::fill(buffer).map_err(|e| KeyError::Random {
+            reason: e.to_string(),
+        })?;
+        if !all_zero(buffer) {
+            return Ok(());
+        }
+    }
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.ct_eq(&vec![0u8; bytes.len()]).into()
+}
+
+/// Copies exactly `N` bytes into locked memory; refuses other lengths and
+/// all-zero bytes.
+fn locked_copy<const N: usize>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<LockedBytes<N>, KeyError> {
+    if bytes.len() != N {
+        return Err(KeyError::Length {
+            what,
+            len: bytes.len(),
+            expected: N,
+        });
+    }
+    if all_zero(bytes) {
+        return Err(KeyError::Blank { what });
+    }
+    let mut secret = locked::<N>()?;
+    secret.as_mut_slice().copy_from_slice(bytes);
+    Ok(secret)
+}
 
 impl VolumeKey {
     /// A fresh key from the operating system's random source.
     pub fn generate() -> Result<VolumeKey, KeyError> {
-        let mut key = VolumeKey(Box::new([0; VOLUME_KEY_BYTES]));
-        getrandom::fill(&mut key.0[..]).map_err(|e| KeyError::Random {
-            reason: e.to_string(),
-        })?;
+        let mut key = VolumeKey(locked()?);
+        fill_random(key.0.as_mut_slice())?;
         Ok(key)
     }
 
-    /// A key from exactly [`VOLUME_KEY_BYTES`] bytes.
+    /// A key from exactly [`VOLUME_KEY_BYTES`] bytes, not all zero.
     pub fn from_bytes(bytes: &[u8]) -> Result<VolumeKey, KeyError> {
-        if bytes.len() != VOLUME_KEY_BYTES {
-            return Err(KeyError::Length {
-                what: "volume key",
-                len: bytes.len(),
-                expected: VOLUME_KEY_BYTES,
-            });
-        }
-        let mut key = VolumeKey(Box::new([0; VOLUME_KEY_BYTES]));
-        key.0.copy_from_slice(bytes);
-        Ok(key)
+        locked_copy("volume key", bytes).map(VolumeKey)
     }
 
     /// The raw key, for libcryptsetup and for sealing. Callers must not copy
     /// it anywhere that outlives the call.
     pub fn expose_secret(&self) -> &[u8] {
-        &self.0[..]
+        self.0.as_slice()
     }
 
     /// Constant-time comparison: whether two keys are the same.
     pub fn same_as(&self, other: &VolumeKey) -> bool {
-        self.0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    }
-}
-
-impl Drop for VolumeKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
+        self.0.as_slice().ct_eq(other.0.as_slice()).into()
     }
 }
 
@@ -98,6 +129,12 @@ pub enum KeyError {
         len: usize,
         expected: usize,
     },
+    #[error("{what} is all zero bytes, which is never a real key; refusing to use it")]
+    Blank { what: &'static str },
+    #[error("{path} holds {len} zero bytes, not a key (a removal interrupted by a crash?); refusing to use it")]
+    AllZero { path: PathBuf, len: usize },
+    #[error(transparent)]
+    LockedMemory(LockError),
     #[error("could not create key directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -273,6 +310,65 @@ impl SecretDir {
         self.path.join(format!(".{id}.{}.tmp", self.extension))
     }
 
+    /// Where a file goes on its way out: a name `read` never opens.
+    fn tombstone(&self, id: &VolumeId) -> PathBuf {
+        self.path.join(format!(".{id}.{}.removed", self.extension))
+    }
+
+    /// The first step of removal: takes the file's name away (rename to the
+    /// tombstone, then fsync the directory), so from here on nothing can
+    /// load it. `Identity` when there is no file.
+    fn retire(&self, id: &VolumeId) -> Result<DeleteAction, KeyError> {
+        let path = self.file(id);
+        let tombstone = self.tombstone(id);
+        match fs::rename(&path, &tombstone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DeleteAction::Identity),
+            Err(source) => return Err(KeyError::Remove { path, source }),
+        }
+        sync_dir(&self.path)?;
+        Ok(DeleteAction::Deleted)
+    }
+
+    /// Overwrites (best effort: journaling and flash may keep old blocks,
+    /// which is why keys are also sealed or the volume is discarded) and
+    /// unlinks a file that has no loadable name any more.
+    fn shred(&self, path: &Path) -> Result<(), KeyError> {
+        let mut file = match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(KeyError::Write {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| KeyError::Inspect {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0).min(64 * 1024)];
+        file.write_all(&zeros)
+            .and_then(|()| file.sync_all())
+            .map_err(|source| KeyError::Write {
+                path: path.to_owned(),
+                source,
+            })?;
+        drop(file);
+        fs::remove_file(path).map_err(|source| KeyError::Remove {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
     fn read(&self, id: &VolumeId, max_len: usize) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
         let path = self.file(id);
         let mut file = match OpenOptions::new()
@@ -315,12 +411,14 @@ impl SecretDir {
     fn create_new(&self, id: &VolumeId, bytes: &[u8]) -> Result<(), KeyError> {
         let path = self.file(id);
         let temp = self.temp_file(id);
-        // A temporary left by a crash is ours (the directory is 0700).
+        // A temporary or tombstone left by a crash is ours (the directory
+        // is 0700); a tombstone may still hold an old key's bytes.
         match fs::remove_file(&temp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(KeyError::Remove { path: temp, source }),
         }
+        self.shred(&self.tombstone(id))?;
         let write = |temp: &Path| -> Result<(), KeyError> {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -361,41 +459,13 @@ impl SecretDir {
         sync_dir(&self.path)
     }
 
-    /// Overwrites (best effort: journaling and flash may keep old blocks,
-    /// which is why keys are also sealed or the volume is discarded) and
-    /// removes the file.
+    /// Removes the file: [`SecretDir::retire`], then
+    /// [`SecretDir::shred`] of the tombstone (also one left by a crash).
     fn remove(&self, id: &VolumeId) -> Result<DeleteAction, KeyError> {
-        let path = self.file(id);
-        let mut file = match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DeleteAction::Identity),
-            Err(source) => return Err(KeyError::Write { path, source }),
-        };
-        let len = file
-            .metadata()
-            .map_err(|source| KeyError::Inspect {
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0).min(64 * 1024)];
-        file.write_all(&zeros)
-            .and_then(|()| file.sync_all())
-            .map_err(|source| KeyError::Write {
-                path: path.clone(),
-                source,
-            })?;
-        drop(file);
-        fs::remove_file(&path).map_err(|source| KeyError::Remove {
-            path: path.clone(),
-            source,
-        })?;
+        let retired = self.retire(id)?;
+        self.shred(&self.tombstone(id))?;
         sync_dir(&self.path)?;
-        Ok(DeleteAction::Deleted)
+        Ok(retired)
     }
 }
 
@@ -431,6 +501,12 @@ impl KeyStore for LocalKeyDir {
                 path: self.dir.file(id),
                 len: bytes.len() as u64,
                 expected: VOLUME_KEY_BYTES,
+            });
+        }
+        if all_zero(&bytes) {
+            return Err(KeyError::AllZero {
+                path: self.dir.file(id),
+                len: bytes.len(),
             });
         }
         VolumeKey::from_bytes(&bytes).map(Some)
@@ -491,8 +567,9 @@ impl SealedKeyStorage for LocalSealedStorage {
 }
 
 /// The key that seals volume keys. Read from a file of exactly
-/// [`KEK_BYTES`] raw bytes that only its owner can read.
-pub struct KeyEncryptionKey(Box<[u8; KEK_BYTES]>);
+/// [`KEK_BYTES`] raw bytes that only its owner can read; kept in locked
+/// memory.
+pub struct KeyEncryptionKey(LockedBytes<KEK_BYTES>);
 
 impl KeyEncryptionKey {
     pub fn from_file(path: &Path) -> Result<KeyEncryptionKey, KeyError> {
@@ -516,34 +593,29 @@ impl KeyEncryptionKey {
                 expected: KEK_BYTES,
             });
         }
-        let mut kek = KeyEncryptionKey(Box::new([0; KEK_BYTES]));
-        file.read_exact(&mut kek.0[..])
+        let mut kek = KeyEncryptionKey(locked()?);
+        file.read_exact(kek.0.as_mut_slice())
             .map_err(|source| KeyError::Read {
                 path: path.to_owned(),
                 source,
             })?;
+        if all_zero(kek.0.as_slice()) {
+            return Err(KeyError::AllZero {
+                path: path.to_owned(),
+                len: KEK_BYTES,
+            });
+        }
         Ok(kek)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<KeyEncryptionKey, KeyError> {
-        if bytes.len() != KEK_BYTES {
-            return Err(KeyError::Length {
-                what: "key-encryption key",
-                len: bytes.len(),
-                expected: KEK_BYTES,
-            });
-        }
-        let mut kek = KeyEncryptionKey(Box::new([0; KEK_BYTES]));
-        kek.0.copy_from_slice(bytes);
-        Ok(kek)
+        locked_copy("key-encryption key", bytes).map(KeyEncryptionKey)
     }
 
     /// A fresh random KEK (provisioning and tests).
     pub fn generate() -> Result<KeyEncryptionKey, KeyError> {
-        let mut kek = KeyEncryptionKey(Box::new([0; KEK_BYTES]));
-        getrandom::fill(&mut kek.0[..]).map_err(|e| KeyError::Random {
-            reason: e.to_string(),
-        })?;
+        let mut kek = KeyEncryptionKey(locked()?);
+        fill_random(kek.0.as_mut_slice())?;
         Ok(kek)
     }
 
@@ -559,7 +631,7 @@ impl KeyEncryptionKey {
                 path: path.to_owned(),
                 source,
             })?;
-        file.write_all(&self.0[..])
+        file.write_all(self.0.as_slice())
             .and_then(|()| file.sync_all())
             .map_err(|source| KeyError::Write {
                 path: path.to_owned(),
@@ -568,13 +640,7 @@ impl KeyEncryptionKey {
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(&(*self.0).into())
-    }
-}
-
-impl Drop for KeyEncryptionKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
+        XChaCha20Poly1305::new_from_slice(self.0.as_slice()).expect("KEK_BYTES is the key size")
     }
 }
 
@@ -630,18 +696,24 @@ pub fn unseal(kek: &KeyEncryptionKey, id: &VolumeId, sealed: &[u8]) -> Result<Vo
     let nonce =
         XNonce::from(<[u8; NONCE_BYTES]>::try_from(&sealed[1..1 + NONCE_BYTES]).expect("24 bytes"));
     let (ciphertext, tag) = sealed[1 + NONCE_BYTES..].split_at(VOLUME_KEY_BYTES);
-    let mut plaintext = Zeroizing::new([0u8; VOLUME_KEY_BYTES]);
-    plaintext.copy_from_slice(ciphertext);
+    // Decrypted in place inside locked memory: the plaintext has no other copy.
+    let mut key = VolumeKey(locked()?);
+    key.0.as_mut_slice().copy_from_slice(ciphertext);
     let tag = chacha20poly1305::Tag::from(<[u8; TAG_BYTES]>::try_from(tag).expect("16 bytes"));
     kek.cipher()
         .decrypt_inout_detached(
             &nonce,
             &associated_data(id),
-            (&mut plaintext[..]).into(),
+            key.0.as_mut_slice().into(),
             &tag,
         )
         .map_err(|_| KeyError::Unseal { id: id.clone() })?;
-    VolumeKey::from_bytes(&plaintext[..])
+    if all_zero(key.expose_secret()) {
+        return Err(KeyError::Blank {
+            what: "unsealed volume key",
+        });
+    }
+    Ok(key)
 }
 
 /// Envelope keys: sealed under a KEK, kept by any [`SealedKeyStorage`].
@@ -866,6 +938,64 @@ mod tests {
             store.load(&other),
             Err(KeyError::FileLength { len: 10, .. })
         ));
+    }
+
+    /// A removal interrupted by a crash used to leave 64 zero bytes at the
+    /// key's name, which the next create took as the volume's key.
+    #[test]
+    fn an_all_zero_or_short_key_file_is_never_used() {
+        let root = tempfile::tempdir().unwrap();
+        let store = LocalKeyDir::open(root.path().join("k")).unwrap();
+        let vol = id();
+        let path = store.key_path(&vol);
+        fs::write(&path, [0u8; VOLUME_KEY_BYTES]).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = store.get_or_create(&vol).unwrap_err();
+        assert!(matches!(err, KeyError::AllZero { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert!(matches!(store.load(&vol), Err(KeyError::AllZero { .. })));
+        assert!(VolumeKey::from_bytes(&[0u8; VOLUME_KEY_BYTES]).is_err());
+        // Left as it is for a person to look at.
+        assert_eq!(fs::read(&path).unwrap(), [0u8; VOLUME_KEY_BYTES]);
+        fs::write(&path, [7u8; VOLUME_KEY_BYTES - 1]).unwrap();
+        assert!(matches!(
+            store.get_or_create(&vol),
+            Err(KeyError::FileLength { len: 63, .. })
+        ));
+    }
+
+    /// Removal takes the key's name away first, so no step of it leaves a
+    /// loadable file, and a leftover tombstone never blocks a new key.
+    #[test]
+    fn removal_never_leaves_a_loadable_file() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("k");
+        let store = LocalKeyDir::open(&dir).unwrap();
+        let vol = id();
+        let _ = store.get_or_create(&vol).unwrap();
+        // A crash right after the first step of removal: the name is gone.
+        let _ = store.dir.retire(&vol).unwrap();
+        assert!(!store.key_path(&vol).exists());
+        assert!(store.load(&vol).unwrap().is_none());
+        // The next removal, or a new key, clears the tombstone.
+        assert_eq!(store.destroy(&vol).unwrap(), DeleteAction::Identity);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+        let _ = store.get_or_create(&vol).unwrap();
+        let _ = store.dir.retire(&vol).unwrap();
+        let fresh = store.get_or_create(&vol).unwrap();
+        assert!(fresh.changed());
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 
     #[test]

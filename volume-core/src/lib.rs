@@ -1,20 +1,20 @@
 //! volume-core: thin volumes for micro-VM hosts.
 //!
-//! The model ([`units`], [`names`], [`capacity`]) does no I/O. The
-//! [`backend`] trait is the seam to LVM; [`backend::sim`] stands in for it in
-//! fast tests. The data path above it: [`keys`] (key custody), [`crypt`]
+//! The model ([`units`], [`names`], [`capacity`], [`actions`]) lives in the
+//! `volume-model` crate, which does no I/O; it is re-exported here under its
+//! old paths. The [`backend`] trait is the seam to LVM; [`backend::sim`]
+//! stands in for it in fast tests. The data path above it: [`keys`] (key custody), [`crypt`]
 //! (LUKS2 via libcryptsetup), [`fs`] (ext4), [`jail`] (device nodes in jails),
 //! [`cmd`] (the one place external programs run), and [`host`], the
 //! [`host::VolumeHost`] API the VM worker links.
 
-pub mod actions;
 pub mod backend;
-pub mod capacity;
 pub mod cmd;
 pub mod crypt;
 pub mod fs;
 pub mod host;
 pub mod jail;
 pub mod keys;
-pub mod names;
-pub mod units;
+mod locked;
+
+pub use volume_model::{actions, capacity, names, units};

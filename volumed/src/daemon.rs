@@ -69,7 +69,7 @@ const LEDGER_CHECK_HEARTBEATS: u32 = 3;
 #[derive(Debug, Default)]
 struct Volume {
     desired: Option<Desired>,
-    observed: Option<host::VolumeStatus>,
+    observed: Option<host::LocalVolume>,
     running: bool,
     /// A newer record or fact arrived while the job ran.
     dirty: bool,
@@ -100,7 +100,7 @@ struct Daemon {
     running: usize,
     events_tx: mpsc::UnboundedSender<Event>,
     pool_tx: mpsc::UnboundedSender<Result<PoolStatus, String>>,
-    list_tx: mpsc::UnboundedSender<Result<Vec<host::VolumeStatus>, String>>,
+    list_tx: mpsc::UnboundedSender<Result<Vec<host::LocalVolume>, String>>,
     kv_down: bool,
     shutting_down: bool,
     /// `<machine id>:<vg>`, published in the host record.
@@ -363,8 +363,8 @@ impl Daemon {
 
     /// Replaces what is known of every volume not busy in a job, and
     /// reconsiders all of them.
-    fn apply_list(&mut self, listed: Vec<host::VolumeStatus>) {
-        let mut listed: BTreeMap<VolumeId, host::VolumeStatus> =
+    fn apply_list(&mut self, listed: Vec<host::LocalVolume>) {
+        let mut listed: BTreeMap<VolumeId, host::LocalVolume> =
             listed.into_iter().map(|v| (v.id.clone(), v)).collect();
         let ids: BTreeSet<VolumeId> = self
             .volumes

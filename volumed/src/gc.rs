@@ -41,7 +41,7 @@ pub struct GcOptions {
 /// One orphan and, with `--yes`, what became of it.
 #[derive(Debug)]
 pub struct Orphan {
-    pub volume: host::VolumeStatus,
+    pub volume: host::LocalVolume,
     /// `None` when only listed or kept; `Some(Err)` when its delete failed.
     pub deleted: Option<Result<(), String>>,
     /// Its record appeared between the listing and the delete: kept.

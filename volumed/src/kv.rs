@@ -13,7 +13,6 @@
 
 use crate::metrics::Metrics;
 use consul_kv::{ConsulKv, TxnOp};
-use rand::Rng as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,13 +340,7 @@ impl Writer {
 
 /// Doubling from 500 ms up to `max`, jittered in its upper half.
 pub fn backoff(failures: u32, max: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let full = Duration::from_millis(500)
-        .saturating_mul(1 << doublings)
-        .min(max);
-    let half = full / 2;
-    let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-    half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
+    consul_kv::Backoff::new(Duration::from_millis(500), max).delay(failures)
 }
 
 /// How a destroy's KV commit ended.

@@ -141,7 +141,7 @@ pub struct Steps {
 /// `extent` is the pool's extent size, to which LV sizes are rounded.
 pub fn decide(
     desired: Option<&Desired>,
-    observed: Option<&host::VolumeStatus>,
+    observed: Option<&host::LocalVolume>,
     jail: Option<&JailPath>,
     extent: Bytes,
 ) -> Work {
@@ -165,7 +165,7 @@ pub fn decide(
             ..Steps::default()
         });
     };
-    if volume.state != Some(host::VolumeState::Ready) {
+    if volume.progress != Some(host::Progress::Ready) {
         return Work::Converge(Steps {
             create: true,
             expose: jail.is_some(),
@@ -215,7 +215,7 @@ pub fn status(
     id: &VolumeId,
     state: VolumeState,
     spec: Option<&VolumeSpec>,
-    observed: Option<&host::VolumeStatus>,
+    observed: Option<&host::LocalVolume>,
     node: Option<&JailPath>,
     error: Option<String>,
     now_ms: u64,
@@ -277,14 +277,14 @@ mod tests {
         }
     }
 
-    fn ready(id: &VolumeId, size: u64) -> host::VolumeStatus {
-        host::VolumeStatus {
+    fn ready(id: &VolumeId, size: u64) -> host::LocalVolume {
+        host::LocalVolume {
             id: id.clone(),
             name: None,
             size: Bytes(size),
             data_percent: Default::default(),
             encryption: Some(Encryption::Luks2),
-            state: Some(host::VolumeState::Ready),
+            progress: Some(host::Progress::Ready),
             device: Some("/dev/mapper/x".into()),
             exposed: vec![],
         }
@@ -355,7 +355,7 @@ mod tests {
         let desired = valid(spec(&id, GIB));
         let jail = JailPath::new("/srv/jails/x", "vol").unwrap();
         let mut half = ready(&id, GIB);
-        half.state = Some(host::VolumeState::CryptFormatted);
+        half.progress = Some(host::Progress::CryptFormatted);
         assert_eq!(
             decide(Some(&desired), Some(&half), Some(&jail), EXTENT),
             Work::Converge(Steps {

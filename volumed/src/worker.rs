@@ -84,7 +84,7 @@ pub struct Outcome {
     /// The record the job worked from.
     pub desired_index: u64,
     /// The volume as known after the job.
-    pub observed: Option<host::VolumeStatus>,
+    pub observed: Option<host::LocalVolume>,
     /// The status to publish (guarded by `desired_index`); `None` after a
     /// destroy, whose txn removed it.
     pub status: Option<VolumeStatus>,
@@ -98,7 +98,7 @@ pub struct Outcome {
 pub struct Job {
     pub id: VolumeId,
     pub desired: Desired,
-    pub observed: Option<host::VolumeStatus>,
+    pub observed: Option<host::LocalVolume>,
     pub work: Work,
 }
 
@@ -153,7 +153,7 @@ impl Run<'_> {
         &self,
         state: VolumeState,
         spec: &volume_control::layout::VolumeSpec,
-        observed: Option<&host::VolumeStatus>,
+        observed: Option<&host::LocalVolume>,
     ) {
         let status = plan::status(
             &self.id,
@@ -173,7 +173,7 @@ impl Run<'_> {
 
     fn outcome(
         &self,
-        observed: Option<host::VolumeStatus>,
+        observed: Option<host::LocalVolume>,
         status: Option<VolumeStatus>,
         failure: Option<Failure>,
         destroyed: bool,
@@ -192,7 +192,7 @@ impl Run<'_> {
     fn failed(
         &self,
         spec: &volume_control::layout::VolumeSpec,
-        observed: Option<host::VolumeStatus>,
+        observed: Option<host::LocalVolume>,
         operation: &'static str,
         (retry, message): (Retry, String),
     ) -> Outcome {
@@ -255,7 +255,7 @@ pub async fn run(ctx: Arc<Ctx>, job: Job, events: mpsc::UnboundedSender<Event>) 
 async fn converge(
     run: &mut Run<'_>,
     spec: &volume_control::layout::VolumeSpec,
-    mut observed: Option<host::VolumeStatus>,
+    mut observed: Option<host::LocalVolume>,
     steps: Steps,
 ) -> Outcome {
     let ctx = run.ctx;
@@ -263,7 +263,7 @@ async fn converge(
     if steps.create {
         run.progress(VolumeState::Creating, spec, observed.as_ref());
         let started = Instant::now();
-        let volume = host::VolumeSpec {
+        let volume = host::NewVolume {
             id: id.clone(),
             name: spec.name.clone(),
             size: spec.size,
@@ -394,7 +394,7 @@ fn remove_jail_dir(root: PathBuf) {
 async fn destroy(
     run: &mut Run<'_>,
     spec: &volume_control::layout::VolumeSpec,
-    observed: Option<host::VolumeStatus>,
+    observed: Option<host::LocalVolume>,
 ) -> Outcome {
     let ctx = run.ctx;
     let id = run.id.clone();

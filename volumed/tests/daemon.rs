@@ -1,8 +1,8 @@
 //! Host tests of the daemon: the simulated backend and devices, the
 //! embedded KV server in process, the daemon as a task.
 
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -466,7 +466,7 @@ async fn orphans_are_reported_never_deleted_and_gc_deletes_them_only_when_asked(
     // One LV of ours made behind the daemon's back, one whose record is
     // deleted outright (no destroy intent).
     let stray = spec(Bytes(GIB), false);
-    let stray_volume = host::VolumeSpec {
+    let stray_volume = host::NewVolume {
         id: stray.id.clone(),
         name: stray.name.clone(),
         size: stray.size,
@@ -937,8 +937,8 @@ impl ThinBackend for HookBackend {
     }
 }
 
-fn plain_volume(spec: &VolumeSpec) -> host::VolumeSpec {
-    host::VolumeSpec {
+fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {
+    host::NewVolume {
         id: spec.id.clone(),
         name: spec.name.clone(),
         size: spec.size,

@@ -1,7 +1,7 @@
 //! The `volumed` binary as a process: what only a started daemon shows.
 
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

@@ -3,11 +3,11 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::SecretToken;
+use consul_kv_server::{Server, ServerConfig};
 
 use crate::common::{self, host, Env, GB};
-use volume_core::names::VolumeId;
+use volume_model::names::VolumeId;
 
 const CONSUL_VARS: [&str; 5] = [
     "CONSUL_HTTP_ADDR",

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use clap::Parser as _;
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use volctl::{Cli, CliError, Ui};
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
-use volume_core::capacity::{CapacityPolicy, PoolUsage};
-use volume_core::names::{HostId, Region, VolumeId, Zone};
-use volume_core::units::{Bytes, Percent};
+use volume_model::capacity::{CapacityPolicy, PoolUsage};
+use volume_model::names::{HostId, Region, VolumeId, Zone};
+use volume_model::units::{Bytes, Percent};
 
 pub const GB: u64 = 1_000_000_000;
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use consul_kv::TxnOp;
 use volctl::{exit, CliError};
 use volume_control::layout::{Ledger, VolumeSpec, VolumeState};
-use volume_core::names::HostId;
-use volume_core::units::Bytes;
+use volume_model::names::HostId;
+use volume_model::units::Bytes;
 
 use crate::common::{self, host, Env, Store, GB};
 

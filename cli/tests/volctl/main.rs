@@ -4,3 +4,4 @@
 mod binary;
 mod common;
 mod in_process;
+mod retry;

@@ -127,7 +127,9 @@ impl ConsulKv {
     pub fn new(config: ClientConfig) -> Result<Self, Error> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60));
+            // Below the bundled server's 30 s idle close, so a request is
+            // never sent on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(20));
         if config.is_loopback() {
             builder = builder.no_proxy();
         }

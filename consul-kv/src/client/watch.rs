@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use rand::Rng as _;
 use tokio::time::Instant;
 
 use super::{BlockingQuery, ConsulKv, Error};
+use crate::backoff::Backoff;
 use crate::types::KvPair;
 
 /// Pacing of a [`PrefixWatch`].
@@ -144,16 +144,8 @@ impl PrefixWatch {
         };
         let mut gap = self.options.min_interval;
         if self.consecutive_failures > 0 {
-            let doublings = (self.consecutive_failures - 1).min(16);
-            let backoff = self
-                .options
-                .backoff_initial
-                .saturating_mul(1 << doublings)
-                .min(self.options.backoff_max);
-            let half = backoff / 2;
-            let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-            let jittered = half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
-            gap = gap.max(jittered);
+            let backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
+            gap = gap.max(backoff.delay(self.consecutive_failures));
         }
         tokio::time::sleep_until(last + gap).await;
     }

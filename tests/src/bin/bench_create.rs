@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use volume_core::backend::lvm::LvmBackend;
 use volume_core::backend::ThinBackend;
 use volume_core::cmd::{self, Program};
-use volume_core::host::{Encryption, RealDevices, VolumeHost, VolumeSpec};
+use volume_core::host::{Encryption, NewVolume, RealDevices, VolumeHost};
 use volume_core::keys::{LocalKeyDir, VolumeKey};
 use volume_core::names::{VolumeId, VolumeName};
 use volume_core::units::{Bytes, GIB};
@@ -91,7 +91,7 @@ fn time_volume_host(pool: &TestPool, scratch: &Path) -> Duration {
         Arc::new(LocalKeyDir::open(scratch.join("keys")).expect("key dir")),
         Default::default(),
     );
-    let spec = VolumeSpec {
+    let spec = NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("bench").unwrap(),
         size: Bytes(SIZE_GIB * GIB),

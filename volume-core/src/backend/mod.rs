@@ -121,6 +121,17 @@ pub enum BackendError {
     WorkerSpawn(std::io::Error),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(
+        "a size of {} bytes cannot be rounded up to whole extents of {} bytes: {source}",
+        size.0,
+        extent.bytes().0
+    )]
+    NotRoundable {
+        size: Bytes,
+        extent: ExtentSize,
+        #[source]
+        source: UnitError,
+    },
     #[error(transparent)]
     Unit(#[from] UnitError),
 }

@@ -4,6 +4,7 @@
 use super::{BackendError, ThinPoolSpec, ThinVolume};
 use crate::names::{LvName, NameError, NAME_PREFIX, OWNER_TAG};
 use crate::units::{Bytes, ExtentSize};
+pub use volume_model::names::check_tag;
 
 /// An LV found under a name, whoever made it.
 #[derive(Debug, Clone)]
@@ -21,21 +22,12 @@ pub fn is_ours(volume: &ThinVolume) -> bool {
 /// LVM allocates whole extents; a request is rounded up so that the
 /// idempotency check compares what LVM would actually make.
 pub fn round_to_extents(size: Bytes, extent: ExtentSize) -> Result<Bytes, BackendError> {
-    Ok(size.round_up_to(extent.bytes())?)
-}
-
-/// LVM tag charset: `A-Z a-z 0-9 _ + . - / = ! : & #`, at most 1024 bytes.
-pub fn check_tag(tag: &str) -> Result<(), NameError> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c);
-    if tag.is_empty() || tag.len() > 1024 || !tag.chars().all(ok_char) || tag.starts_with('-') {
-        return Err(NameError {
-            kind: "LV tag",
-            value: tag.to_owned(),
-            reason: "must be 1-1024 of A-Z a-z 0-9 _ + . - / = ! : & # and not start with '-'"
-                .into(),
-        });
-    }
-    Ok(())
+    size.round_up_to(extent.bytes())
+        .map_err(|source| BackendError::NotRoundable {
+            size,
+            extent,
+            source,
+        })
 }
 
 /// Checks a retag before anything changes: every tag well-formed, and our

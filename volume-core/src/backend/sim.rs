@@ -66,6 +66,20 @@ impl SimBackend {
         Ok(())
     }
 
+    /// Puts an LV without our tag in the pool, as an LV of someone else's
+    /// (or one of ours whose tag was lost) would be: listing skips it and
+    /// every change to it is refused as not ours.
+    pub fn plant_untagged(&self, lv: &LvName, size: Bytes) {
+        let volume = ThinVolume {
+            lv: lv.clone(),
+            virtual_size: size,
+            data_percent: Percent::ZERO,
+            tags: BTreeSet::new(),
+            device: Some(self.device_of(lv)),
+        };
+        self.lock().volumes.insert(lv.clone(), volume);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.state

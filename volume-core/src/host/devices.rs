@@ -3,10 +3,10 @@
 //! ([`RealDevices`]: libcryptsetup, `cmd`, `mknod`) and in fast tests
 //! ([`super::sim::SimDevices`]).
 
-use crate::actions::{CreateAction, DeleteAction, ExtendAction};
+use crate::actions::{CreateAction, DeleteAction};
 use crate::cmd::Tools;
 use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
-use crate::fs::{self, FsError};
+use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
 use crate::names::VolumeId;
@@ -52,7 +52,9 @@ pub trait VolumeDevices: Send + Sync {
 
     fn make_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
 
-    fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError>;
+    /// Grows the filesystem on `device` unless something holds it, or
+    /// `lower` (the LV under a mapping), open; see [`crate::fs::grow_ext4`].
+    fn grow_fs(&self, device: &Path, lower: Option<&Path>) -> Result<GrowOutcome, FsError>;
 
     /// The current `st_rdev` of a block device.
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError>;
@@ -142,8 +144,8 @@ impl VolumeDevices for RealDevices {
         })
     }
 
-    fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError> {
-        fs::grow_ext4(&self.tools, device, &self.mountinfo)
+    fn grow_fs(&self, device: &Path, lower: Option<&Path>) -> Result<GrowOutcome, FsError> {
+        fs::grow_ext4(&self.tools, device, lower, &self.mountinfo)
     }
 
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError> {

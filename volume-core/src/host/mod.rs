@@ -15,17 +15,20 @@
 //! * **Never formats over data.** Only volumes whose recorded progress is
 //!   before `ready` are formatted, and the format and mkfs steps themselves
 //!   refuse any signature they did not make.
-//! * **Rollback.** A failed create removes everything it made (key, LV,
-//!   header, mapping); a failed expose removes its node and record. A
-//!   failed rollback is reported as [`HostError::RollbackFailed`] with both
-//!   errors. Extend and delete need no rollback: re-running them converges.
+//! * **Rollback removes only what this call made.** A failed create removes
+//!   the key, LV, header and mapping *it* made, never a key stored before
+//!   the call (another host's, with the envelope store) or the LV of an
+//!   earlier, unfinished create (a re-run resumes it; delete removes it);
+//!   a failed expose removes its node and record. A failed rollback is
+//!   reported as [`HostError::RollbackFailed`] with both errors. Extend and
+//!   delete need no rollback: re-running them converges.
 //! * **No secrets in errors or logs.** Keys never leave [`crate::keys`]
 //!   types; errors name volumes, devices and paths only.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use volume_core::backend::{sim::SimBackend, ThinBackend, ThinPoolSpec};
-//! use volume_core::host::{sim::SimDevices, Encryption, VolumeHost, VolumeSpec};
+//! use volume_core::host::{sim::SimDevices, Encryption, VolumeHost, NewVolume};
 //! use volume_core::jail::{JailPath, NodeOwner};
 //! use volume_core::keys::LocalKeyDir;
 //! use volume_core::names::{LvName, VgName, VolumeId, VolumeName};
@@ -45,7 +48,7 @@
 //! );
 //!
 //! let id = VolumeId::generate();
-//! let volume = VolumeSpec {
+//! let volume = NewVolume {
 //!     id: id.clone(),
 //!     name: VolumeName::new("data")?,
 //!     size: Bytes::from_gib(25)?,
@@ -68,7 +71,6 @@
 pub mod devices;
 #[cfg(feature = "testing")]
 pub mod faults;
-pub mod progress;
 #[cfg(feature = "testing")]
 pub mod sim;
 pub mod steps;
@@ -78,25 +80,26 @@ mod tests;
 pub use devices::{RealDevices, VolumeDevices};
 #[cfg(feature = "testing")]
 pub use faults::{Fault, FaultInjector, FaultPlan};
-pub use progress::{Encryption, VolumeState};
+pub use progress::{Encryption, Progress};
 pub use steps::Step;
+pub use volume_model::progress;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
 use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
-use crate::fs::FsError;
+use crate::fs::{FsError, GrowOutcome, Holders};
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
 use crate::names::{VolumeId, VolumeName};
-use crate::units::{Bytes, Percent};
+use crate::units::{Bytes, ExtentSize, Percent, UnitError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeSpec {
+pub struct NewVolume {
     pub id: VolumeId,
     pub name: VolumeName,
     /// Virtual size; rounded up to whole extents.
@@ -106,14 +109,14 @@ pub struct VolumeSpec {
 
 /// A volume as the host sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeStatus {
+pub struct LocalVolume {
     pub id: VolumeId,
     pub name: Option<VolumeName>,
     pub size: Bytes,
     pub data_percent: Percent,
     pub encryption: Option<Encryption>,
     /// `None` when the recorded progress is unreadable.
-    pub state: Option<VolumeState>,
+    pub progress: Option<Progress>,
     /// The device a VM gets (the dm-crypt mapping or the LV), when open.
     pub device: Option<PathBuf>,
     /// Jail nodes recorded for this volume.
@@ -136,6 +139,22 @@ pub enum FsGrowth {
     /// (`resize2fs /dev/vdX`) after it sees the new device size. Growing it
     /// offline from here under a running guest would corrupt it.
     LeftToGuest,
+    /// Not exposed through a jail node, but something holds the device (or
+    /// the LV beneath it) open: a VM given the device path directly, a
+    /// mount in another namespace. Left to whoever has it, as for
+    /// [`FsGrowth::LeftToGuest`]; a later extend grows it once released.
+    InUse(Holders),
+}
+
+/// The `map_err` of a step that failed on volume `id`: wraps the cause in
+/// that step's variant, `HostError::$step { id, source }`.
+macro_rules! failed_at {
+    ($step:ident, $id:expr) => {
+        |source| HostError::$step {
+            id: $id.clone(),
+            source: Box::new(source),
+        }
+    };
 }
 
 /// One variant per failing step. None carries key material.
@@ -151,11 +170,11 @@ pub enum HostError {
         requested: String,
     },
     #[error(
-        "volume {id} is {state:?}, not ready; re-run create to finish it or delete to remove it"
+        "volume {id} is {progress:?}, not ready; re-run create to finish it or delete to remove it"
     )]
-    NotReady { id: VolumeId, state: VolumeState },
+    NotReady { id: VolumeId, progress: Progress },
     #[error("volume {id} has unreadable progress tags {tags:?}; refusing to guess")]
-    UnknownState { id: VolumeId, tags: Vec<String> },
+    UnreadableProgress { id: VolumeId, tags: Vec<String> },
     #[error("volume {id}: capacity refused: {refusal}")]
     Admission { id: VolumeId, refusal: Refusal },
     #[error("reading pool status failed: {0}")]
@@ -181,6 +200,18 @@ pub enum HostError {
         id: VolumeId,
         #[source]
         source: Box<KeyError>,
+    },
+    #[error(
+        "volume {id}: a size of {} bytes cannot be rounded up to whole extents of {} bytes: {source}",
+        size.0,
+        extent.bytes().0
+    )]
+    SizeNotRoundable {
+        id: VolumeId,
+        size: Bytes,
+        extent: ExtentSize,
+        #[source]
+        source: UnitError,
     },
     #[error("volume {id}: creating the LV failed: {source}")]
     LvCreate {
@@ -307,6 +338,34 @@ impl HostError {
     }
 }
 
+/// A requested size rounded up to whole extents, as LVM will allocate it.
+fn round_to_extents(id: &VolumeId, size: Bytes, extent: ExtentSize) -> Result<Bytes, HostError> {
+    size.round_up_to(extent.bytes())
+        .map_err(|source| HostError::SizeNotRoundable {
+            id: id.clone(),
+            size,
+            extent,
+            source,
+        })
+}
+
+/// What one create call made itself, so that its rollback removes exactly
+/// that.
+#[derive(Debug, Default, Clone, Copy)]
+struct Made {
+    key: bool,
+    lv: bool,
+    mapping: bool,
+}
+
+/// Whether a teardown destroys the volume's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFate {
+    Destroy,
+    /// The key existed before the create being rolled back.
+    Keep,
+}
+
 /// The volume API for one host's thin pool.
 pub struct VolumeHost {
     backend: Arc<dyn ThinBackend>,
@@ -399,15 +458,15 @@ impl VolumeHost {
             .find(|v| v.lv == lv))
     }
 
-    fn state_of(id: &VolumeId, volume: &ThinVolume) -> Result<VolumeState, HostError> {
-        progress::state(&volume.tags).ok_or_else(|| HostError::UnknownState {
+    fn progress_of(id: &VolumeId, volume: &ThinVolume) -> Result<Progress, HostError> {
+        progress::step(&volume.tags).ok_or_else(|| HostError::UnreadableProgress {
             id: id.clone(),
             tags: volume.tags.iter().cloned().collect(),
         })
     }
 
     fn encryption_of(id: &VolumeId, volume: &ThinVolume) -> Result<Encryption, HostError> {
-        progress::encryption(&volume.tags).ok_or_else(|| HostError::UnknownState {
+        progress::encryption(&volume.tags).ok_or_else(|| HostError::UnreadableProgress {
             id: id.clone(),
             tags: volume.tags.iter().cloned().collect(),
         })
@@ -429,75 +488,72 @@ impl VolumeHost {
             })
     }
 
-    fn set_state(&self, id: &VolumeId, state: VolumeState) -> Result<(), HostError> {
+    fn set_progress(&self, id: &VolumeId, reached: Progress) -> Result<(), HostError> {
         self.retag(
             id,
             "step",
-            &[progress::state_tag(state)],
-            &progress::other_state_tags(state),
+            &[progress::step_tag(reached)],
+            &progress::other_step_tags(reached),
         )
     }
 
     fn load_key(&self, id: &VolumeId) -> Result<VolumeKey, HostError> {
         self.keys
             .load(id)
-            .map_err(|source| HostError::KeyLoad {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed_at!(KeyLoad, id))?
             .ok_or_else(|| HostError::KeyMissing { id: id.clone() })
     }
 
     fn activate(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
         self.backend
             .activate_thin(&id.lv_name())
-            .map_err(|source| HostError::LvActivate {
-                id: id.clone(),
-                source: Box::new(source),
-            })
+            .map_err(failed_at!(LvActivate, id))
     }
 
     /// Activates the LV and opens the mapping; returns the final device.
     fn ensure_open(&self, id: &VolumeId, encryption: Encryption) -> Result<PathBuf, HostError> {
+        Ok(self.ensure_open_layers(id, encryption)?.0)
+    }
+
+    /// [`Self::ensure_open`], also returning the LV under a mapping.
+    fn ensure_open_layers(
+        &self,
+        id: &VolumeId,
+        encryption: Encryption,
+    ) -> Result<(PathBuf, Option<PathBuf>), HostError> {
         let lv_device = self.activate(id)?;
         match encryption {
-            Encryption::None => Ok(lv_device),
+            Encryption::None => Ok((lv_device, None)),
             Encryption::Luks2 => {
                 let key = self.load_key(id)?;
-                Ok(self
+                let mapping = self
                     .devices
                     .open_crypt(&lv_device, id, &key)
-                    .map_err(|source| HostError::CryptOpen {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
-                    .into_inner())
+                    .map_err(failed_at!(CryptOpen, id))?
+                    .into_inner();
+                Ok((mapping, Some(lv_device)))
             }
         }
     }
 
-    fn status_of(&self, volume: &ThinVolume) -> Result<Option<VolumeStatus>, HostError> {
+    fn status_of(&self, volume: &ThinVolume) -> Result<Option<LocalVolume>, HostError> {
         let Some(id) = VolumeId::from_lv_name(&volume.lv) else {
             return Ok(None);
         };
         let encryption = progress::encryption(&volume.tags);
         let device = match encryption {
-            Some(Encryption::Luks2) => {
-                self.devices
-                    .crypt_mapping(&id)
-                    .map_err(|source| HostError::CryptStatus {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
-            }
+            Some(Encryption::Luks2) => self
+                .devices
+                .crypt_mapping(&id)
+                .map_err(failed_at!(CryptStatus, id))?,
             _ => volume.device.clone(),
         };
-        Ok(Some(VolumeStatus {
+        Ok(Some(LocalVolume {
             name: progress::name(&volume.tags),
             size: volume.virtual_size,
             data_percent: volume.data_percent,
             encryption,
-            state: progress::state(&volume.tags),
+            progress: progress::step(&volume.tags),
             device,
             exposed: progress::nodes(&volume.tags)
                 .into_iter()
@@ -507,7 +563,7 @@ impl VolumeHost {
         }))
     }
 
-    fn status(&self, id: &VolumeId) -> Result<VolumeStatus, HostError> {
+    fn status(&self, id: &VolumeId) -> Result<LocalVolume, HostError> {
         let volume = self
             .find(id)?
             .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
@@ -515,7 +571,7 @@ impl VolumeHost {
             .ok_or_else(|| HostError::NotFound { id: id.clone() })
     }
 
-    fn check_spec(spec: &VolumeSpec, volume: &ThinVolume) -> Result<(), HostError> {
+    fn check_spec(spec: &NewVolume, volume: &ThinVolume) -> Result<(), HostError> {
         let mismatch = |field, existing: String, requested: String| HostError::SpecMismatch {
             id: spec.id.clone(),
             field,
@@ -541,15 +597,9 @@ impl VolumeHost {
         Ok(())
     }
 
-    fn admit_new(&self, spec: &VolumeSpec) -> Result<(), HostError> {
+    fn admit_new(&self, spec: &NewVolume) -> Result<(), HostError> {
         let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
-        let size = spec
-            .size
-            .round_up_to(status.extent_size.bytes())
-            .map_err(|e| HostError::LvCreate {
-                id: spec.id.clone(),
-                source: Box::new(e.into()),
-            })?;
+        let size = round_to_extents(&spec.id, spec.size, status.extent_size)?;
         status
             .usage
             .admit_new(&self.policy, size)
@@ -563,15 +613,20 @@ impl VolumeHost {
     /// Creates a volume: key, thin LV, LUKS2 header, mapping, ext4; or
     /// finishes one a crash interrupted. `Identity` for a volume that is
     /// already ready with this spec (it is opened if it was closed).
-    pub fn create(&self, spec: &VolumeSpec) -> Result<CreateAction<VolumeStatus>, HostError> {
+    pub fn create(&self, spec: &NewVolume) -> Result<CreateAction<LocalVolume>, HostError> {
         let volume_lock = self.volume_lock(&spec.id);
         let _held = lock(&volume_lock);
         let id = &spec.id;
         let mut existing = self.find(id)?;
         if let Some(volume) = &existing {
-            if Self::state_of(id, volume)? == VolumeState::Deleting {
+            if Self::progress_of(id, volume)? == Progress::Deleting {
                 // A delete or rollback began; finish it, then start afresh.
-                let _ = self.teardown(id, existing.take())?;
+                let fate = if progress::key_kept(&volume.tags) {
+                    KeyFate::Keep
+                } else {
+                    KeyFate::Destroy
+                };
+                let _ = self.teardown(id, existing.take(), fate)?;
             }
         }
         match &existing {
@@ -590,13 +645,23 @@ impl VolumeHost {
                             existing: existing.to_string(),
                             requested: requested.to_string(),
                         },
+                        BackendError::NotRoundable {
+                            size,
+                            extent,
+                            source,
+                        } => HostError::SizeNotRoundable {
+                            id: id.clone(),
+                            size,
+                            extent,
+                            source,
+                        },
                         other => HostError::LvCreate {
                             id: id.clone(),
                             source: Box::new(other),
                         },
                     });
                 }
-                if Self::state_of(id, volume)? == VolumeState::Ready {
+                if Self::progress_of(id, volume)? == Progress::Ready {
                     self.ensure_open(id, spec.encryption)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
@@ -604,12 +669,13 @@ impl VolumeHost {
             }
             None => self.admit_new(spec)?,
         }
-        match self.build(spec, existing) {
+        let mut made = Made::default();
+        match self.build(spec, existing, &mut made) {
             Ok(status) => Ok(CreateAction::Created(status)),
             Err(error) if error.is_crash() => Err(error),
             Err(error) => {
                 tracing::warn!(volume = %id, %error, "create failed; rolling back");
-                match self.discard_unfinished(id) {
+                match self.discard_unfinished(id, made) {
                     Ok(()) => Err(error),
                     Err(rollback) if rollback.is_crash() => Err(rollback),
                     Err(rollback) => Err(HostError::RollbackFailed {
@@ -621,76 +687,69 @@ impl VolumeHost {
         }
     }
 
-    /// The mutating part of create; any error here is rolled back.
+    /// The mutating part of create; any error here is rolled back, and
+    /// `made` says what this call made.
     fn build(
         &self,
-        spec: &VolumeSpec,
+        spec: &NewVolume,
         existing: Option<ThinVolume>,
-    ) -> Result<VolumeStatus, HostError> {
+        made: &mut Made,
+    ) -> Result<LocalVolume, HostError> {
         let id = &spec.id;
         let key = match spec.encryption {
             Encryption::Luks2 => {
                 let key = self
                     .keys
                     .get_or_create(id)
-                    .map_err(|source| HostError::KeyCreate {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
-                    .into_inner();
+                    .map_err(failed_at!(KeyCreate, id))?;
+                made.key = key.changed();
+                let key = key.into_inner();
                 self.step(id, Step::KeyReady)?;
                 Some(key)
             }
             Encryption::None => None,
         };
         let state = match existing {
-            Some(volume) => Self::state_of(id, &volume)?,
+            Some(volume) => Self::progress_of(id, &volume)?,
             None => {
                 let tags = [
-                    progress::state_tag(VolumeState::LvCreated),
+                    progress::step_tag(Progress::LvCreated),
                     progress::encryption_tag(spec.encryption),
                     progress::name_tag(&spec.name),
                 ];
                 let _pool = lock(&self.pool_lock);
                 // Again under the lock: another create may have taken the room.
                 self.admit_new(spec)?;
-                let _ = self
+                made.lv = self
                     .backend
                     .create_thin(&id.lv_name(), spec.size, &tags)
-                    .map_err(|source| HostError::LvCreate {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?;
+                    .map_err(failed_at!(LvCreate, id))?
+                    .changed();
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
-                VolumeState::LvCreated
+                Progress::LvCreated
             }
         };
         self.step(id, Step::LvCreated)?;
         let lv_device = self.activate(id)?;
         let fs_device = match &key {
             Some(key) => {
-                if state == VolumeState::LvCreated {
+                if state == Progress::LvCreated {
                     // The LV is ours and was never ready: nothing of value
                     // can be on it, so a half-written header may be replaced.
                     let _ = self
                         .devices
                         .format_crypt(&lv_device, id, key, FormatGuard::AllowUnfinishedOwnHeader)
-                        .map_err(|source| HostError::CryptFormat {
-                            id: id.clone(),
-                            source: Box::new(source),
-                        })?;
+                        .map_err(failed_at!(CryptFormat, id))?;
                     self.step(id, Step::CryptFormatted)?;
-                    self.set_state(id, VolumeState::CryptFormatted)?;
+                    self.set_progress(id, Progress::CryptFormatted)?;
                     self.step(id, Step::ProgressCrypt)?;
                 }
                 let mapping = self
                     .devices
                     .open_crypt(&lv_device, id, key)
-                    .map_err(|source| HostError::CryptOpen {
-                        id: id.clone(),
-                        source: Box::new(source),
-                    })?
-                    .into_inner();
+                    .map_err(failed_at!(CryptOpen, id))?;
+                made.mapping = mapping.changed();
+                let mapping = mapping.into_inner();
                 self.step(id, Step::CryptOpened)?;
                 mapping
             }
@@ -699,36 +758,67 @@ impl VolumeHost {
         let _ = self
             .devices
             .make_fs(&fs_device, id)
-            .map_err(|source| HostError::Mkfs {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(failed_at!(Mkfs, id))?;
         self.step(id, Step::FsMade)?;
-        self.set_state(id, VolumeState::Ready)?;
+        self.set_progress(id, Progress::Ready)?;
         self.step(id, Step::ProgressReady)?;
         tracing::info!(volume = %id, device = %fs_device.display(), "volume ready");
         self.status(id)
     }
 
-    /// Rollback of a failed create: removes everything unless the volume
-    /// reached `ready` (then it is kept: it may already be in use).
-    fn discard_unfinished(&self, id: &VolumeId) -> Result<(), HostError> {
-        let existing = self.find(id)?;
-        if let Some(volume) = &existing {
-            if progress::state(&volume.tags) == Some(VolumeState::Ready) {
-                return Ok(());
+    /// Rollback of a failed create: removes what this call made (`made`),
+    /// and nothing once the volume reached `ready` (it may be in use).
+    /// * This call made the LV: the LV goes with its header and mapping.
+    /// * The LV is an earlier call's (a resumed create): only the mapping
+    ///   this call opened is closed; the LV keeps its progress for a re-run.
+    /// * The key goes only if this call made it.
+    fn discard_unfinished(&self, id: &VolumeId, made: Made) -> Result<(), HostError> {
+        let fate = if made.key {
+            KeyFate::Destroy
+        } else {
+            KeyFate::Keep
+        };
+        if made.lv {
+            let existing = self.find(id)?;
+            if let Some(volume) = &existing {
+                if progress::step(&volume.tags) == Some(Progress::Ready) {
+                    return Ok(());
+                }
             }
+            return self.teardown(id, existing, fate).map(|_| ());
         }
-        self.teardown(id, existing).map(|_| ())
+        if made.mapping {
+            let _ = self
+                .devices
+                .close_crypt(id)
+                .map_err(failed_at!(CryptClose, id))?;
+            self.step(id, Step::CryptClosed)?;
+        }
+        if fate == KeyFate::Destroy {
+            self.destroy_key(id)?;
+        }
+        Ok(())
+    }
+
+    fn destroy_key(&self, id: &VolumeId) -> Result<bool, HostError> {
+        let changed = self
+            .keys
+            .destroy(id)
+            .map_err(failed_at!(KeyDestroy, id))?
+            .changed();
+        self.step(id, Step::KeyDestroyed)?;
+        Ok(changed)
     }
 
     /// Removes a volume and everything of it, in an order that a re-run
     /// after a crash at any point completes: mark, unexpose, close, erase
-    /// the header, remove the LV, destroy the key.
+    /// the header, remove the LV, destroy the key (unless `key` says keep;
+    /// the mark then records that, for the re-run).
     fn teardown(
         &self,
         id: &VolumeId,
         existing: Option<ThinVolume>,
+        key: KeyFate,
     ) -> Result<DeleteAction, HostError> {
         let mut changed = false;
         let mut encrypted = true;
@@ -736,8 +826,17 @@ impl VolumeHost {
             // Unknown encryption: treat as encrypted; erasing finds no
             // header of ours on a plain volume and does nothing.
             encrypted = progress::encryption(&volume.tags) != Some(Encryption::None);
-            if progress::state(&volume.tags) != Some(VolumeState::Deleting) {
-                self.set_state(id, VolumeState::Deleting)?;
+            if progress::step(&volume.tags) != Some(Progress::Deleting) {
+                let mut add = vec![progress::step_tag(Progress::Deleting)];
+                if key == KeyFate::Keep {
+                    add.push(progress::key_kept_tag());
+                }
+                self.retag(
+                    id,
+                    "step",
+                    &add,
+                    &progress::other_step_tags(Progress::Deleting),
+                )?;
                 changed = true;
                 self.step(id, Step::MarkedDeleting)?;
             }
@@ -769,10 +868,7 @@ impl VolumeHost {
         changed |= self
             .devices
             .close_crypt(id)
-            .map_err(|source| HostError::CryptClose {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed_at!(CryptClose, id))?
             .changed();
         self.step(id, Step::CryptClosed)?;
         if existing.is_some() {
@@ -780,31 +876,19 @@ impl VolumeHost {
             changed |= self
                 .devices
                 .erase(&lv_device, id, encrypted)
-                .map_err(|source| HostError::CryptErase {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(CryptErase, id))?
                 .changed();
             self.step(id, Step::HeaderErased)?;
             changed |= self
                 .backend
                 .remove_thin(&id.lv_name())
-                .map_err(|source| HostError::LvRemove {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(LvRemove, id))?
                 .changed();
             self.step(id, Step::LvRemoved)?;
         }
-        changed |= self
-            .keys
-            .destroy(id)
-            .map_err(|source| HostError::KeyDestroy {
-                id: id.clone(),
-                source: Box::new(source),
-            })?
-            .changed();
-        self.step(id, Step::KeyDestroyed)?;
+        if key == KeyFate::Destroy {
+            changed |= self.destroy_key(id)?;
+        }
         if changed {
             tracing::info!(volume = %id, "deleted");
         }
@@ -822,7 +906,7 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         let existing = self.find(id)?;
-        self.teardown(id, existing)
+        self.teardown(id, existing, KeyFate::Destroy)
     }
 
     /// Opens a ready volume (after a host restart): activates the LV and
@@ -842,10 +926,7 @@ impl VolumeHost {
         let closed = self
             .devices
             .close_crypt(id)
-            .map_err(|source| HostError::CryptClose {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(failed_at!(CryptClose, id))?;
         self.step(id, Step::CryptClosed)?;
         Ok(closed)
     }
@@ -854,11 +935,11 @@ impl VolumeHost {
         let volume = self
             .find(id)?
             .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
-        match Self::state_of(id, &volume)? {
-            VolumeState::Ready => Ok(volume),
-            state => Err(HostError::NotReady {
+        match Self::progress_of(id, &volume)? {
+            Progress::Ready => Ok(volume),
+            other => Err(HostError::NotReady {
                 id: id.clone(),
-                state,
+                progress: other,
             }),
         }
     }
@@ -880,13 +961,10 @@ impl VolumeHost {
             path: jail.full(),
         })?;
         let device = self.ensure_open(id, Self::encryption_of(id, &volume)?)?;
-        let rdev =
-            self.devices
-                .device_number(&device)
-                .map_err(|source| HostError::DeviceNumber {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+        let rdev = self
+            .devices
+            .device_number(&device)
+            .map_err(failed_at!(DeviceNumber, id))?;
         let recorded_now = !volume.tags.contains(&record);
         if recorded_now {
             // Recorded first: a node made after a crash is still found.
@@ -895,11 +973,7 @@ impl VolumeHost {
         let mut made_node = false;
         let exposed: Result<_, HostError> = (|| {
             self.step(id, Step::NodeRecorded)?;
-            let exposed =
-                jail::expose(jail, rdev, owner, id).map_err(|source| HostError::Expose {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+            let exposed = jail::expose(jail, rdev, owner, id).map_err(failed_at!(Expose, id))?;
             made_node = exposed.changed();
             self.step(id, Step::NodeMade)?;
             Ok(exposed)
@@ -915,10 +989,7 @@ impl VolumeHost {
         if made_node {
             rollback = jail::unexpose(jail, id)
                 .map(|_| ())
-                .map_err(|source| HostError::Unexpose {
-                    id: id.clone(),
-                    source: Box::new(source),
-                });
+                .map_err(failed_at!(Unexpose, id));
         }
         if recorded_now && rollback.is_ok() {
             rollback = self.retag(id, "node record", &[], &[record]);
@@ -936,10 +1007,7 @@ impl VolumeHost {
     pub fn unexpose(&self, id: &VolumeId, jail: &JailPath) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
-        let removed = jail::unexpose(jail, id).map_err(|source| HostError::Unexpose {
-            id: id.clone(),
-            source: Box::new(source),
-        })?;
+        let removed = jail::unexpose(jail, id).map_err(failed_at!(Unexpose, id))?;
         self.step(id, Step::NodeRemoved)?;
         if let (Some(volume), Some(record)) = (self.find(id)?, progress::node_tag(jail)) {
             if volume.tags.contains(&record) {
@@ -952,7 +1020,8 @@ impl VolumeHost {
     }
 
     /// Grows a ready volume to `size`: LV (after admission), mapping, and
-    /// filesystem (unless a VM has it: see [`FsGrowth::LeftToGuest`]).
+    /// filesystem (unless a VM has it: see [`FsGrowth::LeftToGuest`], or
+    /// anything else holds it open: [`FsGrowth::InUse`]).
     /// Re-running after a failure or crash completes the layers left.
     pub fn extend(&self, id: &VolumeId, size: Bytes) -> Result<ExtendOutcome, HostError> {
         let volume_lock = self.volume_lock(id);
@@ -962,12 +1031,7 @@ impl VolumeHost {
         let lv = {
             let _pool = lock(&self.pool_lock);
             let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
-            let target =
-                size.round_up_to(status.extent_size.bytes())
-                    .map_err(|e| HostError::LvExtend {
-                        id: id.clone(),
-                        source: Box::new(e.into()),
-                    })?;
+            let target = round_to_extents(id, size, status.extent_size)?;
             if let Some(growth) = target.checked_sub(volume.virtual_size) {
                 if growth > Bytes::ZERO {
                     status
@@ -981,32 +1045,32 @@ impl VolumeHost {
             }
             self.backend
                 .extend_thin(&id.lv_name(), size)
-                .map_err(|source| HostError::LvExtend {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?
+                .map_err(failed_at!(LvExtend, id))?
         };
         self.step(id, Step::LvExtended)?;
-        let device = self.ensure_open(id, encryption)?;
+        let (device, lower) = self.ensure_open_layers(id, encryption)?;
         if encryption == Encryption::Luks2 {
             self.devices
                 .resize_crypt(id)
-                .map_err(|source| HostError::CryptResize {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+                .map_err(failed_at!(CryptResize, id))?;
             self.step(id, Step::CryptResized)?;
         }
         let filesystem = if progress::nodes(&volume.tags).is_empty() {
-            let grown = self
+            match self
                 .devices
-                .grow_fs(&device)
-                .map_err(|source| HostError::FsGrow {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
-            self.step(id, Step::FsGrown)?;
-            FsGrowth::Grown(grown)
+                .grow_fs(&device, lower.as_deref())
+                .map_err(failed_at!(FsGrow, id))?
+            {
+                GrowOutcome::Grown(grown) => {
+                    self.step(id, Step::FsGrown)?;
+                    FsGrowth::Grown(grown)
+                }
+                GrowOutcome::InUse(holders) => {
+                    tracing::warn!(volume = %id, device = %device.display(), %holders,
+                        "filesystem not grown: something holds the device open");
+                    FsGrowth::InUse(holders)
+                }
+            }
         } else {
             FsGrowth::LeftToGuest
         };
@@ -1014,7 +1078,7 @@ impl VolumeHost {
     }
 
     /// Every volume of ours in the pool.
-    pub fn list(&self) -> Result<Vec<VolumeStatus>, HostError> {
+    pub fn list(&self) -> Result<Vec<LocalVolume>, HostError> {
         let mut statuses = Vec::new();
         for volume in self.backend.list_thins().map_err(HostError::List)? {
             if let Some(status) = self.status_of(&volume)? {

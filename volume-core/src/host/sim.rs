@@ -7,7 +7,7 @@ use super::devices::VolumeDevices;
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::backend::ThinBackend;
 use crate::crypt::{CryptError, FormatGuard};
-use crate::fs::FsError;
+use crate::fs::{FsError, GrowOutcome};
 use crate::jail::{DeviceNumber, JailError};
 use crate::keys::VolumeKey;
 use crate::names::{DmName, VolumeId};
@@ -405,7 +405,7 @@ impl VolumeDevices for SimDevices {
         Ok(CreateAction::Created(()))
     }
 
-    fn grow_fs(&self, device: &Path) -> Result<ExtendAction, FsError> {
+    fn grow_fs(&self, device: &Path, _lower: Option<&Path>) -> Result<GrowOutcome, FsError> {
         let (lv_device, mapping, available) = self.fs_target(device)?;
         let mut state = self.lock();
         let lv = state.lvs.entry(lv_device).or_default();
@@ -420,16 +420,16 @@ impl VolumeDevices for SimDevices {
             });
         };
         if fs.size >= available {
-            return Ok(ExtendAction::Identity(fs.size));
+            return Ok(GrowOutcome::Grown(ExtendAction::Identity(fs.size)));
         }
         let from = fs.size;
         fs.size = available;
         let owner = fs.owner.clone();
         Self::count(&mut state, &owner, |c| c.fs_grows += 1);
-        Ok(ExtendAction::Extended {
+        Ok(GrowOutcome::Grown(ExtendAction::Extended {
             from,
             to: available,
-        })
+        }))
     }
 
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError> {

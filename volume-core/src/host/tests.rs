@@ -55,8 +55,8 @@ fn harness() -> Harness {
     harness_with(CapacityPolicy::default())
 }
 
-fn spec(encryption: Encryption) -> VolumeSpec {
-    VolumeSpec {
+fn spec(encryption: Encryption) -> NewVolume {
+    NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
         size: Bytes(25 * GIB),
@@ -103,7 +103,7 @@ impl Harness {
         );
     }
 
-    fn assert_ready(&self, spec: &VolumeSpec) -> VolumeStatus {
+    fn assert_ready(&self, spec: &NewVolume) -> LocalVolume {
         let status = self
             .host
             .list()
@@ -111,7 +111,7 @@ impl Harness {
             .into_iter()
             .find(|s| s.id == spec.id)
             .expect("volume listed");
-        assert_eq!(status.state, Some(VolumeState::Ready));
+        assert_eq!(status.progress, Some(Progress::Ready));
         assert_eq!(status.encryption, Some(spec.encryption));
         assert_eq!(status.name.as_ref(), Some(&spec.name));
         assert!(status.device.is_some(), "ready volume is open");
@@ -176,21 +176,21 @@ fn a_different_spec_is_refused_and_changes_nothing() {
     for (field, changed) in [
         (
             "size",
-            VolumeSpec {
+            NewVolume {
                 size: Bytes(26 * GIB),
                 ..spec.clone()
             },
         ),
         (
             "encryption",
-            VolumeSpec {
+            NewVolume {
                 encryption: Encryption::None,
                 ..spec.clone()
             },
         ),
         (
             "name",
-            VolumeSpec {
+            NewVolume {
                 name: VolumeName::new("other").unwrap(),
                 ..spec.clone()
             },
@@ -203,6 +203,42 @@ fn a_different_spec_is_refused_and_changes_nothing() {
     }
     assert_eq!(h.backend.calls().changes, before);
     h.assert_ready(&spec);
+}
+
+#[test]
+fn a_size_that_cannot_be_rounded_to_extents_is_named_and_changes_nothing() {
+    let h = harness();
+    let extent = h.backend.pool_status().unwrap().extent_size;
+    let mut huge = spec(Encryption::Luks2);
+    huge.size = Bytes(u64::MAX);
+    let err = h.host.create(&huge).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == huge.size && *e == extent),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains(&u64::MAX.to_string()), "{message}");
+    assert!(message.contains(&extent.bytes().0.to_string()), "{message}");
+    h.assert_clean();
+
+    let volume = spec(Encryption::Luks2);
+    let _ = h.host.create(&volume).unwrap();
+    // Re-creating an existing volume checks its size through the backend.
+    let resized = NewVolume {
+        size: Bytes(u64::MAX),
+        ..volume.clone()
+    };
+    let err = h.host.create(&resized).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, extent: e, .. } if *size == resized.size && *e == extent),
+        "{err:?}"
+    );
+    let err = h.host.extend(&volume.id, Bytes(u64::MAX)).unwrap_err();
+    assert!(
+        matches!(&err, HostError::SizeNotRoundable { size, .. } if *size == Bytes(u64::MAX)),
+        "{err:?}"
+    );
+    assert_eq!(h.assert_ready(&volume).size, volume.size);
 }
 
 #[test]
@@ -356,11 +392,11 @@ fn a_crash_during_rollback_is_finished_by_the_next_create() {
         "{err}"
     );
     let listed = h.host.list().unwrap();
-    assert_eq!(listed[0].state, Some(VolumeState::Deleting));
+    assert_eq!(listed[0].progress, Some(Progress::Deleting));
     assert!(matches!(
         h.host.open(&spec.id),
         Err(HostError::NotReady {
-            state: VolumeState::Deleting,
+            progress: Progress::Deleting,
             ..
         })
     ));
@@ -438,7 +474,7 @@ fn expose_of_an_unfinished_or_missing_volume_is_refused() {
     assert!(matches!(
         h.host.expose(&spec.id, &jail, OWNER),
         Err(HostError::NotReady {
-            state: VolumeState::CryptFormatted,
+            progress: Progress::CryptFormatted,
             ..
         })
     ));
@@ -580,10 +616,10 @@ fn a_ready_volume_whose_key_is_lost_is_never_reformatted() {
 }
 
 impl Harness {
-    fn assert_ready_state_kept(&self, spec: &VolumeSpec) {
+    fn assert_ready_state_kept(&self, spec: &NewVolume) {
         let listed = self.host.list().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].state, Some(VolumeState::Ready));
+        assert_eq!(listed[0].progress, Some(Progress::Ready));
         assert_eq!(listed[0].id, spec.id);
     }
 }
@@ -630,8 +666,8 @@ fn a_resumed_create_refuses_foreign_content_on_its_lv() {
 fn concurrent_creates_respect_admission() {
     let h = Arc::new(harness_with(CapacityPolicy::default()));
     // 3 GiB pool at ratio 10: room for three 10 GiB volumes, not four.
-    let specs: Vec<VolumeSpec> = (0..4)
-        .map(|_| VolumeSpec {
+    let specs: Vec<NewVolume> = (0..4)
+        .map(|_| NewVolume {
             size: Bytes(10 * GIB),
             ..spec(Encryption::None)
         })
@@ -664,4 +700,116 @@ fn delete_leaves_a_foreign_node_that_replaced_ours_alone() {
     assert_eq!(std::fs::read(jail.full()).unwrap(), b"replaced by someone");
     assert!(h.backend.list_thins().unwrap().is_empty());
     assert!(h.key_files().is_empty());
+}
+
+/// Reproduced: an LV that listing does not show (it lost our tag) made
+/// create fail with `NotOurs`, and the rollback destroyed the key that was
+/// stored before the call.
+#[test]
+fn a_failed_create_keeps_a_key_that_existed_before_it() {
+    let h = harness();
+    let spec = spec(Encryption::Luks2);
+    let key = VolumeKey::generate().unwrap();
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.backend.plant_untagged(&spec.id.lv_name(), Bytes(GIB));
+    let err = h.host.create(&spec).unwrap_err();
+    assert!(
+        matches!(&err, HostError::LvCreate { source, .. } if matches!(**source, BackendError::NotOurs { .. })),
+        "{err}"
+    );
+    let kept = h.keys.load(&spec.id).unwrap().expect("key kept");
+    assert!(kept.same_as(&key));
+    // The same when the failure comes after this call made its LV: the LV
+    // goes, the older key stays.
+    let spec = self::spec(Encryption::Luks2);
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.plan.at(Step::FsMade, Fault::Fail);
+    assert!(matches!(
+        h.host.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    assert!(h.backend.list_thins().unwrap().is_empty());
+    assert!(h
+        .keys
+        .load(&spec.id)
+        .unwrap()
+        .expect("key kept")
+        .same_as(&key));
+    // Even when that rollback crashes half-way and a later create finishes it.
+    let spec = self::spec(Encryption::Luks2);
+    h.keys.insert(&spec.id, &key).unwrap();
+    h.plan
+        .at(Step::FsMade, Fault::Fail)
+        .at(Step::HeaderErased, Fault::Crash);
+    assert!(h.host.create(&spec).is_err());
+    assert!(h.host.create(&spec).unwrap().changed());
+    assert!(h
+        .keys
+        .load(&spec.id)
+        .unwrap()
+        .expect("key kept")
+        .same_as(&key));
+}
+
+/// With the envelope store, every host sees every sealed key: a second
+/// host's failed create of the same volume id must not delete it.
+#[test]
+fn a_second_hosts_failed_create_never_deletes_the_shared_sealed_key() {
+    use crate::keys::{EnvelopeKeyStore, KeyEncryptionKey, LocalSealedStorage};
+    let first = harness();
+    let second = harness();
+    let sealed_dir = first.dir.path().join("sealed");
+    let kek = [7u8; crate::keys::KEK_BYTES];
+    let store = |h: &Harness| -> VolumeHost {
+        let keys = EnvelopeKeyStore::new(
+            KeyEncryptionKey::from_bytes(&kek).unwrap(),
+            LocalSealedStorage::open(&sealed_dir).unwrap(),
+        );
+        VolumeHost::new(
+            h.backend.clone(),
+            h.devices.clone(),
+            Arc::new(keys),
+            CapacityPolicy::default(),
+        )
+        .with_faults(h.plan.clone())
+    };
+    let (host_one, host_two) = (store(&first), store(&second));
+    let spec = spec(Encryption::Luks2);
+    let _ = host_one.create(&spec).unwrap();
+    second.plan.at(Step::FsMade, Fault::Fail);
+    assert!(matches!(
+        host_two.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    assert!(second.backend.list_thins().unwrap().is_empty());
+    // The first host's volume still opens with the shared key.
+    let _ = first.devices.close_crypt(&spec.id).unwrap();
+    host_one
+        .open(&spec.id)
+        .expect("the sealed key is still there");
+}
+
+/// A create that resumes an unfinished one and fails removes only what it
+/// made itself: the earlier call's LV and key stay for the next re-run.
+#[test]
+fn a_failed_resumed_create_leaves_what_earlier_calls_made() {
+    let h = harness();
+    let spec = spec(Encryption::Luks2);
+    h.plan.at(Step::LvCreated, Fault::Crash);
+    let _ = h.host.create(&spec).unwrap_err();
+    h.plan.at(Step::CryptOpened, Fault::Fail);
+    assert!(matches!(
+        h.host.create(&spec),
+        Err(HostError::InjectedFailure { .. })
+    ));
+    let listed = h.host.list().unwrap();
+    assert_eq!(listed.len(), 1, "the earlier call's LV stays");
+    assert_eq!(listed[0].progress, Some(Progress::CryptFormatted));
+    assert!(h.devices.mappings().is_empty(), "this call's mapping went");
+    assert_eq!(h.key_files().len(), 1, "the earlier call's key stays");
+    assert!(h.host.create(&spec).unwrap().changed());
+    h.assert_ready(&spec);
+    assert_eq!(h.devices.counts(&spec.id).crypt_formats, 1);
+    let _ = h.host.delete(&spec.id).unwrap();
+    h.assert_clean();
 }

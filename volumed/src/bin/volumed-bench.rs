@@ -10,8 +10,8 @@
 //! [--idle-secs S]` (or a release build for production-like memory).
 
 use clap::Parser;
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::{ClientConfig, ConsulKv};
+use consul_kv_server::{Server, ServerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

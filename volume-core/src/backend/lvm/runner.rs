@@ -9,6 +9,15 @@
 //! report at level 4 (`LVM2_LOG_PRINT`) from libdm's report writer, warnings
 //! and other prints also at level 4 but from elsewhere, errors at level 3 or
 //! below, and verbose/debug chatter (which we drop) above 4.
+//!
+//! The umask. LVM calls `umask(global/umask)` (077) whenever it processes
+//! its configuration: in `lvm2_init`, for a command with `--config`, and
+//! when `lvm.conf` changed. The umask is process-wide, so the runner never
+//! sets LVM's umask around commands (another thread's `mkdir` would get
+//! 0700). It only puts the process's own umask back when LVM changed it,
+//! which is at start-up and on a configuration reload. What LVM relied on
+//! 077 for (its archive, backup and lock files) is covered by making their
+//! directories ourselves, mode 0700 set explicitly, before `lvm2_init`.
 
 use crate::backend::BackendError;
 use crate::names::NameError;
@@ -16,6 +25,8 @@ use nix::sys::stat::{umask, Mode};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -359,15 +370,14 @@ fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<S
     // lives for the whole program.
     unsafe { lvm2_sys::lvm2_log_fn(Some(capture_log)) };
 
-    // lvm2_init sets the process umask to LVM's global/umask (077), and
-    // commands with --config set it again. The umask is process-wide, so
-    // LVM's is swapped in only while LVM runs and the process's own is put
-    // back after every call.
-    let process_umask = umask(Mode::from_bits_truncate(0o077));
+    // See the module docs: LVM's files go into directories only root can
+    // enter, and the process umask is only ever put back, never swapped.
+    prepare_lvm_dirs();
+    let process_umask = current_umask();
     take_captured();
     // SAFETY: LIBRARY is held (see above); lvm2_init has no preconditions.
     let raw = unsafe { lvm2_sys::lvm2_init() };
-    let mut lvm_umask = umask(process_umask);
+    restore_umask(process_umask);
     let init_output = take_captured();
     if raw.is_null() {
         let _ = started.send(Err(init_output.errors));
@@ -392,11 +402,11 @@ fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<S
         };
         take_captured();
         let began = Instant::now();
-        let process_umask = umask(lvm_umask);
+        let process_umask = current_umask();
         // SAFETY: `handle` is the live handle from lvm2_init on this thread,
         // `text` is NUL-terminated and outlives the call, and LIBRARY is held.
         let status = unsafe { lvm2_sys::lvm2_run(handle.0, text.as_ptr()) };
-        lvm_umask = umask(process_umask);
+        restore_umask(process_umask);
         tracing::debug!(
             command = %request.line,
             status,
@@ -408,6 +418,66 @@ fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<S
     }
     drop(handle);
     take_captured();
+}
+
+/// The process umask, read without changing it (`/proc/self/status`,
+/// Linux 4.7 and later); `None` where it cannot be read.
+fn current_umask() -> Option<Mode> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Umask:"))?;
+    u32::from_str_radix(value.trim(), 8)
+        .ok()
+        .map(Mode::from_bits_truncate)
+}
+
+/// Puts the process umask back to `wanted` if LVM changed it (only on a
+/// configuration (re)load, so this is rare and never around every command).
+fn restore_umask(wanted: Option<Mode>) {
+    let Some(wanted) = wanted else { return };
+    if current_umask() != Some(wanted) {
+        let lvm = umask(wanted);
+        tracing::debug!(
+            lvm = format!("{:04o}", lvm.bits()),
+            process = format!("{:04o}", wanted.bits()),
+            "LVM set the process umask; put it back"
+        );
+    }
+}
+
+/// LVM's own state directories (Debian's defaults; `LVM_SYSTEM_DIR` moves
+/// the first two, as it does for LVM).
+fn lvm_dirs() -> [PathBuf; 3] {
+    let system = std::env::var_os("LVM_SYSTEM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/lvm"));
+    [
+        system.join("archive"),
+        system.join("backup"),
+        PathBuf::from("/run/lock/lvm"),
+    ]
+}
+
+/// Makes LVM's archive, backup and lock directories if missing, with mode
+/// 0700 set explicitly (not through the umask), so the metadata copies and
+/// lock files LVM writes inside are root's alone whatever the umask. An
+/// existing directory is left as the administrator made it; one that
+/// cannot be made is left to LVM, which reports it.
+fn prepare_lvm_dirs() {
+    for dir in lvm_dirs() {
+        if let Err(error) = make_private_dir(&dir) {
+            tracing::debug!(dir = %dir.display(), %error, "could not prepare an LVM directory");
+        }
+    }
+}
+
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn take_captured() -> Captured {
@@ -520,6 +590,55 @@ mod tests {
         assert!(SHARED_WORKER.lock().unwrap().upgrade().is_none());
         let again = LvmRunner::start().unwrap();
         assert!(again.run(&version).is_ok());
+    }
+
+    /// Reproduced: the runner swapped the process umask to LVM's 077
+    /// around every command, so a directory another thread made meanwhile
+    /// with mode 0755 came out 0700.
+    #[test]
+    fn a_directory_made_while_lvm_runs_gets_its_mode() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let runner = LvmRunner::start().unwrap();
+        let original = umask(Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let maker = {
+            let (done, root) = (done.clone(), dir.path().to_owned());
+            std::thread::spawn(move || {
+                let mut wrong = Vec::new();
+                let mut made = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) || made < 50 {
+                    let path = root.join(format!("jail-{made}"));
+                    std::fs::DirBuilder::new()
+                        .mode(0o755)
+                        .create(&path)
+                        .unwrap();
+                    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                    if mode != 0o755 {
+                        wrong.push(mode);
+                    }
+                    made += 1;
+                }
+                (made, wrong)
+            })
+        };
+        let line = CommandLine::command("vgs")
+            .args(["-o", "vg_name"])
+            .build()
+            .unwrap();
+        for _ in 0..30 {
+            runner.run(&line).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (made, wrong) = maker.join().unwrap();
+        let _ = umask(original);
+        assert!(
+            wrong.is_empty(),
+            "{} of {made} directories got mode {:o}",
+            wrong.len(),
+            wrong.first().copied().unwrap_or(0)
+        );
     }
 
     #[test]

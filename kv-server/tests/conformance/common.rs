@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use consul_kv::server::{Server, ServerConfig, ServerHandle};
 use consul_kv::{ClientConfig, ConsulKv, SecretToken};
+use consul_kv_server::{Server, ServerConfig, ServerHandle};
 
 /// Fails the test instead of hanging it.
 pub async fn within<T>(limit: Duration, work: impl std::future::Future<Output = T>) -> T {

@@ -140,7 +140,7 @@ async fn missing_key_watch_wakes_on_create() {
 /// Starts a blocking read of `vol/` at its current index, runs `during`,
 /// and returns how long the read took and whether its index changed.
 async fn block_while(
-    server: &consul_kv::server::ServerHandle,
+    server: &consul_kv_server::ServerHandle,
     wait: Duration,
     during: impl std::future::Future<Output = ()>,
 ) -> (Duration, bool) {

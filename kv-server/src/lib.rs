@@ -2,12 +2,16 @@
 //! like `consul agent -dev`, with optional durability and ACL tokens).
 //!
 //! Implements `GET|PUT|DELETE /v1/kv/<key>` and `PUT /v1/txn` as described
-//! in the project's Consul KV note. Sessions are not implemented: PUT with
-//! `?acquire`/`?release` answers 501, and the txn verbs `lock`, `unlock` and
-//! `check-session` fail their operation with a message saying so.
+//! in the project's Consul KV note, plus the minimal `/v1/agent/self`,
+//! `/v1/status/leader` and `/v1/status/peers` that clients call at start-up.
+//! Sessions are not implemented: `/v1/session/*` and PUT with
+//! `?acquire`/`?release` answer 501, and the txn verbs `lock`, `unlock` and
+//! `check-session` fail their operation with a message saying so. `?dc=`
+//! naming another datacenter answers 500 "No path to datacenter".
 
 mod http;
 mod persist;
+mod serve;
 mod state;
 mod store;
 
@@ -22,7 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use persist::PersistError;
 
-use crate::secret::SecretToken;
+use consul_kv::secret::SecretToken;
 use store::Store;
 
 /// Largest value a PUT or a txn operation may carry (Consul's default
@@ -34,6 +38,20 @@ pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 pub const DEFAULT_QUERY_WAIT: Duration = Duration::from_secs(5 * 60);
 /// Longest blocking-query wait (before jitter).
 pub const MAX_QUERY_WAIT: Duration = Duration::from_secs(10 * 60);
+
+/// Longest wait for a request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections at once, before the file limit lowers it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long a shutdown waits for requests in flight.
+pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+pub use state::DEFAULT_MAX_TOMBSTONES;
+/// Longest wait for a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest key, in bytes (Consul documents no limit of its own).
+pub const MAX_KEY_BYTES: usize = 512;
+/// Consul's default datacenter name.
+pub const DEFAULT_DATACENTER: &str = "dc1";
 
 /// How to run a server.
 #[derive(Debug, Clone)]
@@ -48,6 +66,20 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     /// Log size past which it is folded into a snapshot.
     pub compact_log_bytes: u64,
+    /// This server's datacenter name; `?dc=` naming another is refused
+    /// with Consul's "No path to datacenter".
+    pub datacenter: String,
+    /// Longest wait for a request's body once its head arrived.
+    pub body_read_timeout: Duration,
+    /// Longest wait for a request head, also the idle time after which a
+    /// kept-alive connection is closed.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once (lowered to fit the file limit).
+    pub max_connections: usize,
+    /// How long a shutdown waits for requests in flight.
+    pub shutdown_deadline: Duration,
+    /// Most tombstones kept; see ARCHITECTURE.md on reaping.
+    pub max_tombstones: usize,
 }
 
 impl ServerConfig {
@@ -59,6 +91,12 @@ impl ServerConfig {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             compact_log_bytes: 16 * 1024 * 1024,
+            datacenter: DEFAULT_DATACENTER.to_owned(),
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            max_tombstones: state::DEFAULT_MAX_TOMBSTONES,
         }
     }
 
@@ -104,9 +142,12 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         let data_dir = config.data_dir.clone();
         let compact = config.compact_log_bytes;
-        let store = tokio::task::spawn_blocking(move || Store::open(data_dir.as_deref(), compact))
-            .await
-            .map_err(|e| ServerError::Task(e.to_string()))??;
+        let max_tombstones = config.max_tombstones;
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(data_dir.as_deref(), compact, max_tombstones)
+        })
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))??;
         let listener =
             TcpListener::bind(config.bind)
                 .await
@@ -125,18 +166,17 @@ impl Server {
             max_value_bytes: config.max_value_bytes,
             max_txn_ops: config.max_txn_ops,
             local_addr,
+            datacenter: config.datacenter,
+            body_read_timeout: config.body_read_timeout,
             shutdown: shutdown_rx.clone(),
         });
         let router = http::router(app);
-        let mut stop = shutdown_rx;
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    // An error means the handle was dropped: stop too.
-                    let _ = stop.wait_for(|stopping| *stopping).await;
-                })
-                .await
-        });
+        let limits = serve::Limits {
+            max_connections: serve::effective_connection_cap(config.max_connections),
+            header_read_timeout: config.header_read_timeout,
+            shutdown_deadline: config.shutdown_deadline,
+        };
+        let task = tokio::spawn(serve::serve(listener, router, limits, shutdown_rx));
         tracing::info!(%local_addr, "consul-compatible kv server listening");
         Ok(ServerHandle {
             local_addr,
@@ -166,7 +206,8 @@ impl ServerHandle {
     }
 
     /// Stops accepting, ends blocking queries with their current answer,
-    /// waits for open requests, and releases the data directory.
+    /// waits for open requests up to the shutdown deadline (then closes
+    /// them), and releases the data directory.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.shutdown.send_replace(true);
         self.join().await

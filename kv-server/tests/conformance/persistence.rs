@@ -1,7 +1,7 @@
 //! Durability: a restart loses nothing and indexes never go backwards.
 
-use consul_kv::server::{ServerConfig, ServerError};
 use consul_kv::TxnOp;
+use consul_kv_server::{ServerConfig, ServerError};
 
 use crate::common::*;
 
@@ -71,7 +71,7 @@ async fn a_data_dir_serves_one_server_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let first = start_with(ServerConfig::loopback().with_data_dir(dir.path())).await;
     let second =
-        consul_kv::server::Server::start(ServerConfig::loopback().with_data_dir(dir.path())).await;
+        consul_kv_server::Server::start(ServerConfig::loopback().with_data_dir(dir.path())).await;
     assert!(matches!(second, Err(ServerError::Data(_))), "{second:?}");
     first.shutdown().await.unwrap();
     let third = start_with(ServerConfig::loopback().with_data_dir(dir.path())).await;

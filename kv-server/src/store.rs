@@ -6,9 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::persist::{PersistError, Persistence};
-use super::state::{evaluate, KvState, ReceivedOp};
-use crate::types::{TxnOpError, TxnResult};
+use crate::persist::{PersistError, Persistence};
+use crate::state::{evaluate, KvState, ReceivedOp};
+use consul_kv::types::{TxnOpError, TxnResult};
 
 /// The outcome of a transaction.
 #[derive(Debug)]
@@ -36,14 +36,20 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub fn open(data_dir: Option<&Path>, compact_after_bytes: u64) -> Result<Self, PersistError> {
-        let (persistence, state) = match data_dir {
+    pub fn open(
+        data_dir: Option<&Path>,
+        compact_after_bytes: u64,
+        max_tombstones: usize,
+    ) -> Result<Self, PersistError> {
+        let (persistence, mut state) = match data_dir {
             Some(dir) => {
                 let (persistence, state) = Persistence::open(dir, compact_after_bytes)?;
                 (Some(persistence), state)
             }
             None => (None, KvState::default()),
         };
+        state.tombstone_limit = max_tombstones;
+        state.reap_tombstones();
         let (index_tx, _) = watch::channel(state.last_index);
         Ok(Store {
             inner: Mutex::new(Inner {

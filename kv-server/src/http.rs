@@ -17,15 +17,19 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use tokio::sync::watch;
 
-use super::state::{KvState, ReceivedOp};
-use super::store::{Outcome, Store};
-use super::{DEFAULT_QUERY_WAIT, MAX_QUERY_WAIT};
-use crate::duration::parse_go_duration;
-use crate::secret::SecretToken;
-use crate::types::{TxnOp, TxnResponseBody};
+use crate::state::{KvState, ReceivedOp};
+use crate::store::{Outcome, Store};
+use crate::{DEFAULT_QUERY_WAIT, MAX_KEY_BYTES, MAX_QUERY_WAIT};
+use consul_kv::duration::parse_go_duration;
+use consul_kv::secret::SecretToken;
+use consul_kv::types::{TxnOp, TxnResponseBody};
 
 /// Consul's `TxnMaxReqLen` default: the whole txn body.
 const MAX_TXN_BODY_BYTES: usize = 512 * 1024;
+/// An oversized body is read and discarded up to this much, so that a
+/// client that sends the whole body before reading (most do) gets its 413
+/// instead of a reset connection; past it the connection is closed.
+const MAX_DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 
 pub(crate) struct App {
     pub store: Store,
@@ -33,6 +37,8 @@ pub(crate) struct App {
     pub max_value_bytes: usize,
     pub max_txn_ops: usize,
     pub local_addr: SocketAddr,
+    pub datacenter: String,
+    pub body_read_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -78,6 +84,8 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
 struct Refusal {
     status: StatusCode,
     message: String,
+    /// The rest of the request was not read: the connection must close.
+    close: bool,
 }
 
 impl Refusal {
@@ -85,11 +93,18 @@ impl Refusal {
         Refusal {
             status,
             message: message.into(),
+            close: false,
         }
     }
 
     fn into_response(self) -> Response {
-        text(self.status, self.message)
+        let mut response = text(self.status, self.message);
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -127,6 +142,14 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     // Only the path is logged: the query may carry `?token=`.
     tracing::debug!(%method, %path, "request");
     let params = Params::parse(request.uri().query());
+    // Consul forwards to another datacenter before anything else; this
+    // server has no other, and must not answer from its own store.
+    if params
+        .get("dc")
+        .is_some_and(|dc| !dc.is_empty() && dc != app.datacenter)
+    {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter");
+    }
 
     let key_path = if path == "/v1/kv" {
         Some("")
@@ -141,6 +164,9 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             Ok(key) => key.into_owned(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "Key is not valid UTF-8"),
         };
+        if let Err(refused) = check_key_length(&key) {
+            return refused.into_response();
+        }
         return match method {
             Method::GET => kv_get(&app, key, &params).await,
             Method::PUT => kv_put(&app, key, &params, request).await,
@@ -163,8 +189,36 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             &app.local_addr.to_string(),
             params.has("pretty"),
         ),
+        "/v1/status/peers" if method == Method::GET => json(
+            StatusCode::OK,
+            &[app.local_addr.to_string()],
+            params.has("pretty"),
+        ),
+        "/v1/agent/self" if method == Method::GET => {
+            if let Err(denied) = app.authorize(request.headers(), &params) {
+                return denied.into_response();
+            }
+            json(StatusCode::OK, &app.agent_self(), params.has("pretty"))
+        }
+        _ if path.starts_with("/v1/session/") => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "Sessions are not supported by this server: /v1/session is unavailable, \
+             so no lock or semaphore can be held through it",
+        ),
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
     }
+}
+
+/// Keys (and prefixes) are bounded, so a client cannot grow the state with
+/// one huge name.
+fn check_key_length(key: &str) -> Result<(), Refusal> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("Key too long ({} bytes > {MAX_KEY_BYTES} bytes)", key.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn method_not_allowed(allowed: &'static str) -> Response {
@@ -176,6 +230,25 @@ fn method_not_allowed(allowed: &'static str) -> Response {
 }
 
 impl App {
+    /// The fields of Consul's `/v1/agent/self` that clients read at start-up.
+    fn agent_self(&self) -> Json {
+        serde_json::json!({
+            "Config": {
+                "Datacenter": self.datacenter,
+                "NodeName": "volkv",
+                "Server": true,
+                "Version": concat!("volkv-", env!("CARGO_PKG_VERSION")),
+            },
+            "Member": {
+                "Name": "volkv",
+                "Addr": self.local_addr.ip().to_string(),
+                "Port": self.local_addr.port(),
+                "Status": 1,
+                "Tags": { "dc": self.datacenter, "role": "consul" },
+            },
+        })
+    }
+
     /// Consul's token sources, in order: `?token`, `X-Consul-Token`,
     /// `Authorization: Bearer`. No token is the anonymous token, which may
     /// do nothing here.
@@ -390,20 +463,61 @@ fn too_large(limit: usize) -> Refusal {
     )
 }
 
-/// The body, refused with 413 past `limit` (by `Content-Length` first, so
-/// a huge upload is not read).
-async fn read_body(request: Request, limit: usize) -> Result<Bytes, Refusal> {
+/// The body, refused with 413 past `limit` and with 408 when it is not
+/// received within the body timeout. An oversized body is still read (and
+/// dropped) up to [`MAX_DRAIN_BYTES`], so the client can read the 413.
+async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, Refusal> {
+    use http_body_util::BodyExt as _;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(too_large(limit));
+    if declared.is_some_and(|len| len > MAX_DRAIN_BYTES) {
+        let mut refusal = too_large(limit);
+        refusal.close = true;
+        return Err(refusal);
     }
-    axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| too_large(limit))
+    let mut body = request.into_body();
+    let read = async {
+        let mut kept: Vec<u8> = Vec::new();
+        let mut seen: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "Failed to read the request body",
+                ));
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen += data.len() as u64;
+            if seen > MAX_DRAIN_BYTES {
+                let mut refusal = too_large(limit);
+                refusal.close = true;
+                return Err(refusal);
+            }
+            if seen <= limit as u64 {
+                kept.extend_from_slice(&data);
+            }
+        }
+        if seen > limit as u64 {
+            return Err(too_large(limit));
+        }
+        Ok(Bytes::from(kept))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => {
+            let mut refusal = Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("Request body not received within {timeout:?}"),
+            );
+            refusal.close = true;
+            Err(refusal)
+        }
+    }
 }
 
 async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) -> Response {
@@ -427,7 +541,7 @@ async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) 
         Ok(cas) => cas,
         Err(bad) => return bad.into_response(),
     };
-    let value = match read_body(request, app.max_value_bytes).await {
+    let value = match read_body(request, app.max_value_bytes, app.body_read_timeout).await {
         Ok(body) => body.to_vec(),
         Err(too_large) => return too_large.into_response(),
     };
@@ -524,6 +638,7 @@ fn parse_op(raw: &Json, max_value_bytes: usize) -> Result<ReceivedOp, Refusal> {
     };
     let verb = string_field(kv, "Verb")?;
     let key = string_field(kv, "Key")?;
+    check_key_length(&key)?;
     let value = match field(kv, "Value") {
         None | Some(Json::Null) => Vec::new(),
         Some(Json::String(encoded)) => BASE64
@@ -580,7 +695,8 @@ fn is_write(op: &ReceivedOp) -> bool {
 }
 
 async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
-    let body = match read_body(request, MAX_TXN_BODY_BYTES.max(app.max_value_bytes)).await {
+    let limit = MAX_TXN_BODY_BYTES.max(app.max_value_bytes);
+    let body = match read_body(request, limit, app.body_read_timeout).await {
         Ok(body) => body,
         Err(too_large) => return too_large.into_response(),
     };

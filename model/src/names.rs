@@ -288,6 +288,20 @@ impl VolumeId {
     }
 }
 
+/// LVM tag charset: `A-Z a-z 0-9 _ + . - / = ! : & #`, at most 1024 bytes.
+pub fn check_tag(tag: &str) -> Result<(), NameError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c);
+    if tag.is_empty() || tag.len() > 1024 || !tag.chars().all(ok_char) || tag.starts_with('-') {
+        return Err(NameError {
+            kind: "LV tag",
+            value: tag.to_owned(),
+            reason: "must be 1-1024 of A-Z a-z 0-9 _ + . - / = ! : & # and not start with '-'"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{base64_value, KvPair, TxnOp, TxnOpError, TxnResult};
+use consul_kv::types::{base64_value, KvPair, TxnOp, TxnOpError, TxnResult};
 
 /// A stored value and its indexes (the key is the map key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,17 +50,38 @@ pub(crate) enum Mutation {
     Delete { key: String },
 }
 
+/// Tombstones kept by default; past it the oldest half is reaped.
+pub const DEFAULT_MAX_TOMBSTONES: usize = 1024;
+
 /// The whole KV state at one index.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KvState {
     pub entries: BTreeMap<String, StoredEntry>,
     /// Index of the delete that removed each key, so that prefix answers
     /// never lose the index of a delete. A tombstone is dropped when its key
-    /// is written again (the new entry's index is higher), never otherwise,
-    /// so answer indexes never go backwards.
+    /// is written again (the new entry's index is higher), or reaped when
+    /// there are more than `tombstone_limit`.
     pub tombstones: BTreeMap<String, u64>,
+    /// Highest index of any reaped tombstone. Every prefix answer is at
+    /// least this, so reaping never makes an answer's index go backwards
+    /// (a watcher may wake once for nothing instead). Persisted.
+    pub reaped_floor: u64,
     /// Index of the last committed change (the table's index).
     pub last_index: u64,
+    /// Most tombstones kept (configuration, not persisted).
+    pub tombstone_limit: usize,
+}
+
+impl Default for KvState {
+    fn default() -> Self {
+        KvState {
+            entries: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            reaped_floor: 0,
+            last_index: 0,
+            tombstone_limit: DEFAULT_MAX_TOMBSTONES,
+        }
+    }
 }
 
 /// Consul never answers index 0: a client would not block on it.
@@ -81,12 +102,13 @@ fn with_prefix<'a, V>(
 
 impl KvState {
     /// Highest index among entries and tombstones under `prefix`, else the
-    /// table's index.
+    /// table's index; never below the reaped floor.
     fn prefix_index(&self, prefix: &str) -> u64 {
         let entries = with_prefix(&self.entries, prefix).map(|(_, e)| e.modify_index);
         let tombstones = with_prefix(&self.tombstones, prefix).map(|(_, index)| *index);
         let found = entries.chain(tombstones).max().unwrap_or(0);
-        at_least_one(if found == 0 { self.last_index } else { found })
+        let index = if found == 0 { self.last_index } else { found };
+        at_least_one(index.max(self.reaped_floor))
     }
 
     /// A single key and the answer's index: the key's `ModifyIndex`, else
@@ -149,6 +171,30 @@ impl KvState {
             }
         }
         self.last_index = self.last_index.max(index);
+        self.reap_tombstones();
+    }
+
+    /// Past the limit, drops the oldest tombstones down to half of it (so
+    /// reaping is rare) and raises the floor to the newest one dropped.
+    pub fn reap_tombstones(&mut self) {
+        if self.tombstones.len() <= self.tombstone_limit {
+            return;
+        }
+        let keep = self.tombstone_limit / 2;
+        let mut by_age: Vec<(u64, String)> = std::mem::take(&mut self.tombstones)
+            .into_iter()
+            .map(|(key, index)| (index, key))
+            .collect();
+        by_age.sort_unstable();
+        // At least one: there are more than the limit, and keep is below it.
+        let reaped = by_age.len() - keep;
+        self.reaped_floor = self.reaped_floor.max(by_age[reaped - 1].0);
+        self.tombstones = by_age
+            .into_iter()
+            .skip(reaped)
+            .map(|(index, key)| (key, index))
+            .collect();
+        tracing::debug!(reaped, floor = self.reaped_floor, "reaped kv tombstones");
     }
 }
 
@@ -480,6 +526,51 @@ mod tests {
         );
         assert_eq!(state.keys("v/", "/").0, vec!["v/a/", "v/b"]);
         assert_eq!(state.keys("v/", "").0, vec!["v/a/1", "v/a/2", "v/b"]);
+    }
+
+    #[test]
+    fn five_thousand_deletes_leave_bounded_tombstones_and_indexes_never_go_back() {
+        let mut state = KvState::default();
+        commit(&mut state, &[set("keep/a", "x"), set("keep/b", "y")]);
+        // An early delete under a prefix that keeps entries: reaping its
+        // tombstone must not take the prefix's index back to keep/a's.
+        commit(
+            &mut state,
+            &[Ok(TxnOp::Delete {
+                key: "keep/b".into(),
+            })],
+        );
+        let answers = |state: &KvState| {
+            [
+                state.list("vol/").1,
+                state.list("vol/1").1,
+                state.list("keep/").1,
+                state.get("vol/0").1,
+                state.keys("", "/").1,
+            ]
+        };
+        let mut before = answers(&state);
+        for i in 0..5000 {
+            let key = format!("vol/{i}");
+            commit(&mut state, &[set(&key, "v")]);
+            commit(&mut state, &[Ok(TxnOp::Delete { key })]);
+            let now = answers(&state);
+            for (was, is) in before.iter().zip(&now) {
+                assert!(
+                    is >= was,
+                    "an index went backwards after delete {i}: {before:?} -> {now:?}"
+                );
+            }
+            // Every delete still wakes a watcher of its prefix.
+            assert_eq!(state.list("vol/").1, state.last_index);
+            before = now;
+        }
+        assert!(
+            state.tombstones.len() <= DEFAULT_MAX_TOMBSTONES,
+            "{} tombstones kept",
+            state.tombstones.len()
+        );
+        assert!(state.reaped_floor > 0);
     }
 
     #[test]

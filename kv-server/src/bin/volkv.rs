@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use consul_kv::server::{Server, ServerConfig};
 use consul_kv::SecretToken;
+use consul_kv_server::{Server, ServerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -31,6 +31,28 @@ struct Args {
     /// Without it, no token is required.
     #[arg(long)]
     acl_token_file: Option<PathBuf>,
+    /// This server's datacenter; `?dc=` naming another answers 500 "No
+    /// path to datacenter", as Consul does.
+    #[arg(long, default_value = consul_kv_server::DEFAULT_DATACENTER)]
+    datacenter: String,
+    /// Longest wait for a request head (Go duration, e.g. `10s`).
+    #[arg(long, default_value = "30s", value_parser = go_duration)]
+    header_read_timeout: std::time::Duration,
+    /// Most connections open at once (lowered to fit the file limit).
+    #[arg(long, default_value_t = consul_kv_server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// How long a stop waits for open requests before closing them.
+    #[arg(long, default_value = "5s", value_parser = go_duration)]
+    shutdown_deadline: std::time::Duration,
+}
+
+fn go_duration(text: &str) -> Result<std::time::Duration, String> {
+    match consul_kv::duration::parse_go_duration(text) {
+        Ok(parsed) if !parsed.negative => Ok(parsed.magnitude),
+        _ => Err(format!(
+            "{text:?} is not a duration such as 500ms, 10s or 5m"
+        )),
+    }
 }
 
 fn read_tokens(path: &PathBuf) -> Result<Vec<SecretToken>, String> {
@@ -52,6 +74,10 @@ fn read_tokens(path: &PathBuf) -> Result<Vec<SecretToken>, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let mut config = ServerConfig::new(args.bind);
+    config.datacenter = args.datacenter;
+    config.header_read_timeout = args.header_read_timeout;
+    config.shutdown_deadline = args.shutdown_deadline;
+    config.max_connections = args.max_connections;
     if let Some(dir) = args.data_dir {
         config = config.with_data_dir(dir);
     }

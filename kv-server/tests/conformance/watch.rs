@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use consul_kv::client::WatchOptions;
-use consul_kv::server::ServerConfig;
+use consul_kv_server::ServerConfig;
 
 use crate::common::*;
 

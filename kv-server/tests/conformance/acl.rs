@@ -1,13 +1,13 @@
 //! ACL tokens: `?token`, `X-Consul-Token`, `Authorization: Bearer`.
 
-use consul_kv::server::ServerConfig;
 use consul_kv::{Error, SecretToken};
+use consul_kv_server::ServerConfig;
 
 use crate::common::*;
 
 const TOKEN: &str = "4f1c2d9e-acl-test-token";
 
-async fn start_acl() -> consul_kv::server::ServerHandle {
+async fn start_acl() -> consul_kv_server::ServerHandle {
     start_with(ServerConfig::loopback().with_acl_tokens([SecretToken::new(TOKEN)])).await
 }
 

@@ -8,8 +8,11 @@
 //! * `vmv1.node=<base64url>`: a jail node this volume is exposed at
 //!   (recorded before the node is made, removed after it is gone), so that
 //!   delete finds every node even after a crash.
+//! * `vmv1.key=kept`: set with `deleting` by a rollback whose key existed
+//!   before the failed create (another host's, or an earlier call's), so
+//!   that finishing the rollback after a crash keeps that key too.
 
-use crate::jail::JailPath;
+use crate::jail_path::JailPath;
 use crate::names::{VolumeName, NAME_PREFIX};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -21,7 +24,7 @@ use std::path::PathBuf;
 
 /// How far a volume got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VolumeState {
+pub enum Progress {
     /// LV made; nothing on it yet.
     LvCreated,
     /// LUKS2 header made; no filesystem yet.
@@ -32,21 +35,21 @@ pub enum VolumeState {
     Deleting,
 }
 
-impl VolumeState {
+impl Progress {
     fn word(self) -> &'static str {
         match self {
-            VolumeState::LvCreated => "lv",
-            VolumeState::CryptFormatted => "crypt",
-            VolumeState::Ready => "ready",
-            VolumeState::Deleting => "deleting",
+            Progress::LvCreated => "lv",
+            Progress::CryptFormatted => "crypt",
+            Progress::Ready => "ready",
+            Progress::Deleting => "deleting",
         }
     }
 
-    const ALL: [VolumeState; 4] = [
-        VolumeState::LvCreated,
-        VolumeState::CryptFormatted,
-        VolumeState::Ready,
-        VolumeState::Deleting,
+    const ALL: [Progress; 4] = [
+        Progress::LvCreated,
+        Progress::CryptFormatted,
+        Progress::Ready,
+        Progress::Deleting,
     ];
 }
 
@@ -76,17 +79,26 @@ fn value_of<'t>(tags: &'t BTreeSet<String>, key: &str) -> impl Iterator<Item = &
         .filter_map(move |t| t.strip_prefix(prefix.as_str()))
 }
 
-pub fn state_tag(state: VolumeState) -> String {
-    tag("step", state.word())
+pub fn step_tag(progress: Progress) -> String {
+    tag("step", progress.word())
 }
 
 /// Every step tag except `keep`'s, for removal in the same retag.
-pub fn other_state_tags(keep: VolumeState) -> Vec<String> {
-    VolumeState::ALL
+pub fn other_step_tags(keep: Progress) -> Vec<String> {
+    Progress::ALL
         .iter()
         .filter(|s| **s != keep)
-        .map(|s| state_tag(*s))
+        .map(|s| step_tag(*s))
         .collect()
+}
+
+/// Marks a rollback that must keep the volume's key.
+pub fn key_kept_tag() -> String {
+    tag("key", "kept")
+}
+
+pub fn key_kept(tags: &BTreeSet<String>) -> bool {
+    tags.contains(&key_kept_tag())
 }
 
 pub fn encryption_tag(encryption: Encryption) -> String {
@@ -110,14 +122,15 @@ pub fn node_tag(jail: &JailPath) -> Option<String> {
     (tag.len() <= MAX_TAG).then_some(tag)
 }
 
-pub fn state(tags: &BTreeSet<String>) -> Option<VolumeState> {
+/// The recorded progress; `None` without a step tag or with conflicting ones.
+pub fn step(tags: &BTreeSet<String>) -> Option<Progress> {
     let mut found = value_of(tags, "step")
-        .filter_map(|word| VolumeState::ALL.into_iter().find(|s| s.word() == word));
+        .filter_map(|word| Progress::ALL.into_iter().find(|s| s.word() == word));
     let first = found.next()?;
     // Two step tags would mean a broken retag; "deleting" wins, else none.
     match found.next() {
         None => Some(first),
-        Some(_) if tags.contains(&state_tag(VolumeState::Deleting)) => Some(VolumeState::Deleting),
+        Some(_) if tags.contains(&step_tag(Progress::Deleting)) => Some(Progress::Deleting),
         Some(_) => None,
     }
 }
@@ -151,7 +164,7 @@ pub fn nodes(tags: &BTreeSet<String>) -> Vec<(JailPath, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::shared::check_tag;
+    use crate::names::check_tag;
 
     #[test]
     fn tags_pass_the_backend_check_and_parse_back() {
@@ -160,18 +173,20 @@ mod tests {
         let name = VolumeName::new("data-1").unwrap();
         let mut tags = BTreeSet::new();
         for t in [
-            state_tag(VolumeState::CryptFormatted),
+            step_tag(Progress::CryptFormatted),
             encryption_tag(Encryption::Luks2),
             name_tag(&name),
             node.clone(),
+            key_kept_tag(),
         ] {
             check_tag(&t).unwrap();
             tags.insert(t);
         }
-        assert_eq!(state(&tags), Some(VolumeState::CryptFormatted));
+        assert_eq!(step(&tags), Some(Progress::CryptFormatted));
         assert_eq!(encryption(&tags), Some(Encryption::Luks2));
         assert_eq!(self::name(&tags), Some(name));
         assert_eq!(nodes(&tags), vec![(jail, node)]);
+        assert!(key_kept(&tags));
     }
 
     #[test]
@@ -183,14 +198,11 @@ mod tests {
 
     #[test]
     fn conflicting_step_tags_are_unknown_unless_deleting() {
-        let mut tags: BTreeSet<String> = [
-            state_tag(VolumeState::LvCreated),
-            state_tag(VolumeState::Ready),
-        ]
-        .into();
-        assert_eq!(state(&tags), None);
-        tags.insert(state_tag(VolumeState::Deleting));
-        assert_eq!(state(&tags), Some(VolumeState::Deleting));
-        assert_eq!(state(&BTreeSet::new()), None);
+        let mut tags: BTreeSet<String> =
+            [step_tag(Progress::LvCreated), step_tag(Progress::Ready)].into();
+        assert_eq!(step(&tags), None);
+        tags.insert(step_tag(Progress::Deleting));
+        assert_eq!(step(&tags), Some(Progress::Deleting));
+        assert_eq!(step(&BTreeSet::new()), None);
     }
 }

@@ -1,0 +1,19 @@
+//! volume-model: what vmvol computes, with no I/O and no native
+//! dependencies, so that the control plane and the CLI can build anywhere.
+//!
+//! * [`units`]: byte, sector, extent, percent and ratio newtypes.
+//! * [`names`]: checked names and the `vmv1` prefix every device carries.
+//! * [`capacity`]: pool usage, policy and the admission decision.
+//! * [`actions`]: return types that say what an idempotent call did.
+//! * [`jail_path`]: the shape check of a jail node path.
+//! * [`progress`]: progress and facts recorded as LV tags, and their codec.
+//!
+//! The one thing here that touches the OS is [`names::VolumeId::generate`],
+//! which draws from the thread-local CSPRNG (seeded by `getrandom`).
+
+pub mod actions;
+pub mod capacity;
+pub mod jail_path;
+pub mod names;
+pub mod progress;
+pub mod units;
