@@ -17,11 +17,11 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use tokio::sync::watch;
 
+use crate::acl::{Rules, TokenRules};
 use crate::state::{KvState, ReceivedOp};
 use crate::store::{Outcome, Store};
 use crate::{DEFAULT_QUERY_WAIT, MAX_KEY_BYTES, MAX_QUERY_WAIT};
 use consul_kv::duration::parse_go_duration;
-use consul_kv::secret::SecretToken;
 use consul_kv::types::{TxnOp, TxnResponseBody};
 
 /// Consul's `TxnMaxReqLen` default: the whole txn body.
@@ -33,7 +33,7 @@ const MAX_DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 
 pub(crate) struct App {
     pub store: Store,
-    pub acl_tokens: Vec<SecretToken>,
+    pub acl: Vec<TokenRules>,
     pub max_value_bytes: usize,
     pub max_txn_ops: usize,
     pub local_addr: SocketAddr,
@@ -126,6 +126,59 @@ fn json(status: StatusCode, value: &impl Serialize, pretty: bool) -> Response {
         .expect("static response parts are valid")
 }
 
+/// What a request's token may do.
+#[derive(Clone, Copy)]
+enum Access<'a> {
+    /// The server runs without ACLs.
+    Open,
+    Rules(&'a Rules),
+}
+
+impl Access<'_> {
+    fn can_read(self, key: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Rules(rules) => rules.can_read(key),
+        }
+    }
+
+    fn can_write(self, key: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Rules(rules) => rules.can_write(key),
+        }
+    }
+
+    fn can_write_prefix(self, prefix: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Rules(rules) => rules.can_write_prefix(prefix),
+        }
+    }
+
+    /// What one txn operation needs, as Consul's `kvsPreApply` decides:
+    /// reads need read, `get-tree` is filtered on output, the rest need
+    /// write (`delete-tree` on the whole prefix).
+    fn allows(self, op: &TxnOp) -> bool {
+        match op {
+            TxnOp::Get { key } | TxnOp::GetOrEmpty { key } | TxnOp::CheckIndex { key, .. } => {
+                self.can_read(key)
+            }
+            TxnOp::GetTree { .. } => true,
+            TxnOp::DeleteTree { prefix } => self.can_write_prefix(prefix),
+            TxnOp::Set { key, .. }
+            | TxnOp::Cas { key, .. }
+            | TxnOp::Delete { key }
+            | TxnOp::DeleteCas { key, .. }
+            | TxnOp::CheckNotExists { key } => self.can_write(key),
+        }
+    }
+}
+
+fn permission_denied() -> Refusal {
+    Refusal::new(StatusCode::FORBIDDEN, "Permission denied")
+}
+
 /// Headers of every read answer, 404 included.
 fn add_query_meta(response: &mut Response, index: Option<u64>) {
     let headers = response.headers_mut();
@@ -157,9 +210,10 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         path.strip_prefix("/v1/kv/")
     };
     if let Some(encoded_key) = key_path {
-        if let Err(denied) = app.authorize(request.headers(), &params) {
-            return denied.into_response();
-        }
+        let access = match app.authorize(request.headers(), &params) {
+            Ok(access) => access,
+            Err(denied) => return denied.into_response(),
+        };
         let key = match percent_encoding::percent_decode_str(encoded_key).decode_utf8() {
             Ok(key) => key.into_owned(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "Key is not valid UTF-8"),
@@ -168,21 +222,22 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             return refused.into_response();
         }
         return match method {
-            Method::GET => kv_get(&app, key, &params).await,
-            Method::PUT => kv_put(&app, key, &params, request).await,
-            Method::DELETE => kv_delete(&app, key, &params).await,
+            Method::GET => kv_get(&app, access, key, &params).await,
+            Method::PUT => kv_put(&app, access, key, &params, request).await,
+            Method::DELETE => kv_delete(&app, access, key, &params).await,
             _ => method_not_allowed("GET, PUT, DELETE"),
         };
     }
     match path.as_str() {
         "/v1/txn" => {
-            if let Err(denied) = app.authorize(request.headers(), &params) {
-                return denied.into_response();
-            }
+            let access = match app.authorize(request.headers(), &params) {
+                Ok(access) => access,
+                Err(denied) => return denied.into_response(),
+            };
             if method != Method::PUT {
                 return method_not_allowed("PUT");
             }
-            txn(&app, &params, request).await
+            txn(&app, access, &params, request).await
         }
         "/v1/status/leader" if method == Method::GET => json(
             StatusCode::OK,
@@ -251,10 +306,10 @@ impl App {
 
     /// Consul's token sources, in order: `?token`, `X-Consul-Token`,
     /// `Authorization: Bearer`. No token is the anonymous token, which may
-    /// do nothing here.
-    fn authorize(&self, headers: &HeaderMap, params: &Params) -> Result<(), Refusal> {
-        if self.acl_tokens.is_empty() {
-            return Ok(());
+    /// do nothing here. Without ACLs everything is allowed.
+    fn authorize(&self, headers: &HeaderMap, params: &Params) -> Result<Access<'_>, Refusal> {
+        if self.acl.is_empty() {
+            return Ok(Access::Open);
         }
         let presented = params
             .get("token")
@@ -273,10 +328,20 @@ impl App {
                     .map(str::trim)
                     .filter(|t| !t.is_empty())
             });
-        match presented {
-            None => Err(Refusal::new(StatusCode::FORBIDDEN, "Permission denied")),
-            Some(token) if self.acl_tokens.iter().any(|t| t.matches(token)) => Ok(()),
-            Some(_) => Err(Refusal::new(StatusCode::FORBIDDEN, "ACL not found")),
+        let Some(presented) = presented else {
+            return Err(permission_denied());
+        };
+        // Every token is compared, so the time taken does not tell which
+        // one matched.
+        let mut found = None;
+        for token in &self.acl {
+            if token.secret.matches(presented) && found.is_none() {
+                found = Some(token);
+            }
+        }
+        match found {
+            Some(token) => Ok(Access::Rules(&token.rules)),
+            None => Err(Refusal::new(StatusCode::FORBIDDEN, "ACL not found")),
         }
     }
 
@@ -370,7 +435,7 @@ fn blocking_params(params: &Params) -> Result<(u64, Duration), Refusal> {
     Ok((index, wait))
 }
 
-async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
+async fn kv_get(app: &Arc<App>, access: Access<'_>, key: String, params: &Params) -> Response {
     let (min_index, wait) = match blocking_params(params) {
         Ok(found) => found,
         Err(bad) => return bad.into_response(),
@@ -383,9 +448,11 @@ async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
             .or_else(|| params.get("seperator"))
             .unwrap_or("")
             .to_owned();
-        let (keys, index) = app
+        let (mut keys, index) = app
             .blocking_read(min_index, wait, |state| state.keys(&key, &separator))
             .await;
+        // As Consul: what the token may not read is left out, not refused.
+        keys.retain(|name| access.can_read(name));
         // The root lists as `[]`; an empty prefix below it is a 404.
         let mut response = if keys.is_empty() && !key.is_empty() {
             Response::builder()
@@ -402,7 +469,10 @@ async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
     if !recurse && key.is_empty() {
         return text(StatusCode::BAD_REQUEST, "Missing key name");
     }
-    let (entries, index) = if recurse {
+    if !recurse && !access.can_read(&key) {
+        return permission_denied().into_response();
+    }
+    let (mut entries, index) = if recurse {
         app.blocking_read(min_index, wait, |state| state.list(&key))
             .await
     } else {
@@ -412,6 +482,7 @@ async fn kv_get(app: &Arc<App>, key: String, params: &Params) -> Response {
         })
         .await
     };
+    entries.retain(|entry| access.can_read(&entry.key));
     let mut response = if entries.is_empty() {
         Response::builder()
             .status(StatusCode::NOT_FOUND)
@@ -520,9 +591,18 @@ async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<
     }
 }
 
-async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) -> Response {
+async fn kv_put(
+    app: &Arc<App>,
+    access: Access<'_>,
+    key: String,
+    params: &Params,
+    request: Request,
+) -> Response {
     if key.is_empty() {
         return text(StatusCode::BAD_REQUEST, "Missing key name");
+    }
+    if !access.can_write(&key) {
+        return permission_denied().into_response();
     }
     if let Some(conflict) = conflicting_flags(params, &["cas", "acquire", "release"]) {
         return conflict;
@@ -561,9 +641,17 @@ async fn kv_put(app: &Arc<App>, key: String, params: &Params, request: Request) 
     }
 }
 
-async fn kv_delete(app: &Arc<App>, key: String, params: &Params) -> Response {
+async fn kv_delete(app: &Arc<App>, access: Access<'_>, key: String, params: &Params) -> Response {
     if let Some(conflict) = conflicting_flags(params, &["recurse", "cas"]) {
         return conflict;
+    }
+    let allowed = if params.has("recurse") {
+        access.can_write_prefix(&key)
+    } else {
+        access.can_write(&key)
+    };
+    if !allowed {
+        return permission_denied().into_response();
     }
     let op = if params.has("recurse") {
         TxnOp::DeleteTree { prefix: key }
@@ -694,7 +782,7 @@ fn is_write(op: &ReceivedOp) -> bool {
     )
 }
 
-async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
+async fn txn(app: &Arc<App>, access: Access<'_>, params: &Params, request: Request) -> Response {
     let limit = MAX_TXN_BODY_BYTES.max(app.max_value_bytes);
     let body = match read_body(request, limit, app.body_read_timeout).await {
         Ok(body) => body,
@@ -717,6 +805,8 @@ async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
     let mut ops = Vec::with_capacity(raw_ops.len());
     for raw in &raw_ops {
         match parse_op(raw, app.max_value_bytes) {
+            // A denied operation fails on its own, in the 409, as in Consul.
+            Ok(Ok(op)) if !access.allows(&op) => ops.push(Err("Permission denied".to_owned())),
             Ok(op) => ops.push(op),
             Err(refused) => return refused.into_response(),
         }
@@ -724,10 +814,15 @@ async fn txn(app: &Arc<App>, params: &Params, request: Request) -> Response {
     let read_only = !ops.iter().any(is_write);
     let pretty = params.has("pretty");
     let mut response = match app.commit(ops).await {
-        Ok(Outcome::Committed(results)) => json(
+        Ok(Outcome::Committed(mut results)) => json(
             StatusCode::OK,
             &TxnResponseBody {
-                results: Some(results),
+                results: Some({
+                    // `get-tree` shows only what the token may read; every
+                    // other result's key was checked above.
+                    results.retain(|result| access.can_read(&result.kv.key));
+                    results
+                }),
                 errors: None,
             },
             pretty,

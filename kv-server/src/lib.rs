@@ -9,6 +9,7 @@
 //! `check-session` fail their operation with a message saying so. `?dc=`
 //! naming another datacenter answers 500 "No path to datacenter".
 
+mod acl;
 mod http;
 mod persist;
 mod serve;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use acl::{read_acl_file, AclFileError, Policy, Rules, TokenRules};
 pub use persist::PersistError;
 
 use consul_kv::secret::SecretToken;
@@ -60,8 +62,9 @@ pub struct ServerConfig {
     pub bind: SocketAddr,
     /// Where committed writes are kept; `None` keeps them in memory only.
     pub data_dir: Option<PathBuf>,
-    /// Accepted ACL tokens; when empty, no token is required.
-    pub acl_tokens: Vec<SecretToken>,
+    /// Accepted ACL tokens and their rules; when empty, no token is
+    /// required, and only a loopback address may be bound.
+    pub acl: Vec<TokenRules>,
     pub max_value_bytes: usize,
     pub max_txn_ops: usize,
     /// Log size past which it is folded into a snapshot.
@@ -87,7 +90,7 @@ impl ServerConfig {
         ServerConfig {
             bind,
             data_dir: None,
-            acl_tokens: Vec::new(),
+            acl: Vec::new(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             compact_log_bytes: 16 * 1024 * 1024,
@@ -110,8 +113,25 @@ impl ServerConfig {
         self
     }
 
+    /// Tokens that may read and write every key.
     pub fn with_acl_tokens(mut self, tokens: impl IntoIterator<Item = SecretToken>) -> Self {
-        self.acl_tokens = tokens.into_iter().collect();
+        let first = self.acl.len();
+        self.acl.extend(
+            tokens
+                .into_iter()
+                .enumerate()
+                .map(|(n, secret)| TokenRules {
+                    name: format!("token-file-{}", first + n + 1),
+                    secret,
+                    rules: Rules::write_all(),
+                }),
+        );
+        self
+    }
+
+    /// Tokens with their own rules.
+    pub fn with_acl(mut self, tokens: impl IntoIterator<Item = TokenRules>) -> Self {
+        self.acl.extend(tokens);
         self
     }
 }
@@ -119,6 +139,8 @@ impl ServerConfig {
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("refusing to listen on {addr} without ACLs: anyone who can reach it could read and write every key; bind a loopback address, or give ACL tokens (--acl-file)")]
+    OpenBindWithoutAcl { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -140,6 +162,9 @@ impl Server {
     /// Opens the data directory (replaying it), binds, and serves in a
     /// background task until [`ServerHandle::shutdown`].
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        if config.acl.is_empty() && !config.bind.ip().is_loopback() {
+            return Err(ServerError::OpenBindWithoutAcl { addr: config.bind });
+        }
         let data_dir = config.data_dir.clone();
         let compact = config.compact_log_bytes;
         let max_tombstones = config.max_tombstones;
@@ -162,7 +187,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let app = Arc::new(http::App {
             store,
-            acl_tokens: config.acl_tokens,
+            acl: config.acl,
             max_value_bytes: config.max_value_bytes,
             max_txn_ops: config.max_txn_ops,
             local_addr,

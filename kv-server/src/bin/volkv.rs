@@ -1,7 +1,8 @@
 //! `volkv`: the project's Consul-compatible KV server for a single host.
 //!
-//! `volkv --bind 127.0.0.1:8500 --data-dir DIR [--acl-token-file F]`
+//! `volkv --bind 127.0.0.1:8500 --data-dir DIR [--acl-file F]`
 //! prints the address it listens on and stops gracefully on SIGTERM/SIGINT.
+//! Without ACLs it listens only on a loopback address.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -20,15 +21,20 @@ use tokio::signal::unix::{signal, SignalKind};
     about = "Consul-compatible KV server (single host)"
 )]
 struct Args {
-    /// Address to listen on (port 0 picks a free port).
+    /// Address to listen on (port 0 picks a free port). A non-loopback
+    /// address needs ACLs.
     #[arg(long, default_value = "127.0.0.1:8500")]
     bind: SocketAddr,
     /// Directory keeping every committed write; without it, data is lost
     /// on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// File of accepted ACL tokens, one per line (`#` starts a comment).
-    /// Without it, no token is required.
+    /// ACL file: tokens and their key rules (TOML, see README). Without it
+    /// and without --acl-token-file, no token is required.
+    #[arg(long)]
+    acl_file: Option<PathBuf>,
+    /// File of tokens that may read and write every key, one per line
+    /// (`#` starts a comment).
     #[arg(long)]
     acl_token_file: Option<PathBuf>,
     /// This server's datacenter; `?dc=` naming another answers 500 "No
@@ -80,6 +86,12 @@ async fn run(args: Args) -> Result<(), String> {
     config.max_connections = args.max_connections;
     if let Some(dir) = args.data_dir {
         config = config.with_data_dir(dir);
+    }
+    if let Some(path) = &args.acl_file {
+        let tokens = consul_kv_server::read_acl_file(path).map_err(|e| e.to_string())?;
+        let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+        tracing::info!(tokens = ?names, "ACL file loaded");
+        config = config.with_acl(tokens);
     }
     if let Some(path) = &args.acl_token_file {
         config = config.with_acl_tokens(read_tokens(path)?);
