@@ -122,14 +122,15 @@ pub struct CreateArgs {
     #[arg(long, value_name = "H")]
     pub host: Option<HostId>,
 
-    /// Create the volume under this id (vol_ and 16 of a-z 0-9) instead of
-    /// a random one, so that running the same command again is safe: if a
-    /// volume with this id is already recorded with the same name, size,
-    /// region and encryption, no second one is made and volctl waits for
-    /// that one (exit 0); recorded with other settings, exit 2 and nothing
-    /// changes. Without --id, volctl already keeps one id across its own
-    /// retries and, when an answer is lost, reads back whether the volume
-    /// was recorded; if it cannot tell, it names the id to retry with.
+    /// Create under this id (vol_ and 16 of a-z 0-9): safe to run again.
+    ///
+    /// If a volume with this id is already recorded with the same name,
+    /// size, region and encryption, no second one is made and volctl waits
+    /// for that one (exit 0); recorded with other settings, exit 2 and
+    /// nothing changes. Without --id the id is random, but volctl keeps it
+    /// across its own retries and, when the store's answer is lost, reads
+    /// back whether the volume was recorded; if it cannot tell (exit 6), it
+    /// names the id to rerun the command with.
     #[arg(long, value_name = "ID")]
     pub id: Option<VolumeId>,
 

@@ -125,6 +125,14 @@ pub async fn create(
                     source,
                 })
             }
+            // Say which volumes of this run are already recorded.
+            Err(error) if !reserved.is_empty() => {
+                return Err(CliError::PartialCreate {
+                    wanted: args.count,
+                    placed: reserved.into_iter().map(|r| r.spec.id).collect(),
+                    source: Box::new(error),
+                })
+            }
             Err(error) => return Err(error),
         }
     }
@@ -401,6 +409,7 @@ pub async fn hosts(
         ">RATIO",
         ">HEADROOM",
         ">VOLUMES",
+        ">ORPHANS",
         "HEARTBEAT",
     ]);
     for view in &views {
@@ -423,6 +432,9 @@ pub async fn hosts(
                 view.ledger.volumes.max(pool.volume_count),
                 policy.max_volumes
             ),
+            // LVs of ours with no desired record: the pool holds them, no
+            // reservation does, until `volumed gc` removes them.
+            view.record.orphans.len().to_string(),
             if view.fresh {
                 format!("{heartbeat} ago")
             } else {

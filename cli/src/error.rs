@@ -43,6 +43,14 @@ pub enum CliError {
         source: Box<NoPlacement>,
     },
 
+    /// `--count N`: some volumes were recorded before another step failed.
+    #[error("recorded {} of {wanted} volumes ({}) before: {source}", placed.len(), list_ids(placed))]
+    PartialCreate {
+        wanted: u32,
+        placed: Vec<VolumeId>,
+        source: Box<CliError>,
+    },
+
     /// `--count`: checked before anything is written.
     #[error("only {fit} of {wanted} volumes fit; nothing was placed: {source}")]
     CountDoesNotFit {
@@ -163,6 +171,7 @@ impl From<NoPlacement> for CliError {
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
+            CliError::PartialCreate { source, .. } => source.exit_code(),
             CliError::Usage(_)
             | CliError::ConfirmationRequired { .. }
             | CliError::IdInUse { .. } => exit::USAGE,
@@ -186,6 +195,7 @@ impl CliError {
     /// Lines worth printing under the message: why each host was passed over.
     pub fn details(&self) -> Vec<String> {
         let refusal = match self {
+            CliError::PartialCreate { source, .. } => return source.details(),
             CliError::NoPlacement(refusal) => refusal,
             CliError::PartialPlacement { source, .. }
             | CliError::CountDoesNotFit { source, .. } => source,

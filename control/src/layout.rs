@@ -155,6 +155,11 @@ pub struct HostRecord {
     /// Our LVs that have no desired record (never deleted without an explicit gc).
     #[serde(default)]
     pub orphans: Vec<VolumeId>,
+    /// Which daemon publishes this record (`<machine id>:<volume group>`):
+    /// a second daemon for the same host id refuses to start while this
+    /// one's heartbeat is fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Reservations on one host. Only changed inside a txn that checks its

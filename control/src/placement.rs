@@ -244,6 +244,7 @@ mod tests {
                 policy: CapacityPolicy::default(),
                 heartbeat_ms: 1_000_000,
                 orphans: vec![],
+                owner: None,
             },
             ledger: Ledger::default(),
         }

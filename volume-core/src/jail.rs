@@ -391,7 +391,7 @@ fn chmod_fd(fd: &OwnedFd, mode: u32, shown: &Path) -> Result<(), JailError> {
 fn neutralise(node: &Existing, shown: &Path) -> Result<u64, JailError> {
     chown_fd(&node.fd, 0, 0, shown)?;
     chmod_fd(&node.fd, 0, shown)?;
-    let extra = u64::from(stat_fd(&node.fd, shown)?.st_nlink).saturating_sub(1);
+    let extra = stat_fd(&node.fd, shown)?.st_nlink.saturating_sub(1);
     if extra > 0 {
         tracing::warn!(node = %shown.display(), extra_links = extra,
             "our device node had other hard links; they are now root-owned with mode 0");

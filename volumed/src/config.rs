@@ -41,6 +41,10 @@ pub enum Command {
         /// Really delete the orphans (without it, only list them).
         #[arg(long)]
         yes: bool,
+        /// With --yes, delete even when there is no desired record at all
+        /// (otherwise refused: it is what a lost KV store looks like).
+        #[arg(long, requires = "yes")]
+        allow_empty_desired: bool,
     },
     /// Print the resolved configuration and exit.
     CheckConfig,
@@ -274,6 +278,9 @@ pub struct DaemonSettings {
     /// Volume operations run at once (different volumes only).
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
+    /// Directory of the lock that keeps one daemon per volume group (default /run/volumed).
+    #[arg(long, env = "VOLUMED_RUN_DIR", global = true)]
+    pub run_dir: Option<PathBuf>,
     /// Simulated backend and devices (tests, benchmarks): no LVM, no dm.
     #[cfg(feature = "testing")]
     #[arg(
@@ -329,6 +336,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub pool_refresh_interval: Duration,
     pub max_concurrent: usize,
+    pub run_dir: PathBuf,
     #[cfg(feature = "testing")]
     pub sim: bool,
 }
@@ -336,6 +344,7 @@ pub struct Config {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9108";
 pub const DEFAULT_KEY_DIR: &str = "/var/lib/volumed/keys";
 pub const DEFAULT_JAIL_NODE: &str = "vol";
+pub const DEFAULT_RUN_DIR: &str = "/run/volumed";
 const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -584,6 +593,10 @@ impl Config {
             heartbeat_interval,
             pool_refresh_interval,
             max_concurrent,
+            run_dir: s
+                .daemon
+                .run_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
             #[cfg(feature = "testing")]
             sim,
         })

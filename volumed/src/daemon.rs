@@ -61,6 +61,10 @@ const JOB_DRAIN: Duration = Duration::from_secs(120);
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// Changes are gathered this long before the pool is read again.
 const REFRESH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// The ledger is checked against the desired records every this many
+/// heartbeats (first at start-up); a drift is corrected on the second
+/// check that sees it unchanged.
+const LEDGER_CHECK_HEARTBEATS: u32 = 3;
 
 #[derive(Debug, Default)]
 struct Volume {
@@ -99,6 +103,16 @@ struct Daemon {
     list_tx: mpsc::UnboundedSender<Result<Vec<host::LocalVolume>, String>>,
     kv_down: bool,
     shutting_down: bool,
+    /// `<machine id>:<vg>`, published in the host record.
+    owner: String,
+    ledger_tx: mpsc::UnboundedSender<Result<kv::LedgerReport, kv::CommitError>>,
+    ledger_checking: bool,
+    /// The drift the last check saw; the next check corrects it if unchanged.
+    ledger_drift: Option<kv::LedgerDrift>,
+    /// Index of the last desired set applied.
+    desired_index: u64,
+    /// The watch blocks at an index the store no longer has: start it over.
+    restart_watch: bool,
 }
 
 /// Runs until `controls.shutdown` turns true; then waits for running jobs
@@ -138,6 +152,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let (pool_tx, mut pool_rx) = mpsc::unbounded_channel();
     let (list_tx, mut list_rx) = mpsc::unbounded_channel();
+    let (ledger_tx, mut ledger_rx) = mpsc::unbounded_channel();
+    let owner = crate::instance::owner(&config.vg);
     let mut daemon = Daemon {
         jobs: Arc::new(Semaphore::new(config.max_concurrent)),
         config,
@@ -158,6 +174,12 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         list_tx,
         kv_down: false,
         shutting_down: false,
+        owner,
+        ledger_tx,
+        ledger_checking: false,
+        ledger_drift: None,
+        desired_index: 0,
+        restart_watch: false,
     };
 
     // The volumes first: one report. A failed list is retried, never read
@@ -194,20 +216,28 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     );
 
     let (watch_tx, mut watch_rx) = mpsc::channel(1);
-    let watch_task = tokio::spawn(watch_desired(
-        kv,
-        daemon.config.layout.desired_prefix(&daemon.config.host),
-        WatchOptions {
-            wait: daemon.config.watch_wait,
-            backoff_max: daemon.config.retry_max,
-            ..WatchOptions::default()
-        },
-        watch_tx,
-    ));
+    let prefix = daemon.config.layout.desired_prefix(&daemon.config.host);
+    let options = WatchOptions {
+        wait: daemon.config.watch_wait,
+        backoff_max: daemon.config.retry_max,
+        ..WatchOptions::default()
+    };
+    let start_watch = || {
+        tokio::spawn(watch_desired(
+            kv.clone(),
+            prefix.clone(),
+            options.clone(),
+            watch_tx.clone(),
+        ))
+    };
+    let mut watch_task = start_watch();
 
     let mut heartbeat = tokio::time::interval(daemon.config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.reset();
+    let mut ledger_check =
+        tokio::time::interval(daemon.config.heartbeat_interval * LEDGER_CHECK_HEARTBEATS);
+    ledger_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watchdog_every = notify::watchdog_interval();
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut drain_deadline: Option<Instant> = None;
@@ -248,12 +278,18 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
                 daemon.start_list();
             }
             _ = heartbeat.tick(), if !daemon.shutting_down => daemon.heartbeat(),
+            _ = ledger_check.tick(), if !daemon.shutting_down => daemon.check_ledger(),
+            Some(result) = ledger_rx.recv() => daemon.on_ledger(result),
             _ = watchdog.tick(), if watchdog_every.is_some() => notify::watchdog(),
             () = sleep_until_opt(retry_at), if retry_at.is_some() && !daemon.shutting_down => daemon.retry_due(),
             () = sleep_until_opt(refresh_due), if refresh_due.is_some() && !daemon.shutting_down => {
                 daemon.refresh_due = None;
                 daemon.refresh_pool();
             }
+        }
+        if std::mem::take(&mut daemon.restart_watch) {
+            watch_task.abort();
+            watch_task = start_watch();
         }
     }
     watch_task.abort();
@@ -285,11 +321,25 @@ async fn watch_desired(
     options: WatchOptions,
     tx: mpsc::Sender<Result<WatchUpdate, consul_kv::Error>>,
 ) {
-    let mut watch = kv.watch_prefix(prefix, options);
+    let mut watch = kv.watch_prefix(prefix.clone(), options.clone());
+    let mut failures = 0;
     loop {
         let result = watch.next().await;
+        let failed = result.is_err();
         if tx.send(result).await.is_err() {
             return;
+        }
+        if failed {
+            // The store that answers next may be another one (a fresh data
+            // dir at the same address). A blocking read at the old index
+            // would sit out the whole wait there before the loss showed,
+            // and the host record would keep claiming the lost records.
+            // So, after a backoff, start over with a plain read.
+            failures += 1;
+            tokio::time::sleep(kv::backoff(failures, options.backoff_max)).await;
+            watch = kv.watch_prefix(prefix.clone(), options.clone());
+        } else {
+            failures = 0;
         }
     }
 }
@@ -368,6 +418,7 @@ impl Daemon {
         };
         self.metrics.watch_update();
         self.metrics.set_kv_up(true);
+        self.desired_index = update.index;
         let recovered = std::mem::take(&mut self.kv_down);
         if recovered || update.reset {
             // A restarted or replaced store may have lost what was written.
@@ -384,6 +435,9 @@ impl Daemon {
             notify::status("serving");
         }
         self.apply_desired(set, first || recovered || update.reset);
+        if first {
+            self.check_ledger();
+        }
     }
 
     fn apply_desired(&mut self, set: DesiredSet, everything: bool) {
@@ -742,6 +796,67 @@ impl Daemon {
         }
     }
 
+    /// Starts a ledger check, once the desired records have been seen.
+    fn check_ledger(&mut self) {
+        if !self.have_desired || self.ledger_checking {
+            return;
+        }
+        self.ledger_checking = true;
+        let kv = self.ctx.kv.clone();
+        let layout = self.config.layout.clone();
+        let host = self.config.host.clone();
+        let seen = self.ledger_drift;
+        let metrics = self.metrics.clone();
+        let tx = self.ledger_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(kv::check_ledger(&kv, &layout, &host, seen, &metrics).await);
+        });
+    }
+
+    fn on_ledger(&mut self, result: Result<kv::LedgerReport, kv::CommitError>) {
+        self.ledger_checking = false;
+        self.ledger_drift = None;
+        let result = result.map(|report| {
+            if report.desired.index < self.desired_index {
+                // A replaced or restored store, noticed before the watch:
+                // what it holds is the truth now.
+                tracing::info!(
+                    previous = self.desired_index,
+                    current = report.desired.index,
+                    "the desired records' index went backwards; resynchronising"
+                );
+                self.restart_watch = true;
+                self.on_watch(Ok(WatchUpdate {
+                    index: report.desired.index,
+                    entries: report.desired.value,
+                    reset: true,
+                }));
+            }
+            report.check
+        });
+        match result {
+            Ok(kv::LedgerCheck::Consistent) => {}
+            Ok(kv::LedgerCheck::Drift(drift)) => self.ledger_drift = Some(drift),
+            Ok(kv::LedgerCheck::Repaired(drift)) => {
+                self.metrics.ledger_repaired();
+                tracing::warn!(
+                    recorded_reserved = %drift.recorded.reserved,
+                    recorded_volumes = drift.recorded.volumes,
+                    reserved = %drift.computed.reserved,
+                    volumes = drift.computed.volumes,
+                    "the ledger disagreed with the desired records; corrected it"
+                );
+            }
+            Ok(kv::LedgerCheck::Unknowable { key }) => {
+                tracing::warn!(%key, "a desired record does not parse; the ledger is not checked");
+            }
+            Err(error) => {
+                self.metrics.error("ledger");
+                tracing::warn!(%error, "checking the ledger failed; trying again later");
+            }
+        }
+    }
+
     fn publish_host(&self) {
         let record = HostRecord {
             id: self.config.host.clone(),
@@ -751,6 +866,7 @@ impl Daemon {
             policy: self.config.policy,
             heartbeat_ms: worker::now_ms(),
             orphans: self.orphans(),
+            owner: Some(self.owner.clone()),
         };
         self.writer.send(WriterCmd::Host(Box::new(record)));
     }

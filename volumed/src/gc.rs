@@ -1,9 +1,14 @@
 //! `volumed gc`: the only way an orphan (an LV of ours with no desired
 //! record) is ever deleted. Without `--yes` it only lists them.
 //!
-//! The desired records must be read successfully first: a failed read is
-//! an error, never "no records". Run it while the daemon is stopped, or
-//! send the daemon SIGHUP afterwards so it lists the volumes again.
+//! The volumes are listed first, then the desired records are read: a
+//! record made before the listing is always seen. A failed read is an
+//! error, never "no records". Right before each delete the candidate's
+//! record is read again, so a volume whose record landed meanwhile is kept.
+//! An empty desired prefix while volumes exist looks exactly like a lost KV
+//! store, so `--yes` refuses it unless `--allow-empty-desired` says it is
+//! meant. Run it while the daemon is stopped, or send the daemon SIGHUP
+//! afterwards so it lists the volumes again.
 
 use crate::config::Config;
 use crate::plan;
@@ -20,41 +25,96 @@ pub enum GcError {
     Desired(#[source] consul_kv::Error),
     #[error("listing the volumes failed: {0}")]
     List(String),
+    #[error("the desired prefix {prefix} is empty but {volumes} volume(s) exist; after a KV loss this would delete every volume, so nothing was deleted (pass --allow-empty-desired if every volume really is to go)")]
+    EmptyDesired { prefix: String, volumes: usize },
+}
+
+/// What `volumed gc` is asked to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcOptions {
+    /// Delete the orphans (without it, only list them).
+    pub yes: bool,
+    /// Delete even when there is no desired record at all.
+    pub allow_empty_desired: bool,
 }
 
 /// One orphan and, with `--yes`, what became of it.
 #[derive(Debug)]
 pub struct Orphan {
     pub volume: host::LocalVolume,
-    /// `None` when only listed; `Some(Err)` when its delete failed.
+    /// `None` when only listed or kept; `Some(Err)` when its delete failed.
     pub deleted: Option<Result<(), String>>,
+    /// Its record appeared between the listing and the delete: kept.
+    pub record_appeared: bool,
 }
 
+/// Lists the orphans and, with `yes`, deletes them (refusing an empty
+/// desired prefix).
 pub async fn gc(
     config: &Config,
     host: &Arc<VolumeHost>,
     kv: &ConsulKv,
     yes: bool,
 ) -> Result<Vec<Orphan>, GcError> {
-    let prefix = config.layout.desired_prefix(&config.host);
-    let entries = kv.get_recurse(&prefix).await.map_err(GcError::Desired)?;
-    let desired = plan::parse_desired(&config.layout, &config.host, &entries.value);
+    let options = GcOptions {
+        yes,
+        allow_empty_desired: false,
+    };
+    gc_with(config, host, kv, options).await
+}
+
+pub async fn gc_with(
+    config: &Config,
+    host: &Arc<VolumeHost>,
+    kv: &ConsulKv,
+    options: GcOptions,
+) -> Result<Vec<Orphan>, GcError> {
     let listed = on_host(host, |host| host.list())
         .await
         .map_err(|(_, error)| GcError::List(error))?;
+    let prefix = config.layout.desired_prefix(&config.host);
+    let entries = kv.get_recurse(&prefix).await.map_err(GcError::Desired)?;
+    if options.yes && entries.value.is_empty() && !listed.is_empty() && !options.allow_empty_desired
+    {
+        return Err(GcError::EmptyDesired {
+            prefix,
+            volumes: listed.len(),
+        });
+    }
+    let desired = plan::parse_desired(&config.layout, &config.host, &entries.value);
     let mut orphans = Vec::new();
     for volume in listed {
         if desired.volumes.contains_key(&volume.id) {
             continue;
         }
-        let deleted = if yes {
-            Some(delete_orphan(config, host, kv, &volume.id).await)
-        } else {
-            None
+        let mut orphan = Orphan {
+            volume,
+            deleted: None,
+            record_appeared: false,
         };
-        orphans.push(Orphan { volume, deleted });
+        if options.yes {
+            match has_record(config, kv, &orphan.volume.id).await {
+                Ok(true) => orphan.record_appeared = true,
+                Ok(false) => {
+                    orphan.deleted = Some(delete_orphan(config, host, kv, &orphan.volume.id).await);
+                }
+                Err(error) => orphan.deleted = Some(Err(error)),
+            }
+        }
+        orphans.push(orphan);
     }
     Ok(orphans)
+}
+
+/// Reads the candidate's record again, right before its delete.
+async fn has_record(config: &Config, kv: &ConsulKv, id: &VolumeId) -> Result<bool, String> {
+    let key = config.layout.desired(&config.host, id);
+    match kv.get(&key).await {
+        Ok(answer) => Ok(answer.value.is_some()),
+        Err(error) => Err(format!(
+            "not deleted: re-reading its desired record failed: {error}"
+        )),
+    }
 }
 
 async fn delete_orphan(

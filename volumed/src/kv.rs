@@ -364,6 +364,12 @@ pub enum CommitError {
         #[source]
         source: consul_kv::Error,
     },
+    #[error("reading the ledger at {key} or the desired records failed: {source}")]
+    LedgerRead {
+        key: String,
+        #[source]
+        source: consul_kv::Error,
+    },
     #[error("the ledger at {key} is malformed ({reason}); not touching it")]
     LedgerMalformed { key: String, reason: String },
     #[error("the ledger at {key} kept changing; gave up after {attempts} attempts")]
@@ -452,4 +458,129 @@ pub async fn commit_destroy(
         key: ledger_key,
         attempts: COMMIT_ATTEMPTS,
     })
+}
+
+/// A ledger that disagrees with the desired records, as one check saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerDrift {
+    /// The ledger's `ModifyIndex` (0: there is none).
+    pub index: u64,
+    pub recorded: Ledger,
+    /// What the desired records add up to.
+    pub computed: Ledger,
+}
+
+/// What one ledger check found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerCheck {
+    Consistent,
+    /// Seen for the first time: corrected only if the next check sees the
+    /// very same drift at the same ledger index, so a writer that puts a
+    /// record and its reservation in two steps is never "corrected".
+    Drift(LedgerDrift),
+    /// The ledger now holds `computed` (CAS at `index`).
+    Repaired(LedgerDrift),
+    /// The records cannot be summed (one does not parse): nothing written.
+    Unknowable {
+        key: String,
+    },
+}
+
+/// Recomputes the host's ledger from its desired records and, when the
+/// drift is the one `seen_before`, writes it back with CAS. The ledger is
+/// read before the records: every create, extend and destroy changes the
+/// ledger's index in the same txn as its record, so a CAS at the index read
+/// first cannot overwrite a reservation the records did not show.
+/// A ledger check's finding, and the desired records it read (the daemon
+/// compares their index with its watch's: a store that went backwards
+/// shows here even while the watch still blocks at the old index).
+#[derive(Debug)]
+pub struct LedgerReport {
+    pub check: LedgerCheck,
+    pub desired: consul_kv::Indexed<Vec<consul_kv::KvPair>>,
+}
+
+pub async fn check_ledger(
+    kv: &ConsulKv,
+    layout: &Layout,
+    host: &HostId,
+    seen_before: Option<LedgerDrift>,
+    metrics: &Metrics,
+) -> Result<LedgerReport, CommitError> {
+    let ledger_key = layout.host_ledger(host);
+    let kv_error = |source| CommitError::LedgerRead {
+        key: ledger_key.clone(),
+        source,
+    };
+    let (index, recorded) = match kv.get(&ledger_key).await.map_err(kv_error)?.value {
+        None => (0, Ledger::default()),
+        Some(pair) => {
+            let ledger: Ledger =
+                serde_json::from_slice(&pair.value).map_err(|e| CommitError::LedgerMalformed {
+                    key: ledger_key.clone(),
+                    reason: e.to_string(),
+                })?;
+            (pair.modify_index, ledger)
+        }
+    };
+    let desired = kv
+        .get_recurse(&layout.desired_prefix(host))
+        .await
+        .map_err(kv_error)?;
+    let check = compare_ledger(
+        kv,
+        &ledger_key,
+        index,
+        recorded,
+        &desired.value,
+        seen_before,
+        metrics,
+    )
+    .await
+    .map_err(kv_error)?;
+    Ok(LedgerReport { check, desired })
+}
+
+async fn compare_ledger(
+    kv: &ConsulKv,
+    ledger_key: &str,
+    index: u64,
+    recorded: Ledger,
+    records: &[consul_kv::KvPair],
+    seen_before: Option<LedgerDrift>,
+    metrics: &Metrics,
+) -> Result<LedgerCheck, consul_kv::Error> {
+    let mut computed = Ledger::default();
+    for pair in records {
+        match serde_json::from_slice::<volume_control::layout::VolumeSpec>(&pair.value) {
+            Ok(spec) if computed.reserved.checked_add(spec.size).is_some() => {
+                computed.reserved = computed.reserved + spec.size;
+                computed.volumes = computed.volumes.saturating_add(1);
+            }
+            _ => {
+                return Ok(LedgerCheck::Unknowable {
+                    key: pair.key.clone(),
+                })
+            }
+        }
+    }
+    if computed == recorded {
+        return Ok(LedgerCheck::Consistent);
+    }
+    let drift = LedgerDrift {
+        index,
+        recorded,
+        computed,
+    };
+    if seen_before != Some(drift) {
+        return Ok(LedgerCheck::Drift(drift));
+    }
+    metrics.kv_write();
+    let value = serde_json::to_vec(&computed).expect("ledgers serialize");
+    if kv.put_cas(ledger_key, &value, index).await? {
+        Ok(LedgerCheck::Repaired(drift))
+    } else {
+        // Someone changed it meanwhile: look again next time.
+        Ok(LedgerCheck::Consistent)
+    }
 }

@@ -13,12 +13,14 @@
 //! * [`kv`]: status and host-record writes, the destroy txn.
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
+//! * [`instance`]: one daemon per volume group and per host id.
 
 pub mod config;
 pub mod counting;
 pub mod daemon;
 pub mod gc;
 pub mod http;
+pub mod instance;
 pub mod kv;
 pub mod metrics;
 pub mod notify;

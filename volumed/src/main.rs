@@ -8,9 +8,15 @@ use tokio::sync::{mpsc, watch};
 use volumed::config::{Cli, Command, Config};
 use volumed::daemon::{self, Controls, Setup};
 use volumed::metrics::Metrics;
-use volumed::{gc, http, setup};
+use volumed::{gc, http, instance, setup};
 
 fn main() -> ExitCode {
+    // Volume keys and the KEK pass through this process: no core dump and
+    // no ptrace by an unprivileged user may read them.
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("volumed: cannot make the process non-dumpable: {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -46,7 +52,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
-            Command::Gc { yes } => run_gc(config, yes).await,
+            Command::Gc {
+                yes,
+                allow_empty_desired,
+            } => {
+                let options = gc::GcOptions {
+                    yes,
+                    allow_empty_desired,
+                };
+                run_gc(config, options).await
+            }
             _ => run_daemon(config).await,
         }
     });
@@ -82,6 +97,17 @@ async fn start(
 }
 
 async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
+    let _vg_lock = instance::lock_vg(&config.run_dir, &config.vg, &config.host)?;
+    let kv = setup::kv_client(&config)?;
+    instance::check_host_owner(
+        &kv,
+        &config.layout,
+        &config.host,
+        &instance::owner(&config.vg),
+        config.heartbeat_interval,
+        volumed::worker::now_ms(),
+    )
+    .await?;
     let metrics = Arc::new(Metrics::default());
     let (kv, built) = start(&config, metrics.clone()).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -140,10 +166,11 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_gc(config: Config, yes: bool) -> Result<ExitCode, Failure> {
+async fn run_gc(config: Config, options: gc::GcOptions) -> Result<ExitCode, Failure> {
+    let yes = options.yes;
     let metrics = Arc::new(Metrics::default());
     let (kv, built) = start(&config, metrics).await?;
-    let orphans = gc::gc(&config, &built.host, &kv, yes).await?;
+    let orphans = gc::gc_with(&config, &built.host, &kv, options).await?;
     if orphans.is_empty() {
         println!("no orphans");
         return Ok(ExitCode::SUCCESS);
@@ -152,6 +179,7 @@ async fn run_gc(config: Config, yes: bool) -> Result<ExitCode, Failure> {
     for orphan in &orphans {
         let volume = &orphan.volume;
         let what = match &orphan.deleted {
+            None if orphan.record_appeared => "kept: its desired record appeared".to_owned(),
             None => "orphan".to_owned(),
             Some(Ok(())) => "deleted".to_owned(),
             Some(Err(error)) => {

@@ -1,13 +1,19 @@
-//! Prometheus metrics in the text exposition format, written by hand.
+//! Prometheus metrics, exposed with `prometheus-client` (OpenMetrics text).
 //!
 //! Gauges that describe the host (pool, volumes by state, orphans) are set
 //! by the reconcile loop from what it already knows; rendering a scrape
-//! reads only memory, never LVM or the KV store.
+//! reads only memory, never LVM or the KV store. Names follow Prometheus
+//! conventions, with the unit in the name (`_bytes`, `_percent`,
+//! `_seconds`) and `_total` on counters; ARCHITECTURE.md lists them.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use volume_control::layout::VolumeState;
 use volume_core::backend::PoolStatus;
@@ -17,147 +23,265 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// What the reconcile loop measures the duration of.
+pub const OPERATIONS: [&str; 6] = ["full", "create", "open", "extend", "expose", "destroy"];
+
+const STATES: [VolumeState; 6] = [
+    VolumeState::Creating,
+    VolumeState::Ready,
+    VolumeState::Extending,
+    VolumeState::Destroying,
+    VolumeState::Error,
+    VolumeState::Orphan,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
-            if seconds <= *bound {
-                *count += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
 }
 
-#[derive(Debug, Default)]
-struct Tables {
-    volumes_by_state: BTreeMap<&'static str, u64>,
-    durations: BTreeMap<&'static str, Histogram>,
-    errors: BTreeMap<&'static str, u64>,
-    pool: Option<PoolStatus>,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type Durations = Family<OperationLabel, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
 /// Every metric volumed exports.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
-    tables: Mutex<Tables>,
-    kv_up: AtomicBool,
-    orphans: AtomicU64,
-    stray_keys: AtomicU64,
-    kv_writes: AtomicU64,
-    watch_updates: AtomicU64,
-    lvm_reports: AtomicU64,
-    lvm_changes: AtomicU64,
+    registry: Registry,
+    pool_data_percent: FloatGauge,
+    pool_metadata_percent: FloatGauge,
+    pool_data_size: Gauge,
+    pool_provisioned: Gauge,
+    kv_up: Gauge,
+    orphans: Gauge,
+    stray_keys: Gauge,
+    volumes: Family<StateLabel, Gauge>,
+    durations: Durations,
+    errors: Family<KindLabel, Counter>,
+    kv_writes: Counter,
+    watch_updates: Counter,
+    lvm_calls: Counter,
+    lvm_changes: Counter,
+    ledger_repairs: Counter,
     /// Milliseconds since start of the reconcile loop's last turn (liveness).
     loop_alive_ms: AtomicU64,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let mut metrics = Metrics {
             started: Instant::now(),
-            tables: Mutex::new(Tables::default()),
-            kv_up: AtomicBool::new(false),
-            orphans: AtomicU64::new(0),
-            stray_keys: AtomicU64::new(0),
-            kv_writes: AtomicU64::new(0),
-            watch_updates: AtomicU64::new(0),
-            lvm_reports: AtomicU64::new(0),
-            lvm_changes: AtomicU64::new(0),
+            registry: Registry::default(),
+            pool_data_percent: FloatGauge::default(),
+            pool_metadata_percent: FloatGauge::default(),
+            pool_data_size: Gauge::default(),
+            pool_provisioned: Gauge::default(),
+            kv_up: Gauge::default(),
+            orphans: Gauge::default(),
+            stray_keys: Gauge::default(),
+            volumes: Family::default(),
+            durations: Durations::new_with_constructor(duration_histogram),
+            errors: Family::default(),
+            kv_writes: Counter::default(),
+            watch_updates: Counter::default(),
+            lvm_calls: Counter::default(),
+            lvm_changes: Counter::default(),
+            ledger_repairs: Counter::default(),
             loop_alive_ms: AtomicU64::new(0),
+        };
+        // Every state and operation shows, at 0 until it happens.
+        for state in STATES {
+            let _ = metrics.volumes.get_or_create(&StateLabel {
+                state: state.as_str(),
+            });
         }
+        for operation in OPERATIONS {
+            let _ = metrics
+                .durations
+                .get_or_create(&OperationLabel { operation });
+        }
+        let r = &mut metrics.registry;
+        r.register(
+            "volumed_pool_data_percent",
+            "Share of the thin pool's data space in use",
+            metrics.pool_data_percent.clone(),
+        );
+        r.register(
+            "volumed_pool_metadata_percent",
+            "Share of the thin pool's metadata space in use",
+            metrics.pool_metadata_percent.clone(),
+        );
+        r.register(
+            "volumed_pool_data_size_bytes",
+            "Physical data size of the thin pool",
+            metrics.pool_data_size.clone(),
+        );
+        r.register(
+            "volumed_pool_provisioned_bytes",
+            "Sum of the virtual sizes of the pool's thin volumes",
+            metrics.pool_provisioned.clone(),
+        );
+        r.register(
+            "volumed_kv_up",
+            "1 when the last KV request succeeded",
+            metrics.kv_up.clone(),
+        );
+        r.register(
+            "volumed_orphan_volumes",
+            "Our LVs with no desired record (never deleted without gc)",
+            metrics.orphans.clone(),
+        );
+        r.register(
+            "volumed_stray_desired_keys",
+            "Keys under the desired prefix that name no volume",
+            metrics.stray_keys.clone(),
+        );
+        r.register(
+            "volumed_volumes",
+            "Volumes by state",
+            metrics.volumes.clone(),
+        );
+        r.register(
+            "volumed_operation_duration_seconds",
+            "Duration of reconcile operations",
+            metrics.durations.clone(),
+        );
+        // Counters: the encoder adds `_total`.
+        r.register("volumed_errors", "Failures by kind", metrics.errors.clone());
+        r.register(
+            "volumed_kv_writes",
+            "Writes and transactions sent to the KV store",
+            metrics.kv_writes.clone(),
+        );
+        r.register(
+            "volumed_watch_updates",
+            "Changes of the desired prefix received",
+            metrics.watch_updates.clone(),
+        );
+        r.register(
+            "volumed_lvm_calls",
+            "Thin-backend calls (each reads LVM at least once)",
+            metrics.lvm_calls.clone(),
+        );
+        r.register(
+            "volumed_lvm_changes",
+            "Thin-backend calls that may change LVM state",
+            metrics.lvm_changes.clone(),
+        );
+        r.register(
+            "volumed_ledger_repairs",
+            "Times the host's ledger disagreed with its desired records and was rewritten",
+            metrics.ledger_repairs.clone(),
+        );
+        metrics
     }
 }
 
-/// What the reconcile loop measures the duration of.
-pub const OPERATIONS: [&str; 6] = ["full", "create", "open", "extend", "expose", "destroy"];
+fn gauge_value(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
 
 impl Metrics {
-    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
-        // Plain counters: a panic elsewhere leaves nothing inconsistent.
-        self.tables
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     pub fn observe(&self, operation: &'static str, elapsed: Duration) {
-        self.tables()
-            .durations
-            .entry(operation)
-            .or_default()
+        self.durations
+            .get_or_create(&OperationLabel { operation })
             .observe(elapsed.as_secs_f64());
     }
 
     pub fn error(&self, kind: &'static str) {
-        *self.tables().errors.entry(kind).or_default() += 1;
+        self.errors.get_or_create(&KindLabel { kind }).inc();
     }
 
-    pub fn errors(&self, kind: &str) -> u64 {
-        self.tables().errors.get(kind).copied().unwrap_or(0)
+    pub fn errors(&self, kind: &'static str) -> u64 {
+        self.errors.get_or_create(&KindLabel { kind }).get()
     }
 
     pub fn set_volume_states(&self, counts: BTreeMap<&'static str, u64>) {
-        self.tables().volumes_by_state = counts;
+        for state in STATES {
+            let count = counts.get(state.as_str()).copied().unwrap_or(0);
+            self.volumes
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(gauge_value(count));
+        }
     }
 
     pub fn set_pool(&self, pool: &PoolStatus) {
-        self.tables().pool = Some(pool.clone());
+        let usage = pool.usage;
+        self.pool_data_percent
+            .set(f64::from(usage.data_percent().hundredths()) / 100.0);
+        self.pool_metadata_percent
+            .set(f64::from(usage.metadata_percent().hundredths()) / 100.0);
+        self.pool_data_size.set(gauge_value(usage.data_size.0));
+        self.pool_provisioned.set(gauge_value(usage.provisioned.0));
     }
 
     pub fn set_kv_up(&self, up: bool) {
-        self.kv_up.store(up, Ordering::Relaxed);
+        self.kv_up.set(i64::from(up));
     }
 
     pub fn kv_up(&self) -> bool {
-        self.kv_up.load(Ordering::Relaxed)
+        self.kv_up.get() == 1
     }
 
     pub fn set_orphans(&self, count: usize) {
-        self.orphans.store(count as u64, Ordering::Relaxed);
+        self.orphans.set(gauge_value(count as u64));
     }
 
     pub fn orphans(&self) -> u64 {
-        self.orphans.load(Ordering::Relaxed)
+        u64::try_from(self.orphans.get()).unwrap_or(0)
     }
 
     pub fn set_stray_keys(&self, count: usize) {
-        self.stray_keys.store(count as u64, Ordering::Relaxed);
+        self.stray_keys.set(gauge_value(count as u64));
     }
 
     pub fn kv_write(&self) {
-        self.kv_writes.fetch_add(1, Ordering::Relaxed);
+        self.kv_writes.inc();
     }
 
     pub fn kv_writes(&self) -> u64 {
-        self.kv_writes.load(Ordering::Relaxed)
+        self.kv_writes.get()
     }
 
     pub fn watch_update(&self) {
-        self.watch_updates.fetch_add(1, Ordering::Relaxed);
+        self.watch_updates.inc();
     }
 
     pub fn watch_updates(&self) -> u64 {
-        self.watch_updates.load(Ordering::Relaxed)
+        self.watch_updates.get()
     }
 
     pub fn lvm_call(&self, changes: bool) {
-        self.lvm_reports.fetch_add(1, Ordering::Relaxed);
+        self.lvm_calls.inc();
         if changes {
-            self.lvm_changes.fetch_add(1, Ordering::Relaxed);
+            self.lvm_changes.inc();
         }
     }
 
     /// Backend calls made through the daemon (each reads LVM at least once).
     pub fn lvm_calls(&self) -> u64 {
-        self.lvm_reports.load(Ordering::Relaxed)
+        self.lvm_calls.get()
+    }
+
+    /// The ledger disagreed with the desired records and was corrected.
+    pub fn ledger_repaired(&self) {
+        self.ledger_repairs.inc();
     }
 
     pub fn loop_alive(&self) {
@@ -171,131 +295,17 @@ impl Metrics {
         self.started.elapsed().saturating_sub(last)
     }
 
-    /// The text exposition format (version 0.0.4).
+    /// The OpenMetrics text exposition (Prometheus scrapes it as is).
     pub fn render(&self) -> String {
-        let tables = self.tables();
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        if let Some(pool) = &tables.pool {
-            let usage = pool.usage;
-            gauge(
-                "volumed_pool_data_percent",
-                "Share of the thin pool's data space in use.",
-                f64::from(usage.data_percent().hundredths()) / 100.0,
-            );
-            gauge(
-                "volumed_pool_metadata_percent",
-                "Share of the thin pool's metadata space in use.",
-                f64::from(usage.metadata_percent().hundredths()) / 100.0,
-            );
-            gauge(
-                "volumed_pool_data_bytes",
-                "Physical data size of the thin pool.",
-                usage.data_size.0 as f64,
-            );
-            gauge(
-                "volumed_pool_provisioned_bytes",
-                "Sum of the virtual sizes of the pool's thin volumes.",
-                usage.provisioned.0 as f64,
-            );
-        }
-        gauge(
-            "volumed_kv_up",
-            "1 when the last KV request succeeded.",
-            if self.kv_up() { 1.0 } else { 0.0 },
-        );
-        gauge(
-            "volumed_orphans",
-            "Our LVs with no desired record (never deleted without gc).",
-            self.orphans() as f64,
-        );
-        gauge(
-            "volumed_stray_desired_keys",
-            "Keys under the desired prefix that name no volume.",
-            self.stray_keys.load(Ordering::Relaxed) as f64,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP volumed_volumes Volumes by state.\n# TYPE volumed_volumes gauge"
-        );
-        for state in [
-            VolumeState::Creating,
-            VolumeState::Ready,
-            VolumeState::Extending,
-            VolumeState::Destroying,
-            VolumeState::Error,
-            VolumeState::Orphan,
-        ] {
-            let count = tables
-                .volumes_by_state
-                .get(state.as_str())
-                .copied()
-                .unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "volumed_volumes{{state=\"{}\"}} {count}",
-                state.as_str()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP volumed_operation_duration_seconds Duration of reconcile operations.\n# TYPE volumed_operation_duration_seconds histogram"
-        );
-        for operation in OPERATIONS {
-            let histogram = tables.durations.get(operation).cloned().unwrap_or_default();
-            for (bound, count) in BUCKETS.iter().zip(histogram.counts) {
-                let _ = writeln!(
-                    out,
-                    "volumed_operation_duration_seconds_bucket{{operation=\"{operation}\",le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "volumed_operation_duration_seconds_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {}\nvolumed_operation_duration_seconds_sum{{operation=\"{operation}\"}} {}\nvolumed_operation_duration_seconds_count{{operation=\"{operation}\"}} {}",
-                histogram.count, histogram.sum, histogram.count
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP volumed_errors_total Failures by kind.\n# TYPE volumed_errors_total counter"
-        );
-        for (kind, count) in &tables.errors {
-            let _ = writeln!(out, "volumed_errors_total{{kind=\"{kind}\"}} {count}");
-        }
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        counter(
-            "volumed_kv_writes_total",
-            "Writes and transactions sent to the KV store.",
-            self.kv_writes(),
-        );
-        counter(
-            "volumed_watch_updates_total",
-            "Changes of the desired prefix received.",
-            self.watch_updates(),
-        );
-        counter(
-            "volumed_lvm_calls_total",
-            "Thin-backend calls (each reads LVM at least once).",
-            self.lvm_calls(),
-        );
-        counter(
-            "volumed_lvm_changes_total",
-            "Thin-backend calls that may change LVM state.",
-            self.lvm_changes.load(Ordering::Relaxed),
-        );
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
+
+/// The exposition's content type.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -312,10 +322,10 @@ mod tests {
         assert!(text.contains("volumed_volumes{state=\"ready\"} 3\n"));
         assert!(text.contains("volumed_volumes{state=\"orphan\"} 0\n"));
         assert!(text.contains(
-            "volumed_operation_duration_seconds_bucket{operation=\"create\",le=\"0.05\"} 1\n"
+            "volumed_operation_duration_seconds_bucket{le=\"0.05\",operation=\"create\"} 1\n"
         ));
         assert!(text.contains(
-            "volumed_operation_duration_seconds_bucket{operation=\"create\",le=\"0.01\"} 0\n"
+            "volumed_operation_duration_seconds_bucket{le=\"0.01\",operation=\"create\"} 0\n"
         ));
         assert!(text.contains("volumed_operation_duration_seconds_count{operation=\"create\"} 1\n"));
         assert!(text.contains("volumed_errors_total{kind=\"create\"} 1\n"));

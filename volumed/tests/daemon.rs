@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::sim::SimBackend;
-use volume_core::backend::{ThinBackend, ThinPoolSpec};
+use volume_core::backend::{BackendError, ThinBackend, ThinPoolSpec, ThinVolume};
 use volume_core::host::sim::SimDevices;
 use volume_core::host::{self, Encryption, Fault, FaultPlan, Step, VolumeHost};
 use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyStore, LocalKeyDir};
@@ -395,6 +395,15 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
     for spec in &specs {
         put_spec(&kv, spec).await;
     }
+    // Reserved as volctl reserves them: the ledger needs no repair.
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: Bytes(count as u64 * GIB),
+            volumes: count as u32,
+        },
+    )
+    .await;
     let metrics = Arc::new(Metrics::default());
     let daemon = start_daemon(config(&[]), sim.volume_host(&metrics), kv.clone(), metrics);
     for spec in &specs {
@@ -497,8 +506,15 @@ async fn orphans_are_reported_never_deleted_and_gc_deletes_them_only_when_asked(
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().all(|o| o.deleted.is_none()));
     assert_eq!(sim.lvs().len(), 2);
-    // With --yes, they go, with their statuses.
-    let deleted = volumed::gc::gc(&config, &host, &kv, true).await.unwrap();
+    // With --yes, they go, with their statuses (every record is gone, so
+    // the operator says that is meant).
+    let options = volumed::gc::GcOptions {
+        yes: true,
+        allow_empty_desired: true,
+    };
+    let deleted = volumed::gc::gc_with(&config, &host, &kv, options)
+        .await
+        .unwrap();
     assert!(deleted.iter().all(|o| matches!(o.deleted, Some(Ok(())))));
     assert!(sim.lvs().is_empty());
     assert!(status(&kv, &stray.id).await.is_none());
@@ -862,6 +878,276 @@ async fn metrics_and_healthz_are_served() {
     let (code, text) = get("/healthz").await;
     assert_eq!((code, text.as_str()), (200, "ok\nkv: reachable\n"));
     http.abort();
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+/// A backend that runs `hook` once, at the first LV removal: the moment a
+/// concurrent writer (volctl, the daemon) acts in the middle of a gc.
+struct HookBackend {
+    inner: Arc<dyn ThinBackend>,
+    hook: std::sync::Mutex<Option<RemovalHook>>,
+}
+
+type RemovalHook = Box<dyn FnOnce(&LvName) + Send>;
+
+impl ThinBackend for HookBackend {
+    fn spec(&self) -> &ThinPoolSpec {
+        self.inner.spec()
+    }
+    fn ensure_pool(
+        &self,
+    ) -> Result<volume_core::actions::CreateAction<volume_core::backend::PoolStatus>, BackendError>
+    {
+        self.inner.ensure_pool()
+    }
+    fn pool_status(&self) -> Result<volume_core::backend::PoolStatus, BackendError> {
+        self.inner.pool_status()
+    }
+    fn create_thin(
+        &self,
+        lv: &LvName,
+        size: Bytes,
+        tags: &[String],
+    ) -> Result<volume_core::actions::CreateAction<ThinVolume>, BackendError> {
+        self.inner.create_thin(lv, size, tags)
+    }
+    fn remove_thin(&self, lv: &LvName) -> Result<volume_core::actions::DeleteAction, BackendError> {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook(lv);
+        }
+        self.inner.remove_thin(lv)
+    }
+    fn extend_thin(
+        &self,
+        lv: &LvName,
+        size: Bytes,
+    ) -> Result<volume_core::actions::ExtendAction, BackendError> {
+        self.inner.extend_thin(lv, size)
+    }
+    fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError> {
+        self.inner.list_thins()
+    }
+    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+        self.inner.retag(lv, add, remove)
+    }
+    fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
+        self.inner.activate_thin(lv)
+    }
+}
+
+fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {
+    host::NewVolume {
+        id: spec.id.clone(),
+        name: spec.name.clone(),
+        size: spec.size,
+        encryption: Encryption::None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_rechecks_each_orphan_against_the_store_right_before_deleting_it() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    // Two LVs with no record, and one record for a third volume so that
+    // the desired prefix is not empty.
+    let a = spec(Bytes(GIB), false);
+    let b = spec(Bytes(GIB), false);
+    let unrelated = spec(Bytes(GIB), false);
+    put_spec(&kv, &unrelated).await;
+    let runtime = tokio::runtime::Handle::current();
+    let hook_kv = kv.clone();
+    let (hook_a, hook_b) = (a.clone(), b.clone());
+    let hooked = Arc::new(HookBackend {
+        inner: sim.sim.clone(),
+        // While gc deletes the first orphan, the other one gets its record
+        // (a create that landed meanwhile): it is no orphan any more.
+        hook: std::sync::Mutex::new(Some(Box::new(move |lv: &LvName| {
+            let other = if hook_a.id.lv_name() == *lv {
+                hook_b
+            } else {
+                hook_a
+            };
+            runtime.block_on(put_spec(&hook_kv, &other));
+        }))),
+    });
+    let host = Arc::new(VolumeHost::new(
+        hooked,
+        sim.devices.clone(),
+        sim.keys.clone(),
+        Default::default(),
+    ));
+    for volume in [&a, &b] {
+        let volume = plain_volume(volume);
+        let host = host.clone();
+        let _ = tokio::task::spawn_blocking(move || host.create(&volume).unwrap())
+            .await
+            .unwrap();
+    }
+    let config = config(&[]);
+    let outcome = volumed::gc::gc(&config, &host, &kv, true).await.unwrap();
+    assert_eq!(outcome.len(), 2, "{outcome:?}");
+    let deleted: Vec<&VolumeId> = outcome
+        .iter()
+        .filter(|o| matches!(o.deleted, Some(Ok(()))))
+        .map(|o| &o.volume.id)
+        .collect();
+    assert_eq!(deleted.len(), 1, "{outcome:?}");
+    let kept = if deleted[0] == &a.id { &b } else { &a };
+    assert_eq!(
+        sim.lvs(),
+        vec![kept.id.clone()],
+        "the volume whose record appeared was deleted"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_refuses_an_empty_desired_prefix_while_volumes_exist() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let host = sim.volume_host(&metrics);
+    // A KV loss: the volumes are there, their records are not.
+    for _ in 0..3 {
+        let volume = plain_volume(&spec(Bytes(GIB), false));
+        let host = host.clone();
+        let _ = tokio::task::spawn_blocking(move || host.create(&volume).unwrap())
+            .await
+            .unwrap();
+    }
+    let config = config(&[]);
+    let error = volumed::gc::gc(&config, &host, &kv, true)
+        .await
+        .expect_err("gc --yes over an empty desired prefix");
+    assert!(
+        error.to_string().contains("--allow-empty-desired"),
+        "the refusal says how to override it: {error}"
+    );
+    assert_eq!(sim.lvs().len(), 3, "a volume was deleted");
+    // Listing is harmless and still works.
+    let listed = volumed::gc::gc(&config, &host, &kv, false).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kv_loss_the_host_record_lists_the_orphans_at_once() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), Some(data.path())).await;
+    let addr = server.local_addr();
+    let kv = client(addr);
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    // The production wait: a blocking read may sit at the server that long.
+    let mut config = config(&[]);
+    config.watch_wait = Duration::from_secs(300);
+    let daemon = start_daemon(
+        config,
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    // The old store's index far ahead of what a fresh one reaches soon;
+    // the desired prefix's index is that of its newest record.
+    for i in 0..200 {
+        put_ledger(
+            &kv,
+            Ledger {
+                reserved: Bytes(i),
+                volumes: 2,
+            },
+        )
+        .await;
+    }
+    let volumes = [spec(Bytes(GIB), false), spec(Bytes(GIB), false)];
+    for volume in &volumes {
+        put_spec(&kv, volume).await;
+    }
+    for volume in &volumes {
+        wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    }
+    server.shutdown().await.unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let server = start_server(addr, Some(fresh.path())).await;
+    let record = wait_for("both orphans in the fresh store's host record", || async {
+        host_record(&kv).await.filter(|r| r.orphans.len() == 2)
+    })
+    .await;
+    for volume in &volumes {
+        assert!(record.orphans.contains(&volume.id));
+    }
+    assert_eq!(sim.lvs().len(), 2, "an orphan was deleted");
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_is_recomputed_from_the_desired_records() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let kept = spec(Bytes(2 * GIB), false);
+    let leaked = spec(Bytes(3 * GIB), false);
+    put_spec(&kv, &kept).await;
+    put_spec(&kv, &leaked).await;
+    // The ledger has drifted before the daemon starts.
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: Bytes(40 * GIB),
+            volumes: 9,
+        },
+    )
+    .await;
+    let daemon = start_daemon(
+        config(&[]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    wait_for("the ledger repaired at start-up", || async {
+        let (now, _) = ledger(&kv).await;
+        (now == Ledger {
+            reserved: Bytes(5 * GIB),
+            volumes: 2,
+        })
+        .then_some(())
+    })
+    .await;
+    // A record deleted outside the destroy path leaks its reservation
+    // until the next repair returns it.
+    wait_state(&kv, &leaked.id, VolumeState::Ready).await;
+    kv.delete(&Layout::default().desired(&host_id(), &leaked.id))
+        .await
+        .unwrap();
+    wait_for("the leaked reservation returned", || async {
+        let (now, _) = ledger(&kv).await;
+        (now == Ledger {
+            reserved: Bytes(2 * GIB),
+            volumes: 1,
+        })
+        .then_some(())
+    })
+    .await;
+    // Counted once the daemon has seen its CAS land, just after the store.
+    let line = |text: &str| {
+        text.lines()
+            .find(|line| line.starts_with("volumed_ledger_repairs_total "))
+            .map(str::to_owned)
+    };
+    let counted = wait_for("both corrections counted", || async {
+        line(&metrics.render()).filter(|l| !l.ends_with(" 0") && !l.ends_with(" 1"))
+    })
+    .await;
+    assert_eq!(
+        counted, "volumed_ledger_repairs_total 2",
+        "each correction is counted once"
+    );
     daemon.running.stop().await.unwrap();
     server.shutdown().await.unwrap();
 }

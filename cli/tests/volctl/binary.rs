@@ -7,6 +7,7 @@ use consul_kv::SecretToken;
 use consul_kv_server::{Server, ServerConfig};
 
 use crate::common::{self, host, Env, GB};
+use volume_model::names::VolumeId;
 
 const CONSUL_VARS: [&str; 5] = [
     "CONSUL_HTTP_ADDR",
@@ -231,4 +232,31 @@ async fn the_token_is_sent_but_never_printed() {
     .await;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(!text(&output.stdout).contains("right-token-4242"));
+}
+
+#[tokio::test]
+async fn hosts_shows_each_hosts_orphans() {
+    let env = common::start().await;
+    let mut record = host("h1", "ewr", "a", GB);
+    record.orphans = vec![
+        VolumeId::new("vol_0000000000000001").unwrap(),
+        VolumeId::new("vol_0000000000000002").unwrap(),
+    ];
+    env.publish(&record).await;
+    env.publish(&host("h2", "ewr", "b", GB)).await;
+    let output = volctl_at(&env, &["hosts"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let shown = text(&output.stdout);
+    let lines: Vec<&str> = shown.lines().collect();
+    // A right-aligned column: each cell ends where its header ends.
+    let end = lines[0]
+        .find("ORPHANS")
+        .unwrap_or_else(|| panic!("no ORPHANS column: {shown}"))
+        + "ORPHANS".len();
+    let cell = |host: &str| {
+        let row = lines.iter().find(|l| l.starts_with(host)).unwrap();
+        row[..end].split_whitespace().last().unwrap().to_owned()
+    };
+    assert_eq!(cell("h1"), "2", "{shown}");
+    assert_eq!(cell("h2"), "0", "{shown}");
 }

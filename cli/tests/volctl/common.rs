@@ -68,6 +68,7 @@ pub fn host(id: &str, region: &str, zone: &str, data: u64) -> HostRecord {
         policy: CapacityPolicy::default(),
         heartbeat_ms: now_ms(),
         orphans: vec![],
+        owner: None,
     }
 }
 

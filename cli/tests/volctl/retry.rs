@@ -27,6 +27,8 @@ enum Loss {
     Answer,
     /// Close the client's connection without forwarding it.
     Request,
+    /// Relay it.
+    Nothing,
 }
 
 struct LossyProxy {
@@ -105,7 +107,7 @@ async fn relay(
                     match loss {
                         Some(Loss::Request) => return,
                         Some(Loss::Answer) => swallow_answer = true,
-                        None => {}
+                        Some(Loss::Nothing) | None => {}
                     }
                 }
                 if server.write_all(chunk).await.is_err() {
@@ -308,4 +310,29 @@ async fn concurrent_runs_with_one_id_make_one_volume() {
     }
     assert_eq!(env.specs().await.len(), 1);
     assert_eq!(total_reserved(&env).await, (2 * GB, 1));
+}
+
+#[tokio::test]
+async fn a_count_cut_short_by_a_lost_answer_names_every_recorded_volume() {
+    let env = two_hosts().await;
+    // The first create goes through; the second's answer is lost and the
+    // store then stays away.
+    let proxy = LossyProxy::start(upstream(&env), &[Loss::Nothing, Loss::Answer], true).await;
+    let argv = [
+        "create", "data", "--size", "1", "--region", "ewr", "--count", "3", "--detach",
+    ];
+    let (result, _, _) = common::run_at(common::client(&proxy.url()), &argv).await;
+    let error = result.expect_err("the store went away mid-count");
+    assert_eq!(error.exit_code(), exit::UNREACHABLE, "{error}");
+    let message = error.to_string();
+    let specs = env.specs().await;
+    assert_eq!(specs.len(), 2, "the first and the lost one: {specs:?}");
+    for spec in &specs {
+        assert!(
+            message.contains(spec.id.as_str()),
+            "{} missing: {message}",
+            spec.id
+        );
+    }
+    assert!(message.starts_with("recorded 1 of 3 volumes"), "{message}");
 }
