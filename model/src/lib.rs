@@ -6,6 +6,7 @@
 //! * [`capacity`]: pool usage, policy and the admission decision.
 //! * [`actions`]: return types that say what an idempotent call did.
 //! * [`jail_path`]: the shape check of a jail node path.
+//! * [`pool_growth`]: when and by how much volumed grows a thin pool.
 //! * [`progress`]: progress and facts recorded as LV tags, and their codec.
 //!
 //! The one thing here that touches the OS is [`names::VolumeId::generate`],
@@ -15,5 +16,6 @@ pub mod actions;
 pub mod capacity;
 pub mod jail_path;
 pub mod names;
+pub mod pool_growth;
 pub mod progress;
 pub mod units;

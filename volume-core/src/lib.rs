@@ -17,5 +17,6 @@ pub mod host;
 pub mod jail;
 pub mod keys;
 mod locked;
+pub mod pool_watch;
 
-pub use volume_model::{actions, capacity, names, units};
+pub use volume_model::{actions, capacity, names, pool_growth, units};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
 use volume_core::backend::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use volume_core::names::LvName;
+use volume_core::pool_growth::{PoolGrowth, PoolPart};
 use volume_core::units::Bytes;
 
 pub struct CountingBackend {
@@ -68,5 +69,10 @@ impl ThinBackend for CountingBackend {
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.activate_thin(lv)
+    }
+
+    fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
+        self.metrics.lvm_call(true);
+        self.inner.grow_pool(part, by)
     }
 }

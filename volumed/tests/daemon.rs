@@ -935,6 +935,14 @@ impl ThinBackend for HookBackend {
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         self.inner.activate_thin(lv)
     }
+
+    fn grow_pool(
+        &self,
+        part: volume_core::pool_growth::PoolPart,
+        by: Bytes,
+    ) -> Result<volume_core::pool_growth::PoolGrowth, BackendError> {
+        self.inner.grow_pool(part, by)
+    }
 }
 
 fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {

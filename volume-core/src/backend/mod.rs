@@ -12,6 +12,7 @@ pub mod sim;
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::names::{LvName, NameError, VgName};
+use crate::pool_growth::{PoolGrowth, PoolPart};
 use crate::units::{Bytes, ExtentSize, Percent, UnitError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -178,4 +179,9 @@ pub trait ThinBackend: Send + Sync {
 
     /// Activates one of our LVs (after a host restart) and returns its device.
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError>;
+
+    /// Grows the pool's data or metadata by `by` (rounded up to extents),
+    /// or by what the VG has free if that is less. Not one extent free is
+    /// [`PoolGrowth::VgFull`], not an error: the caller contains the pool.
+    fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError>;
 }

@@ -6,6 +6,7 @@ use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::names::{LvName, OWNER_TAG};
+use crate::pool_growth::{self, PoolGrowth, PoolPart};
 use crate::units::{Bytes, ExtentSize, Percent, GIB, MIB};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -24,9 +25,15 @@ struct SimState {
     pool_exists: bool,
     volumes: BTreeMap<LvName, ThinVolume>,
     calls: SimCallCounts,
+    data_size: Bytes,
+    metadata_size: Bytes,
+    /// Metadata in use beyond what the volumes take, as if written.
+    metadata_written: Bytes,
+    vg_free: Bytes,
 }
 
-/// The simulated pool. Its data size is `spec.data_size` (default 3 GiB).
+/// The simulated pool. Its data size starts at `spec.data_size` (default
+/// 3 GiB); its VG has no free space until [`SimBackend::set_vg_free`].
 #[derive(Debug)]
 pub struct SimBackend {
     spec: ThinPoolSpec,
@@ -37,14 +44,30 @@ const SIM_METADATA: Bytes = Bytes(64 * MIB);
 
 impl SimBackend {
     pub fn new(spec: ThinPoolSpec) -> SimBackend {
+        let data_size = spec.data_size.unwrap_or(Bytes(3 * GIB));
+        let metadata_size = spec.metadata_size.unwrap_or(SIM_METADATA);
         SimBackend {
             spec,
             state: Mutex::new(SimState {
                 pool_exists: false,
                 volumes: BTreeMap::new(),
                 calls: SimCallCounts::default(),
+                data_size,
+                metadata_size,
+                metadata_written: Bytes::ZERO,
+                vg_free: Bytes::ZERO,
             }),
         }
+    }
+
+    /// Unallocated space in the simulated VG, room for the pool to grow.
+    pub fn set_vg_free(&self, free: Bytes) {
+        self.lock().vg_free = free;
+    }
+
+    /// Marks `used` of the pool's metadata in use, as many mappings would.
+    pub fn simulate_metadata_use(&self, used: Bytes) {
+        self.lock().metadata_written = used;
     }
 
     pub fn calls(&self) -> SimCallCounts {
@@ -87,10 +110,6 @@ impl SimBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn data_size(&self) -> Bytes {
-        self.spec.data_size.unwrap_or(Bytes(3 * GIB))
-    }
-
     fn status_of(&self, state: &SimState) -> PoolStatus {
         let provisioned: Bytes = state.volumes.values().map(|v| v.virtual_size).sum();
         let written: u128 = state
@@ -100,20 +119,23 @@ impl SimBackend {
                 u128::from(v.virtual_size.0) * u128::from(v.data_percent.hundredths()) / 10_000
             })
             .sum();
-        let data_size = self.data_size();
+        let data_size = state.data_size;
+        let metadata_used = Bytes(MIB + state.volumes.len() as u64 * 64 * 1024)
+            .checked_add(state.metadata_written)
+            .unwrap_or(Bytes(u64::MAX));
         PoolStatus {
             vg: self.spec.vg.clone(),
             pool: self.spec.pool.clone(),
             usage: PoolUsage {
                 data_size,
                 data_used: Bytes(u64::try_from(written).unwrap_or(u64::MAX).min(data_size.0)),
-                metadata_size: self.spec.metadata_size.unwrap_or(SIM_METADATA),
-                metadata_used: Bytes(MIB + state.volumes.len() as u64 * 64 * 1024),
+                metadata_size: state.metadata_size,
+                metadata_used: metadata_used.min(state.metadata_size),
                 provisioned,
                 volume_count: state.volumes.len() as u32,
             },
             extent_size: ExtentSize::DEFAULT,
-            vg_free: Bytes::ZERO,
+            vg_free: state.vg_free,
         }
     }
 
@@ -278,6 +300,41 @@ impl ThinBackend for SimBackend {
         shared::require_ours(&self.spec, found)?;
         Ok(self.device_of(lv))
     }
+
+    fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        let from = match part {
+            PoolPart::Data => state.data_size,
+            PoolPart::Metadata => state.metadata_size,
+        };
+        // As LVM: metadata growth takes as much again for the spare.
+        let room = match part {
+            PoolPart::Data => state.vg_free,
+            PoolPart::Metadata => Bytes(state.vg_free.0 / 2),
+        };
+        let Some(by) = pool_growth::bounded_growth(by, room, ExtentSize::DEFAULT.bytes()) else {
+            return Ok(PoolGrowth::VgFull { part, size: from });
+        };
+        let taken = match part {
+            PoolPart::Data => {
+                state.data_size = from + by;
+                by
+            }
+            PoolPart::Metadata => {
+                state.metadata_size = from + by;
+                by + by
+            }
+        };
+        state.vg_free = state.vg_free.saturating_sub(taken);
+        state.calls.changes += 1;
+        Ok(PoolGrowth::Grown {
+            part,
+            from,
+            to: from + by,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -363,5 +420,38 @@ mod tests {
             .unwrap();
         let listed = sim.list_thins().unwrap();
         assert!(listed[0].tags.contains("vmv1.step=formatted"));
+    }
+
+    #[test]
+    fn pool_growth_takes_what_the_vg_has_then_reports_it_full() {
+        let sim = sim();
+        sim.set_vg_free(Bytes(100 * MIB));
+        assert_eq!(
+            sim.grow_pool(PoolPart::Data, Bytes(64 * MIB)).unwrap(),
+            PoolGrowth::Grown {
+                part: PoolPart::Data,
+                from: Bytes(3 * GIB),
+                to: Bytes(3 * GIB + 64 * MIB)
+            }
+        );
+        // 36 MiB left: less than the step, so all of it.
+        assert_eq!(
+            sim.grow_pool(PoolPart::Data, Bytes(64 * MIB)).unwrap(),
+            PoolGrowth::Grown {
+                part: PoolPart::Data,
+                from: Bytes(3 * GIB + 64 * MIB),
+                to: Bytes(3 * GIB + 100 * MIB)
+            }
+        );
+        let status = sim.pool_status().unwrap();
+        assert_eq!(status.usage.data_size, Bytes(3 * GIB + 100 * MIB));
+        assert_eq!(status.vg_free, Bytes::ZERO);
+        assert_eq!(
+            sim.grow_pool(PoolPart::Metadata, Bytes(4 * MIB)).unwrap(),
+            PoolGrowth::VgFull {
+                part: PoolPart::Metadata,
+                size: SIM_METADATA
+            }
+        );
     }
 }

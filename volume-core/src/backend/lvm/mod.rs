@@ -17,9 +17,11 @@ use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::names::{LvName, NameError, OWNER_TAG};
+use crate::pool_growth::{self, PoolGrowth, PoolPart};
 use crate::units::{Bytes, Percent, SECTOR_SIZE};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// A thin pool managed through liblvm2cmd.
@@ -30,6 +32,9 @@ pub struct LvmBackend {
     /// Each trait call reads, decides and changes as one step, as the
     /// simulator does under its lock; LVM's own locks cover other processes.
     operation: Mutex<()>,
+    /// The pool table's `low_water_mark`, as a used share in whole percent
+    /// (0: LVM's default, no mark). See [`LvmBackend::set_low_water`].
+    low_water: AtomicU32,
 }
 
 impl LvmBackend {
@@ -40,7 +45,20 @@ impl LvmBackend {
             spec,
             runner: LvmRunner::start()?,
             operation: Mutex::new(()),
+            low_water: AtomicU32::new(0),
         })
+    }
+
+    /// Makes every pool table LVM loads from now on carry a
+    /// `low_water_mark` at `threshold` used, so the kernel raises a
+    /// device-mapper event when data use crosses it. LVM computes the mark
+    /// from `activation/thin_pool_autoextend_threshold` whenever it loads
+    /// the table (creation, activation, every extension) and leaves it at 0
+    /// without that setting, so each changing command carries it.
+    pub fn set_low_water(&self, threshold: Percent) {
+        let whole = threshold.hundredths() / 100;
+        let whole = if (50..100).contains(&whole) { whole } else { 0 };
+        self.low_water.store(whole, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -76,7 +94,14 @@ impl LvmBackend {
     }
 
     /// Runs a command that changes LVM state.
-    fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
+    fn change(&self, mut line: CommandLineBuilder) -> Result<(), BackendError> {
+        let low_water = self.low_water.load(Ordering::Relaxed);
+        if low_water != 0 {
+            line = line.args([
+                "--config".to_owned(),
+                format!("activation/thin_pool_autoextend_threshold={low_water}"),
+            ]);
+        }
         let line = line.build()?;
         self.runner.run(&line)?;
         tracing::info!(command = %line, "LVM changed");
@@ -501,6 +526,42 @@ impl ThinBackend for LvmBackend {
             &self.vg_lv(lv.as_str()),
         ]))?;
         Ok(view.device_of(&self.spec, lv))
+    }
+
+    fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let from = match part {
+            PoolPart::Data => pool.size,
+            PoolPart::Metadata => pool
+                .metadata_size
+                .ok_or_else(|| view.report_error(pool, "thin pool without lv_metadata_size"))?,
+        };
+        // LVM keeps its spare metadata LV as large as the largest pool
+        // metadata, so growing metadata takes as much again from the VG.
+        let room = match part {
+            PoolPart::Data => pool.vg_free,
+            PoolPart::Metadata => Bytes(pool.vg_free.0 / 2),
+        };
+        let Some(by) = pool_growth::bounded_growth(by, room, pool.extent_size.bytes()) else {
+            return Ok(PoolGrowth::VgFull { part, size: from });
+        };
+        let option = match part {
+            PoolPart::Data => "--size",
+            PoolPart::Metadata => "--poolmetadatasize",
+        };
+        self.change(CommandLine::command("lvextend").args([
+            "-qq".into(),
+            option.into(),
+            format!("+{}", size_arg(by)?),
+            self.vg_lv(self.spec.pool.as_str()),
+        ]))?;
+        Ok(PoolGrowth::Grown {
+            part,
+            from,
+            to: from + by,
+        })
     }
 }
 
