@@ -64,13 +64,20 @@ impl GrowthRule {
         self.threshold < Percent::FULL
     }
 
-    /// How much to add to a part of `size` with `used` in use, if anything.
+    /// How much to add to a part of `size` with `used` in use, if anything:
+    /// the step, or more if one step would leave it at the threshold still
+    /// (so a fast writer is caught up in one command, not several).
     pub fn growth(&self, used: Bytes, size: Bytes) -> Option<Bytes> {
         if !self.enabled() || size == Bytes::ZERO || used.percent_of(size) < self.threshold {
             return None;
         }
         let step = u128::from(size.0) * u128::from(self.step.hundredths()) / 10_000;
-        Some(Bytes(u64::try_from(step).unwrap_or(u64::MAX).max(1)))
+        // The size at which `used` is just under the threshold.
+        let below = u128::from(used.0) * 10_000 / u128::from(self.threshold.hundredths()) + 1;
+        let needed = below.saturating_sub(u128::from(size.0));
+        Some(Bytes(
+            u64::try_from(step.max(needed)).unwrap_or(u64::MAX).max(1),
+        ))
     }
 }
 
@@ -169,10 +176,19 @@ mod tests {
     }
 
     #[test]
+    fn a_step_too_small_for_the_use_grows_by_what_is_needed() {
+        let rule = PoolGrowthPolicy::default().data;
+        // 95 of 100 MiB used: 20 MiB would leave 79 %; 136 MiB is under 70 %.
+        let by = rule.growth(Bytes(95 * MIB), Bytes(100 * MIB)).unwrap();
+        assert!(by > Bytes(35 * MIB) && by < Bytes(36 * MIB), "{by}");
+        assert!(Bytes(95 * MIB).percent_of(Bytes(100 * MIB) + by) < rule.threshold);
+    }
+
+    #[test]
     fn metadata_comes_first() {
         let policy = PoolGrowthPolicy::default();
         assert_eq!(
-            policy.plan(&usage(90, 75)),
+            policy.plan(&usage(72, 75)),
             vec![
                 (PoolPart::Metadata, Bytes(2 * MIB)),
                 (PoolPart::Data, Bytes(20 * MIB))

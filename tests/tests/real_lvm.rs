@@ -245,3 +245,127 @@ fn real_test_status_parser_on_real_lvs_output() {
     assert_eq!(pool_row.kind, report::LvKind::ThinPool);
     assert!(pool_row.data_percent.is_some() && pool_row.metadata_percent.is_some());
 }
+
+/// A 128 MiB pool in a VG with room, a 1 GiB ext4 volume in it, and a
+/// writer putting 192 MiB (1.5× the pool) into the mounted filesystem: the
+/// auto-extender, woken by the pool's low-water event, grows the pool
+/// ahead of the writer. No write fails, the pool grew, the filesystem
+/// checks clean. Prints how long each growth took from the wake-up.
+#[test]
+fn real_test_pool_auto_extends_ahead_of_a_writer() {
+    use fixtures::cmd::Program;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use volume_core::backend::lvm::LvmBackend;
+    use volume_core::pool_growth::{PoolGrowth, PoolGrowthPolicy};
+    use volume_core::pool_watch::{AutoExtender, DmEvents, PoolEvents, Wake};
+    use volume_core::units::Percent;
+
+    let pool = TestPool::new("autoext", Bytes(GIB), Bytes(128 * MIB));
+    let policy = PoolGrowthPolicy::default();
+    pool.backend.set_low_water(policy.data.threshold);
+    let status = pool.backend.ensure_pool().expect("ensure").into_inner();
+    assert_eq!(status.usage.data_size, Bytes(128 * MIB));
+    let lv = VolumeId::generate().lv_name();
+    let device = pool
+        .backend
+        .create_thin(&lv, Bytes(GIB), &[])
+        .expect("create")
+        .into_inner()
+        .device
+        .expect("active");
+
+    // The pool table carries the low-water mark: 30 % of the data blocks.
+    let dmsetup = Program::find("dmsetup").unwrap();
+    let dm_pool = format!("{}-pool-tpool", pool.vg.as_str().replace('-', "--"));
+    let table = dmsetup.run(["table", dm_pool.as_str()]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let words: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(words.get(2), Some(&"thin-pool"), "{table}");
+    // <start> <len> thin-pool <meta> <data> <block size> <low water mark> ...
+    let block_sectors: u64 = words[5].parse().unwrap();
+    let low_water: u64 = words[6].parse().unwrap();
+    let blocks = 128 * MIB / 512 / block_sectors;
+    assert_eq!(low_water, blocks * 30 / 100, "{table}");
+
+    Program::find("mkfs.ext4")
+        .unwrap()
+        .run(["-q", device.to_str().unwrap()])
+        .expect("mkfs.ext4");
+    let mnt = tempfile::tempdir().unwrap();
+    let mount = Program::find("mount").unwrap();
+    mount
+        .run([device.as_os_str(), mnt.path().as_os_str()])
+        .expect("mount");
+
+    // The watcher, as volumed runs it, recording each growth's timing.
+    let watcher_backend = Arc::new(LvmBackend::start(pool.spec().clone()).unwrap());
+    watcher_backend.set_low_water(policy.data.threshold);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut extender = AutoExtender::new(watcher_backend, policy);
+            let mut events = DmEvents::open().expect("device-mapper events");
+            let mut seen = Vec::new();
+            let mut wake = Wake::Timeout;
+            while !stop.load(Ordering::Relaxed) {
+                for timed in extender.check().expect("auto-extend check") {
+                    seen.push((wake, timed));
+                }
+                wake = events.wait(Duration::from_secs(2)).expect("wait");
+            }
+            seen
+        })
+    };
+
+    let started = Instant::now();
+    let target = mnt.path().join("fill");
+    let dd = Program::find("dd").unwrap().run([
+        "if=/dev/zero".to_owned(),
+        format!("of={}", target.display()),
+        "bs=1M".to_owned(),
+        "count=192".to_owned(),
+        "conv=fsync".to_owned(),
+    ]);
+    let wrote_in = started.elapsed();
+    // One more check after the last write settles, then stop.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher thread");
+    let after = pool.backend.pool_status().unwrap();
+    eprintln!(
+        "wrote 192 MiB in {wrote_in:?}; pool now {} data ({}), VG free {}",
+        after.usage.data_size,
+        after.usage.data_percent(),
+        after.vg_free
+    );
+    for (wake, timed) in &seen {
+        eprintln!(
+            "  {:?} after a {wake:?} wake: {:?}",
+            timed.growth, timed.elapsed
+        );
+    }
+    dd.expect("dd of 192 MiB into a 128 MiB pool: no write error");
+    assert!(after.usage.data_size > Bytes(192 * MIB), "{after:?}");
+    assert!(after.usage.data_percent() < Percent::FULL, "{after:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, t)| matches!(t.growth, PoolGrowth::Grown { .. })),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(wake, _)| *wake == Wake::Event),
+        "at least one growth was woken by a device-mapper event: {seen:?}"
+    );
+
+    Program::find("umount")
+        .unwrap()
+        .run([mnt.path()])
+        .expect("umount");
+    Program::find("e2fsck")
+        .unwrap()
+        .run(["-fn", device.to_str().unwrap()])
+        .expect("e2fsck -fn: the filesystem checks clean");
+}

@@ -19,6 +19,7 @@ use std::time::Duration;
 use volume_control::layout::{Layout, DEFAULT_ROOT};
 use volume_core::capacity::CapacityPolicy;
 use volume_core::names::{HostId, LvName, Region, VgName, Zone};
+use volume_core::pool_growth::{GrowthRule, PoolGrowthPolicy, PoolPart};
 use volume_core::units::{Bytes, OvercommitRatio, Percent};
 
 /// Watches this host's desired volumes in Consul KV and converges the host
@@ -189,6 +190,21 @@ pub struct PoolSettings {
     pub metadata_low_water: Option<u32>,
     #[arg(long, env = "VOLUMED_MAX_VOLUMES", global = true)]
     pub max_volumes: Option<u32>,
+    /// Grow the pool's data once this share is used, in percent (50-100; 100: never), as lvm.conf's thin_pool_autoextend_threshold.
+    #[arg(long, env = "VOLUMED_AUTOEXTEND_THRESHOLD", global = true)]
+    pub autoextend_threshold: Option<u32>,
+    /// Grow the pool's data by this share of its size, in percent, as lvm.conf's thin_pool_autoextend_percent.
+    #[arg(long, env = "VOLUMED_AUTOEXTEND_PERCENT", global = true)]
+    pub autoextend_percent: Option<u32>,
+    /// Grow the pool's metadata once this share is used, in percent (50-100; 100: never).
+    #[arg(long, env = "VOLUMED_METADATA_AUTOEXTEND_THRESHOLD", global = true)]
+    pub metadata_autoextend_threshold: Option<u32>,
+    /// Grow the pool's metadata by this share of its size, in percent.
+    #[arg(long, env = "VOLUMED_METADATA_AUTOEXTEND_PERCENT", global = true)]
+    pub metadata_autoextend_percent: Option<u32>,
+    /// Longest time between two pool checks when no device-mapper event comes, e.g. 2s.
+    #[arg(long, env = "VOLUMED_AUTOEXTEND_INTERVAL", global = true)]
+    pub autoextend_interval: Option<String>,
 }
 
 /// `[keys]`: where volume keys live.
@@ -330,6 +346,9 @@ pub struct Config {
     pub pool_data_size: Option<Bytes>,
     pub pool_metadata_size: Option<Bytes>,
     pub policy: CapacityPolicy,
+    pub growth: PoolGrowthPolicy,
+    /// Longest time between two auto-extend checks without an event.
+    pub autoextend_interval: Duration,
     pub keys: KeyStoreConfig,
     pub jails: Option<JailConfig>,
     pub listen: Option<SocketAddr>,
@@ -350,6 +369,7 @@ const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const DEFAULT_POOL_REFRESH: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_CONCURRENT: usize = 4;
+const DEFAULT_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(2);
 
 /// One variant per way a configuration can be wrong; each names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -486,6 +506,44 @@ impl Config {
         if let Some(max) = s.pool.max_volumes {
             policy.max_volumes = max;
         }
+        let defaults = PoolGrowthPolicy::default();
+        let rule = |part, default: GrowthRule, threshold: Option<u32>, step: Option<u32>| {
+            let threshold = threshold.map_or(default.threshold, Percent::from_whole);
+            let step = step.map_or(default.step, Percent::from_whole);
+            GrowthRule::new(part, threshold, step).map_err(|e| {
+                let (setting, value) = match e {
+                    volume_core::pool_growth::GrowthRuleError::Threshold { .. } => {
+                        ("auto-extend threshold", threshold)
+                    }
+                    volume_core::pool_growth::GrowthRuleError::Step { .. } => {
+                        ("auto-extend percent", step)
+                    }
+                };
+                invalid(setting, &value.to_string(), e)
+            })
+        };
+        let growth = PoolGrowthPolicy {
+            data: rule(
+                PoolPart::Data,
+                defaults.data,
+                s.pool.autoextend_threshold,
+                s.pool.autoextend_percent,
+            )?,
+            metadata: rule(
+                PoolPart::Metadata,
+                defaults.metadata,
+                s.pool.metadata_autoextend_threshold,
+                s.pool.metadata_autoextend_percent,
+            )?,
+        };
+        let autoextend_interval = duration_setting(
+            "auto-extend interval",
+            s.pool.autoextend_interval,
+            DEFAULT_AUTOEXTEND_INTERVAL,
+        )?;
+        if autoextend_interval.is_zero() {
+            return Err(invalid("auto-extend interval", "0", "must be positive"));
+        }
 
         let store = s.keys.store.unwrap_or_else(|| "local".to_owned());
         let keys = match store.as_str() {
@@ -587,6 +645,8 @@ impl Config {
             pool_data_size,
             pool_metadata_size,
             policy,
+            growth,
+            autoextend_interval,
             keys,
             jails,
             listen,
@@ -726,6 +786,38 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<Settings>("hots = \"typo\"").is_err());
+    }
+
+    #[test]
+    fn auto_extend_settings_come_from_file_and_flags_within_lvms_limits() {
+        let text = format!("{FILE}\n");
+        let text = text.replace(
+            "data_size = \"3GiB\"",
+            "data_size = \"3GiB\"\n        autoextend_threshold = 80\n        metadata_autoextend_percent = 50",
+        );
+        let config = Config::merge(
+            &options(&["--autoextend-percent", "10", "--autoextend-interval", "1s"]),
+            file(&text),
+        )
+        .unwrap();
+        assert_eq!(config.growth.data.threshold, Percent::from_whole(80));
+        assert_eq!(config.growth.data.step, Percent::from_whole(10));
+        assert_eq!(config.growth.metadata.threshold, Percent::from_whole(70));
+        assert_eq!(config.growth.metadata.step, Percent::from_whole(50));
+        assert_eq!(config.autoextend_interval, Duration::from_secs(1));
+
+        let err = Config::merge(
+            &options(&["--metadata-autoextend-threshold", "30"]),
+            file(FILE),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("auto-extend threshold \"30.00%\" is invalid: metadata"),
+            "{err}"
+        );
+        let err = Config::merge(&options(&["--autoextend-percent", "0"]), file(FILE)).unwrap_err();
+        assert!(err.to_string().contains("auto-extend percent"), "{err}");
     }
 
     #[cfg(feature = "testing")]

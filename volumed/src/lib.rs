@@ -7,6 +7,7 @@
 //! each volume's status and the host record (capacity, heartbeat, orphans)
 //! back, and serves `/metrics` and `/healthz`.
 //!
+//! * [`autoextend`]: the thread that grows the thin pool from VG free space.
 //! * [`config`]: TOML file, env and flags.
 //! * [`plan`]: the pure decisions (what a record means, what a volume needs).
 //! * [`daemon`]: the reconcile loop; [`worker`]: one volume's job.
@@ -15,6 +16,7 @@
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`instance`]: one daemon per volume group and per host id.
 
+pub mod autoextend;
 pub mod config;
 pub mod counting;
 pub mod daemon;

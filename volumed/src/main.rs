@@ -145,7 +145,19 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
         None => None,
     };
 
-    daemon::run(
+    #[cfg(feature = "testing")]
+    let timer_only = config.sim;
+    #[cfg(not(feature = "testing"))]
+    let timer_only = false;
+    let autoextend = volumed::autoextend::spawn(
+        built.host.backend().clone(),
+        config.growth,
+        config.autoextend_interval,
+        timer_only,
+    )
+    .map_err(|e| format!("cannot start the pool auto-extend thread: {e}"))?;
+
+    let run = daemon::run(
         Setup {
             config,
             host: built.host,
@@ -158,7 +170,9 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
             resync: resync_rx,
         },
     )
-    .await?;
+    .await;
+    autoextend.stop();
+    run?;
     signals.abort();
     if let Some(task) = http_task {
         let _ = task.await;

@@ -108,6 +108,28 @@ impl LvmBackend {
         Ok(())
     }
 
+    /// Whether I/O to a full pool should fail at once rather than queue.
+    /// Error at once unless the pool auto-extends and the VG has room:
+    /// then a writer that outruns a growth waits for it (up to the
+    /// kernel's `no_space_timeout`) instead of failing. Without growth,
+    /// nothing would ever free a full pool, and queued I/O would hang
+    /// every guest on it.
+    fn errors_when_full_wanted(&self, vg_free: Bytes) -> bool {
+        self.low_water.load(Ordering::Relaxed) == 0 || vg_free == Bytes::ZERO
+    }
+
+    fn set_errors_when_full(&self, pool: &LvRecord, wanted: bool) -> Result<(), BackendError> {
+        if pool.errors_when_full == Some(wanted) {
+            return Ok(());
+        }
+        self.change(CommandLine::command("lvchange").args([
+            "-qq",
+            "--errorwhenfull",
+            if wanted { "y" } else { "n" },
+            &self.vg_lv(self.spec.pool.as_str()),
+        ]))
+    }
+
     fn vg_lv(&self, lv: &str) -> String {
         format!("{}/{}", self.spec.vg, lv)
     }
@@ -363,21 +385,10 @@ impl ThinBackend for LvmBackend {
             None => self.read_vg()?,
         };
         let pool = view.pool(spec)?.ok_or_else(|| self.pool_missing())?;
-        if pool.errors_when_full != Some(true) {
-            // lvcreate of LVM 2.03.16 rejects --errorwhenfull for thin pools
-            // ("unsupported with thin pools"), so it is set here, which also
-            // brings a pool made by an interrupted earlier run into line.
-            // Error at once instead of queueing I/O for up to 60 s: we size
-            // the pool ourselves and refuse new space at the low-water
-            // marks, so nothing will extend a full pool, and queued I/O
-            // would hang every guest on it.
-            self.change(CommandLine::command("lvchange").args([
-                "-qq",
-                "--errorwhenfull",
-                "y",
-                &self.vg_lv(spec.pool.as_str()),
-            ]))?;
-        }
+        // lvcreate of LVM 2.03.16 rejects --errorwhenfull for thin pools
+        // ("unsupported with thin pools"), so it is set here, which also
+        // brings a pool made by an interrupted earlier run into line.
+        self.set_errors_when_full(pool, self.errors_when_full_wanted(pool.vg_free))?;
         // Neither activation nor --errorwhenfull makes a pool.
         let status = view.status(spec, pool)?;
         Ok(if created {
@@ -545,8 +556,13 @@ impl ThinBackend for LvmBackend {
             PoolPart::Metadata => Bytes(pool.vg_free.0 / 2),
         };
         let Some(by) = pool_growth::bounded_growth(by, room, pool.extent_size.bytes()) else {
+            // Nothing can grow the pool now: fail writes at once, not after
+            // the kernel's queueing timeout.
+            self.set_errors_when_full(pool, true)?;
             return Ok(PoolGrowth::VgFull { part, size: from });
         };
+        // Room again (a PV was added): let writers wait for growth again.
+        self.set_errors_when_full(pool, self.errors_when_full_wanted(pool.vg_free))?;
         let option = match part {
             PoolPart::Data => "--size",
             PoolPart::Metadata => "--poolmetadatasize",
