@@ -258,7 +258,7 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     use volume_core::backend::lvm::LvmBackend;
-    use volume_core::pool_growth::{PoolGrowth, PoolGrowthPolicy};
+    use volume_core::pool_growth::{PoolGrowth, PoolGrowthPolicy, PoolPart};
     use volume_core::pool_watch::{AutoExtender, DmEvents, PoolEvents, Wake};
     use volume_core::units::Percent;
 
@@ -314,7 +314,9 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
                 for timed in extender.check().expect("auto-extend check") {
                     seen.push((wake, timed));
                 }
-                wake = events.wait(Duration::from_secs(2)).expect("wait");
+                // A fallback tick longer than the test: every growth here
+                // is woken by a device-mapper event.
+                wake = events.wait(Duration::from_secs(120)).expect("wait");
             }
             seen
         })
@@ -330,9 +332,13 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
         "conv=fsync".to_owned(),
     ]);
     let wrote_in = started.elapsed();
-    // One more check after the last write settles, then stop.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
+    // A new device is a device-mapper event too: it wakes the watcher.
+    let _ = pool
+        .backend
+        .create_thin(&VolumeId::generate().lv_name(), Bytes(GIB), &[])
+        .expect("create a second volume");
     let seen = watcher.join().expect("watcher thread");
     let after = pool.backend.pool_status().unwrap();
     eprintln!(
@@ -356,8 +362,8 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
         "{seen:?}"
     );
     assert!(
-        seen.iter().any(|(wake, _)| *wake == Wake::Event),
-        "at least one growth was woken by a device-mapper event: {seen:?}"
+        !seen.is_empty() && seen.iter().all(|(wake, _)| *wake == Wake::Event),
+        "every growth was woken by a device-mapper event: {seen:?}"
     );
 
     Program::find("umount")
@@ -368,4 +374,56 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
         .unwrap()
         .run(["-fn", device.to_str().unwrap()])
         .expect("e2fsck -fn: the filesystem checks clean");
+
+    // Metadata grows online too, and the table keeps its low-water mark.
+    let metadata_before = after.usage.metadata_size;
+    let grown = pool
+        .backend
+        .grow_pool(PoolPart::Metadata, Bytes(4 * MIB))
+        .expect("grow metadata");
+    assert_eq!(
+        grown,
+        PoolGrowth::Grown {
+            part: PoolPart::Metadata,
+            from: metadata_before,
+            to: metadata_before + Bytes(4 * MIB)
+        }
+    );
+    let status = pool.backend.pool_status().unwrap();
+    assert_eq!(status.usage.metadata_size, metadata_before + Bytes(4 * MIB));
+    let table = dmsetup.run(["table", dm_pool.as_str()]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let low_water: u64 = table.split_whitespace().nth(6).unwrap().parse().unwrap();
+    assert!(low_water > 0, "{table}");
+
+    // More than the VG has: all of it, then VG full, and the pool errors
+    // when full instead of queueing I/O that nothing will free.
+    let when_full = || {
+        let line = CommandLine::command("lvs")
+            .args(["--noheadings", "-o", "lv_when_full"])
+            .arg(format!("{}/pool", pool.vg))
+            .build()
+            .unwrap();
+        LvmRunner::start().unwrap().run(&line).unwrap().report
+    };
+    assert!(when_full().contains("queue"), "{}", when_full());
+    let free = status.vg_free;
+    match pool
+        .backend
+        .grow_pool(PoolPart::Data, Bytes(100 * GIB))
+        .unwrap()
+    {
+        PoolGrowth::Grown { from, to, .. } => assert_eq!(to, from + free),
+        other => panic!("expected the VG's {free} free, got {other:?}"),
+    }
+    assert_eq!(
+        pool.backend
+            .grow_pool(PoolPart::Data, Bytes(4 * MIB))
+            .unwrap(),
+        PoolGrowth::VgFull {
+            part: PoolPart::Data,
+            size: status.usage.data_size + free
+        }
+    );
+    assert!(when_full().contains("error"), "{}", when_full());
 }
