@@ -17,4 +17,4 @@ pub mod jail;
 pub mod keys;
 mod locked;
 
-pub use volume_model::{actions, capacity, names, units};
+pub use volume_model::{actions, capacity, health, names, units};
