@@ -240,6 +240,7 @@ mod tests {
                     metadata_used: Bytes(1 << 20),
                     provisioned: Bytes::ZERO,
                     volume_count: 0,
+                    health: Default::default(),
                 },
                 policy: CapacityPolicy::default(),
                 heartbeat_ms: 1_000_000,

@@ -64,6 +64,7 @@ pub fn host(id: &str, region: &str, zone: &str, data: u64) -> HostRecord {
             metadata_used: Bytes(1 << 20),
             provisioned: Bytes::ZERO,
             volume_count: 0,
+            health: Default::default(),
         },
         policy: CapacityPolicy::default(),
         heartbeat_ms: now_ms(),

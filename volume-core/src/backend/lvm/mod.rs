@@ -7,6 +7,7 @@
 //! commands. Foreign LVs are read (their virtual size counts against the
 //! pool) but never changed.
 
+pub mod kernel;
 pub mod report;
 pub mod runner;
 
@@ -16,6 +17,7 @@ use super::shared::{self, FoundLv};
 use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
+use crate::health::VolumeHealth;
 use crate::names::{LvName, NameError, OWNER_TAG};
 use crate::units::{Bytes, Percent, SECTOR_SIZE};
 use std::collections::BTreeSet;
@@ -41,6 +43,17 @@ impl LvmBackend {
             runner: LvmRunner::start()?,
             operation: Mutex::new(()),
         })
+    }
+
+    /// Adds what the pool target itself says (`needs_check` is only there)
+    /// to LVM's reading. A status that cannot be read leaves LVM's reading
+    /// as it is: LVM read the same target moments ago.
+    fn with_kernel_health(&self, mut status: PoolStatus) -> PoolStatus {
+        if let Ok(Some(health)) = kernel::pool_health(self.spec.vg.as_str(), self.spec.pool.as_str())
+        {
+            status.usage.health = status.usage.health.worst(health);
+        }
+        status
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -195,6 +208,7 @@ impl VgView {
             data_percent,
             tags: row.tags.clone(),
             device: if row.active { row.path.clone() } else { None },
+            health: row.volume_health(),
         })
     }
 
@@ -247,6 +261,7 @@ impl VgView {
                 metadata_used: share(metadata_size, metadata_percent),
                 provisioned,
                 volume_count,
+                health: pool.pool_health(),
             },
             extent_size: pool.extent_size,
             vg_free: pool.vg_free,
@@ -354,7 +369,7 @@ impl ThinBackend for LvmBackend {
             ]))?;
         }
         // Neither activation nor --errorwhenfull makes a pool.
-        let status = view.status(spec, pool)?;
+        let status = self.with_kernel_health(view.status(spec, pool)?);
         Ok(if created {
             CreateAction::Created(status)
         } else {
@@ -366,7 +381,7 @@ impl ThinBackend for LvmBackend {
         let _operation = self.lock();
         let view = self.read_vg()?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
-        view.status(&self.spec, pool)
+        Ok(self.with_kernel_health(view.status(&self.spec, pool)?))
     }
 
     fn create_thin(
@@ -408,6 +423,7 @@ impl ThinBackend for LvmBackend {
             data_percent: Percent::ZERO,
             tags: all_tags,
             device: Some(view.device_of(&self.spec, lv)),
+            health: VolumeHealth::Healthy,
         }))
     }
 
