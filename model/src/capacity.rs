@@ -242,7 +242,10 @@ mod tests {
         let mut usage = pool(3);
         usage.health = PoolHealth::OutOfData;
         assert_eq!(
-            usage.admit_new(&policy, Bytes(GIB)).unwrap_err().to_string(),
+            usage
+                .admit_new(&policy, Bytes(GIB))
+                .unwrap_err()
+                .to_string(),
             "pool health: pool out of data space, so no new space is promised"
         );
     }

@@ -256,7 +256,8 @@ impl Metrics {
             .set(f64::from(usage.metadata_percent().hundredths()) / 100.0);
         self.pool_data_size.set(gauge_value(usage.data_size.0));
         self.pool_provisioned.set(gauge_value(usage.provisioned.0));
-        self.pool_healthy.set(i64::from(usage.health.takes_writes()));
+        self.pool_healthy
+            .set(i64::from(usage.health.takes_writes()));
         for health in PoolHealth::ALL {
             self.pool_health
                 .get_or_create(&HealthLabel {

@@ -134,6 +134,7 @@ impl Store {
             error: error.map(str::to_owned),
             updated_ms: now_ms(),
             node: None,
+            health: Default::default(),
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv

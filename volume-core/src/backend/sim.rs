@@ -405,7 +405,8 @@ mod tests {
         assert_eq!(status.usage.health, PoolHealth::OutOfData);
         let policy = crate::capacity::CapacityPolicy::default();
         assert_eq!(status.usage.headroom(&policy), Bytes::ZERO);
-        sim.simulate_volume_health(&lv, VolumeHealth::Failed).unwrap();
+        sim.simulate_volume_health(&lv, VolumeHealth::Failed)
+            .unwrap();
         assert_eq!(sim.list_thins().unwrap()[0].health, VolumeHealth::Failed);
         sim.simulate_pool_health(PoolHealth::Healthy);
         assert!(sim.pool_status().unwrap().usage.headroom(&policy) > Bytes::ZERO);

@@ -7,9 +7,7 @@
 //! the worse of the two readings.
 
 use crate::health::PoolHealth;
-use devicemapper::{
-    DevId, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolStatusSummary, DM,
-};
+use devicemapper::{DevId, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolStatusSummary, DM};
 use std::str::FromStr;
 
 /// What one status line of a thin-pool target says about its health.
@@ -79,11 +77,26 @@ mod tests {
     #[test]
     fn status_lines_map_to_health() {
         let cases = [
-            ("1 12/1024 30/1024 - rw discard_passdown queue_if_no_space - 1024", PoolHealth::Healthy),
-            ("1 12/1024 1024/1024 - out_of_data_space discard_passdown error_if_no_space - 1024", PoolHealth::OutOfData),
-            ("1 12/1024 30/1024 - ro discard_passdown queue_if_no_space - 1024", PoolHealth::MetadataReadOnly),
-            ("1 12/1024 30/1024 - rw no_discard_passdown queue_if_no_space needs_check 1024", PoolHealth::NeedsCheck),
-            ("1 12/1024 30/1024 - ro discard_passdown queue_if_no_space needs_check 1024", PoolHealth::MetadataReadOnly),
+            (
+                "1 12/1024 30/1024 - rw discard_passdown queue_if_no_space - 1024",
+                PoolHealth::Healthy,
+            ),
+            (
+                "1 12/1024 1024/1024 - out_of_data_space discard_passdown error_if_no_space - 1024",
+                PoolHealth::OutOfData,
+            ),
+            (
+                "1 12/1024 30/1024 - ro discard_passdown queue_if_no_space - 1024",
+                PoolHealth::MetadataReadOnly,
+            ),
+            (
+                "1 12/1024 30/1024 - rw no_discard_passdown queue_if_no_space needs_check 1024",
+                PoolHealth::NeedsCheck,
+            ),
+            (
+                "1 12/1024 30/1024 - ro discard_passdown queue_if_no_space needs_check 1024",
+                PoolHealth::MetadataReadOnly,
+            ),
             ("Fail", PoolHealth::Failed),
             ("Error", PoolHealth::Unknown),
         ];

@@ -49,7 +49,8 @@ impl LvmBackend {
     /// to LVM's reading. A status that cannot be read leaves LVM's reading
     /// as it is: LVM read the same target moments ago.
     fn with_kernel_health(&self, mut status: PoolStatus) -> PoolStatus {
-        if let Ok(Some(health)) = kernel::pool_health(self.spec.vg.as_str(), self.spec.pool.as_str())
+        if let Ok(Some(health)) =
+            kernel::pool_health(self.spec.vg.as_str(), self.spec.pool.as_str())
         {
             status.usage.health = status.usage.health.worst(health);
         }

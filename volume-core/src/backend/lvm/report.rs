@@ -325,7 +325,11 @@ impl LvRecord {
             Some(c) if raw.lv_attr.chars().count() >= 9 && c.is_ascii_graphic() => c,
             _ => return Err(row.error("lv_attr", &raw.lv_attr, "LVM's ten attribute characters")),
         };
-        if !raw.lv_health_status.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        if !raw
+            .lv_health_status
+            .chars()
+            .all(|c| c.is_ascii_graphic() || c == ' ')
+        {
             return Err(row.error("lv_health_status", &raw.lv_health_status, "a health word"));
         }
         let tags = row
@@ -496,7 +500,11 @@ pub(crate) mod tests {
         let cases = [
             ("twi-aotz--", "", PoolHealth::Healthy),
             ("twi-aotzD-", "out_of_data", PoolHealth::OutOfData),
-            ("twi-aotzM-", "metadata_read_only", PoolHealth::MetadataReadOnly),
+            (
+                "twi-aotzM-",
+                "metadata_read_only",
+                PoolHealth::MetadataReadOnly,
+            ),
             ("twi-aotzF-", "failed", PoolHealth::Failed),
             ("twi-aotzX-", "", PoolHealth::Unknown),
             ("twi-aotz--", "needs_check", PoolHealth::NeedsCheck),
@@ -505,11 +513,24 @@ pub(crate) mod tests {
             ("twi-aotz--", "something new", PoolHealth::Unknown),
         ];
         for (attr, status, expected) in cases {
-            assert_eq!(health(attr, status).pool_health(), expected, "{attr} {status:?}");
+            assert_eq!(
+                health(attr, status).pool_health(),
+                expected,
+                "{attr} {status:?}"
+            );
         }
-        assert_eq!(health("Vwi-a-tzF-", "failed").volume_health(), VolumeHealth::Failed);
-        assert_eq!(health("Vwi-a-tzX-", "").volume_health(), VolumeHealth::Unknown);
-        assert_eq!(health("Vwi-a-tz--", "").volume_health(), VolumeHealth::Healthy);
+        assert_eq!(
+            health("Vwi-a-tzF-", "failed").volume_health(),
+            VolumeHealth::Failed
+        );
+        assert_eq!(
+            health("Vwi-a-tzX-", "").volume_health(),
+            VolumeHealth::Unknown
+        );
+        assert_eq!(
+            health("Vwi-a-tz--", "").volume_health(),
+            VolumeHealth::Healthy
+        );
         assert!(field_error("lv_attr", "twi").contains("`lv_attr` is \"twi\""));
     }
 
