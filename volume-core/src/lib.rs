@@ -2,11 +2,12 @@
 //!
 //! The model ([`units`], [`names`], [`capacity`], [`actions`]) lives in the
 //! `volume-model` crate, which does no I/O; it is re-exported here under its
-//! old paths. The [`backend`] trait is the seam to LVM; [`backend::sim`]
-//! stands in for it in fast tests. The data path above it: [`keys`] (key custody), [`crypt`]
-//! (LUKS2 via libcryptsetup), [`fs`] (ext4), [`jail`] (device nodes in jails),
-//! [`cmd`] (the one place external programs run), and [`host`], the
-//! [`host::VolumeHost`] API the VM worker links.
+//! old paths. The [`backend`] trait is the seam to LVM; `backend::sim`
+//! (feature `testing`) stands in for it in fast tests. The data path above
+//! it: [`keys`] (key custody), [`crypt`] (LUKS2 via libcryptsetup), [`fs`]
+//! (ext4), [`jail`] (device nodes in jails), [`cmd`] (the one place external
+//! programs run), and [`host`], the [`host::VolumeHost`] API the VM worker
+//! links.
 
 pub mod backend;
 pub mod cmd;

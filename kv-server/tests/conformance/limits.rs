@@ -146,3 +146,29 @@ async fn a_key_over_the_limit_is_refused_with_400() {
     let all = kv.get_recurse("").await.unwrap().value;
     assert_eq!(all.len(), 1, "only the key at the limit was written");
 }
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408() {
+    use tokio::io::AsyncReadExt as _;
+    let mut config = consul_kv_server::ServerConfig::loopback();
+    config.body_read_timeout = Duration::from_millis(500);
+    let server = start_with(config).await;
+    let mut socket = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    socket
+        .write_all(b"PUT /v1/kv/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within(Duration::from_secs(5), socket.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("Request body not received within"),
+        "{answer}"
+    );
+    assert_eq!(get_raw(&server, "/v1/kv/slow").await.status(), 404);
+}
