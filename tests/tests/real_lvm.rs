@@ -7,11 +7,11 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
+use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
 use volume_core::backend::lvm::{kernel, report};
+use volume_core::backend::{BackendError, ThinBackend};
 use volume_core::capacity::{CapacityPolicy, Refusal};
 use volume_core::health::{PoolHealth, VolumeHealth};
-use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
-use volume_core::backend::{BackendError, ThinBackend};
 use volume_core::names::{VolumeId, OWNER_TAG};
 use volume_core::units::{Bytes, GIB, MIB};
 use volume_tests::TestPool;
@@ -290,7 +290,9 @@ fn real_test_a_full_pool_reports_out_of_data_and_no_headroom() {
     let device = volume.device.expect("active thin LV");
     let mut file = OpenOptions::new().write(true).open(&device).unwrap();
     let chunk = vec![0x5Au8; MIB as usize];
-    let written = (0..100).take_while(|_| file.write_all(&chunk).is_ok()).count();
+    let written = (0..100)
+        .take_while(|_| file.write_all(&chunk).is_ok())
+        .count();
     let synced = file.sync_all();
     assert!(synced.is_err(), "{written} MiB into a 64 MiB pool synced");
     drop(file);
