@@ -322,7 +322,7 @@ impl LvRecord {
         };
         // `lv_attr` is ten characters; the ninth is the volume's health.
         let attr_health = match raw.lv_attr.chars().nth(8) {
-            Some(c) if raw.lv_attr.chars().count() >= 9 && c.is_ascii_graphic() => c,
+            Some(c) if c.is_ascii_graphic() => c,
             _ => return Err(row.error("lv_attr", &raw.lv_attr, "LVM's ten attribute characters")),
         };
         if !raw
