@@ -505,7 +505,8 @@ fn run(program: &str, args: &[&str]) -> String {
 }
 
 /// Space a guest frees comes back to the pool: `rm` plus `fstrim` inside a
-/// volume lowers its thin LV's data%, through dm-crypt and without it.
+/// volume lowers its thin LV's data%, through dm-crypt and without it, also
+/// after a grow.
 #[test]
 fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
     const WRITTEN: u64 = 64 * MIB;
@@ -515,6 +516,9 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
         let spec = spec(Bytes(GIB), encryption);
         let device = host.create(&spec).expect("create").into_inner().device;
         let device = device.expect("an open volume has a device");
+        // A grow reloads the dm-crypt table, which must keep the discard flag.
+        let grown = host.extend(&spec.id, Bytes(GIB + 64 * MIB)).expect("extend");
+        assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
         // `noinit_itable`: ext4's background inode-table zeroing would
         // allocate pool blocks between the two readings.
         mount(
