@@ -517,7 +517,9 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
         let device = host.create(&spec).expect("create").into_inner().device;
         let device = device.expect("an open volume has a device");
         // A grow reloads the dm-crypt table, which must keep the discard flag.
-        let grown = host.extend(&spec.id, Bytes(GIB + 64 * MIB)).expect("extend");
+        let grown = host
+            .extend(&spec.id, Bytes(GIB + 64 * MIB))
+            .expect("extend");
         assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
         // `noinit_itable`: ext4's background inode-table zeroing would
         // allocate pool blocks between the two readings.
@@ -545,7 +547,10 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
         // The freed blocks are free to trim only once the journal has
         // committed the unlink.
         nix::unistd::sync();
-        let trim = run("/usr/sbin/fstrim", &["-v", &stack.mnt().display().to_string()]);
+        let trim = run(
+            "/usr/sbin/fstrim",
+            &["-v", &stack.mnt().display().to_string()],
+        );
         let trimmed = allocated(&host, &spec.id);
         eprintln!(
             "{encryption:?}: {} MiB allocated after writing, {} MiB after rm + fstrim ({})",
@@ -553,7 +558,10 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
             trimmed / MIB,
             trim.trim()
         );
-        assert!(written >= WRITTEN, "{encryption:?}: {written} after the write");
+        assert!(
+            written >= WRITTEN,
+            "{encryption:?}: {written} after the write"
+        );
         assert!(
             written.saturating_sub(trimmed) >= WRITTEN * 7 / 8,
             "{encryption:?}: {written} bytes allocated before, {trimmed} after fstrim"
