@@ -123,11 +123,11 @@ pub fn build(
         let devices = Arc::new(SimDevices::new(sim.clone()));
         (sim.clone(), devices, Some(sim))
     } else {
-        let (lvm, devices) = real_backend(spec)?;
+        let (lvm, devices) = real_backend(spec, config)?;
         (lvm, devices, None)
     };
     #[cfg(not(feature = "testing"))]
-    let (raw, devices) = real_backend(spec)?;
+    let (raw, devices) = real_backend(spec, config)?;
     let backend: Arc<dyn ThinBackend> = Arc::new(CountingBackend::new(raw, metrics));
     let pool = backend.ensure_pool().map_err(StartError::Pool)?;
     if pool.changed() {
@@ -152,8 +152,9 @@ pub fn build(
 /// A backend and the devices above it.
 type DataPath = (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>);
 
-fn real_backend(spec: ThinPoolSpec) -> Result<DataPath, StartError> {
-    let devices = Arc::new(RealDevices::locate().map_err(StartError::Tools)?);
+fn real_backend(spec: ThinPoolSpec, config: &Config) -> Result<DataPath, StartError> {
+    let devices = RealDevices::locate_with(config.crypt).map_err(StartError::Tools)?;
+    let devices = Arc::new(devices);
     let lvm = Arc::new(LvmBackend::start(spec).map_err(StartError::Backend)?);
     Ok((lvm, devices))
 }

@@ -131,7 +131,12 @@ impl LvmBackend {
         // tenants, and without it a fresh volume can read blocks a deleted
         // one left behind. (It also spares lvcreate a signature wipe per
         // thin LV.)
-        line = line.args(["--zero", "y", "--activate", "y"]);
+        // Discards pass down explicitly rather than by lvm.conf's
+        // `thin_pool_discards`: with `ignore`, a guest's `fstrim` would
+        // return nothing to the pool. (A data device that cannot discard
+        // makes the kernel fall back to `nopassdown`, which still frees the
+        // pool's blocks.)
+        line = line.args(["--zero", "y", "--discards", "passdown", "--activate", "y"]);
         self.change(line.args(["--name", self.spec.pool.as_str(), self.spec.vg.as_str()]))
     }
 }
