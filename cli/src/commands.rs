@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use clap::CommandFactory;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
-use volume_model::names::VolumeId;
+use volume_model::health::{PoolHealth, VolumeHealth};
+use volume_model::names::{HostId, VolumeId};
 use volume_model::units::Bytes;
 
 use crate::args::{
@@ -31,6 +33,10 @@ pub struct VolumeView {
     /// once destroy is requested.
     pub state: String,
     pub status: Option<serde_json::Value>,
+    /// `healthy`; the thin LV's own health when LVM flags it (`failed`,
+    /// `unknown`); else `pool <health>` while its host's pool cannot take
+    /// writes (e.g. `pool out_of_data`).
+    pub health: String,
 }
 
 impl VolumeView {
@@ -40,11 +46,23 @@ impl VolumeView {
             Some(entry) => entry.status.state.as_str().to_owned(),
             None => "pending".to_owned(),
         };
+        let health = status.map(|entry| entry.status.health).unwrap_or_default();
         VolumeView {
             state,
             status: status.map(|entry| entry.raw.clone()),
+            health: health.as_str().to_owned(),
             spec,
         }
+    }
+
+    /// Shows the host pool's health on a volume that is otherwise healthy.
+    fn with_pool_health(mut self, pool: Option<PoolHealth>) -> VolumeView {
+        if let Some(pool) = pool.filter(|pool| !pool.takes_writes()) {
+            if self.health == VolumeHealth::Healthy.as_str() {
+                self.health = format!("pool {pool}");
+            }
+        }
+        self
     }
 
     fn device(&self) -> Option<&str> {
@@ -54,7 +72,7 @@ impl VolumeView {
 
 fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<()> {
     let mut table = Table::new(&[
-        "ID", "NAME", "REGION", "ZONE", "HOST", ">SIZE", "ENC", "STATE", "DEVICE",
+        "ID", "NAME", "REGION", "ZONE", "HOST", ">SIZE", "ENC", "STATE", "HEALTH", "DEVICE",
     ]);
     for view in volumes {
         let spec = &view.spec;
@@ -67,6 +85,7 @@ fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<
             format::size(spec.size),
             if spec.encrypted { "yes" } else { "no" }.to_owned(),
             view.state.clone(),
+            view.health.clone(),
             view.device().unwrap_or("-").to_owned(),
         ]);
     }
@@ -173,14 +192,25 @@ async fn finish_create(
     Ok(views)
 }
 
+/// Each host's pool health, from the host records.
+async fn pool_health(ctx: &Ctx, ui: &mut Ui<'_>) -> Result<BTreeMap<HostId, PoolHealth>, CliError> {
+    Ok(store::read_hosts(ctx, ui)
+        .await?
+        .into_iter()
+        .map(|entry| (entry.record.id, entry.record.pool.health))
+        .collect())
+}
+
 async fn volume_views(ctx: &Ctx, ui: &mut Ui<'_>) -> Result<Vec<VolumeView>, CliError> {
     let specs = store::read_specs(ctx, ui).await?;
     let statuses = store::read_statuses(ctx, ui).await?;
+    let pools = pool_health(ctx, ui).await?;
     let mut views: Vec<VolumeView> = specs
         .into_iter()
         .map(|SpecEntry { spec, .. }| {
             let status = statuses.get(&(spec.host.clone(), spec.id.clone()));
-            VolumeView::new(spec, status)
+            let pool = pools.get(&spec.host).copied();
+            VolumeView::new(spec, status).with_pool_health(pool)
         })
         .collect();
     views.sort_by(|a, b| {
@@ -213,7 +243,8 @@ pub async fn list(
 pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
     let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
     let status = store::read_status(ctx, &spec.host, &spec.id).await?;
-    let view = VolumeView::new(spec, status.as_ref());
+    let pool = pool_health(ctx, ui).await?.get(&spec.host).copied();
+    let view = VolumeView::new(spec, status.as_ref()).with_pool_health(pool);
     if args.json {
         print_json(&view, ui.out())?;
         return Ok(view);
@@ -223,6 +254,7 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
         ("id", spec.id.to_string()),
         ("name", spec.name.to_string()),
         ("state", view.state.clone()),
+        ("health", view.health.clone()),
         ("host", spec.host.to_string()),
         ("region", spec.region.to_string()),
         ("zone", spec.zone.to_string()),
@@ -271,6 +303,7 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             "error",
             "updated_ms",
             "node",
+            "health",
         ];
         if let Some(fields) = entry.raw.as_object() {
             for (name, value) in fields {
@@ -408,6 +441,7 @@ pub async fn hosts(
         ">RESERVED",
         ">RATIO",
         ">HEADROOM",
+        "HEALTH",
         ">VOLUMES",
         ">ORPHANS",
         "HEARTBEAT",
@@ -427,6 +461,7 @@ pub async fn hosts(
             format::size(view.ledger.reserved),
             policy.overcommit.to_string(),
             format::size(view.headroom),
+            pool.health.to_string(),
             format!(
                 "{}/{}",
                 view.ledger.volumes.max(pool.volume_count),

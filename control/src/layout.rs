@@ -1,7 +1,10 @@
 //! Where everything lives in the KV store, and what it holds.
 //!
 //! ```text
-//! <root>/hosts/<host>/info        HostRecord   written by that host's volumed
+//! <root>/hosts/<host>/info        HostRecord   written by that host's volumed;
+//!                                              `pool.health` is the pool's
+//!                                              health (headroom 0 unless
+//!                                              `healthy`)
 //! <root>/hosts/<host>/ledger      Ledger       reservations; every create's txn
 //!                                              checks its index (CAS), so two
 //!                                              creates can never over-commit
@@ -31,6 +34,7 @@
 
 use serde::{Deserialize, Serialize};
 use volume_model::capacity::{CapacityPolicy, PoolUsage};
+use volume_model::health::VolumeHealth;
 use volume_model::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
 
@@ -230,6 +234,14 @@ pub struct VolumeStatus {
     /// when the host exposes volumes into jails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The thin LV's own health as LVM reports it; left out while healthy.
+    /// (The pool's health is in the host record: `pool.health`.)
+    #[serde(default, skip_serializing_if = "is_healthy")]
+    pub health: VolumeHealth,
+}
+
+fn is_healthy(health: &VolumeHealth) -> bool {
+    *health == VolumeHealth::Healthy
 }
 
 #[cfg(test)]

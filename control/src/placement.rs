@@ -225,6 +225,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use volume_model::capacity::CapacityPolicy;
+    use volume_model::health::PoolHealth;
     use volume_model::units::{OvercommitRatio, GIB};
 
     fn host(id: &str, region: &str, zone: &str, data_gib: u64) -> Candidate {
@@ -240,6 +241,7 @@ mod tests {
                     metadata_used: Bytes(1 << 20),
                     provisioned: Bytes::ZERO,
                     volume_count: 0,
+                    health: Default::default(),
                 },
                 policy: CapacityPolicy::default(),
                 heartbeat_ms: 1_000_000,
@@ -272,6 +274,21 @@ mod tests {
         let placement = place(&request("ewr", Bytes::from_gb(25).unwrap()), &hosts).unwrap();
         assert_eq!(placement.host.as_str(), "h2");
         assert_eq!(placement.ledger_after.volumes, 1);
+    }
+
+    #[test]
+    fn a_host_whose_pool_cannot_take_writes_is_passed_over_naming_its_health() {
+        let mut full = host("h1", "ewr", "a", 50);
+        full.host.pool.health = PoolHealth::OutOfData;
+        let hosts = [full, host("h2", "ewr", "b", 3)];
+        let placement = place(&request("ewr", Bytes(GIB)), &hosts).unwrap();
+        assert_eq!(placement.host.as_str(), "h2");
+        assert_eq!(hosts[0].headroom(), Bytes::ZERO);
+        let err = place(&request("ewr", Bytes(GIB)), &hosts[..1]).unwrap_err();
+        assert_eq!(
+            err.skipped[0].1.to_string(),
+            "pool health: pool out of data space, so no new space is promised"
+        );
     }
 
     #[test]

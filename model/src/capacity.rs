@@ -4,6 +4,7 @@
 //! module decides, with exact integer arithmetic and no I/O, whether one more
 //! volume (or a growth of one) fits, and when it does not, names the limit.
 
+use crate::health::PoolHealth;
 use crate::units::{Bytes, OvercommitRatio, Percent};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -20,6 +21,10 @@ pub struct PoolUsage {
     /// Sum of the virtual sizes of every thin volume in the pool.
     pub provisioned: Bytes,
     pub volume_count: u32,
+    /// Whether the pool can take writes; anything but healthy makes the
+    /// headroom 0. A record written before this field reads as healthy.
+    #[serde(default)]
+    pub health: PoolHealth,
 }
 
 /// The operator's limits for one pool.
@@ -64,6 +69,8 @@ pub enum Refusal {
     MetadataLowWater { free: Percent, mark: Percent },
     #[error("volume count: pool holds {count} volumes, the limit is {max}")]
     VolumeCount { count: u32, max: u32 },
+    #[error("pool health: {}, so no new space is promised", .health.reason())]
+    PoolUnhealthy { health: PoolHealth },
 }
 
 impl Refusal {
@@ -75,6 +82,7 @@ impl Refusal {
             Refusal::DataLowWater { .. } => "data low-water",
             Refusal::MetadataLowWater { .. } => "metadata low-water",
             Refusal::VolumeCount { .. } => "volume count",
+            Refusal::PoolUnhealthy { .. } => "pool health",
         }
     }
 }
@@ -108,8 +116,12 @@ impl PoolUsage {
         policy.overcommit.scale(self.data_size)
     }
 
-    /// Virtual size still available under `policy`.
+    /// Virtual size still available under `policy`: 0 while the pool
+    /// cannot take writes.
     pub fn headroom(&self, policy: &CapacityPolicy) -> Bytes {
+        if !self.health.takes_writes() {
+            return Bytes::ZERO;
+        }
         self.virtual_limit(policy).saturating_sub(self.provisioned)
     }
 
@@ -139,6 +151,11 @@ impl PoolUsage {
     }
 
     fn admit_space(&self, policy: &CapacityPolicy, requested: Bytes) -> Result<Admission, Refusal> {
+        if !self.health.takes_writes() {
+            return Err(Refusal::PoolUnhealthy {
+                health: self.health,
+            });
+        }
         let data_free = self.data_free_percent();
         if data_free < policy.data_low_water {
             return Err(Refusal::DataLowWater {
@@ -174,7 +191,7 @@ impl fmt::Display for PoolUsage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "data {} of {} ({}), metadata {} of {} ({}), {} provisioned in {} volumes",
+            "data {} of {} ({}), metadata {} of {} ({}), {} provisioned in {} volumes, {}",
             self.data_used,
             self.data_size,
             self.data_percent(),
@@ -182,7 +199,8 @@ impl fmt::Display for PoolUsage {
             self.metadata_size,
             self.metadata_percent(),
             self.provisioned,
-            self.volume_count
+            self.volume_count,
+            self.health
         )
     }
 }
@@ -201,7 +219,42 @@ mod tests {
             metadata_used: Bytes(1 << 20),
             provisioned: Bytes::ZERO,
             volume_count: 0,
+            health: PoolHealth::Healthy,
         }
+    }
+
+    #[test]
+    fn an_unhealthy_pool_has_no_headroom_and_refuses_by_health() {
+        let policy = CapacityPolicy::default();
+        for health in PoolHealth::ALL {
+            let mut usage = pool(3);
+            usage.health = health;
+            if health.takes_writes() {
+                assert_eq!(usage.headroom(&policy), Bytes(30 * GIB));
+                continue;
+            }
+            assert_eq!(usage.headroom(&policy), Bytes::ZERO, "{health}");
+            let refusal = usage.admit_new(&policy, Bytes(GIB)).unwrap_err();
+            assert_eq!(refusal, Refusal::PoolUnhealthy { health });
+            assert_eq!(refusal.limit(), "pool health");
+            assert!(usage.admit_growth(&policy, Bytes(GIB)).is_err());
+        }
+        let mut usage = pool(3);
+        usage.health = PoolHealth::OutOfData;
+        assert_eq!(
+            usage
+                .admit_new(&policy, Bytes(GIB))
+                .unwrap_err()
+                .to_string(),
+            "pool health: pool out of data space, so no new space is promised"
+        );
+    }
+
+    #[test]
+    fn a_record_without_health_reads_as_healthy() {
+        let json = r#"{"data_size":1,"data_used":0,"metadata_size":1,"metadata_used":0,"provisioned":0,"volume_count":0}"#;
+        let usage: PoolUsage = serde_json::from_str(json).unwrap();
+        assert_eq!(usage.health, PoolHealth::Healthy);
     }
 
     #[test]
@@ -322,6 +375,7 @@ mod tests {
                         prop_assert!(text.contains(&max.to_string()));
                     }
                     Refusal::ZeroSize => prop_assert_eq!(size, 0),
+                    Refusal::PoolUnhealthy { health } => prop_assert!(!health.takes_writes()),
                 }
             }
         }

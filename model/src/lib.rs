@@ -4,6 +4,7 @@
 //! * [`units`]: byte, sector, extent, percent and ratio newtypes.
 //! * [`names`]: checked names and the `vmv1` prefix every device carries.
 //! * [`capacity`]: pool usage, policy and the admission decision.
+//! * [`health`]: typed pool and volume health.
 //! * [`actions`]: return types that say what an idempotent call did.
 //! * [`jail_path`]: the shape check of a jail node path.
 //! * [`pool_growth`]: when and by how much volumed grows a thin pool.
@@ -14,6 +15,7 @@
 
 pub mod actions;
 pub mod capacity;
+pub mod health;
 pub mod jail_path;
 pub mod names;
 pub mod pool_growth;

@@ -162,6 +162,7 @@ mod tests {
             metadata_used: Bytes(metadata_used * MIB / 10),
             provisioned: Bytes(1000 * MIB),
             volume_count: 1,
+            health: crate::health::PoolHealth::Healthy,
         }
     }
 

@@ -477,3 +477,97 @@ fn real_test_a_kept_hard_link_never_opens_the_next_volume_on_the_minor() {
     let _ = host.delete(&second.id).unwrap();
     let _ = host.delete(&first.id).unwrap();
 }
+
+/// Bytes of pool data backing `id`'s thin LV, from the LV's data%.
+fn allocated(host: &VolumeHost, id: &VolumeId) -> u64 {
+    let volume = host
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.id == *id)
+        .expect("volume listed");
+    volume.size.0 / 10_000 * u64::from(volume.data_percent.hundredths())
+}
+
+/// Runs `program` and returns its standard output.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Space a guest frees comes back to the pool: `rm` plus `fstrim` inside a
+/// volume lowers its thin LV's data%, through dm-crypt and without it, also
+/// after a grow.
+#[test]
+fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
+    const WRITTEN: u64 = 64 * MIB;
+    let stack = Stack::new("dp-discard");
+    let host = stack.host();
+    for encryption in [Encryption::Luks2, Encryption::None] {
+        let spec = spec(Bytes(GIB), encryption);
+        let device = host.create(&spec).expect("create").into_inner().device;
+        let device = device.expect("an open volume has a device");
+        // A grow reloads the dm-crypt table, which must keep the discard flag.
+        let grown = host
+            .extend(&spec.id, Bytes(GIB + 64 * MIB))
+            .expect("extend");
+        assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
+        // `noinit_itable`: ext4's background inode-table zeroing would
+        // allocate pool blocks between the two readings.
+        mount(
+            Some(&device),
+            &stack.mnt(),
+            Some("ext4"),
+            MsFlags::empty(),
+            Some("noinit_itable"),
+        )
+        .unwrap();
+        let file = stack.mnt().join("filler.bin");
+        let _ = run(
+            "/bin/dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", file.display()),
+                "bs=1M",
+                &format!("count={}", WRITTEN / MIB),
+                "conv=fsync",
+            ],
+        );
+        let written = allocated(&host, &spec.id);
+        fs::remove_file(&file).unwrap();
+        // The freed blocks are free to trim only once the journal has
+        // committed the unlink.
+        nix::unistd::sync();
+        let trim = run(
+            "/usr/sbin/fstrim",
+            &["-v", &stack.mnt().display().to_string()],
+        );
+        let trimmed = allocated(&host, &spec.id);
+        eprintln!(
+            "{encryption:?}: {} MiB allocated after writing, {} MiB after rm + fstrim ({})",
+            written / MIB,
+            trimmed / MIB,
+            trim.trim()
+        );
+        assert!(
+            written >= WRITTEN,
+            "{encryption:?}: {written} after the write"
+        );
+        assert!(
+            written.saturating_sub(trimmed) >= WRITTEN * 7 / 8,
+            "{encryption:?}: {written} bytes allocated before, {trimmed} after fstrim"
+        );
+        umount(&stack.mnt()).unwrap();
+        let _ = host.delete(&spec.id).unwrap();
+        stack.assert_gone(&host, &spec.id);
+    }
+}

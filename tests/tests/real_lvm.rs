@@ -7,9 +7,11 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
-use volume_core::backend::lvm::report;
 use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
+use volume_core::backend::lvm::{kernel, report};
 use volume_core::backend::{BackendError, ThinBackend};
+use volume_core::capacity::{CapacityPolicy, Refusal};
+use volume_core::health::{PoolHealth, VolumeHealth};
 use volume_core::names::{VolumeId, OWNER_TAG};
 use volume_core::units::{Bytes, GIB, MIB};
 use volume_tests::TestPool;
@@ -426,4 +428,81 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
         }
     );
     assert!(when_full().contains("error"), "{}", when_full());
+}
+
+/// A tiny pool that errors when full (so writes fail at once instead of
+/// queueing for 60 s), filled by a thin LV four times its size: the backend
+/// reads `out_of_data` from LVM and from the pool target, promises no more
+/// space, and reads healthy again once the pool has grown.
+#[test]
+fn real_test_a_full_pool_reports_out_of_data_and_no_headroom() {
+    let pool = TestPool::new("full", Bytes(512 * MIB), Bytes(64 * MIB));
+    let _ = pool.backend.ensure_pool().unwrap();
+    let runner = LvmRunner::start().unwrap();
+    let pool_lv = format!("{}/pool", pool.vg);
+    let run = |args: &[&str]| {
+        let line = CommandLine::command(args[0])
+            .args(args[1..].iter().copied())
+            .build()
+            .unwrap();
+        runner
+            .run(&line)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    };
+    // The guest's lvm.conf may already make new pools error when full.
+    let line = CommandLine::command("lvchange")
+        .args(["--errorwhenfull", "y", pool_lv.as_str()])
+        .build()
+        .unwrap();
+    if let Err(err) = runner.run(&line) {
+        assert!(err.to_string().contains("already set"), "{err}");
+    }
+    let lv = VolumeId::generate().lv_name();
+    let volume = pool
+        .backend
+        .create_thin(&lv, Bytes(256 * MIB), &[])
+        .unwrap()
+        .into_inner();
+    let policy = CapacityPolicy::default();
+    let before = pool.backend.pool_status().unwrap();
+    assert_eq!(before.usage.health, PoolHealth::Healthy);
+    assert!(before.usage.headroom(&policy) > Bytes::ZERO);
+
+    // Write past the pool's end; the kernel refuses what does not fit.
+    let device = volume.device.expect("active thin LV");
+    let mut file = OpenOptions::new().write(true).open(&device).unwrap();
+    let chunk = vec![0x5Au8; MIB as usize];
+    let written = (0..100)
+        .take_while(|_| file.write_all(&chunk).is_ok())
+        .count();
+    let synced = file.sync_all();
+    assert!(synced.is_err(), "{written} MiB into a 64 MiB pool synced");
+    drop(file);
+
+    let full = pool.backend.pool_status().unwrap();
+    println!("full: {}", full.usage);
+    assert_eq!(full.usage.health, PoolHealth::OutOfData);
+    assert_eq!(full.usage.headroom(&policy), Bytes::ZERO);
+    assert_eq!(
+        full.usage.admit_new(&policy, Bytes(GIB)).unwrap_err(),
+        Refusal::PoolUnhealthy {
+            health: PoolHealth::OutOfData
+        }
+    );
+    // Both readings say so: the pool target's own status line too.
+    assert_eq!(
+        kernel::pool_health(pool.vg.as_str(), "pool"),
+        Ok(Some(PoolHealth::OutOfData))
+    );
+    // The thin LV itself has not failed.
+    assert_eq!(
+        pool.backend.list_thins().unwrap()[0].health,
+        VolumeHealth::Healthy
+    );
+
+    // Grown online, the pool leaves out-of-data mode.
+    run(&["lvextend", "--size", "+64m", &pool_lv]);
+    let grown = pool.backend.pool_status().unwrap();
+    assert_eq!(grown.usage.health, PoolHealth::Healthy, "{}", grown.usage);
+    assert!(grown.usage.headroom(&policy) > Bytes::ZERO);
 }

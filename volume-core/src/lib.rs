@@ -19,4 +19,4 @@ pub mod keys;
 mod locked;
 pub mod pool_watch;
 
-pub use volume_model::{actions, capacity, names, pool_growth, units};
+pub use volume_model::{actions, capacity, health, names, pool_growth, units};

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use volume_control::layout::{Layout, DEFAULT_ROOT};
 use volume_core::capacity::CapacityPolicy;
+use volume_core::crypt::CryptOptions;
 use volume_core::names::{HostId, LvName, Region, VgName, Zone};
 use volume_core::pool_growth::{GrowthRule, PoolGrowthPolicy, PoolPart};
 use volume_core::units::{Bytes, OvercommitRatio, Percent};
@@ -86,6 +87,9 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(default)]
     pub keys: KeySettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub crypt: CryptSettings,
     #[command(flatten)]
     #[serde(default)]
     pub jails: JailSettings,
@@ -236,6 +240,23 @@ pub struct KeySettings {
     pub kek_file: Option<PathBuf>,
 }
 
+/// `[crypt]`: dm-crypt flags, applied at every open of a mapping (they are
+/// not kept in the LUKS2 header, so a change takes effect at the next open).
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptSettings {
+    /// Pass discards (a guest's fstrim) through dm-crypt, so freed blocks return to the pool (default true).
+    #[arg(long, env = "VOLUMED_ALLOW_DISCARDS", global = true)]
+    pub allow_discards: Option<bool>,
+    /// Decrypt reads without dm-crypt's workqueue (default true).
+    #[arg(long, env = "VOLUMED_NO_READ_WORKQUEUE", global = true)]
+    pub no_read_workqueue: Option<bool>,
+    /// Encrypt writes without dm-crypt's workqueue (default true).
+    #[arg(long, env = "VOLUMED_NO_WRITE_WORKQUEUE", global = true)]
+    pub no_write_workqueue: Option<bool>,
+}
+
 /// `[jails]`: where ready volumes are exposed.
 #[skip_serializing_none]
 #[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
@@ -350,6 +371,7 @@ pub struct Config {
     /// Longest time between two auto-extend checks without an event.
     pub autoextend_interval: Duration,
     pub keys: KeyStoreConfig,
+    pub crypt: CryptOptions,
     pub jails: Option<JailConfig>,
     pub listen: Option<SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -561,6 +583,19 @@ impl Config {
             other => return Err(invalid("key store", other, "use `local` or `envelope`")),
         };
 
+        let defaults = CryptOptions::default();
+        let crypt = CryptOptions {
+            allow_discards: s.crypt.allow_discards.unwrap_or(defaults.allow_discards),
+            no_read_workqueue: s
+                .crypt
+                .no_read_workqueue
+                .unwrap_or(defaults.no_read_workqueue),
+            no_write_workqueue: s
+                .crypt
+                .no_write_workqueue
+                .unwrap_or(defaults.no_write_workqueue),
+        };
+
         let jails = match s.jails.dir {
             None => None,
             Some(dir) => {
@@ -648,6 +683,7 @@ impl Config {
             growth,
             autoextend_interval,
             keys,
+            crypt,
             jails,
             listen,
             heartbeat_interval,
@@ -764,6 +800,21 @@ mod tests {
             (1000, 1001, "vol")
         );
         assert_eq!(config.layout.root(), DEFAULT_ROOT);
+        assert_eq!(config.crypt, CryptOptions::default());
+        assert!(config.crypt.allow_discards);
+    }
+
+    #[test]
+    fn discards_can_be_turned_off_from_the_file_or_a_flag() {
+        let text = format!("{FILE}\n[crypt]\nallow_discards = false\n");
+        let config = Config::merge(&options(&[]), file(&text)).unwrap();
+        assert!(!config.crypt.allow_discards);
+        assert!(config.crypt.no_read_workqueue && config.crypt.no_write_workqueue);
+        let config = Config::merge(&options(&["--allow-discards", "true"]), file(&text)).unwrap();
+        assert!(config.crypt.allow_discards);
+        let config = Config::merge(&options(&["--allow-discards", "false"]), file(FILE)).unwrap();
+        assert!(!config.crypt.allow_discards);
+        assert!(Cli::try_parse_from(["volumed", "--allow-discards", "maybe"]).is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use volume_control::layout::{HostRecord, VolumeState, VolumeStatus};
 use volume_core::backend::PoolStatus;
+use volume_core::health::PoolHealth;
 use volume_core::host::{self, VolumeHost};
 use volume_core::names::VolumeId;
 
@@ -126,6 +127,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         pool,
     } = setup;
     metrics.set_pool(&pool);
+    // A pool already unhealthy at start-up is a transition from the healthy
+    // state the operator last saw (or assumes).
+    log_health_transition(PoolHealth::Healthy, pool.usage.health);
     metrics.loop_alive();
     let (writer, writer_task) = kv::Writer::spawn(
         kv.clone(),
@@ -774,6 +778,7 @@ impl Daemon {
         match result {
             Ok(pool) => {
                 self.metrics.set_pool(&pool);
+                log_health_transition(self.pool.usage.health, pool.usage.health);
                 self.pool = pool;
                 self.pool_read_at = Instant::now();
             }
@@ -869,6 +874,23 @@ impl Daemon {
             owner: Some(self.owner.clone()),
         };
         self.writer.send(WriterCmd::Host(Box::new(record)));
+    }
+}
+
+/// One log line when the pool's health changes (never one per heartbeat).
+fn log_health_transition(before: PoolHealth, after: PoolHealth) {
+    if before == after {
+        return;
+    }
+    if after.takes_writes() {
+        tracing::info!(health = %after, previous = %before, "thin pool healthy again");
+    } else {
+        tracing::warn!(
+            health = %after,
+            previous = %before,
+            reason = after.reason(),
+            "thin pool cannot take writes; no new space is promised"
+        );
     }
 }
 

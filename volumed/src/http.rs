@@ -25,10 +25,14 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// 200 while the reconcile loop turns; the KV state is shown, not judged:
-/// the host keeps serving its volumes while the KV store is away.
+/// 200 while the reconcile loop turns and the pool can take writes; the KV
+/// state is shown, not judged: the host keeps serving its volumes while the
+/// KV store is away. A pool that cannot take writes answers 503 with
+/// `degraded: <reason>` as the first line, so a load balancer or a probe
+/// that only reads the status sees it too.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let idle = state.metrics.loop_idle_for();
+    let pool = state.metrics.pool_health();
     let kv = if state.metrics.kv_up() {
         "reachable"
     } else {
@@ -38,12 +42,17 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "stalled: reconcile loop idle for {}s\nkv: {kv}\n",
+                "stalled: reconcile loop idle for {}s\npool: {pool}\nkv: {kv}\n",
                 idle.as_secs()
             ),
         )
+    } else if !pool.takes_writes() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {}\npool: {pool}\nkv: {kv}\n", pool.reason()),
+        )
     } else {
-        (StatusCode::OK, format!("ok\nkv: {kv}\n"))
+        (StatusCode::OK, format!("ok\npool: {pool}\nkv: {kv}\n"))
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use volume_control::layout::VolumeState;
 use volume_core::backend::PoolStatus;
+use volume_core::health::PoolHealth;
 
 /// Upper bounds of the duration histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -38,6 +39,11 @@ const STATES: [VolumeState; 6] = [
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabel {
+    health: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +72,10 @@ pub struct Metrics {
     pool_metadata_percent: FloatGauge,
     pool_data_size: Gauge,
     pool_provisioned: Gauge,
+    /// 1 while the pool can take writes.
+    pool_healthy: Gauge,
+    /// One series per health state, 1 for the current one.
+    pool_health: Family<HealthLabel, Gauge>,
     kv_up: Gauge,
     orphans: Gauge,
     stray_keys: Gauge,
@@ -90,6 +100,8 @@ impl Default for Metrics {
             pool_metadata_percent: FloatGauge::default(),
             pool_data_size: Gauge::default(),
             pool_provisioned: Gauge::default(),
+            pool_healthy: Gauge::default(),
+            pool_health: Family::default(),
             kv_up: Gauge::default(),
             orphans: Gauge::default(),
             stray_keys: Gauge::default(),
@@ -114,7 +126,22 @@ impl Default for Metrics {
                 .durations
                 .get_or_create(&OperationLabel { operation });
         }
+        for health in PoolHealth::ALL {
+            let _ = metrics.pool_health.get_or_create(&HealthLabel {
+                health: health.as_str(),
+            });
+        }
         let r = &mut metrics.registry;
+        r.register(
+            "volumed_pool_healthy",
+            "1 while the thin pool can take writes, 0 while it is out of data, read-only, failed or unknown",
+            metrics.pool_healthy.clone(),
+        );
+        r.register(
+            "volumed_pool_health",
+            "The thin pool's health: 1 for the current state",
+            metrics.pool_health.clone(),
+        );
         r.register(
             "volumed_pool_data_percent",
             "Share of the thin pool's data space in use",
@@ -229,6 +256,30 @@ impl Metrics {
             .set(f64::from(usage.metadata_percent().hundredths()) / 100.0);
         self.pool_data_size.set(gauge_value(usage.data_size.0));
         self.pool_provisioned.set(gauge_value(usage.provisioned.0));
+        self.pool_healthy
+            .set(i64::from(usage.health.takes_writes()));
+        for health in PoolHealth::ALL {
+            self.pool_health
+                .get_or_create(&HealthLabel {
+                    health: health.as_str(),
+                })
+                .set(i64::from(health == usage.health));
+        }
+    }
+
+    /// The pool's health as last read (for `/healthz`).
+    pub fn pool_health(&self) -> PoolHealth {
+        PoolHealth::ALL
+            .into_iter()
+            .find(|health| {
+                self.pool_health
+                    .get_or_create(&HealthLabel {
+                        health: health.as_str(),
+                    })
+                    .get()
+                    == 1
+            })
+            .unwrap_or_default()
     }
 
     pub fn set_kv_up(&self, up: bool) {

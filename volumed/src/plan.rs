@@ -241,6 +241,7 @@ pub fn status(
         node: node
             .filter(|jail| observed.is_some_and(|v| v.exposed.contains(jail)))
             .map(|jail| jail.full().display().to_string()),
+        health: observed.map(|v| v.health).unwrap_or_default(),
     }
 }
 
@@ -287,6 +288,7 @@ mod tests {
             progress: Some(host::Progress::Ready),
             device: Some("/dev/mapper/x".into()),
             exposed: vec![],
+            health: Default::default(),
         }
     }
 

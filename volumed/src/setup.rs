@@ -153,7 +153,8 @@ pub fn build(
 type DataPath = (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>);
 
 fn real_backend(spec: ThinPoolSpec, config: &Config) -> Result<DataPath, StartError> {
-    let devices = Arc::new(RealDevices::locate().map_err(StartError::Tools)?);
+    let devices = RealDevices::locate_with(config.crypt).map_err(StartError::Tools)?;
+    let devices = Arc::new(devices);
     let lvm = Arc::new(LvmBackend::start(spec).map_err(StartError::Backend)?);
     // The kernel's low-water event then fires at the auto-extend threshold.
     lvm.set_low_water(config.growth.data.threshold);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::sim::SimBackend;
 use volume_core::backend::{BackendError, ThinBackend, ThinPoolSpec, ThinVolume};
+use volume_core::health::PoolHealth;
 use volume_core::host::sim::SimDevices;
 use volume_core::host::{self, Encryption, Fault, FaultPlan, Step, VolumeHost};
 use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyStore, LocalKeyDir};
@@ -876,7 +877,174 @@ async fn metrics_and_healthz_are_served() {
     assert!(text.contains("volumed_operation_duration_seconds_count{operation=\"create\"} 1\n"));
     assert!(text.contains("volumed_kv_up 1\n"), "{text}");
     let (code, text) = get("/healthz").await;
-    assert_eq!((code, text.as_str()), (200, "ok\nkv: reachable\n"));
+    assert_eq!(
+        (code, text.as_str()),
+        (200, "ok\npool: healthy\nkv: reachable\n")
+    );
+    http.abort();
+    daemon.running.stop().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+/// Log lines of this test binary, for counting transition lines. Global,
+/// because the daemon logs from the runtime's worker threads; only the
+/// pool-health test reads it, and only lines no other test can produce.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        logs
+    })
+    .clone()
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_lines_with(logs: &std::sync::Mutex<Vec<u8>>, needle: &str) -> Vec<String> {
+    String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `volctl <argv>` in process against `kv`: its result and stdout.
+async fn volctl(kv: &ConsulKv, argv: &[&str]) -> (Result<(), volctl::CliError>, String) {
+    let cli = <volctl::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("volctl").chain(argv.iter().copied()),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let result = volctl::run(&cli, kv.clone(), &mut volctl::Ui::new(&mut out, &mut err)).await;
+    (result, String::from_utf8(out).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_pool_shows_everywhere_an_operator_looks() {
+    let logs = captured_logs();
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&["--pool-refresh-interval", "1s"]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let volume = spec(Bytes(GIB), false);
+    put_spec(&kv, &volume).await;
+    wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    let (addr, http) = volumed::http::serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics.clone(),
+        Duration::from_secs(60),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let get = |path: &'static str| async move {
+        let answer = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    let (_, text) = get("/metrics").await;
+    assert!(text.contains("volumed_pool_healthy 1\n"), "{text}");
+
+    // The pool fills up, as LVM then reports it.
+    sim.sim.simulate_pool_health(PoolHealth::OutOfData);
+    let record = wait_for("the host record to say out_of_data", || async {
+        host_record(&kv)
+            .await
+            .filter(|record| record.pool.health == PoolHealth::OutOfData)
+    })
+    .await;
+    assert_eq!(record.pool.headroom(&record.policy), Bytes::ZERO);
+
+    let (result, out) = volctl(&kv, &["hosts"]).await;
+    result.unwrap();
+    let header = out.lines().next().unwrap();
+    let row = out.lines().nth(1).unwrap();
+    assert!(header.contains("HEALTH"), "{out}");
+    assert!(row.contains(" out_of_data "), "{out}");
+    assert!(row.contains(" 0 B "), "headroom 0: {out}");
+    let (result, out) = volctl(&kv, &["list"]).await;
+    result.unwrap();
+    assert!(out.contains("pool out_of_data"), "{out}");
+    let (result, out) = volctl(&kv, &["show", volume.id.as_str()]).await;
+    result.unwrap();
+    assert!(out.contains("pool out_of_data"), "{out}");
+    let (result, _) = volctl(
+        &kv,
+        &[
+            "create", "more", "--size", "1", "--region", "ewr", "--detach",
+        ],
+    )
+    .await;
+    let error = result.unwrap_err();
+    let details = error.details().join("\n");
+    assert!(
+        details.contains("pool health: pool out of data space"),
+        "{error}: {details}"
+    );
+
+    let (code, text) = get("/healthz").await;
+    assert_eq!(code, 503, "{text}");
+    assert!(
+        text.starts_with("degraded: pool out of data space\n"),
+        "{text}"
+    );
+    let (_, text) = get("/metrics").await;
+    assert!(text.contains("volumed_pool_healthy 0\n"), "{text}");
+    assert!(
+        text.contains("volumed_pool_health{health=\"out_of_data\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("volumed_pool_health{health=\"healthy\"} 0\n"),
+        "{text}"
+    );
+
+    // Several heartbeats later, still one line for the one transition.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let lines = log_lines_with(&logs, "thin pool cannot take writes");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("health=out_of_data"), "{lines:#?}");
+
+    // Space returns: healthy again everywhere, with one line.
+    sim.sim.simulate_pool_health(PoolHealth::Healthy);
+    let record = wait_for("the host record to say healthy", || async {
+        host_record(&kv)
+            .await
+            .filter(|record| record.pool.health == PoolHealth::Healthy)
+    })
+    .await;
+    assert!(record.pool.headroom(&record.policy) > Bytes::ZERO);
+    let (code, _) = get("/healthz").await;
+    assert_eq!(code, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(log_lines_with(&logs, "thin pool healthy again").len(), 1);
+    assert_eq!(
+        log_lines_with(&logs, "thin pool cannot take writes").len(),
+        1
+    );
+
     http.abort();
     daemon.running.stop().await.unwrap();
     server.shutdown().await.unwrap();

@@ -146,6 +146,7 @@ fn a_volumed_for_a_host_id_served_elsewhere_refuses_to_start() {
             metadata_used: Bytes::ZERO,
             provisioned: Bytes::ZERO,
             volume_count: 0,
+            health: Default::default(),
         },
         policy: Default::default(),
         heartbeat_ms,

@@ -64,6 +64,7 @@ pub fn host(id: &str, region: &str, zone: &str, data: u64) -> HostRecord {
             metadata_used: Bytes(1 << 20),
             provisioned: Bytes::ZERO,
             volume_count: 0,
+            health: Default::default(),
         },
         policy: CapacityPolicy::default(),
         heartbeat_ms: now_ms(),
@@ -133,6 +134,7 @@ impl Store {
             error: error.map(str::to_owned),
             updated_ms: now_ms(),
             node: None,
+            health: Default::default(),
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv

@@ -11,6 +11,7 @@ pub mod sim;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
+use crate::health::VolumeHealth;
 use crate::names::{LvName, NameError, VgName};
 use crate::pool_growth::{PoolGrowth, PoolPart};
 use crate::units::{Bytes, ExtentSize, Percent, UnitError};
@@ -68,6 +69,9 @@ pub struct ThinVolume {
     pub tags: BTreeSet<String>,
     /// `/dev/<vg>/<lv>` when active.
     pub device: Option<PathBuf>,
+    /// The thin target's own health, as LVM reports it.
+    #[serde(default)]
+    pub health: VolumeHealth,
 }
 
 /// Pool state from one LVM report.
@@ -75,6 +79,8 @@ pub struct ThinVolume {
 pub struct PoolStatus {
     pub vg: VgName,
     pub pool: LvName,
+    /// Usage and health (`usage.health`: the worse of LVM's report and the
+    /// pool target's status line).
     pub usage: PoolUsage,
     pub extent_size: ExtentSize,
     /// Unallocated space left in the VG (room to grow the pool).

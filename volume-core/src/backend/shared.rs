@@ -148,6 +148,7 @@ mod tests {
                 data_percent: Percent::ZERO,
                 tags: BTreeSet::from([OWNER_TAG.to_owned()]),
                 device: None,
+                health: Default::default(),
             },
             pool: Some(LvName::new("pool").unwrap()),
         }

@@ -5,6 +5,7 @@ use super::shared::{self, FoundLv};
 use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
+use crate::health::{PoolHealth, VolumeHealth};
 use crate::names::{LvName, OWNER_TAG};
 use crate::pool_growth::{self, PoolGrowth, PoolPart};
 use crate::units::{Bytes, ExtentSize, Percent, GIB, MIB};
@@ -23,6 +24,7 @@ pub struct SimCallCounts {
 #[derive(Debug)]
 struct SimState {
     pool_exists: bool,
+    pool_health: PoolHealth,
     volumes: BTreeMap<LvName, ThinVolume>,
     calls: SimCallCounts,
     data_size: Bytes,
@@ -50,6 +52,7 @@ impl SimBackend {
             spec,
             state: Mutex::new(SimState {
                 pool_exists: false,
+                pool_health: PoolHealth::Healthy,
                 volumes: BTreeMap::new(),
                 calls: SimCallCounts::default(),
                 data_size,
@@ -89,6 +92,30 @@ impl SimBackend {
         Ok(())
     }
 
+    /// Sets the pool's health as LVM would report it (a full pool is
+    /// `OutOfData`), so tests can drive an unhealthy pool.
+    pub fn simulate_pool_health(&self, health: PoolHealth) {
+        self.lock().pool_health = health;
+    }
+
+    /// Sets one thin LV's own health as LVM would report it.
+    pub fn simulate_volume_health(
+        &self,
+        lv: &LvName,
+        health: VolumeHealth,
+    ) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let volume = state
+            .volumes
+            .get_mut(lv)
+            .ok_or_else(|| BackendError::NotFound {
+                lv: lv.clone(),
+                pool: self.spec.pool.clone(),
+            })?;
+        volume.health = health;
+        Ok(())
+    }
+
     /// Puts an LV without our tag in the pool, as an LV of someone else's
     /// (or one of ours whose tag was lost) would be: listing skips it and
     /// every change to it is refused as not ours.
@@ -99,6 +126,7 @@ impl SimBackend {
             data_percent: Percent::ZERO,
             tags: BTreeSet::new(),
             device: Some(self.device_of(lv)),
+            health: VolumeHealth::Healthy,
         };
         self.lock().volumes.insert(lv.clone(), volume);
     }
@@ -133,6 +161,7 @@ impl SimBackend {
                 metadata_used: metadata_used.min(state.metadata_size),
                 provisioned,
                 volume_count: state.volumes.len() as u32,
+                health: state.pool_health,
             },
             extent_size: ExtentSize::DEFAULT,
             vg_free: state.vg_free,
@@ -212,6 +241,7 @@ impl ThinBackend for SimBackend {
             data_percent: Percent::ZERO,
             tags: all_tags,
             device: Some(self.device_of(lv)),
+            health: VolumeHealth::Healthy,
         };
         state.volumes.insert(lv.clone(), volume.clone());
         state.calls.changes += 1;
@@ -453,5 +483,22 @@ mod tests {
                 size: SIM_METADATA
             }
         );
+    }
+
+    #[test]
+    fn an_unhealthy_pool_reports_its_health_and_no_headroom() {
+        let sim = sim();
+        let lv = VolumeId::generate().lv_name();
+        let _ = sim.create_thin(&lv, Bytes(GIB), &[]).unwrap();
+        sim.simulate_pool_health(PoolHealth::OutOfData);
+        let status = sim.pool_status().unwrap();
+        assert_eq!(status.usage.health, PoolHealth::OutOfData);
+        let policy = crate::capacity::CapacityPolicy::default();
+        assert_eq!(status.usage.headroom(&policy), Bytes::ZERO);
+        sim.simulate_volume_health(&lv, VolumeHealth::Failed)
+            .unwrap();
+        assert_eq!(sim.list_thins().unwrap()[0].health, VolumeHealth::Failed);
+        sim.simulate_pool_health(PoolHealth::Healthy);
+        assert!(sim.pool_status().unwrap().usage.headroom(&policy) > Bytes::ZERO);
     }
 }

@@ -82,9 +82,14 @@ impl RealDevices {
 
     /// Locates the tools and uses the default options and mountinfo.
     pub fn locate() -> Result<RealDevices, crate::cmd::CmdError> {
+        RealDevices::locate_with(CryptOptions::default())
+    }
+
+    /// Locates the tools and uses `options` and the default mountinfo.
+    pub fn locate_with(options: CryptOptions) -> Result<RealDevices, crate::cmd::CmdError> {
         Ok(RealDevices::new(
             Tools::locate()?,
-            CryptOptions::default(),
+            options,
             "/proc/self/mountinfo",
         ))
     }

@@ -89,6 +89,7 @@ use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
 use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
 use crate::fs::{FsError, GrowOutcome, Holders};
+use crate::health::VolumeHealth;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
 use crate::names::{VolumeId, VolumeName};
@@ -121,6 +122,8 @@ pub struct LocalVolume {
     pub device: Option<PathBuf>,
     /// Jail nodes recorded for this volume.
     pub exposed: Vec<JailPath>,
+    /// The thin LV's own health, as LVM reports it.
+    pub health: VolumeHealth,
 }
 
 /// What an extend did at each layer.
@@ -559,6 +562,7 @@ impl VolumeHost {
                 .into_iter()
                 .map(|(jail, _)| jail)
                 .collect(),
+            health: volume.health,
             id,
         }))
     }

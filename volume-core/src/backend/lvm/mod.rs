@@ -7,6 +7,7 @@
 //! commands. Foreign LVs are read (their virtual size counts against the
 //! pool) but never changed.
 
+pub mod kernel;
 pub mod report;
 pub mod runner;
 
@@ -16,6 +17,7 @@ use super::shared::{self, FoundLv};
 use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
+use crate::health::VolumeHealth;
 use crate::names::{LvName, NameError, OWNER_TAG};
 use crate::pool_growth::{self, PoolGrowth, PoolPart};
 use crate::units::{Bytes, Percent, SECTOR_SIZE};
@@ -59,6 +61,18 @@ impl LvmBackend {
         let whole = threshold.hundredths() / 100;
         let whole = if (50..100).contains(&whole) { whole } else { 0 };
         self.low_water.store(whole, Ordering::Relaxed);
+    }
+
+    /// Adds what the pool target itself says (`needs_check` is only there)
+    /// to LVM's reading. A status that cannot be read leaves LVM's reading
+    /// as it is: LVM read the same target moments ago.
+    fn with_kernel_health(&self, mut status: PoolStatus) -> PoolStatus {
+        if let Ok(Some(health)) =
+            kernel::pool_health(self.spec.vg.as_str(), self.spec.pool.as_str())
+        {
+            status.usage.health = status.usage.health.worst(health);
+        }
+        status
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -164,7 +178,12 @@ impl LvmBackend {
         // tenants, and without it a fresh volume can read blocks a deleted
         // one left behind. (It also spares lvcreate a signature wipe per
         // thin LV.)
-        line = line.args(["--zero", "y", "--activate", "y"]);
+        // Discards pass down explicitly rather than by lvm.conf's
+        // `thin_pool_discards`: with `ignore`, a guest's `fstrim` would
+        // return nothing to the pool. (A data device that cannot discard
+        // makes the kernel fall back to `nopassdown`, which still frees the
+        // pool's blocks.)
+        line = line.args(["--zero", "y", "--discards", "passdown", "--activate", "y"]);
         self.change(line.args(["--name", self.spec.pool.as_str(), self.spec.vg.as_str()]))
     }
 }
@@ -242,6 +261,7 @@ impl VgView {
             data_percent,
             tags: row.tags.clone(),
             device: if row.active { row.path.clone() } else { None },
+            health: row.volume_health(),
         })
     }
 
@@ -294,6 +314,7 @@ impl VgView {
                 metadata_used: share(metadata_size, metadata_percent),
                 provisioned,
                 volume_count,
+                health: pool.pool_health(),
             },
             extent_size: pool.extent_size,
             vg_free: pool.vg_free,
@@ -390,7 +411,7 @@ impl ThinBackend for LvmBackend {
         // brings a pool made by an interrupted earlier run into line.
         self.set_errors_when_full(pool, self.errors_when_full_wanted(pool.vg_free))?;
         // Neither activation nor --errorwhenfull makes a pool.
-        let status = view.status(spec, pool)?;
+        let status = self.with_kernel_health(view.status(spec, pool)?);
         Ok(if created {
             CreateAction::Created(status)
         } else {
@@ -402,7 +423,7 @@ impl ThinBackend for LvmBackend {
         let _operation = self.lock();
         let view = self.read_vg()?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
-        view.status(&self.spec, pool)
+        Ok(self.with_kernel_health(view.status(&self.spec, pool)?))
     }
 
     fn create_thin(
@@ -444,6 +465,7 @@ impl ThinBackend for LvmBackend {
             data_percent: Percent::ZERO,
             tags: all_tags,
             device: Some(view.device_of(&self.spec, lv)),
+            health: VolumeHealth::Healthy,
         }))
     }
 

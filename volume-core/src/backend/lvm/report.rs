@@ -7,6 +7,7 @@
 //! `report/compact_output=1` LVM leaves out a field that is empty in every
 //! row, so a missing optional field means the same as `""`.
 
+use crate::health::{PoolHealth, VolumeHealth};
 use crate::units::{Bytes, ExtentSize, Percent};
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -16,7 +17,8 @@ use std::path::PathBuf;
 /// The `lvs -o` columns that [`parse_lv_report`] reads.
 pub const LV_FIELDS: &str = "vg_name,lv_name,lv_layout,pool_lv,lv_size,lv_tags,lv_active,\
                              lv_path,data_percent,metadata_percent,lv_metadata_size,\
-                             lv_when_full,vg_extent_size,vg_free";
+                             lv_when_full,vg_extent_size,vg_free,lv_attr,\
+                             lv_health_status";
 
 /// The `vgs -o` columns that [`parse_vg_report`] reads.
 pub const VG_FIELDS: &str = "vg_name,vg_extent_size,vg_free,vg_size";
@@ -74,6 +76,10 @@ pub struct LvRecord {
     pub errors_when_full: Option<bool>,
     pub extent_size: ExtentSize,
     pub vg_free: Bytes,
+    /// The ninth character of `lv_attr` (`-` when LVM flags nothing).
+    pub attr_health: char,
+    /// `lv_health_status` as LVM reports it (`""` when LVM flags nothing).
+    pub health_status: String,
 }
 
 /// One row of a `vgs` report with [`VG_FIELDS`].
@@ -124,6 +130,10 @@ struct RawLv {
     lv_when_full: String,
     vg_extent_size: String,
     vg_free: String,
+    #[serde(default)]
+    lv_attr: String,
+    #[serde(default)]
+    lv_health_status: String,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +320,18 @@ impl LvRecord {
             "" => None,
             other => return Err(row.error("lv_when_full", other, "\"error\", \"queue\" or \"\"")),
         };
+        // `lv_attr` is ten characters; the ninth is the volume's health.
+        let attr_health = match raw.lv_attr.chars().nth(8) {
+            Some(c) if c.is_ascii_graphic() => c,
+            _ => return Err(row.error("lv_attr", &raw.lv_attr, "LVM's ten attribute characters")),
+        };
+        if !raw
+            .lv_health_status
+            .chars()
+            .all(|c| c.is_ascii_graphic() || c == ' ')
+        {
+            return Err(row.error("lv_health_status", &raw.lv_health_status, "a health word"));
+        }
         let tags = row
             .list("lv_tags", &raw.lv_tags, is_tag_char, "LVM tags")?
             .into_iter()
@@ -330,7 +352,41 @@ impl LvRecord {
             layout: raw.lv_layout,
             tags,
             active,
+            attr_health,
+            health_status: raw.lv_health_status,
         })
+    }
+
+    /// A thin pool's health from LVM's two signals (`lv_health_status` and
+    /// the ninth `lv_attr` character), the worse of the two. A word or
+    /// character LVM may add later reads as unknown: never as healthy.
+    pub fn pool_health(&self) -> PoolHealth {
+        let from_status = match self.health_status.as_str() {
+            "" => PoolHealth::Healthy,
+            "out_of_data" => PoolHealth::OutOfData,
+            "metadata_read_only" => PoolHealth::MetadataReadOnly,
+            "needs_check" => PoolHealth::NeedsCheck,
+            "failed" => PoolHealth::Failed,
+            _ => PoolHealth::Unknown,
+        };
+        let from_attr = match self.attr_health {
+            '-' => PoolHealth::Healthy,
+            'D' => PoolHealth::OutOfData,
+            'M' => PoolHealth::MetadataReadOnly,
+            'F' => PoolHealth::Failed,
+            _ => PoolHealth::Unknown,
+        };
+        from_status.worst(from_attr)
+    }
+
+    /// A thin volume's own health: its target can only fail; `X` (or a word
+    /// LVM may add later) is unknown.
+    pub fn volume_health(&self) -> VolumeHealth {
+        match (self.health_status.as_str(), self.attr_health) {
+            ("failed", _) | (_, 'F') => VolumeHealth::Failed,
+            ("", '-') => VolumeHealth::Healthy,
+            _ => VolumeHealth::Unknown,
+        }
     }
 }
 
@@ -410,6 +466,74 @@ pub(crate) mod tests {
         assert_eq!(linear.data_percent, None);
     }
 
+    /// A 64 MiB pool with `--errorwhenfull y`, before and after `dd` filled
+    /// it (`tests/data/README.md`).
+    const REAL_SMALL: &str = include_str!("../../../tests/data/lvs-real-small.json");
+    const REAL_FULL: &str = include_str!("../../../tests/data/lvs-real-full.json");
+
+    #[test]
+    fn reads_health_of_a_real_full_pool() {
+        let rows = parse_lv_report(REAL_SMALL).unwrap();
+        let pool = named(&rows, "pool0");
+        assert_eq!((pool.attr_health, pool.health_status.as_str()), ('-', ""));
+        assert_eq!(pool.pool_health(), PoolHealth::Healthy);
+
+        let rows = parse_lv_report(REAL_FULL).unwrap();
+        let pool = named(&rows, "pool0");
+        assert_eq!(pool.data_percent, Percent::parse_lvm("100.00"));
+        assert_eq!(pool.attr_health, 'D');
+        assert_eq!(pool.health_status, "out_of_data");
+        assert_eq!(pool.pool_health(), PoolHealth::OutOfData);
+        // The thin LVs of a full pool are not failed themselves.
+        let ours = named(&rows, "vmv1-vol_hcapture00000000");
+        assert_eq!(ours.volume_health(), VolumeHealth::Healthy);
+    }
+
+    #[test]
+    fn every_health_signal_maps_and_new_ones_are_unknown() {
+        let health = |attr: &str, status: &str| {
+            let mut row: serde_json::Value =
+                serde_json::from_str(&lv_row("lv_attr", attr)).unwrap();
+            row["report"][0]["lv"][0]["lv_health_status"] = status.into();
+            parse_lv_report(&row.to_string()).unwrap().remove(0)
+        };
+        let cases = [
+            ("twi-aotz--", "", PoolHealth::Healthy),
+            ("twi-aotzD-", "out_of_data", PoolHealth::OutOfData),
+            (
+                "twi-aotzM-",
+                "metadata_read_only",
+                PoolHealth::MetadataReadOnly,
+            ),
+            ("twi-aotzF-", "failed", PoolHealth::Failed),
+            ("twi-aotzX-", "", PoolHealth::Unknown),
+            ("twi-aotz--", "needs_check", PoolHealth::NeedsCheck),
+            // Only one of the two signals says it: the worse one counts.
+            ("twi-aotzD-", "", PoolHealth::OutOfData),
+            ("twi-aotz--", "something new", PoolHealth::Unknown),
+        ];
+        for (attr, status, expected) in cases {
+            assert_eq!(
+                health(attr, status).pool_health(),
+                expected,
+                "{attr} {status:?}"
+            );
+        }
+        assert_eq!(
+            health("Vwi-a-tzF-", "failed").volume_health(),
+            VolumeHealth::Failed
+        );
+        assert_eq!(
+            health("Vwi-a-tzX-", "").volume_health(),
+            VolumeHealth::Unknown
+        );
+        assert_eq!(
+            health("Vwi-a-tz--", "").volume_health(),
+            VolumeHealth::Healthy
+        );
+        assert!(field_error("lv_attr", "twi").contains("`lv_attr` is \"twi\""));
+    }
+
     #[test]
     fn parses_a_real_inactive_vg() {
         let rows = parse_lv_report(REAL_INACTIVE).unwrap();
@@ -450,7 +574,7 @@ pub(crate) mod tests {
     fn compact_output_leaves_out_empty_fields() {
         let text = r#"{"report":[{"lv":[{"vg_name":"vg0", "lv_name":"root",
             "lv_layout":"linear", "lv_size":"8388608", "vg_extent_size":"4194304",
-            "vg_free":"0"}]}]}"#;
+            "vg_free":"0", "lv_attr":"-wi-------"}]}]}"#;
         let rows = parse_lv_report(text).unwrap();
         assert_eq!(rows[0].data_percent, None);
         assert!(rows[0].tags.is_empty());
@@ -464,7 +588,7 @@ pub(crate) mod tests {
             "lv_active": "active", "lv_path": "/dev/vg0/lv0", "data_percent": "0.00",
             "metadata_percent": "", "lv_metadata_size": "", "lv_when_full": "",
             "vg_extent_size": "4194304",
-            "vg_free": "0"
+            "vg_free": "0", "lv_attr": "Vwi-a-tz--", "lv_health_status": ""
         });
         row[field] = serde_json::Value::String(value.to_owned());
         serde_json::json!({ "report": [{ "lv": [row] }] }).to_string()
