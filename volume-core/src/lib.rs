@@ -6,7 +6,8 @@
 //! (feature `testing`) stands in for it in fast tests. The data path above
 //! it: [`keys`] (key custody), [`crypt`] (LUKS2 via libcryptsetup), [`fs`]
 //! (ext4), [`jail`] (device nodes in jails), [`cmd`] (the one place external
-//! programs run), and [`host`], the [`host::VolumeHost`] API the VM worker
+//! programs run), [`pool_watch`] (pool auto-extend on device-mapper events),
+//! and [`host`], the [`host::VolumeHost`] API the VM worker
 //! links.
 
 pub mod backend;
