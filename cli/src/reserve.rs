@@ -82,17 +82,22 @@ impl CreateRequest {
     }
 }
 
+/// How a record's encryption reads in messages.
+fn encryption_word(encrypted: bool) -> &'static str {
+    if encrypted {
+        "encrypted"
+    } else {
+        "unencrypted"
+    }
+}
+
 /// A desired record in one line, for messages.
 fn describe(spec: &VolumeSpec) -> String {
     format!(
         "{} {}, {}, in {} on {}",
         spec.name,
         crate::format::size(spec.size),
-        if spec.encrypted {
-            "encrypted"
-        } else {
-            "unencrypted"
-        },
+        encryption_word(spec.encrypted),
         spec.region,
         spec.host
     )
@@ -248,11 +253,7 @@ pub async fn existing(
                 "{} {}, {}, in {}",
                 request.name,
                 crate::format::size(request.size),
-                if request.encrypted {
-                    "encrypted"
-                } else {
-                    "unencrypted"
-                },
+                encryption_word(request.encrypted),
                 request.region
             ),
         });

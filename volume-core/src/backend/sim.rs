@@ -84,10 +84,7 @@ impl SimBackend {
         let volume = state
             .volumes
             .get_mut(lv)
-            .ok_or_else(|| BackendError::NotFound {
-                lv: lv.clone(),
-                pool: self.spec.pool.clone(),
-            })?;
+            .ok_or_else(|| self.not_found(lv))?;
         volume.data_percent = percent;
         Ok(())
     }
@@ -108,10 +105,7 @@ impl SimBackend {
         let volume = state
             .volumes
             .get_mut(lv)
-            .ok_or_else(|| BackendError::NotFound {
-                lv: lv.clone(),
-                pool: self.spec.pool.clone(),
-            })?;
+            .ok_or_else(|| self.not_found(lv))?;
         volume.health = health;
         Ok(())
     }
@@ -129,6 +123,14 @@ impl SimBackend {
             health: VolumeHealth::Healthy,
         };
         self.lock().volumes.insert(lv.clone(), volume);
+    }
+
+    /// The error for an LV this pool does not hold.
+    fn not_found(&self, lv: &LvName) -> BackendError {
+        BackendError::NotFound {
+            lv: lv.clone(),
+            pool: self.spec.pool.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
@@ -268,12 +270,7 @@ impl ThinBackend for SimBackend {
         let mut state = self.lock();
         self.require_pool(&state)?;
         state.calls.reports += 1;
-        let found = self
-            .find(&state, lv)
-            .ok_or_else(|| BackendError::NotFound {
-                lv: lv.clone(),
-                pool: self.spec.pool.clone(),
-            })?;
+        let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
         let volume = shared::require_ours(&self.spec, found)?;
         let Some(from) = shared::decide_extend(&volume, size)? else {
             return Ok(ExtendAction::Identity(size));
@@ -300,12 +297,7 @@ impl ThinBackend for SimBackend {
     fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
         shared::check_retag(add, remove)?;
         let mut state = self.lock();
-        let found = self
-            .find(&state, lv)
-            .ok_or_else(|| BackendError::NotFound {
-                lv: lv.clone(),
-                pool: self.spec.pool.clone(),
-            })?;
+        let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
         shared::require_ours(&self.spec, found)?;
         let volume = state
             .volumes
@@ -321,12 +313,7 @@ impl ThinBackend for SimBackend {
 
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         let state = self.lock();
-        let found = self
-            .find(&state, lv)
-            .ok_or_else(|| BackendError::NotFound {
-                lv: lv.clone(),
-                pool: self.spec.pool.clone(),
-            })?;
+        let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
         shared::require_ours(&self.spec, found)?;
         Ok(self.device_of(lv))
     }
