@@ -108,15 +108,15 @@ impl LvmBackend {
     }
 
     /// Runs a command that changes LVM state.
-    fn change(&self, mut line: CommandLineBuilder) -> Result<(), BackendError> {
+    fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
+        let mut config = SKIP_SUSPENDED.to_owned();
         if low_water != 0 {
-            line = line.args([
-                "--config".to_owned(),
-                format!("activation/thin_pool_autoextend_threshold={low_water}"),
-            ]);
+            config.push_str(&format!(
+                "activation{{thin_pool_autoextend_threshold={low_water}}}"
+            ));
         }
-        let line = line.build()?;
+        let line = line.args(["--config".to_owned(), config]).build()?;
         self.runner.run(&line)?;
         tracing::info!(command = %line, "LVM changed");
         Ok(())
@@ -188,9 +188,24 @@ impl LvmBackend {
     }
 }
 
+/// Every command skips suspended devices when it scans for PVs. A fenced
+/// volume's mapping is suspended (see `crate::fence`), and LVM's scan
+/// would otherwise read it and wait, uninterruptibly, for its resume,
+/// holding the process's one LVM thread. (One `--config` word: LVM takes
+/// the option once, and words carry no spaces.)
+const SKIP_SUSPENDED: &str = "devices{ignore_suspended_devices=1}";
+
 /// A report command with the format every parser here expects.
 fn report_command(command: &str) -> CommandLineBuilder {
-    CommandLine::command(command).args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+    CommandLine::command(command).args([
+        "--reportformat",
+        "json",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--config",
+        SKIP_SUSPENDED,
+    ])
 }
 
 /// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not
