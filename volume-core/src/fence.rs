@@ -284,6 +284,8 @@ impl PoolRoom {
 struct FenceState {
     fenced: BTreeMap<VolumeId, FenceReason>,
     in_reserve: bool,
+    /// Operators' unfence requests, taken by the next check.
+    requests: BTreeSet<VolumeId>,
 }
 
 /// The fences in force, shared by the fencer (the only writer), the
@@ -307,6 +309,12 @@ impl Fences {
 
     pub fn fenced(&self) -> BTreeMap<VolumeId, FenceReason> {
         self.lock().fenced.clone()
+    }
+
+    /// Asks the fencer to lift `id`'s fence at its next check (within one
+    /// fence interval); a volume that is not fenced makes it a no-op.
+    pub fn request_unfence(&self, id: VolumeId) {
+        self.lock().requests.insert(id);
     }
 
     /// Volumes are fenced, or free data is in the reserve with the VG
@@ -393,6 +401,13 @@ impl Fencer {
     /// tried again at the next check.
     pub fn check(&mut self) -> Result<Vec<FenceChange>, FenceError> {
         let started = Instant::now();
+        let requests = std::mem::take(&mut self.fences.lock().requests);
+        let mut changes = Vec::new();
+        for id in requests {
+            if let Some(change) = self.release(&id, UnfenceCause::Requested, started)? {
+                changes.push(change);
+            }
+        }
         let current = self.devices.sample()?;
         let fenced = self.fences.fenced();
         let can_grow = self.room.can_grow();
@@ -410,7 +425,6 @@ impl Fencer {
             &fenced,
         );
         self.zone = zone;
-        let mut changes = Vec::new();
         for (id, reason) in fence {
             match self.devices.suspend(&id) {
                 Ok(()) => {

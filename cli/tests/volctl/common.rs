@@ -135,6 +135,7 @@ impl Store {
             updated_ms: now_ms(),
             node: None,
             health: Default::default(),
+            fenced: None,
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv

@@ -436,6 +436,11 @@ impl VolumeHost {
         self
     }
 
+    /// The fences this host follows, if any.
+    pub fn fences(&self) -> Option<&Arc<Fences>> {
+        self.fences.as_ref()
+    }
+
     fn refuse_if_fenced(&self, id: &VolumeId) -> Result<(), HostError> {
         match self.fences.as_ref().and_then(|fences| fences.reason(id)) {
             Some(reason) => Err(HostError::Fenced {
