@@ -395,6 +395,9 @@ pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<Vol
 /// that is not fenced is not an error (the request is a no-op).
 pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
     let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    let was_fenced = store::read_status(ctx, &spec.host, &spec.id)
+        .await?
+        .is_some_and(|entry| entry.status.fenced.is_some());
     let key = ctx.layout.unfence(&spec.host, &spec.id);
     let request = UnfenceRequest {
         id: spec.id.clone(),
@@ -412,7 +415,11 @@ pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(
         let status = store::read_status(ctx, &spec.host, &spec.id).await?;
         let fenced = status.as_ref().and_then(|entry| entry.status.fenced);
         if taken && fenced.is_none() {
-            writeln!(ui.out(), "{} is not fenced", spec.id)?;
+            if was_fenced {
+                writeln!(ui.out(), "unfenced {}", spec.id)?;
+            } else {
+                writeln!(ui.out(), "{} is not fenced", spec.id)?;
+            }
             return Ok(());
         }
         let last_state = match fenced {

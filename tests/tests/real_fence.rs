@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use volume_control::layout::{HostRecord, Layout, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
+use volume_core::backend::lvm::SKIP_FENCEABLE;
 use volume_core::backend::ThinBackend;
 use volume_core::fence::{DmFenceDevices, FenceDevices};
 use volume_core::fence_model::FenceReason;
@@ -160,9 +161,12 @@ fn metric_lines(metric: &str) -> Vec<String> {
         .collect()
 }
 
+/// An LVM command as an operator should run it on a host with fenced
+/// volumes: with volumed's filter, so its scan skips their devices.
 fn lvm(runner: &LvmRunner, words: &[&str]) {
     let line = CommandLine::command(words[0])
         .args(words[1..].iter().copied())
+        .config(SKIP_FENCEABLE)
         .build()
         .expect("command line");
     runner
@@ -371,4 +375,100 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     // The VG goes before the PV under it.
     drop(pool);
     drop(extra);
+}
+
+/// LVM, in process as volumed runs it, never waits on a fenced volume: with
+/// an encrypted volume's dm-crypt mapping (mounted, with dirty data) and a
+/// plain volume's thin LV suspended as fencing suspends them, the reports,
+/// a pool growth and a tag change all finish, and leave both suspended.
+#[test]
+fn real_test_lvm_never_waits_on_a_fenced_mapping() {
+    let pool = TestPool::new("fence-lvm", Bytes(512 * MIB), Bytes(128 * MIB));
+    let _ = pool.backend.ensure_pool().expect("ensure the pool");
+    let plain = VolumeId::generate();
+    let encrypted = VolumeId::generate();
+    let mut devices = Vec::new();
+    for id in [&plain, &encrypted] {
+        let volume = pool
+            .backend
+            .create_thin(&id.lv_name(), Bytes(256 * MIB), &[])
+            .expect("create")
+            .into_inner();
+        devices.push(volume.device.expect("active"));
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let key = scratch.path().join("key");
+    std::fs::write(&key, [7u8; 64]).unwrap();
+    let cryptsetup = Program::find("cryptsetup").unwrap();
+    let lv = devices[1].to_str().unwrap();
+    let key_arg = key.to_str().unwrap();
+    cryptsetup
+        .run([
+            "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+            "--pbkdf-force-iterations", "1000", "--key-file", key_arg, lv,
+        ])
+        .expect("luksFormat");
+    let mapping = encrypted.crypt_name();
+    cryptsetup
+        .run(["open", "--key-file", key_arg, lv, mapping.as_str()])
+        .expect("open");
+    let mapped = Path::new("/dev/mapper").join(mapping.as_str());
+    Program::find("mkfs.ext4")
+        .unwrap()
+        .run(["-q", mapped.to_str().unwrap()])
+        .expect("mkfs");
+    let mnt = tempfile::tempdir().unwrap();
+    mount(&mapped, mnt.path());
+    // Dirty data that a flushing suspend would write.
+    std::fs::write(mnt.path().join("dirty"), vec![1u8; 4 * MIB as usize]).unwrap();
+
+    let fence = DmFenceDevices::new(pool.vg.as_str(), "pool");
+    fence.suspend(&plain).expect("suspend the plain volume's LV");
+    fence.suspend(&encrypted).expect("suspend the mapping");
+    let sample = fence.sample().expect("sample");
+    assert!(sample.suspended.contains(&plain) && sample.suspended.contains(&encrypted));
+
+    let (done, finished) = std::sync::mpsc::channel();
+    let backend = Arc::new(volume_core::backend::lvm::LvmBackend::start(pool.spec().clone()).unwrap());
+    {
+        let backend = backend.clone();
+        let plain = plain.clone();
+        std::thread::spawn(move || {
+            let step = |what: &'static str| {
+                let _ = done.send(what);
+            };
+            backend.pool_status().expect("pool status");
+            step("pool_status");
+            backend.list_thins().expect("list");
+            step("list_thins");
+            backend
+                .grow_pool(volume_core::pool_growth::PoolPart::Data, Bytes(8 * MIB))
+                .expect("grow the pool");
+            step("grow_pool");
+            backend
+                .retag(&plain.lv_name(), &["vmv1.fence-test".to_owned()], &[])
+                .expect("retag");
+            step("retag");
+        });
+    }
+    for expected in ["pool_status", "list_thins", "grow_pool", "retag"] {
+        let got = finished
+            .recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| panic!("LVM hung at {expected} with fenced mappings"));
+        assert_eq!(got, expected);
+    }
+    let sample = fence.sample().expect("sample");
+    assert!(
+        sample.suspended.contains(&plain) && sample.suspended.contains(&encrypted),
+        "LVM resumed a fenced device: {:?}",
+        sample.suspended
+    );
+    fence.resume(&encrypted).unwrap();
+    fence.resume(&plain).unwrap();
+    Program::find("umount").unwrap().run([mnt.path()]).expect("umount");
+    Program::find("e2fsck")
+        .unwrap()
+        .run(["-fn", mapped.to_str().unwrap()])
+        .expect("e2fsck -fn");
+    cryptsetup.run(["close", mapping.as_str()]).expect("close");
 }

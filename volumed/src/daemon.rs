@@ -994,6 +994,15 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(setup: Setup) -> Running {
+        Running::spawn_with_fence_changes(setup, None)
+    }
+
+    /// [`Running::spawn`], woken by a fencing thread's changes
+    /// ([`crate::fence::spawn`]).
+    pub fn spawn_with_fence_changes(
+        setup: Setup,
+        fence_changes: Option<mpsc::UnboundedReceiver<()>>,
+    ) -> Running {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (resync, resync_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(
@@ -1001,7 +1010,7 @@ impl Running {
             Controls {
                 shutdown: shutdown_rx,
                 resync: resync_rx,
-                fence_changes: None,
+                fence_changes,
             },
         ));
         Running {

@@ -65,6 +65,9 @@ pub fn spawn(
             .spawn(move || {
                 let mut events = events;
                 let mut first = true;
+                // A failing check is logged when its error changes, not on
+                // every tick (e.g. while LVM is still making the pool).
+                let mut failing: Option<String> = None;
                 while !stop.load(Ordering::Relaxed) {
                     let recovering = std::mem::take(&mut first);
                     let result = if recovering {
@@ -74,18 +77,27 @@ pub fn spawn(
                     };
                     match result {
                         Ok(changes) => {
+                            if failing.take().is_some() {
+                                tracing::info!("fencing checks work again");
+                            }
                             for change in &changes {
                                 record(change, &metrics);
                             }
                             metrics.set_fenced(fencer.fences().fenced().len());
-                            if !changes.is_empty() {
+                            // After recovery the found fences go into the
+                            // statuses even though nothing changed.
+                            if !changes.is_empty() || recovering {
                                 let _ = changed.send(());
                             }
                         }
                         Err(error) => {
                             first = recovering;
                             metrics.error("fence");
-                            tracing::error!(%error, "fencing check failed; trying again");
+                            let text = error.to_string();
+                            if failing.as_deref() != Some(text.as_str()) {
+                                tracing::error!(%error, "fencing check failed; trying again at each tick");
+                                failing = Some(text);
+                            }
                         }
                     }
                     if let Err(error) = events.wait(interval) {

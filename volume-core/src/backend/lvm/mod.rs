@@ -110,13 +110,13 @@ impl LvmBackend {
     /// Runs a command that changes LVM state.
     fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
-        let mut config = SKIP_SUSPENDED.to_owned();
+        let mut config = SKIP_FENCEABLE.to_owned();
         if low_water != 0 {
             config.push_str(&format!(
                 "activation{{thin_pool_autoextend_threshold={low_water}}}"
             ));
         }
-        let line = line.args(["--config".to_owned(), config]).build()?;
+        let line = line.config(config).build()?;
         self.runner.run(&line)?;
         tracing::info!(command = %line, "LVM changed");
         Ok(())
@@ -188,12 +188,20 @@ impl LvmBackend {
     }
 }
 
-/// Every command skips suspended devices when it scans for PVs. A fenced
-/// volume's mapping is suspended (see `crate::fence`), and LVM's scan
-/// would otherwise read it and wait, uninterruptibly, for its resume,
-/// holding the process's one LVM thread. (One `--config` word: LVM takes
-/// the option once, and words carry no spaces.)
-const SKIP_SUSPENDED: &str = "devices{ignore_suspended_devices=1}";
+/// Every command leaves our volumes' devices out of its scan for PVs
+/// (they never hold one): a fenced volume's top device is suspended (see
+/// `crate::fence`), and LVM's scan would read it and wait for its resume,
+/// holding the process's one LVM thread. A filter, not
+/// `ignore_suspended_devices`: measured in the micro-VM, that setting
+/// keeps a separate `lvs` from waiting but not a command run in process,
+/// where LVM restores its earlier value when `--config` rebuilds the
+/// filters. The patterns match the dm-crypt mappings (`/dev/mapper/
+/// vmv1-crypt-…`) and the thin LVs (`/dev/<vg>/vmv1-vol_…`,
+/// `/dev/mapper/<vg>-vmv1--vol_…`, for hosts with `scan_lvs=1`). This
+/// replaces a `global_filter` set in lvm.conf for our commands. (One
+/// `--config` word: LVM takes the option once.)
+pub const SKIP_FENCEABLE: &str =
+    r#"devices{global_filter=["r|/vmv1-crypt-|","r|/vmv1-vol_|","r|-vmv1--vol_|"]}"#;
 
 /// A report command with the format every parser here expects.
 fn report_command(command: &str) -> CommandLineBuilder {
@@ -203,9 +211,8 @@ fn report_command(command: &str) -> CommandLineBuilder {
         "--units",
         "b",
         "--nosuffix",
-        "--config",
-        SKIP_SUSPENDED,
     ])
+    .config(SKIP_FENCEABLE)
 }
 
 /// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not
