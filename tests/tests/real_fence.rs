@@ -316,12 +316,18 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
 
     // The other volume keeps writing inside the reserve.
     assert!(
-        write_file(&other_mnt.path().join("during"), 8).success(),
+        write_file(&other_mnt.path().join("during"), 4).success(),
         "the other volume's write failed while the filler was fenced"
     );
     let during = pool.backend.pool_status().unwrap();
     eprintln!("while fenced: {}", during.usage);
     assert_ne!(during.usage.health, PoolHealth::OutOfData);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        kv.status(&other.id).unwrap().fenced,
+        None,
+        "the other volume was fenced for writing inside the reserve"
+    );
 
     // A crash of volumed leaves the fence in force; the next one finds it.
     let _ = volumed.kill_hard();
