@@ -117,9 +117,9 @@ impl fmt::Display for FenceReason {
                 "pool reserve: {free} of pool data free (reserve {reserve}) and the VG is full; \
                  this volume's allocation grew by {grew}"
             ),
-            FenceReason::FoundSuspended => f.write_str(
-                "found suspended at start-up; the pool has not got its space back yet",
-            ),
+            FenceReason::FoundSuspended => {
+                f.write_str("found suspended at start-up; the pool has not got its space back yet")
+            }
         }
     }
 }
@@ -311,7 +311,14 @@ mod tests {
         assert!(d.fence.is_empty() && d.unfence.is_empty());
         // At the floor it is fenced too.
         let floor = sample(96, 67, 24);
-        let d = decide(&policy(), Some(&later), &floor, Zone::Reserve, false, &fenced);
+        let d = decide(
+            &policy(),
+            Some(&later),
+            &floor,
+            Zone::Reserve,
+            false,
+            &fenced,
+        );
         assert_eq!(d.zone, Zone::Floor);
         assert_eq!(d.fence.iter().map(|f| &f.0).collect::<Vec<_>>(), [&other]);
     }
@@ -359,7 +366,14 @@ mod tests {
         assert_eq!(d.zone, Zone::Clear);
         // The first sample has nothing to compare with: the zone is not
         // taken as entered, so the next sample still fences the grower.
-        let d = decide(&policy(), None, &sample(92, 67, 20), Zone::Clear, false, &none);
+        let d = decide(
+            &policy(),
+            None,
+            &sample(92, 67, 20),
+            Zone::Clear,
+            false,
+            &none,
+        );
         assert!(d.fence.is_empty());
         assert_eq!(d.zone, Zone::Clear);
         let d = decide(
@@ -377,10 +391,27 @@ mod tests {
     fn fenced_volumes_go_once_free_is_above_twice_the_reserve() {
         let (filler, _) = ids();
         let fenced: BTreeMap<_, _> = [(filler.clone(), FenceReason::FoundSuspended)].into();
-        let d = decide(&policy(), None, &sample(85, 60, 20), Zone::Reserve, false, &fenced);
-        assert!(d.unfence.is_empty(), "15 % free is not yet twice the reserve");
+        let d = decide(
+            &policy(),
+            None,
+            &sample(85, 60, 20),
+            Zone::Reserve,
+            false,
+            &fenced,
+        );
+        assert!(
+            d.unfence.is_empty(),
+            "15 % free is not yet twice the reserve"
+        );
         assert_eq!(d.zone, Zone::Clear);
-        let d = decide(&policy(), None, &sample(79, 60, 19), Zone::Clear, false, &fenced);
+        let d = decide(
+            &policy(),
+            None,
+            &sample(79, 60, 19),
+            Zone::Clear,
+            false,
+            &fenced,
+        );
         assert_eq!(d.unfence, vec![(filler, UnfenceCause::SpaceReturned)]);
     }
 

@@ -209,7 +209,15 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     // Nothing left in the VG: the pool cannot grow.
     lvm(
         &runner,
-        &["lvcreate", "-qq", "-l", "100%FREE", "-n", "pad", pool.vg.as_str()],
+        &[
+            "lvcreate",
+            "-qq",
+            "-l",
+            "100%FREE",
+            "-n",
+            "pad",
+            pool.vg.as_str(),
+        ],
     );
     assert_eq!(pool.backend.pool_status().unwrap().vg_free, Bytes::ZERO);
 
@@ -257,7 +265,8 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
             while !stop.load(Ordering::Relaxed) && fenced.is_none() {
                 if let Ok(sample) = devices.sample() {
                     let now = Instant::now();
-                    if crossed.is_none() && sample.sample.free_percent() <= Percent::from_whole(10) {
+                    if crossed.is_none() && sample.sample.free_percent() <= Percent::from_whole(10)
+                    {
                         crossed = Some(now);
                     }
                     if sample.suspended.contains(&filler) {
@@ -333,9 +342,8 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     let _ = volumed.kill_hard();
     let mut volumed = start_volumed(&pool, &kv, scratch.path());
     wait_for("the fence found after a restart", CONVERGE, || {
-        (metric_lines("volumed_fenced_volumes ")
-            .contains(&"volumed_fenced_volumes 1".to_owned()))
-        .then_some(())
+        (metric_lines("volumed_fenced_volumes ").contains(&"volumed_fenced_volumes 1".to_owned()))
+            .then_some(())
     });
     wait_for("the found fence in the status", CONVERGE, || {
         (kv.status(&filler.id)?.fenced == Some(FenceReason::FoundSuspended)).then_some(())
@@ -410,8 +418,17 @@ fn real_test_lvm_never_waits_on_a_fenced_mapping() {
     let key_arg = key.to_str().unwrap();
     cryptsetup
         .run([
-            "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", "1000", "--key-file", key_arg, lv,
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            key_arg,
+            lv,
         ])
         .expect("luksFormat");
     let mapping = encrypted.crypt_name();
@@ -429,13 +446,16 @@ fn real_test_lvm_never_waits_on_a_fenced_mapping() {
     std::fs::write(mnt.path().join("dirty"), vec![1u8; 4 * MIB as usize]).unwrap();
 
     let fence = DmFenceDevices::new(pool.vg.as_str(), "pool");
-    fence.suspend(&plain).expect("suspend the plain volume's LV");
+    fence
+        .suspend(&plain)
+        .expect("suspend the plain volume's LV");
     fence.suspend(&encrypted).expect("suspend the mapping");
     let sample = fence.sample().expect("sample");
     assert!(sample.suspended.contains(&plain) && sample.suspended.contains(&encrypted));
 
     let (done, finished) = std::sync::mpsc::channel();
-    let backend = Arc::new(volume_core::backend::lvm::LvmBackend::start(pool.spec().clone()).unwrap());
+    let backend =
+        Arc::new(volume_core::backend::lvm::LvmBackend::start(pool.spec().clone()).unwrap());
     {
         let backend = backend.clone();
         let plain = plain.clone();
@@ -471,7 +491,10 @@ fn real_test_lvm_never_waits_on_a_fenced_mapping() {
     );
     fence.resume(&encrypted).unwrap();
     fence.resume(&plain).unwrap();
-    Program::find("umount").unwrap().run([mnt.path()]).expect("umount");
+    Program::find("umount")
+        .unwrap()
+        .run([mnt.path()])
+        .expect("umount");
     Program::find("e2fsck")
         .unwrap()
         .run(["-fn", mapped.to_str().unwrap()])

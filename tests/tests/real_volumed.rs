@@ -118,6 +118,7 @@ fn spec(size: Bytes) -> VolumeSpec {
         encrypted: true,
         created_ms: 1,
         destroy: false,
+        auto_extend: None,
     }
 }
 

@@ -378,7 +378,10 @@ impl Fencer {
         }
         if !found.suspended.is_empty() {
             // They were fenced for a worse zone than clear.
-            self.zone = self.policy.zone(found.sample.free_percent()).max(Zone::Reserve);
+            self.zone = self
+                .policy
+                .zone(found.sample.free_percent())
+                .max(Zone::Reserve);
             tracing::warn!(
                 volumes = found.suspended.len(),
                 "found fenced (suspended) volumes at start-up"
@@ -639,7 +642,10 @@ mod tests {
             .unwrap();
         let changes = fencer.check().unwrap();
         assert_eq!(
-            changes.iter().map(|c| (&c.id, c.action)).collect::<Vec<_>>(),
+            changes
+                .iter()
+                .map(|c| (&c.id, c.action))
+                .collect::<Vec<_>>(),
             [(&filler, FenceAction::Unfenced(UnfenceCause::SpaceReturned))]
         );
         assert!(!devices.is_suspended(&filler));
@@ -673,7 +679,10 @@ mod tests {
         assert!(devices.is_suspended(&filler));
         // Requested: resumed; a second request is a no-op.
         let lifted = restarted.unfence(&filler).unwrap().unwrap();
-        assert_eq!(lifted.action, FenceAction::Unfenced(UnfenceCause::Requested));
+        assert_eq!(
+            lifted.action,
+            FenceAction::Unfenced(UnfenceCause::Requested)
+        );
         assert!(!devices.is_suspended(&filler));
         assert_eq!(restarted.unfence(&filler).unwrap(), None);
         // With the space back, a restart resumes what it finds at once.

@@ -142,8 +142,8 @@ impl AutoExtender {
         for _ in 0..MAX_STEPS_PER_WAKE {
             let status = self.backend.pool_status()?;
             if let Some(room) = &self.room {
-                let can_grow = self.policy.data.enabled()
-                    && status.vg_free >= status.extent_size.bytes();
+                let can_grow =
+                    self.policy.data.enabled() && status.vg_free >= status.extent_size.bytes();
                 room.set(can_grow);
             }
             let plan: Vec<_> = self

@@ -44,9 +44,11 @@ pub fn spawn(
             .name("pool-autoextend".into())
             .spawn(move || {
                 let mut events = events;
-                AutoExtender::new(backend, policy)
-                    .with_room(room)
-                    .run(events.as_mut(), interval, &stop);
+                AutoExtender::new(backend, policy).with_room(room).run(
+                    events.as_mut(),
+                    interval,
+                    &stop,
+                );
             })?
     };
     Ok(AutoExtendThread {

@@ -37,8 +37,25 @@ pub fn record(change: &FenceChange, metrics: &Metrics) {
     }
 }
 
-/// Starts the thread: first [`Fencer::recover`] (suspended volumes found
-/// from before a restart), then a check on every wake.
+/// [`Fencer::recover`] at start-up, before the reconcile loop lists the
+/// volumes (so a fenced volume is listed as fenced, without reading its
+/// suspended LV). A failure is logged; the thread's checks go on.
+pub fn recover(fencer: &mut Fencer, metrics: &Metrics) {
+    match fencer.recover() {
+        Ok(changes) => {
+            for change in &changes {
+                record(change, metrics);
+            }
+            metrics.set_fenced(fencer.fences().fenced().len());
+        }
+        Err(error) => {
+            metrics.error("fence");
+            tracing::error!(%error, "looking for fenced volumes at start-up failed");
+        }
+    }
+}
+
+/// Starts the thread: a check on every wake (call [`recover`] first).
 pub fn spawn(
     mut fencer: Fencer,
     interval: Duration,
@@ -64,18 +81,11 @@ pub fn spawn(
             .name("pool-fence".into())
             .spawn(move || {
                 let mut events = events;
-                let mut first = true;
                 // A failing check is logged when its error changes, not on
                 // every tick (e.g. while LVM is still making the pool).
                 let mut failing: Option<String> = None;
                 while !stop.load(Ordering::Relaxed) {
-                    let recovering = std::mem::take(&mut first);
-                    let result = if recovering {
-                        fencer.recover()
-                    } else {
-                        fencer.check()
-                    };
-                    match result {
+                    match fencer.check() {
                         Ok(changes) => {
                             if failing.take().is_some() {
                                 tracing::info!("fencing checks work again");
@@ -84,14 +94,11 @@ pub fn spawn(
                                 record(change, &metrics);
                             }
                             metrics.set_fenced(fencer.fences().fenced().len());
-                            // After recovery the found fences go into the
-                            // statuses even though nothing changed.
-                            if !changes.is_empty() || recovering {
+                            if !changes.is_empty() {
                                 let _ = changed.send(());
                             }
                         }
                         Err(error) => {
-                            first = recovering;
                             metrics.error("fence");
                             let text = error.to_string();
                             if failing.as_deref() != Some(text.as_str()) {

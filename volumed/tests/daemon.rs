@@ -183,6 +183,7 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
         encrypted,
         created_ms: 1,
         destroy: false,
+        auto_extend: None,
     }
 }
 

@@ -144,12 +144,13 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
     room.set(false);
     let devices = Arc::new(SimFenceDevices::new(sim.clone()));
     let metrics = Arc::new(Metrics::default());
-    let fencer = Fencer::new(
+    let mut fencer = Fencer::new(
         devices.clone(),
         FencePolicy::new(Percent::from_whole(10)).unwrap(),
         room,
         fences,
     );
+    volumed::fence::recover(&mut fencer, &metrics);
     let (changed, changes) = tokio::sync::mpsc::unbounded_channel();
     let fencing = volumed::fence::spawn(
         fencer,
@@ -174,7 +175,10 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
     let other = spec(Bytes(4 * GIB));
     for spec in [&filler, &other] {
         let key = Layout::default().desired(&host_id(), &spec.id);
-        assert!(kv.put(&key, &serde_json::to_vec(spec).unwrap()).await.unwrap());
+        assert!(kv
+            .put(&key, &serde_json::to_vec(spec).unwrap())
+            .await
+            .unwrap());
     }
     for spec in [&filler, &other] {
         wait_for("ready", || async {
@@ -253,11 +257,7 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
     result.unwrap();
     assert_eq!(out, format!("{} is not fenced\n", filler.id));
     assert!(!devices.is_suspended(&filler.id));
-    let (result, _) = volctl(
-        &kv,
-        &["unfence", "vol_ffffffffffffffff", "--timeout", "1"],
-    )
-    .await;
+    let (result, _) = volctl(&kv, &["unfence", "vol_ffffffffffffffff", "--timeout", "1"]).await;
     assert_eq!(result.unwrap_err().exit_code(), volctl::exit::NOT_FOUND);
 
     // Unfenced, the filler writes on; at the floor it is fenced again.
@@ -270,9 +270,7 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
     sim.set_vg_free(Bytes(10 * GIB));
     let _ = sim.grow_pool(PoolPart::Data, Bytes(5 * GIB)).unwrap();
     wait_for("the fence to go", || async {
-        status(&kv, &filler.id)
-            .await
-            .filter(|s| s.fenced.is_none())
+        status(&kv, &filler.id).await.filter(|s| s.fenced.is_none())
     })
     .await;
     assert!(!devices.is_suspended(&filler.id));

@@ -90,8 +90,8 @@ use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
 use crate::fence::Fences;
 use crate::fence_model::FenceReason;
-use crate::health::PoolHealth;
 use crate::fs::{FsError, GrowOutcome, Holders};
+use crate::health::PoolHealth;
 use crate::health::VolumeHealth;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
@@ -427,9 +427,10 @@ impl VolumeHost {
         }
     }
 
-    /// Follows the fences a fencer keeps: a fenced volume is not extended,
-    /// closed or deleted (each would touch its suspended device, or resume
-    /// it behind the fencer's back), and while the pool is contained no new
+    /// Follows the fences a fencer keeps: a fenced volume is not opened,
+    /// exposed, extended, closed or deleted (each would read its suspended
+    /// LV, or resume it behind the fencer's back), its listing reads no
+    /// header, and while the pool is contained no new
     /// space is promised (its health reads `in_reserve`).
     pub fn with_fences(mut self, fences: Arc<Fences>) -> VolumeHost {
         self.fences = Some(fences);
@@ -454,7 +455,11 @@ impl VolumeHost {
     /// The pool as the backend reads it, with the fences' containment.
     fn read_pool(&self) -> Result<PoolStatus, HostError> {
         let mut status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
-        if self.fences.as_ref().is_some_and(|fences| fences.contained()) {
+        if self
+            .fences
+            .as_ref()
+            .is_some_and(|fences| fences.contained())
+        {
             status.usage.health = status.usage.health.worst(PoolHealth::InReserve);
         }
         Ok(status)
@@ -585,7 +590,14 @@ impl VolumeHost {
             return Ok(None);
         };
         let encryption = progress::encryption(&volume.tags);
+        let fenced = self
+            .fences
+            .as_ref()
+            .is_some_and(|fences| fences.reason(&id).is_some());
         let device = match encryption {
+            // The LV under a fenced volume's mapping is suspended: no
+            // header read, or the listing would wait for the unfence.
+            Some(Encryption::Luks2) if fenced => self.devices.crypt_mapping_unread(&id),
             Some(Encryption::Luks2) => self
                 .devices
                 .crypt_mapping(&id)
@@ -707,6 +719,7 @@ impl VolumeHost {
                     });
                 }
                 if Self::progress_of(id, volume)? == Progress::Ready {
+                    self.refuse_if_fenced(id)?;
                     self.ensure_open(id, spec.encryption)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
@@ -960,6 +973,7 @@ impl VolumeHost {
     pub fn open(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
         self.ensure_open(id, Self::encryption_of(id, &volume)?)
     }
@@ -1002,6 +1016,7 @@ impl VolumeHost {
     ) -> Result<CreateAction<ExposedNode>, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
         let record = progress::node_tag(jail).ok_or_else(|| HostError::JailPathTooLong {
             id: id.clone(),

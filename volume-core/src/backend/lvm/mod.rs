@@ -205,14 +205,9 @@ pub const SKIP_FENCEABLE: &str =
 
 /// A report command with the format every parser here expects.
 fn report_command(command: &str) -> CommandLineBuilder {
-    CommandLine::command(command).args([
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-    ])
-    .config(SKIP_FENCEABLE)
+    CommandLine::command(command)
+        .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+        .config(SKIP_FENCEABLE)
 }
 
 /// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not

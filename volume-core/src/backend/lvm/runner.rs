@@ -121,7 +121,10 @@ impl CommandLineBuilder {
             let config = self.config_values.contains(&index);
             let quote = |c: char| c == '\'' || c == '"';
             if config && word.starts_with(quote) {
-                return Err(refuse(word, "starts with a quote, which LVM's command-line splitter would misread"));
+                return Err(refuse(
+                    word,
+                    "starts with a quote, which LVM's command-line splitter would misread",
+                ));
             }
             if let Some(bad) = word
                 .chars()
@@ -517,9 +520,15 @@ mod tests {
             .config(r#"devices{global_filter=["r|x|"]}"#)
             .build()
             .unwrap();
-        assert_eq!(line.as_str(), r#"lvs --config devices{global_filter=["r|x|"]}"#);
+        assert_eq!(
+            line.as_str(),
+            r#"lvs --config devices{global_filter=["r|x|"]}"#
+        );
         for bad in [r#""devices{}""#, "a b"] {
-            assert!(CommandLine::command("lvs").config(bad).build().is_err(), "{bad}");
+            assert!(
+                CommandLine::command("lvs").config(bad).build().is_err(),
+                "{bad}"
+            );
         }
     }
 
