@@ -1,7 +1,7 @@
 //! The fencing thread: [`volume_core::fence::Fencer`] on a dedicated
 //! blocking thread, woken by device-mapper events and a short timer (or the
 //! timer alone on the simulated backend). It never touches a fenced
-//! volume's filesystem; a suspend or resume is one ioctl on its top device.
+//! volume's filesystem; a suspend or resume is one ioctl on its thin LV.
 //!
 //! Each fence and unfence logs one line, counts in the metrics, and wakes
 //! the reconcile loop (through `changed`) to republish the volume's status
