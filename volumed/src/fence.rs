@@ -80,6 +80,7 @@ pub fn spawn(
         std::thread::Builder::new()
             .name("pool-fence".into())
             .spawn(move || {
+                raise_priority();
                 let mut events = events;
                 // A failing check is logged when its error changes, not on
                 // every tick (e.g. while LVM is still making the pool).
@@ -118,6 +119,28 @@ pub fn spawn(
         stop,
         thread: Some(thread),
     })
+}
+
+/// The fencing thread's nice value: a host busy with the filler's own
+/// I/O and encryption must still run the check that stops it (measured in
+/// the micro-VM: at nice 0 a check once came 6 s late, the pool 2 % past
+/// the reserve's edge).
+const FENCE_NICE: libc::c_int = -10;
+
+/// Gives this thread [`FENCE_NICE`]; without the privilege it keeps its
+/// nice value and says so.
+fn raise_priority() {
+    // SAFETY: gettid and setpriority take no pointers and change only this
+    // thread's scheduling weight (on Linux, PRIO_PROCESS with a thread id
+    // applies to that thread alone).
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FENCE_NICE)
+    };
+    if result != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, nice = FENCE_NICE, "cannot raise the fencing thread's priority; it runs at the default");
+    }
 }
 
 impl FenceThread {
