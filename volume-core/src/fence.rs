@@ -151,11 +151,10 @@ impl DmFenceDevices {
     }
 }
 
-fn status_of(
-    dm: &DM,
-    device: &str,
-    table: bool,
-) -> Result<(DmFlags, Vec<(u64, u64, String, String)>), FenceError> {
+/// One target line of a status or table: start, length, type, parameters.
+type TargetLine = (u64, u64, String, String);
+
+fn status_of(dm: &DM, device: &str, table: bool) -> Result<(DmFlags, Vec<TargetLine>), FenceError> {
     let failed = |reason: String| FenceError::Status {
         device: device.to_owned(),
         reason,
