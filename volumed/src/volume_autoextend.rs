@@ -4,9 +4,11 @@
 //!
 //! Every `[daemon] volume_autoextend_interval` (5 s), while at least one
 //! settled volume has auto-extend, one check runs:
-//! 1. one `VolumeHost::list` (one `lvs`) for each thin LV's size and data%,
-//!    and one KV read of `<root>/usage/<host>/` for the guests' own
-//!    filesystem reports;
+//! 1. each watched thin LV's size and data% from device-mapper's own
+//!    counters (`ThinBackend::thin_allocations`: a status ioctl per LV,
+//!    no LVM command, so it never waits on or delays a pool growth), and
+//!    one KV read of `<root>/usage/<host>/` for the guests' own filesystem
+//!    reports;
 //! 2. the usage of each volume: a fresh report (younger than
 //!    `fs_usage_max_age`, covering the volume to within one increment) wins
 //!    over data%, the allocated share, which discards lower;
@@ -142,23 +144,24 @@ pub async fn check(
     max_age: Duration,
     metrics: Arc<Metrics>,
 ) -> Result<CheckReport, String> {
-    let listed = {
+    let lvs: Vec<_> = candidates.iter().map(|c| c.spec.id.lv_name()).collect();
+    let allocations = {
         let volume_host = volume_host.clone();
-        tokio::task::spawn_blocking(move || volume_host.list())
+        tokio::task::spawn_blocking(move || volume_host.backend().thin_allocations(&lvs))
             .await
-            .map_err(|join| format!("the listing thread failed: {join}"))?
-            .map_err(|e| format!("listing the volumes failed: {e}"))?
+            .map_err(|join| format!("the allocation thread failed: {join}"))?
+            .map_err(|e| format!("reading the volumes' allocation failed: {e}"))?
     };
-    let measured: BTreeMap<VolumeId, Measured> = listed
+    let measured: BTreeMap<VolumeId, Measured> = allocations
         .into_iter()
-        .map(|volume| {
-            (
-                volume.id,
+        .filter_map(|found| {
+            Some((
+                VolumeId::from_lv_name(&found.lv)?,
                 Measured {
-                    size: volume.size,
-                    allocated: volume.data_percent,
+                    size: found.size,
+                    allocated: found.allocated,
                 },
-            )
+            ))
         })
         .collect();
     let reports = read_reports(&kv, &layout, &host).await;
