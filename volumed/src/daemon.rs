@@ -943,16 +943,16 @@ impl Daemon {
             return;
         }
         self.volume_growth.checking = true;
-        let check = volume_autoextend::check(
-            self.ctx.host.clone(),
-            self.ctx.kv.clone(),
-            self.config.layout.clone(),
-            self.host_record(),
-            watched,
+        let check = volume_autoextend::check(volume_autoextend::Check {
+            volume_host: self.ctx.host.clone(),
+            kv: self.ctx.kv.clone(),
+            layout: self.config.layout.clone(),
+            host: self.host_record(),
+            candidates: watched,
             extent,
-            self.config.fs_usage_max_age,
-            self.metrics.clone(),
-        );
+            max_age: self.config.fs_usage_max_age,
+            metrics: self.metrics.clone(),
+        });
         let tx = self.growth_tx.clone();
         tokio::spawn(async move {
             let _ = tx.send(check.await);

@@ -132,18 +132,33 @@ pub struct CheckReport {
     pub outcomes: Vec<(VolumeId, StepOutcome)>,
 }
 
-/// Runs one check (see the module docs). `host` is the host record as
-/// the daemon would publish it; its pool is re-read before any step.
-pub async fn check(
-    volume_host: Arc<VolumeHost>,
-    kv: ConsulKv,
-    layout: Layout,
-    mut host: HostRecord,
-    candidates: Vec<Watched>,
-    extent: Bytes,
-    max_age: Duration,
-    metrics: Arc<Metrics>,
-) -> Result<CheckReport, String> {
+/// One check's inputs (see the module docs).
+pub struct Check {
+    pub volume_host: Arc<VolumeHost>,
+    pub kv: ConsulKv,
+    pub layout: Layout,
+    /// The host record as the daemon would publish it; its pool is
+    /// re-read before any step.
+    pub host: HostRecord,
+    pub candidates: Vec<Watched>,
+    pub extent: Bytes,
+    /// Filesystem reports older than this no longer count.
+    pub max_age: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs one check (see the module docs).
+pub async fn check(check: Check) -> Result<CheckReport, String> {
+    let Check {
+        volume_host,
+        kv,
+        layout,
+        mut host,
+        candidates,
+        extent,
+        max_age,
+        metrics,
+    } = check;
     let lvs: Vec<_> = candidates.iter().map(|c| c.spec.id.lv_name()).collect();
     let allocations = {
         let volume_host = volume_host.clone();
