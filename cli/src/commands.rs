@@ -328,8 +328,8 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             "updated_ms",
             "node",
             "health",
-            "fenced",
             "auto_extend_refused",
+            "fenced",
         ];
         if let Some(fields) = entry.raw.as_object() {
             for (name, value) in fields {
@@ -399,59 +399,6 @@ pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<Vol
     let view = VolumeView::new(grown.spec, status.as_ref());
     volume_table(std::slice::from_ref(&view), ui.out())?;
     Ok(view)
-}
-
-/// Asks the volume's host to lift its fence and, unless `--detach`, waits
-/// until the host took the request and its status shows no fence. A volume
-/// that is not fenced is not an error (the request is a no-op).
-pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
-    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
-    let was_fenced = store::read_status(ctx, &spec.host, &spec.id)
-        .await?
-        .is_some_and(|entry| entry.status.fenced.is_some());
-    let key = ctx.layout.unfence(&spec.host, &spec.id);
-    let request = UnfenceRequest {
-        id: spec.id.clone(),
-        requested_ms: now_ms(),
-    };
-    let body = serde_json::to_vec(&request).expect("requests serialize");
-    ctx.kv.put(&key, &body).await?;
-    if args.wait.detach {
-        writeln!(ui.out(), "unfence of {} requested", spec.id)?;
-        return Ok(());
-    }
-    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
-    loop {
-        let taken = ctx.kv.get(&key).await?.value.is_none();
-        let status = store::read_status(ctx, &spec.host, &spec.id).await?;
-        let fenced = status.as_ref().and_then(|entry| entry.status.fenced);
-        if taken && fenced.is_none() {
-            if was_fenced {
-                writeln!(ui.out(), "unfenced {}", spec.id)?;
-            } else {
-                writeln!(ui.out(), "{} is not fenced", spec.id)?;
-            }
-            return Ok(());
-        }
-        let last_state = match fenced {
-            Some(reason) => format!("fenced ({})", reason.as_str()),
-            None => "request not taken yet".to_owned(),
-        };
-        if tokio::time::Instant::now() >= deadline.at {
-            return Err(CliError::TimedOut(Box::new(crate::error::WaitTimedOut {
-                id: spec.id.clone(),
-                host: spec.host.clone(),
-                goal: "unfenced".to_owned(),
-                last_state,
-                timeout: deadline.timeout,
-                hint: format!(
-                    " (is volumed running on {}?); the request stays recorded",
-                    spec.host
-                ),
-            })));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// The three auto-extend flags as settings for a volume of `size`: all
@@ -561,6 +508,59 @@ pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<Vol
         )?;
     }
     Ok(view)
+}
+
+/// Asks the volume's host to lift its fence and, unless `--detach`, waits
+/// until the host took the request and its status shows no fence. A volume
+/// that is not fenced is not an error (the request is a no-op).
+pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
+    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    let was_fenced = store::read_status(ctx, &spec.host, &spec.id)
+        .await?
+        .is_some_and(|entry| entry.status.fenced.is_some());
+    let key = ctx.layout.unfence(&spec.host, &spec.id);
+    let request = UnfenceRequest {
+        id: spec.id.clone(),
+        requested_ms: now_ms(),
+    };
+    let body = serde_json::to_vec(&request).expect("requests serialize");
+    ctx.kv.put(&key, &body).await?;
+    if args.wait.detach {
+        writeln!(ui.out(), "unfence of {} requested", spec.id)?;
+        return Ok(());
+    }
+    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    loop {
+        let taken = ctx.kv.get(&key).await?.value.is_none();
+        let status = store::read_status(ctx, &spec.host, &spec.id).await?;
+        let fenced = status.as_ref().and_then(|entry| entry.status.fenced);
+        if taken && fenced.is_none() {
+            if was_fenced {
+                writeln!(ui.out(), "unfenced {}", spec.id)?;
+            } else {
+                writeln!(ui.out(), "{} is not fenced", spec.id)?;
+            }
+            return Ok(());
+        }
+        let last_state = match fenced {
+            Some(reason) => format!("fenced ({})", reason.as_str()),
+            None => "request not taken yet".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline.at {
+            return Err(CliError::TimedOut(Box::new(crate::error::WaitTimedOut {
+                id: spec.id.clone(),
+                host: spec.host.clone(),
+                goal: "unfenced".to_owned(),
+                last_state,
+                timeout: deadline.timeout,
+                hint: format!(
+                    " (is volumed running on {}?); the request stays recorded",
+                    spec.host
+                ),
+            })));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A host as `hosts --json` prints it.

@@ -293,13 +293,13 @@ pub struct VolumeStatus {
     /// (The pool's health is in the host record: `pool.health`.)
     #[serde(default, skip_serializing_if = "is_healthy")]
     pub health: VolumeHealth,
-    /// Why volumed fenced the volume (its I/O waits); absent when it is not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fenced: Option<FenceReason>,
     /// Why the last auto-extend step was refused (e.g. no headroom on the
     /// host); left out while none is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_extend_refused: Option<String>,
+    /// Why volumed fenced the volume (its I/O waits); absent when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
 }
 
 /// An operator's request to lift a volume's fence (`volctl unfence`).

@@ -23,4 +23,4 @@ mod locked;
 pub mod pool_watch;
 
 pub use volume_model::fence as fence_model;
-pub use volume_model::{actions, capacity, health, names, pool_growth, units};
+pub use volume_model::{actions, capacity, health, names, pool_growth, units, volume_growth};

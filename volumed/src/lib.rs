@@ -16,6 +16,7 @@
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`instance`]: one daemon per volume group and per host id.
+//! * [`volume_autoextend`]: growing volumes at their usage threshold.
 
 pub mod autoextend;
 pub mod config;
@@ -31,4 +32,5 @@ pub mod notify;
 pub mod plan;
 pub mod sealed;
 pub mod setup;
+pub mod volume_autoextend;
 pub mod worker;

@@ -247,9 +247,9 @@ pub fn status(
             .filter(|jail| observed.is_some_and(|v| v.exposed.contains(jail)))
             .map(|jail| jail.full().display().to_string()),
         health: observed.map(|v| v.health).unwrap_or_default(),
-        fenced: None,
         // The daemon adds its own note (`Daemon::set_status`).
         auto_extend_refused: None,
+        fenced: None,
     }
 }
 

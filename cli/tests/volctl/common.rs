@@ -135,8 +135,8 @@ impl Store {
             updated_ms: now_ms(),
             node: None,
             health: Default::default(),
-            fenced: None,
             auto_extend_refused: None,
+            fenced: None,
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv
