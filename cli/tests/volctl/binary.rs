@@ -156,8 +156,15 @@ async fn json_and_tables_go_to_stdout() {
     }
     let output = volctl_at(&env, &["show", &id]).await;
     let shown = text(&output.stdout);
-    assert!(shown.contains(&format!("id         {id}")), "{shown}");
-    assert!(shown.contains("state      pending"), "{shown}");
+    // Labels are padded to the longest one shown.
+    let line = |label: &str, value: &str| {
+        shown
+            .lines()
+            .any(|line| line.split_whitespace().collect::<Vec<_>>() == [label, value])
+    };
+    assert!(line("id", &id), "{shown}");
+    assert!(line("state", "pending"), "{shown}");
+    assert!(line("auto-extend", "off"), "{shown}");
 }
 
 #[tokio::test]
