@@ -1111,6 +1111,16 @@ impl ThinBackend for HookBackend {
     ) -> Result<volume_core::pool_growth::PoolGrowth, BackendError> {
         self.inner.grow_pool(part, by)
     }
+
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: volume_core::backend::ThinCopy,
+        tags: &[String],
+    ) -> Result<volume_core::actions::CreateAction<ThinVolume>, BackendError> {
+        self.inner.snapshot_thin(origin, copy, kind, tags)
+    }
 }
 
 fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {
