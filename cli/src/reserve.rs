@@ -354,6 +354,8 @@ pub async fn reserve(
             encrypted: request.encrypted,
             created_ms,
             destroy: false,
+            source: None,
+            snapshots: Default::default(),
         };
         let spec_key = ctx.layout.desired(&spec.host, id);
         let mut ops = vec![

@@ -118,6 +118,8 @@ fn spec(size: Bytes) -> VolumeSpec {
         encrypted: true,
         created_ms: 1,
         destroy: false,
+        source: None,
+        snapshots: Default::default(),
     }
 }
 

@@ -183,6 +183,8 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
         encrypted,
         created_ms: 1,
         destroy: false,
+        source: None,
+        snapshots: Default::default(),
     }
 }
 
