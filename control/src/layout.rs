@@ -15,6 +15,10 @@
 //! <root>/snapshots/desired/<host>/<snapshot>  SnapshotSpec    volctl (on
 //!                                              demand) or volumed (scheduled)
 //! <root>/snapshots/status/<host>/<snapshot>   SnapshotStatus  volumed
+//! <root>/usage/<host>/<volume>    FsUsageReport the filesystem's own usage, written
+//!                                              by the VM worker from its guest's
+//!                                              agent; read by volumed's volume
+//!                                              auto-extend while fresh
 //! ```
 //!
 //! A snapshot record reserves its size in the host's ledger (`reserved`,
@@ -43,6 +47,7 @@ use volume_model::capacity::{CapacityPolicy, PoolUsage};
 use volume_model::health::VolumeHealth;
 use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
+use volume_model::volume_growth::{AutoExtend, FsUsage};
 
 pub const DEFAULT_ROOT: &str = "volumes/v1";
 
@@ -150,6 +155,15 @@ impl Layout {
         SnapshotId::new(id).ok()
     }
 
+    /// Where a VM worker reports the filesystem usage its guest sees.
+    pub fn fs_usage(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/usage/{host}/{volume}", self.root)
+    }
+
+    pub fn fs_usage_prefix(&self, host: &HostId) -> String {
+        format!("{}/usage/{host}/", self.root)
+    }
+
     /// `(host, volume)` from a desired or status key; `None` for anything else.
     pub fn parse_volume_key(&self, key: &str) -> Option<(HostId, VolumeId)> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix('/')?;
@@ -225,6 +239,33 @@ pub struct VolumeSpec {
     /// Daily snapshots taken by volumed, and how long they are kept.
     #[serde(default)]
     pub snapshots: SnapshotSchedule,
+    /// Grow by an increment at a usage threshold, up to a limit; none:
+    /// the volume grows only when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_extend: Option<AutoExtend>,
+}
+
+/// A filesystem's usage as the agent in a volume's guest reported it, at
+/// `<root>/usage/<host>/<volume>`. The VM worker writes it (a plain put);
+/// volumed's volume auto-extend prefers it over the thin LV's data% while
+/// it is younger than `[daemon] fs_usage_max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsUsageReport {
+    #[serde(flatten)]
+    pub usage: FsUsage,
+    /// Milliseconds since the Unix epoch when the guest measured it.
+    pub reported_ms: u64,
+}
+
+impl FsUsageReport {
+    pub fn new(usage: FsUsage, reported_ms: u64) -> FsUsageReport {
+        FsUsageReport { usage, reported_ms }
+    }
+
+    /// The report as the value to put at [`Layout::fs_usage`].
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("usage reports serialize")
+    }
 }
 
 /// A volume made from existing data on the same host.
@@ -399,6 +440,10 @@ pub struct VolumeStatus {
     /// (The pool's health is in the host record: `pool.health`.)
     #[serde(default, skip_serializing_if = "is_healthy")]
     pub health: VolumeHealth,
+    /// Why the last auto-extend step was refused (e.g. no headroom on the
+    /// host); left out while none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_extend_refused: Option<String>,
 }
 
 fn is_healthy(health: &VolumeHealth) -> bool {
@@ -476,6 +521,41 @@ mod tests {
         assert!(slot <= now && now - slot < day);
         assert_eq!(slot % day, offset);
         assert_eq!(SnapshotSchedule::latest_slot(&a, day, slot), slot);
+    }
+
+    #[test]
+    fn records_without_auto_extend_still_read_and_usage_reports_have_their_key() {
+        let old = r#"{"id":"vol_0123456789abcdef","name":"data","host":"h1","region":"ewr",
+            "zone":"ewr-a","size":1000000000,"encrypted":true,"created_ms":1}"#;
+        let spec: VolumeSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.auto_extend, None);
+        assert!(!serde_json::to_string(&spec)
+            .unwrap()
+            .contains("auto_extend"));
+        let layout = Layout::default();
+        let host = HostId::new("h1").unwrap();
+        assert_eq!(
+            layout.fs_usage(&host, &spec.id),
+            "volumes/v1/usage/h1/vol_0123456789abcdef"
+        );
+        assert!(layout
+            .fs_usage(&host, &spec.id)
+            .starts_with(&layout.fs_usage_prefix(&host)));
+        // Not under the desired prefix: the watch and the ledger check
+        // never mistake a report for a record.
+        assert!(!layout
+            .fs_usage(&host, &spec.id)
+            .starts_with(&layout.desired_root()));
+        let report =
+            FsUsageReport::new(FsUsage::new(Bytes(3), Bytes(4)).unwrap(), 1_700_000_000_000);
+        assert_eq!(
+            String::from_utf8(report.to_json()).unwrap(),
+            r#"{"used":3,"total":4,"reported_ms":1700000000000}"#
+        );
+        assert_eq!(
+            serde_json::from_slice::<FsUsageReport>(&report.to_json()).unwrap(),
+            report
+        );
     }
 
     #[test]

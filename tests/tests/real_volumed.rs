@@ -120,6 +120,7 @@ fn spec(size: Bytes) -> VolumeSpec {
         destroy: false,
         source: None,
         snapshots: Default::default(),
+        auto_extend: None,
     }
 }
 

@@ -185,6 +185,7 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
         destroy: false,
         source: None,
         snapshots: Default::default(),
+        auto_extend: None,
     }
 }
 

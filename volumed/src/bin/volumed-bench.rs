@@ -67,6 +67,7 @@ fn spec(host: &HostId, size: Bytes) -> VolumeSpec {
         destroy: false,
         source: None,
         snapshots: Default::default(),
+        auto_extend: None,
     }
 }
 
