@@ -276,7 +276,7 @@ pub async fn existing(
 /// What a read-back found at the key a lost transaction wrote.
 enum ReadBack {
     /// The record we sent: the transaction landed.
-    Landed(Reserved),
+    Landed(Box<Reserved>),
     NotThere,
 }
 
@@ -315,11 +315,11 @@ async fn read_back(ctx: &Ctx, spec: &VolumeSpec, attempts: u32) -> Result<ReadBa
             requested: describe(spec),
         });
     }
-    Ok(ReadBack::Landed(Reserved {
+    Ok(ReadBack::Landed(Box::new(Reserved {
         spec: found,
         spec_index: pair.modify_index,
         attempts,
-    }))
+    })))
 }
 
 /// Places one volume and reserves it atomically; see the module docs.
@@ -338,7 +338,7 @@ pub async fn reserve(
         if let Some(sent) = &in_doubt {
             // A late commit of the lost transaction shows up here.
             if let ReadBack::Landed(reserved) = read_back(ctx, sent, attempt - 1).await? {
-                return Ok(reserved);
+                return Ok(*reserved);
             }
         }
         let view = snapshot(ctx, &request, ui).await?;
@@ -414,7 +414,7 @@ pub async fn reserve(
                 match read_back(ctx, &spec, attempt).await? {
                     ReadBack::Landed(reserved) => {
                         ui.warn(&format!("{id} was recorded on {}", spec.host));
-                        return Ok(reserved);
+                        return Ok(*reserved);
                     }
                     ReadBack::NotThere => ui.warn(&format!(
                         "{id} was not recorded; sending it again, to {} only",

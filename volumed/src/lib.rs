@@ -14,6 +14,7 @@
 //! * [`kv`]: status and host-record writes, the destroy txn.
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
+//! * [`snapshots`]: snapshot records converged, the schedule and retention.
 //! * [`instance`]: one daemon per volume group and per host id.
 
 pub mod autoextend;
@@ -29,4 +30,5 @@ pub mod notify;
 pub mod plan;
 pub mod sealed;
 pub mod setup;
+pub mod snapshots;
 pub mod worker;

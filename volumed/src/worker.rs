@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use volume_control::layout::{Layout, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, VolumeSource, VolumeState, VolumeStatus};
 use volume_core::actions::ExtendAction;
 use volume_core::host::{self, Encryption, HostError, VolumeHost};
 use volume_core::jail::{JailPath, NodeOwner};
@@ -273,7 +273,27 @@ async fn converge(
                 Encryption::None
             },
         };
-        match on_host(&ctx.host, move |host| host.create(&volume)).await {
+        let source = spec.source.clone();
+        let made = on_host(&ctx.host, move |host| match source {
+            None => host.create(&volume),
+            Some(source) => {
+                let (origin, snapshot) = match source {
+                    VolumeSource::Snapshot { snapshot } => (None, snapshot),
+                    VolumeSource::Fork { volume, snapshot } => (Some(volume), snapshot),
+                };
+                let restore = host::Restore {
+                    snapshot,
+                    id: volume.id.clone(),
+                    name: volume.name.clone(),
+                    size: Some(volume.size),
+                };
+                match origin {
+                    None => host.restore(&restore),
+                    Some(origin) => host.fork(&origin, &restore, &mut host::NoFreeze),
+                }
+            }
+        });
+        match made.await {
             Ok(created) => {
                 run.changed |= created.changed();
                 if created.changed() {
