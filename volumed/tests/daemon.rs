@@ -1508,3 +1508,107 @@ async fn snapshots_restores_forks_schedules_and_destroys_converge() {
     assert_eq!(now.reserved, restored.size + fork.size);
     daemon.running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volctl_snapshots_restore_fork_update_and_hosts() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&["--snapshot-check-interval", "100ms"]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    wait_for("the host record", || async { host_record(&kv).await }).await;
+    let json = |out: &str| serde_json::from_str::<serde_json::Value>(out).unwrap();
+
+    let (result, out) = volctl(
+        &kv,
+        &["create", "data", "--size", "2", "--region", "ewr", "--json"],
+    )
+    .await;
+    result.unwrap();
+    let origin = json(&out)[0]["id"].as_str().unwrap().to_owned();
+
+    let (result, out) = volctl(&kv, &["snapshots", "create", &origin, "--json"]).await;
+    result.unwrap();
+    let taken = json(&out);
+    assert_eq!(taken["state"], "ready", "{out}");
+    let snapshot = taken["id"].as_str().unwrap().to_owned();
+    let (result, out) = volctl(&kv, &["snapshots", "list", &origin, "--json"]).await;
+    result.unwrap();
+    assert_eq!(json(&out).as_array().unwrap().len(), 1, "{out}");
+    let (result, out) = volctl(&kv, &["hosts", "--json"]).await;
+    result.unwrap();
+    let host = &json(&out)[0];
+    assert_eq!(host["snapshots"], 1, "{out}");
+    assert_eq!(host["snapshot_bytes"], 2_000_000_000u64, "{out}");
+    assert_eq!(host["ledger"]["reserved"], 4_000_000_000u64, "{out}");
+    let (result, out) = volctl(&kv, &["hosts"]).await;
+    result.unwrap();
+    assert!(
+        out.contains("SNAPSHOTS") && out.contains("1 (2 GB)"),
+        "{out}"
+    );
+
+    // Restore: smaller than the snapshot is refused, bigger is grown.
+    let (result, _) = volctl(
+        &kv,
+        &["create", "small", "--snapshot-id", &snapshot, "--size", "1"],
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert_eq!(error.exit_code(), 2, "{error}");
+    let (result, out) = volctl(
+        &kv,
+        &[
+            "create",
+            "restored",
+            "--snapshot-id",
+            &snapshot,
+            "--size",
+            "3",
+            "--json",
+        ],
+    )
+    .await;
+    result.unwrap();
+    assert!(out.contains("\"ready\""), "{out}");
+    let (result, out) = volctl(&kv, &["fork", &origin, "--name", "forked", "--json"]).await;
+    result.unwrap();
+    assert!(out.contains("\"ready\"") && out.contains("forked"), "{out}");
+    // The fork's own snapshot is gone again.
+    wait_for("only the on-demand snapshot LV left", || async {
+        (snapshot_lvs(&sim) == 1).then_some(())
+    })
+    .await;
+
+    let (result, out) = volctl(
+        &kv,
+        &[
+            "update",
+            &origin,
+            "--scheduled-snapshots=true",
+            "--snapshot-retention",
+            "3",
+        ],
+    )
+    .await;
+    result.unwrap();
+    assert!(
+        out.contains("scheduled snapshots: on, kept 3 day(s)"),
+        "{out}"
+    );
+
+    let (result, out) = volctl(&kv, &["snapshots", "destroy", &snapshot]).await;
+    result.unwrap();
+    assert!(out.contains("destroyed"), "{out}");
+    assert_eq!(snapshot_lvs(&sim), 0);
+    let (ledger_now, _) = ledger(&kv).await;
+    assert_eq!(ledger_now.reserved, Bytes(7_000_000_000), "2 + 3 + 2 GB");
+    let (result, _) = volctl(&kv, &["snapshots", "destroy", &snapshot]).await;
+    assert_eq!(result.unwrap_err().exit_code(), 5, "gone: not found");
+    daemon.running.stop().await.unwrap();
+}

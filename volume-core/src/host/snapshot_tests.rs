@@ -310,3 +310,19 @@ fn destroy_snapshot_is_idempotent() {
     let _ = h.host.delete(&origin.id).unwrap();
     h.assert_clean();
 }
+
+#[test]
+fn a_restore_at_the_volumes_own_unrounded_size_is_not_too_small() {
+    // A record's size is decimal (2 GB); LVM rounds the LV and so the
+    // snapshot up to whole extents. The same size again is not smaller.
+    let h = harness();
+    let mut origin = spec(Encryption::Luks2);
+    origin.size = Bytes::from_gb(2).unwrap();
+    let _ = h.host.create(&origin).unwrap();
+    let fork = restore_of(&SnapshotId::generate(), Some(origin.size));
+    let forked = h.host.fork(&origin.id, &fork, &mut NoFreeze).unwrap();
+    let forked = forked.into_inner();
+    assert_eq!(forked.size, h.host.list().unwrap()[0].size);
+    // Nothing was grown: same size after rounding.
+    assert_eq!(h.devices.counts(&origin.id).fs_grows, 0);
+}

@@ -304,7 +304,15 @@ impl VolumeHost {
                 snapshot: snapshot.id.clone(),
                 tags: Vec::new(),
             })?;
-        let size = restore.size.unwrap_or(snapshot.size);
+        // As LVM will allocate it: a record's decimal size of the same
+        // volume is not smaller than its extent-rounded snapshot.
+        let size = match restore.size {
+            Some(size) => {
+                let extent = self.pool_status()?.extent_size;
+                super::round_to_extents(id, size, extent)?
+            }
+            None => snapshot.size,
+        };
         if size < snapshot.size {
             return Err(HostError::RestoreTooSmall {
                 id: id.clone(),
