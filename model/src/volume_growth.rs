@@ -153,19 +153,40 @@ impl std::fmt::Display for UsageSource {
     }
 }
 
-/// The usage auto-extend acts on: a fresh filesystem report wins over the
-/// thin LV's data%. `report` is `(usage, age_ms)`; a report older than
-/// `max_age_ms` no longer counts.
-pub fn effective_usage(
-    allocated: Percent,
-    report: Option<(FsUsage, u64)>,
-    max_age_ms: u64,
-) -> (Percent, UsageSource) {
-    match report {
-        Some((usage, age_ms)) if age_ms <= max_age_ms && usage.check().is_ok() => {
-            (usage.percent(), UsageSource::Filesystem)
+/// A filesystem report and how old it is, as the daemon holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgedReport {
+    pub usage: FsUsage,
+    pub age_ms: u64,
+}
+
+impl AutoExtend {
+    /// The usage this rule acts on for a volume of `size`: the guest's
+    /// filesystem report while it is at most `max_age_ms` old and its
+    /// filesystem covers the volume to within one increment, else the thin
+    /// LV's `allocated` share. (A filesystem not yet grown after a step,
+    /// as a guest grows its own, would otherwise read as full again and
+    /// set off step after step.)
+    pub fn usage(
+        &self,
+        size: Bytes,
+        allocated: Percent,
+        report: Option<AgedReport>,
+        max_age_ms: u64,
+    ) -> (Percent, UsageSource) {
+        match report {
+            Some(AgedReport { usage, age_ms })
+                if age_ms <= max_age_ms
+                    && usage.check().is_ok()
+                    && usage
+                        .total
+                        .checked_add(self.increment)
+                        .is_none_or(|t| t > size) =>
+            {
+                (usage.percent(), UsageSource::Filesystem)
+            }
+            _ => (allocated, UsageSource::Allocated),
         }
-        _ => (allocated, UsageSource::Allocated),
     }
 }
 
@@ -221,26 +242,40 @@ mod tests {
 
     #[test]
     fn a_fresh_filesystem_report_wins_over_data_percent() {
+        let rule = AutoExtend::new(Percent::from_whole(80), gb(1), gb(20), gb(10)).unwrap();
         let fs = FsUsage::new(gb(9), gb(10)).unwrap();
         let allocated = Percent::from_whole(30);
+        let aged = |usage, age_ms| Some(AgedReport { usage, age_ms });
         assert_eq!(
-            effective_usage(allocated, Some((fs, 1_000)), 60_000),
+            rule.usage(gb(10), allocated, aged(fs, 1_000), 60_000),
             (Percent::from_whole(90), UsageSource::Filesystem)
         );
+        // Stale.
         assert_eq!(
-            effective_usage(allocated, Some((fs, 60_001)), 60_000),
+            rule.usage(gb(10), allocated, aged(fs, 60_001), 60_000),
             (allocated, UsageSource::Allocated)
         );
         assert_eq!(
-            effective_usage(allocated, None, 60_000),
+            rule.usage(gb(10), allocated, None, 60_000),
             (allocated, UsageSource::Allocated)
+        );
+        // The volume grew by a step the filesystem has not caught up with.
+        assert_eq!(
+            rule.usage(gb(11), allocated, aged(fs, 0), 60_000),
+            (allocated, UsageSource::Allocated)
+        );
+        // ext4's own overhead keeps its total a little under the device.
+        let overhead = FsUsage::new(gb(9), Bytes(9_700_000_000)).unwrap();
+        assert_eq!(
+            rule.usage(gb(10), allocated, aged(overhead, 0), 60_000).1,
+            UsageSource::Filesystem
         );
         let bad = FsUsage {
             used: gb(11),
             total: gb(10),
         };
         assert_eq!(
-            effective_usage(allocated, Some((bad, 0)), 60_000).1,
+            rule.usage(gb(10), allocated, aged(bad, 0), 60_000).1,
             UsageSource::Allocated
         );
         assert_eq!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
 use volume_core::backend::{
-    BackendError, PoolStatus, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
+    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
 };
 use volume_core::names::LvName;
 use volume_core::pool_growth::{PoolGrowth, PoolPart};
@@ -87,5 +87,10 @@ impl ThinBackend for CountingBackend {
     ) -> Result<CreateAction<ThinVolume>, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.snapshot_thin(origin, copy, kind, tags)
+    }
+
+    /// Not counted: on LVM it reads device-mapper, not LVM.
+    fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
+        self.inner.thin_allocations(lvs)
     }
 }

@@ -16,6 +16,7 @@
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`snapshots`]: snapshot records converged, the schedule and retention.
 //! * [`instance`]: one daemon per volume group and per host id.
+//! * [`volume_autoextend`]: growing volumes at their usage threshold.
 
 pub mod autoextend;
 pub mod config;
@@ -31,4 +32,5 @@ pub mod plan;
 pub mod sealed;
 pub mod setup;
 pub mod snapshots;
+pub mod volume_autoextend;
 pub mod worker;
