@@ -300,7 +300,12 @@ async fn converge(
                     tracing::info!(volume = %id, size = %spec.size, encrypted = spec.encrypted, "volume created");
                 }
                 observed = Some(created.into_inner());
-                ctx.metrics.observe("create", started.elapsed());
+                let operation = if spec.source.is_some() {
+                    "restore"
+                } else {
+                    "create"
+                };
+                ctx.metrics.observe(operation, started.elapsed());
             }
             Err(error) => {
                 // A failed create rolled back (or left a resumable half):
