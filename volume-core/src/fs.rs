@@ -471,7 +471,17 @@ pub fn check_ext4(tools: &Tools, device: &Path) -> Result<(), FsError> {
             })
         }
     }
-    let found = holders(device, 0)?;
+    // The mapping was opened by this restore a moment ago and nothing else
+    // knows the volume yet, but an opener was seen there once (the demo, in
+    // the micro-VM) and was gone at once: give a transient one 2 s.
+    let mut found = holders(device, 0)?;
+    for _ in 0..20 {
+        if !found.any() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        found = holders(device, 0)?;
+    }
     if found.any() {
         return Err(FsError::Busy {
             device: device.to_owned(),

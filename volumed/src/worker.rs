@@ -129,6 +129,12 @@ fn classify(error: &HostError) -> Retry {
             Retry::Backoff
         }
         HostError::Admission { .. } => Retry::WhenSpaceFrees,
+        // Something held a just-restored volume's device: try again.
+        HostError::FsCheck { source, .. }
+            if matches!(**source, volume_core::fs::FsError::Busy { .. }) =>
+        {
+            Retry::Backoff
+        }
         // LVM reads, and a mapping or node held by a VM that will stop.
         HostError::PoolStatus(_)
         | HostError::List(_)
