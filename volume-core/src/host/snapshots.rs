@@ -141,6 +141,9 @@ impl VolumeHost {
     ) -> Result<CreateAction<LocalSnapshot>, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        // LVM suspends and resumes the origin around a thin snapshot, which
+        // would resume a fenced volume behind the fencer's back.
+        self.refuse_if_fenced(id)?;
         if let Some(existing) = self.find_snapshot(snapshot)? {
             if existing.volume != *id {
                 return Err(HostError::SnapshotOfOther {
