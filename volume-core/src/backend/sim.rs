@@ -360,11 +360,7 @@ impl ThinBackend for SimBackend {
         kind: ThinCopy,
         tags: &[String],
     ) -> Result<CreateAction<ThinVolume>, BackendError> {
-        shared::check_our_name(origin)?;
-        shared::check_our_name(copy)?;
-        for tag in tags {
-            shared::check_tag(tag)?;
-        }
+        shared::check_snapshot_inputs(origin, copy, tags)?;
         let mut state = self.lock();
         self.require_pool(&state)?;
         state.calls.reports += 1;

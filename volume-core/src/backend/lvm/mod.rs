@@ -652,11 +652,7 @@ impl ThinBackend for LvmBackend {
         kind: ThinCopy,
         tags: &[String],
     ) -> Result<CreateAction<ThinVolume>, BackendError> {
-        shared::check_our_name(origin)?;
-        shared::check_our_name(copy)?;
-        for tag in tags {
-            shared::check_tag(tag)?;
-        }
+        shared::check_snapshot_inputs(origin, copy, tags)?;
         let _operation = self.lock();
         let view = self.read_vg()?;
         view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
