@@ -83,7 +83,7 @@ pub use devices::{RealDevices, VolumeDevices};
 #[cfg(feature = "testing")]
 pub use faults::{Fault, FaultInjector, FaultPlan};
 pub use progress::{Encryption, Progress};
-pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore};
+pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore, SnapshotInventory};
 pub use steps::Step;
 pub use volume_model::progress;
 

@@ -85,6 +85,14 @@ impl LocalSnapshot {
     }
 }
 
+/// [`VolumeHost::snapshot_inventory`]'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotInventory {
+    pub snapshots: Vec<LocalSnapshot>,
+    /// Volumes whose LV is at `ready`.
+    pub ready_volumes: std::collections::BTreeSet<VolumeId>,
+}
+
 /// What to restore, and as which new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restore {
@@ -114,6 +122,23 @@ impl VolumeHost {
             }
         }
         Ok(found)
+    }
+
+    /// Every snapshot of ours, and the volumes whose LV is `ready`, from
+    /// one listing: what telling an orphan snapshot from a fork's own (in
+    /// use until its new volume is ready) needs.
+    pub fn snapshot_inventory(&self) -> Result<SnapshotInventory, HostError> {
+        let mut inventory = SnapshotInventory::default();
+        for lv in self.backend.list_thins().map_err(HostError::List)? {
+            if let Some(snapshot) = LocalSnapshot::of(&lv)? {
+                inventory.snapshots.push(snapshot);
+            } else if let Some(id) = VolumeId::from_lv_name(&lv.lv) {
+                if progress::step(&lv.tags) == Some(Progress::Ready) {
+                    let _ = inventory.ready_volumes.insert(id);
+                }
+            }
+        }
+        Ok(inventory)
     }
 
     fn find_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<LocalSnapshot>, HostError> {
