@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use volume_core::backend::ThinBackend;
 use volume_core::crypt;
-use volume_core::fs::{probe, Signature};
+use volume_core::fs::{probe, volume_label, volume_uuid, Signature, UuidPurpose};
 use volume_core::host::{Encryption, FreezeHook, NoFreeze, Progress, Restore, VolumeHost};
 use volume_core::keys::KeyStore;
 use volume_core::names::{SnapshotId, VolumeId, VolumeName};
@@ -34,6 +34,17 @@ fn device(host: &VolumeHost, id: &VolumeId) -> PathBuf {
         .find(|v| v.id == *id)
         .and_then(|v| v.device)
         .expect("volume open")
+}
+
+/// The ext4 filesystem on `device` has volume `id`'s UUID and label.
+fn assert_own_fs(device: &Path, id: &VolumeId) {
+    match probe(device).unwrap() {
+        Signature::Ext(sb) => {
+            assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, id), "{id}");
+            assert_eq!(sb.label, volume_label(id), "{id}");
+        }
+        other => panic!("{}: {other}", device.display()),
+    }
 }
 
 /// A freeze hook that runs `fsfreeze` on a mount of this host, as a VM
@@ -120,6 +131,10 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
     assert!(copy.same_as(&stack.keys.load(&origin.id).unwrap().unwrap()));
     let restored_dev = restored.device.clone().expect("restored is open");
     fsck_clean(&restored_dev);
+    // Its filesystem is its own too: a new UUID and label, so the origin
+    // and the copy can sit in one VM and mount by UUID.
+    assert_own_fs(&restored_dev, &restore.id);
+    assert_own_fs(&origin_dev, &origin.id);
     let restored_mnt = stack.dir("restored");
     mount_ext4(&restored_dev, &restored_mnt);
     assert!(
@@ -178,6 +193,7 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
         let _ = host.close(id).unwrap();
         let _ = host.open(id).unwrap();
         fsck_clean(&dev);
+        assert_own_fs(&dev, id);
     }
     // Forks leave no snapshot behind; the first snapshot stays.
     assert_eq!(host.snapshots(None).unwrap().len(), 1);

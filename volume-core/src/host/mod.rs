@@ -388,6 +388,12 @@ pub enum HostError {
         #[source]
         source: Box<FsError>,
     },
+    #[error("volume {id}: giving the restored filesystem its own UUID failed: {source}")]
+    FsAdopt {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
+    },
     #[cfg(feature = "testing")]
     #[error("volume {id}: injected failure after step {step}")]
     InjectedFailure { id: VolumeId, step: Step },

@@ -16,7 +16,8 @@
 //!   `vmv1.from=<origin volume>`. Encrypted: the data carries the origin's
 //!   LUKS2 header, so the origin's data key is stored again under the new
 //!   id, and the header's UUID and label become the new volume's. Then
-//!   `e2fsck -f -p` replays the journal, the LV, mapping and filesystem grow
+//!   `e2fsck -f -p` replays the journal, the filesystem gets the new
+//!   volume's UUID and label (`tune2fs`), the LV, mapping and filesystem grow
 //!   to a bigger size if asked, and the volume is `ready`. Each step is
 //!   recorded or idempotent, so a re-run after a crash finishes it.
 //! * A **fork** is a fresh snapshot, a restore of it, and the removal of
@@ -479,6 +480,11 @@ impl VolumeHost {
             .check_fs(&fs_device)
             .map_err(failed_at!(FsCheck, id))?;
         self.step(id, Step::FsChecked)?;
+        let _ = self
+            .devices
+            .adopt_fs(&fs_device, id)
+            .map_err(failed_at!(FsAdopt, id))?;
+        self.step(id, Step::FsAdopted)?;
         if grown {
             match self
                 .devices
