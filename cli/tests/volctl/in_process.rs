@@ -332,17 +332,22 @@ async fn tables_are_aligned_and_readable() {
     assert_eq!(lines[0].find("NAME"), lines[1].find("data"));
 }
 
-#[tokio::test]
-async fn extend_grows_ledger_and_spec_together() {
-    let env = three_hosts().await;
+/// `create data --size GB` pinned to h1, not waiting; its id.
+async fn create_detached_on_h1(env: &Env, size_gb: &str) -> String {
     let (result, stdout, _) = env
         .run(&[
-            "create", "data", "--size", "10", "--region", "ewr", "--host", "h1", "--detach",
+            "create", "data", "--size", size_gb, "--region", "ewr", "--host", "h1", "--detach",
             "--json",
         ])
         .await;
     result.unwrap();
-    let id = common::created_ids(&stdout)[0].to_string();
+    common::created_ids(&stdout)[0].to_string()
+}
+
+#[tokio::test]
+async fn extend_grows_ledger_and_spec_together() {
+    let env = three_hosts().await;
+    let id = create_detached_on_h1(&env, "10").await;
 
     let (result, _, _) = env.run(&["extend", &id, "--size", "15", "--detach"]).await;
     result.unwrap();
@@ -875,14 +880,7 @@ async fn auto_extend_is_set_at_create_changed_by_update_and_bad_input_changes_no
 async fn a_snapshot_destroy_waits_until_the_record_is_gone_not_just_destroying() {
     use volume_control::layout::{SnapshotSpec, SnapshotState, SnapshotStatus};
     let env = three_hosts().await;
-    let (result, out, _) = env
-        .run(&[
-            "create", "data", "--size", "2", "--region", "ewr", "--host", "h1", "--detach",
-            "--json",
-        ])
-        .await;
-    result.unwrap();
-    let id = common::created_ids(&out)[0].to_string();
+    let id = create_detached_on_h1(&env, "2").await;
     let spec = env.spec(&id).await;
     env.report(&spec, VolumeState::Ready, None).await;
     let (result, out, _) = env
