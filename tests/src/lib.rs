@@ -6,6 +6,7 @@
 //! `NO_TEST_CLEAN_UP=1` to keep the devices for inspection.
 
 pub mod bench;
+pub mod kv;
 pub mod procs;
 pub mod stack;
 

@@ -8,102 +8,24 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //! cargo test -p volume-tests --test real_volumed -- --test-threads=1`
 
-use consul_kv::{ClientConfig, ConsulKv};
-use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::ThinBackend;
 use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::kv::Kv;
 use volume_tests::procs::{project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
 /// Creates under emulation take seconds each; leave room.
 const CONVERGE: Duration = Duration::from_secs(240);
-
-/// The KV server in this process, on its own runtime.
-struct Kv {
-    runtime: tokio::runtime::Runtime,
-    server: Option<ServerHandle>,
-    client: ConsulKv,
-}
-
-impl Kv {
-    fn start() -> Kv {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime
-            .block_on(Server::start(ServerConfig::loopback()))
-            .expect("start the KV server");
-        let client = ConsulKv::new(
-            ClientConfig::new(&server.local_addr().to_string()).expect("client config"),
-        )
-        .expect("client");
-        Kv {
-            runtime,
-            server: Some(server),
-            client,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .local_addr()
-            .to_string()
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.runtime
-            .block_on(self.client.get(key))
-            .expect("KV read")
-            .value
-            .map(|pair| pair.value)
-    }
-
-    fn put(&self, key: &str, value: &[u8]) {
-        assert!(self
-            .runtime
-            .block_on(self.client.put(key, value))
-            .expect("KV write"));
-    }
-
-    fn status(&self, id: &VolumeId) -> Option<VolumeStatus> {
-        let value = self.get(&Layout::default().status(&host(), id))?;
-        Some(serde_json::from_slice(&value).expect("status JSON"))
-    }
-
-    fn host_record(&self) -> Option<HostRecord> {
-        let value = self.get(&Layout::default().host_info(&host()))?;
-        Some(serde_json::from_slice(&value).expect("host record JSON"))
-    }
-
-    fn put_spec(&self, spec: &VolumeSpec) {
-        self.put(
-            &Layout::default().desired(&host(), &spec.id),
-            &serde_json::to_vec(spec).expect("spec JSON"),
-        );
-    }
-}
-
-impl Drop for Kv {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            let _ = self.runtime.block_on(server.shutdown());
-        }
-    }
-}
 
 fn host() -> HostId {
     HostId::new(HOST).expect("host id")
@@ -154,8 +76,9 @@ impl Setup<'_> {
         Guarded::spawn("volumed", &mut command)
     }
 
-    /// `volumed gc GC_ARGS` with the daemon's settings; its output.
-    fn gc(&self, gc_args: &[&str], extra_args: &[&str]) -> std::process::Output {
+    /// `volumed gc GC_ARGS` with the daemon's settings: whether it exited
+    /// 0, and its stdout and stderr.
+    fn gc(&self, gc_args: &[&str], extra_args: &[&str]) -> (bool, String) {
         let mut command = self.command(extra_args, false);
         let output = command
             .arg("gc")
@@ -163,14 +86,13 @@ impl Setup<'_> {
             .stdin(Stdio::null())
             .output()
             .expect("run volumed gc");
-        assert!(
-            output.status.success(),
+        let text = format!(
             "volumed gc {gc_args:?}: {}\n{}{}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        output
+        (output.status.success(), text)
     }
 
     /// The volumed command line for this pool, store and scratch dir.
@@ -267,7 +189,7 @@ fn destroy_and_wait(kv: &Kv, pool: &TestPool, spec: &VolumeSpec) {
 #[test]
 fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
     let pool = TestPool::new("vd-life", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -346,7 +268,7 @@ fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
 #[test]
 fn real_test_volumed_killed_mid_create_converges_after_restart() {
     let pool = TestPool::new("vd-crash", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -582,7 +504,7 @@ fn real_test_volumed_auto_extends_a_filling_volume_and_its_pool() {
     use volume_core::volume_growth::AutoExtend;
 
     let pool = TestPool::new("vd-grow", Bytes(GIB), Bytes(128 * MIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -749,7 +671,7 @@ fn real_test_volumed_grows_pool_metadata_before_it_runs_out() {
     use volume_core::units::GB;
 
     let pool = TestPool::new("vd-meta", Bytes(10 * GIB), Bytes(7 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -933,15 +855,15 @@ fn snapshot_state(
 /// kill -9 of volumed right after a snapshot's LV is made and right after
 /// a restore adopted its header: each converges on restart with no
 /// orphan, volume or snapshot. A snapshot whose record is lost is an
-/// orphan that only `volumed gc --yes` deletes. Then scheduled snapshots on a 15 s period with one period of
-/// retention, and the origin's destroy taking its snapshots and returning
-/// all capacity.
+/// orphan that only `volumed gc --yes` deletes. Then scheduled snapshots
+/// on a 15 s period with one period of retention, and the origin's destroy
+/// taking its snapshots and returning all capacity.
 #[test]
 fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
     use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
     use volume_core::names::SnapshotId;
     let pool = TestPool::new("vd-snap", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -1041,10 +963,9 @@ fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
         vec![snapshot.id.clone()],
         "the daemon deleted it"
     );
-    let listed = setup.gc(&[], &args);
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let (ok, listed) = setup.gc(&[], &args);
     assert!(
-        listed.contains(&format!("{}\t", snapshot.id))
+        ok && listed.contains(&format!("{}\t", snapshot.id))
             && listed.contains(&format!("orphan (snapshot of {})", origin.id)),
         "{listed}"
     );
@@ -1053,9 +974,20 @@ fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
         vec![snapshot.id.clone()],
         "listing deleted it"
     );
-    let deleted = setup.gc(&["--yes"], &args);
-    let deleted = String::from_utf8_lossy(&deleted.stdout);
-    assert!(deleted.contains("deleted (snapshot of"), "{deleted}");
+    // It was the only record: an empty snapshot prefix looks like lost
+    // records, so --yes alone is refused.
+    let (ok, refused) = setup.gc(&["--yes"], &args);
+    assert!(
+        !ok && refused.contains("--allow-empty-desired"),
+        "{refused}"
+    );
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "a refusal deleted it"
+    );
+    let (ok, deleted) = setup.gc(&["--yes", "--allow-empty-desired"], &args);
+    assert!(ok && deleted.contains("deleted (snapshot of"), "{deleted}");
     assert!(
         snapshot_lvs(&pool).is_empty(),
         "the orphan snapshot LV is left"
