@@ -22,6 +22,7 @@ use volume_core::host::{Encryption, NewVolume, RealDevices, VolumeHost};
 use volume_core::keys::{LocalKeyDir, VolumeKey};
 use volume_core::names::{VolumeId, VolumeName};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::bench::{median, seconds_each};
 use volume_tests::TestPool;
 
 const SIZE_GIB: u64 = 25;
@@ -48,12 +49,12 @@ fn main() {
     println!(
         "  VolumeHost::create       median {:>6.2} s   runs {}",
         median(&ours_total).as_secs_f64(),
-        list(&ours_total)
+        seconds_each(&ours_total, 2)
     );
     println!(
         "  CLI with defaults        median {:>6.2} s   runs {}",
         median(&naive_total).as_secs_f64(),
-        list(&naive_total)
+        seconds_each(&naive_total, 2)
     );
     for (name, pick) in naive::STEP_NAMES.iter().zip(0..) {
         let steps: Vec<Duration> = naive.iter().map(|n| n.steps[pick]).collect();
@@ -66,20 +67,6 @@ fn main() {
         "  ratio (CLI defaults / VolumeHost): {:.1}x",
         median(&naive_total).as_secs_f64() / median(&ours_total).as_secs_f64()
     );
-}
-
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn list(values: &[Duration]) -> String {
-    values
-        .iter()
-        .map(|d| format!("{:.2}", d.as_secs_f64()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One `VolumeHost::create` (timed), then delete (not timed).

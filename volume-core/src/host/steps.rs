@@ -35,6 +35,7 @@ pub enum Step {
     KeyCopied,
     HeaderAdopted,
     FsChecked,
+    FsAdopted,
 }
 
 impl Step {
@@ -65,7 +66,7 @@ impl Step {
 impl Step {
     /// The steps of a restore of an encrypted snapshot into a bigger
     /// volume, in order.
-    pub const RESTORE_ENCRYPTED: [Step; 9] = [
+    pub const RESTORE_ENCRYPTED: [Step; 10] = [
         Step::KeyCopied,
         Step::LvCreated,
         Step::LvExtended,
@@ -73,6 +74,7 @@ impl Step {
         Step::CryptOpened,
         Step::CryptResized,
         Step::FsChecked,
+        Step::FsAdopted,
         Step::FsGrown,
         Step::ProgressReady,
     ];
