@@ -101,7 +101,12 @@ pub struct KvServer {
 
 impl KvServer {
     pub fn start(data_dir: &Path) -> KvServer {
-        let mut command = Command::new(project_binary("volkv"));
+        KvServer::start_binary(&project_binary("volkv"), data_dir)
+    }
+
+    /// [`KvServer::start`] with the `volkv` binary at `volkv`.
+    pub fn start_binary(volkv: &Path, data_dir: &Path) -> KvServer {
+        let mut command = Command::new(volkv);
         command
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)

@@ -61,7 +61,17 @@ impl ThinBackend for CountingBackend {
         self.inner.list_thins()
     }
 
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        self.metrics.lvm_call(false);
+        self.inner.thin(lv)
+    }
+
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.retag(lv, add, remove)
     }

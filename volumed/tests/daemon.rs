@@ -1097,7 +1097,15 @@ impl ThinBackend for HookBackend {
     fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError> {
         self.inner.list_thins()
     }
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        self.inner.thin(lv)
+    }
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         self.inner.retag(lv, add, remove)
     }
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {

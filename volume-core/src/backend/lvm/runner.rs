@@ -263,6 +263,18 @@ impl LvmRunner {
     /// `LVM2_COMMAND_SUCCEEDED` is [`BackendError::Lvm`] with LVM's error
     /// lines.
     pub fn run(&self, line: &CommandLine) -> Result<LvmOutput, BackendError> {
+        self.run_tolerating(line, |_| false)
+    }
+
+    /// [`Self::run`], but a failed status whose every error line is
+    /// `tolerated` (and there is at least one) counts as success: a report
+    /// of named LVs fails for a name that does not exist, yet still reports
+    /// the others.
+    pub fn run_tolerating(
+        &self,
+        line: &CommandLine,
+        tolerated: impl Fn(&str) -> bool,
+    ) -> Result<LvmOutput, BackendError> {
         let requests = self
             .worker
             .requests
@@ -297,7 +309,8 @@ impl LvmRunner {
                 tracing::debug!(command = %line, "{}", message.trim());
             }
         }
-        if status != lvm2_sys::LVM2_COMMAND_SUCCEEDED as i32 {
+        let only_tolerated = !errors.is_empty() && errors.iter().all(|e| tolerated(e.trim()));
+        if status != lvm2_sys::LVM2_COMMAND_SUCCEEDED as i32 && !only_tolerated {
             // Without an error line, LVM's other output is the best
             // explanation there is.
             let errors = if errors.is_empty() { messages } else { errors };
