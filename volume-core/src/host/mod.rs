@@ -510,9 +510,24 @@ impl VolumeHost {
             .map_err(failed_at!(LvActivate, id))
     }
 
+    /// The LV's device: as `volume`'s report shows it when active, else
+    /// after activating it (a report read moments ago under the volume
+    /// lock spares a second one).
+    fn lv_device(&self, id: &VolumeId, volume: &ThinVolume) -> Result<PathBuf, HostError> {
+        match &volume.device {
+            Some(device) => Ok(device.clone()),
+            None => self.activate(id),
+        }
+    }
+
     /// Activates the LV and opens the mapping; returns the final device.
-    fn ensure_open(&self, id: &VolumeId, encryption: Encryption) -> Result<PathBuf, HostError> {
-        Ok(self.ensure_open_layers(id, encryption)?.0)
+    fn ensure_open(
+        &self,
+        id: &VolumeId,
+        encryption: Encryption,
+        volume: &ThinVolume,
+    ) -> Result<PathBuf, HostError> {
+        Ok(self.ensure_open_layers(id, encryption, volume)?.0)
     }
 
     /// [`Self::ensure_open`], also returning the LV under a mapping.
@@ -520,8 +535,9 @@ impl VolumeHost {
         &self,
         id: &VolumeId,
         encryption: Encryption,
+        volume: &ThinVolume,
     ) -> Result<(PathBuf, Option<PathBuf>), HostError> {
-        let lv_device = self.activate(id)?;
+        let lv_device = self.lv_device(id, volume)?;
         match encryption {
             Encryption::None => Ok((lv_device, None)),
             Encryption::Luks2 => {
@@ -667,7 +683,7 @@ impl VolumeHost {
                     });
                 }
                 if Self::progress_of(id, volume)? == Progress::Ready {
-                    self.ensure_open(id, spec.encryption)?;
+                    self.ensure_open(id, spec.encryption, volume)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
                 tracing::info!(volume = %id, "resuming an unfinished create");
@@ -894,8 +910,8 @@ impl VolumeHost {
             .map_err(failed_at!(CryptClose, id))?
             .changed();
         self.step(id, Step::CryptClosed)?;
-        if existing.is_some() {
-            let lv_device = self.activate(id)?;
+        if let Some(volume) = &existing {
+            let lv_device = self.lv_device(id, volume)?;
             changed |= self
                 .devices
                 .erase(&lv_device, id, encrypted)
@@ -938,7 +954,7 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         let volume = self.ready_volume(id)?;
-        self.ensure_open(id, Self::encryption_of(id, &volume)?)
+        self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)
     }
 
     /// Closes a volume's mapping (the LV stays active). A mapping in use is
@@ -983,7 +999,7 @@ impl VolumeHost {
             id: id.clone(),
             path: jail.full(),
         })?;
-        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?)?;
+        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)?;
         let rdev = self
             .devices
             .device_number(&device)
@@ -1071,7 +1087,7 @@ impl VolumeHost {
                 .map_err(failed_at!(LvExtend, id))?
         };
         self.step(id, Step::LvExtended)?;
-        let (device, lower) = self.ensure_open_layers(id, encryption)?;
+        let (device, lower) = self.ensure_open_layers(id, encryption, &volume)?;
         if encryption == Encryption::Luks2 {
             self.devices
                 .resize_crypt(id)

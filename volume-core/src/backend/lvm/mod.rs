@@ -1,11 +1,14 @@
 //! The LVM backend: LVM2 thin pools through liblvm2cmd, in process, on one
 //! dedicated thread ([`runner`]), reading LVM's JSON reports ([`report`]).
 //!
-//! Every method reads the VG with a constant number of reports (one `lvs`
-//! for everything but `ensure_pool`), decides with [`super::shared`] exactly
-//! as the simulator does, and only then runs at most a few changing
-//! commands. Foreign LVs are read (their virtual size counts against the
-//! pool) but never changed.
+//! Every method reads with at most one report, decides with
+//! [`super::shared`] exactly as the simulator does, and only then runs at
+//! most a few changing commands. Methods about one LV report that LV (and
+//! the pool row) alone, `lvs <vg>/<pool> <vg>/<lv>`, so LVM queries the
+//! kernel for those devices only; `pool_status`, `list_thins` and
+//! `ensure_pool` read every LV. `create_thin` goes straight to `lvcreate`
+//! and reads only when that fails. Foreign LVs are read (their virtual size
+//! counts against the pool) but never changed.
 
 pub mod kernel;
 pub mod report;
