@@ -416,6 +416,7 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
     // A new daemon over the same host: one list, no change, no status write
     // that would change nothing.
     let before = sim.sim.calls();
+    let dm_before = sim.devices.dm_queries();
     let metrics = Arc::new(Metrics::default());
     let host = sim.volume_host(&metrics);
     let pool = host.pool_status().unwrap();
@@ -439,6 +440,12 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
     // pool_status above, and the daemon's one list.
     assert_eq!(after.reports - before.reports, 2, "{before:?} -> {after:?}");
     assert_eq!(daemon.metrics.lvm_calls(), 2);
+    // And one listing of the dm-crypt mappings, not a status per volume.
+    assert_eq!(
+        sim.devices.dm_queries() - dm_before,
+        1,
+        "device-mapper queries"
+    );
     let writes_after_start = daemon.metrics.kv_writes();
     assert!(writes_after_start <= 2, "{writes_after_start} writes");
 

@@ -58,8 +58,18 @@ fn main() {
     let mut defaults = Vec::new();
     for run in 0..runs {
         ours.push(time_volume_host(&pool, scratch.path()));
-        tuned.push(cli::time_sequence(&pool, scratch.path(), run, cli::Flags::Tuned));
-        defaults.push(cli::time_sequence(&pool, scratch.path(), run, cli::Flags::Defaults));
+        tuned.push(cli::time_sequence(
+            &pool,
+            scratch.path(),
+            run,
+            cli::Flags::Tuned,
+        ));
+        defaults.push(cli::time_sequence(
+            &pool,
+            scratch.path(),
+            run,
+            cli::Flags::Defaults,
+        ));
     }
 
     let tuned_total: Vec<Duration> = tuned.iter().map(|n| n.total()).collect();

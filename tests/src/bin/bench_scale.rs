@@ -127,7 +127,9 @@ fn time_batch(host: &VolumeHost, scratch: &Path, batch: usize) -> [Vec<f64>; 4] 
         JailPath::new(root, "vdb").expect("jail path")
     };
     for spec in &specs {
-        times[0].push(timed(|| assert!(host.create(spec).expect("create").changed())));
+        times[0].push(timed(|| {
+            assert!(host.create(spec).expect("create").changed())
+        }));
     }
     for spec in &specs {
         let jail = jail(&spec.id);
@@ -160,7 +162,9 @@ fn fill(backend: &dyn ThinBackend, count: usize) {
     ];
     for _ in have..count {
         let lv = VolumeId::generate().lv_name();
-        let _ = backend.create_thin(&lv, Bytes(GIB), &tags).expect("fill LV");
+        let _ = backend
+            .create_thin(&lv, Bytes(GIB), &tags)
+            .expect("fill LV");
     }
 }
 

@@ -125,7 +125,10 @@ fn main() {
     );
     println!("  script (lvcreate + lazy mkfs.ext4)         {script:>7.3} s per volume");
     println!("  volumed, KV record to ready + jail node:");
-    println!("    first batch (0 -> {:>4} volumes)        {first:>7.3} s per volume", args.batch);
+    println!(
+        "    first batch (0 -> {:>4} volumes)        {first:>7.3} s per volume",
+        args.batch
+    );
     println!(
         "    last batch ({:>4} -> {:>4} volumes)     {last:>7.3} s per volume",
         made - args.batch,
@@ -204,7 +207,10 @@ async fn wait_ready(kv: &ConsulKv, count: usize) {
         if ready >= count {
             return;
         }
-        assert!(Instant::now() < deadline, "{ready} of {count} ready after an hour");
+        assert!(
+            Instant::now() < deadline,
+            "{ready} of {count} ready after an hour"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -230,7 +236,10 @@ fn time_script(pool: &TestPool, count: usize) -> f64 {
     let started = Instant::now();
     for i in 0..count {
         let name = format!("script-bench-{i}");
-        run(&lvcreate, &["-q", "-T", &thin_pool, "-V", "1G", "-n", &name]);
+        run(
+            &lvcreate,
+            &["-q", "-T", &thin_pool, "-V", "1G", "-n", &name],
+        );
         run(
             &mkfs,
             &[

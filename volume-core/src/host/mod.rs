@@ -1121,9 +1121,8 @@ impl VolumeHost {
     /// with 1,000 volumes costs two queries, not one per volume).
     pub fn list(&self) -> Result<Vec<LocalVolume>, HostError> {
         let volumes = self.backend.list_thins().map_err(HostError::List)?;
-        let encrypted = |volume: &ThinVolume| {
-            progress::encryption(&volume.tags) == Some(Encryption::Luks2)
-        };
+        let encrypted =
+            |volume: &ThinVolume| progress::encryption(&volume.tags) == Some(Encryption::Luks2);
         let mappings = if volumes.iter().any(encrypted) {
             self.devices
                 .crypt_mappings()
