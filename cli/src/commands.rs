@@ -11,10 +11,12 @@ use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
 use volume_model::health::{PoolHealth, VolumeHealth};
 use volume_model::names::{HostId, VolumeId};
-use volume_model::units::Bytes;
+use volume_model::units::{Bytes, Percent};
+use volume_model::volume_growth::AutoExtend;
 
 use crate::args::{
-    Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs, ShowArgs,
+    AutoExtendArgs, Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs,
+    ShowArgs, UpdateArgs,
 };
 use crate::error::CliError;
 use crate::format::{self, Table};
@@ -106,6 +108,7 @@ pub async fn create(
     ui: &mut Ui<'_>,
 ) -> Result<Vec<VolumeView>, CliError> {
     let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
+    let auto_extend = auto_extend_settings(&args.auto_extend, size)?;
     let request = CreateRequest {
         name: args.name.clone(),
         region: args.region.clone(),
@@ -114,6 +117,7 @@ pub async fn create(
         require_unique_zone: args.require_unique_zone,
         pinned_host: args.host.clone(),
         id_from_caller: args.id.is_some(),
+        auto_extend,
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
     if let Some(id) = &args.id {
@@ -264,6 +268,10 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             if spec.encrypted { "yes" } else { "no" }.to_owned(),
         ),
         (
+            "auto-extend",
+            describe_auto_extend(spec.auto_extend.as_ref()),
+        ),
+        (
             "created",
             format!(
                 "{} ago",
@@ -285,6 +293,9 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
         if let Some(error) = &status.error {
             lines.push(("error", error.clone()));
         }
+        if let Some(refused) = &status.auto_extend_refused {
+            lines.push(("auto-extend refused", refused.clone()));
+        }
         lines.push((
             "reported",
             format!(
@@ -304,6 +315,7 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             "updated_ms",
             "node",
             "health",
+            "auto_extend_refused",
         ];
         if let Some(fields) = entry.raw.as_object() {
             for (name, value) in fields {
@@ -372,6 +384,115 @@ pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<Vol
     };
     let view = VolumeView::new(grown.spec, status.as_ref());
     volume_table(std::slice::from_ref(&view), ui.out())?;
+    Ok(view)
+}
+
+/// The three auto-extend flags as settings for a volume of `size`: all
+/// three or none, each checked (the error names the flag).
+pub fn auto_extend_settings(
+    args: &AutoExtendArgs,
+    size: Bytes,
+) -> Result<Option<AutoExtend>, CliError> {
+    let (threshold, increment, limit) = match (
+        args.auto_extend_threshold,
+        args.auto_extend_increment,
+        args.auto_extend_limit,
+    ) {
+        (None, None, None) => return Ok(None),
+        (Some(threshold), Some(increment), Some(limit)) => (threshold, increment, limit),
+        (threshold, increment, limit) => {
+            let missing: Vec<&str> = [
+                (threshold.is_none(), "--auto-extend-threshold"),
+                (increment.is_none(), "--auto-extend-increment"),
+                (limit.is_none(), "--auto-extend-limit"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, flag)| missing.then_some(flag))
+            .collect();
+            return Err(CliError::Usage(format!(
+                "auto-extend takes --auto-extend-threshold, --auto-extend-increment and \
+                 --auto-extend-limit together; missing {}; nothing changed",
+                missing.join(", ")
+            )));
+        }
+    };
+    let gb = |flag: &str, value: u64| {
+        Bytes::from_gb(value).map_err(|e| CliError::Usage(format!("{flag}: {e}")))
+    };
+    let increment = gb("--auto-extend-increment", increment)?;
+    let limit = gb("--auto-extend-limit", limit)?;
+    AutoExtend::new(Percent::from_whole(threshold), increment, limit, size)
+        .map(Some)
+        .map_err(|e| {
+            let flag = match e {
+                volume_model::volume_growth::AutoExtendError::Threshold { .. } => {
+                    "--auto-extend-threshold"
+                }
+                volume_model::volume_growth::AutoExtendError::Increment { .. } => {
+                    "--auto-extend-increment"
+                }
+                volume_model::volume_growth::AutoExtendError::Limit { .. } => "--auto-extend-limit",
+            };
+            CliError::Usage(format!(
+                "{flag}: {}; nothing changed",
+                match e {
+                    volume_model::volume_growth::AutoExtendError::Limit { limit, size } => format!(
+                        "the limit {} must be larger than the volume's size {}",
+                        format::size(limit),
+                        format::size(size)
+                    ),
+                    other => other.to_string(),
+                }
+            ))
+        })
+}
+
+/// Auto-extend settings in one phrase, in the units the flags take.
+pub fn describe_auto_extend(settings: Option<&AutoExtend>) -> String {
+    match settings {
+        None => "off".to_owned(),
+        Some(rule) => format!(
+            "at {} used, by {}, up to {}",
+            rule.threshold,
+            format::size(rule.increment),
+            format::size(rule.limit)
+        ),
+    }
+}
+
+/// Changes a volume's settings in its desired record (one `cas`); bad
+/// input changes nothing, and an update that changes nothing writes
+/// nothing.
+pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
+    if !args.auto_extend.any() && !args.no_auto_extend {
+        return Err(CliError::Usage(
+            "nothing to update: give --auto-extend-threshold, --auto-extend-increment and \
+             --auto-extend-limit, or --no-auto-extend"
+                .to_owned(),
+        ));
+    }
+    let updated = reserve::update(ctx, &args.id, |spec| {
+        if args.no_auto_extend {
+            spec.auto_extend = None;
+        } else if args.auto_extend.any() {
+            spec.auto_extend = auto_extend_settings(&args.auto_extend, spec.size)?;
+        }
+        Ok(())
+    })
+    .await?;
+    let status = store::read_status(ctx, &updated.spec.host, &updated.spec.id).await?;
+    let view = VolumeView::new(updated.spec, status.as_ref());
+    if args.json {
+        print_json(&view, ui.out())?;
+    } else {
+        volume_table(std::slice::from_ref(&view), ui.out())?;
+        writeln!(
+            ui.out(),
+            "auto-extend: {}{}",
+            describe_auto_extend(view.spec.auto_extend.as_ref()),
+            if updated.changed { "" } else { " (unchanged)" }
+        )?;
+    }
     Ok(view)
 }
 

@@ -9,6 +9,7 @@
 //! * [`jail_path`]: the shape check of a jail node path.
 //! * [`pool_growth`]: when and by how much volumed grows a thin pool.
 //! * [`progress`]: progress and facts recorded as LV tags, and their codec.
+//! * [`volume_growth`]: per-volume auto-extend settings and the usage it acts on.
 //!
 //! The one thing here that touches the OS is [`names::VolumeId::generate`],
 //! which draws from the thread-local CSPRNG (seeded by `getrandom`).
@@ -21,3 +22,4 @@ pub mod names;
 pub mod pool_growth;
 pub mod progress;
 pub mod units;
+pub mod volume_growth;

@@ -20,4 +20,4 @@ pub mod keys;
 mod locked;
 pub mod pool_watch;
 
-pub use volume_model::{actions, capacity, health, names, pool_growth, units};
+pub use volume_model::{actions, capacity, health, names, pool_growth, units, volume_growth};

@@ -312,6 +312,12 @@ pub struct DaemonSettings {
     /// How old the cached pool report may get before a heartbeat reads LVM again, e.g. 60s.
     #[arg(long, env = "VOLUMED_POOL_REFRESH_INTERVAL", global = true)]
     pub pool_refresh_interval: Option<String>,
+    /// How often volumes with auto-extend are checked against their threshold, e.g. 5s.
+    #[arg(long, env = "VOLUMED_VOLUME_AUTOEXTEND_INTERVAL", global = true)]
+    pub volume_autoextend_interval: Option<String>,
+    /// How long a filesystem usage report from a guest counts, e.g. 60s; older ones fall back to the thin LV's data%.
+    #[arg(long, env = "VOLUMED_FS_USAGE_MAX_AGE", global = true)]
+    pub fs_usage_max_age: Option<String>,
     /// Volume operations run at once (different volumes only).
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
@@ -376,6 +382,10 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub heartbeat_interval: Duration,
     pub pool_refresh_interval: Duration,
+    /// How often volumes with auto-extend are checked.
+    pub volume_autoextend_interval: Duration,
+    /// Filesystem usage reports older than this no longer count.
+    pub fs_usage_max_age: Duration,
     pub max_concurrent: usize,
     pub run_dir: PathBuf,
     #[cfg(feature = "testing")]
@@ -392,6 +402,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const DEFAULT_POOL_REFRESH: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_CONCURRENT: usize = 4;
 const DEFAULT_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_VOLUME_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_FS_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// One variant per way a configuration can be wrong; each names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -660,6 +672,23 @@ impl Config {
             s.daemon.pool_refresh_interval,
             DEFAULT_POOL_REFRESH,
         )?;
+        let volume_autoextend_interval = duration_setting(
+            "volume auto-extend interval",
+            s.daemon.volume_autoextend_interval,
+            DEFAULT_VOLUME_AUTOEXTEND_INTERVAL,
+        )?;
+        if volume_autoextend_interval.is_zero() {
+            return Err(invalid(
+                "volume auto-extend interval",
+                "0",
+                "must be positive",
+            ));
+        }
+        let fs_usage_max_age = duration_setting(
+            "filesystem usage max age",
+            s.daemon.fs_usage_max_age,
+            DEFAULT_FS_USAGE_MAX_AGE,
+        )?;
         let max_concurrent = s.daemon.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if max_concurrent == 0 {
             return Err(invalid("max concurrent", "0", "must be at least 1"));
@@ -688,6 +717,8 @@ impl Config {
             listen,
             heartbeat_interval,
             pool_refresh_interval,
+            volume_autoextend_interval,
+            fs_usage_max_age,
             max_concurrent,
             run_dir: s
                 .daemon

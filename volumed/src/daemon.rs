@@ -17,6 +17,7 @@ use crate::kv::{self, Guard, WriterCmd, WriterHandle};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::plan::{self, Desired, DesiredSet, Work};
+use crate::volume_autoextend::{self, CheckReport, Tracker, Watched};
 use crate::worker::{self, Ctx, Event, Failure, Job, Outcome, Retry};
 use consul_kv::client::{WatchOptions, WatchUpdate};
 use consul_kv::ConsulKv;
@@ -114,6 +115,9 @@ struct Daemon {
     desired_index: u64,
     /// The watch blocks at an index the store no longer has: start it over.
     restart_watch: bool,
+    /// Volume auto-extend between checks.
+    volume_growth: Tracker,
+    growth_tx: mpsc::UnboundedSender<Result<CheckReport, String>>,
 }
 
 /// Runs until `controls.shutdown` turns true; then waits for running jobs
@@ -157,7 +161,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let (pool_tx, mut pool_rx) = mpsc::unbounded_channel();
     let (list_tx, mut list_rx) = mpsc::unbounded_channel();
     let (ledger_tx, mut ledger_rx) = mpsc::unbounded_channel();
+    let (growth_tx, mut growth_rx) = mpsc::unbounded_channel();
     let owner = crate::instance::owner(&config.vg);
+    let volume_growth = Tracker::new(config.volume_autoextend_interval);
     let mut daemon = Daemon {
         jobs: Arc::new(Semaphore::new(config.max_concurrent)),
         config,
@@ -184,6 +190,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         ledger_drift: None,
         desired_index: 0,
         restart_watch: false,
+        volume_growth,
+        growth_tx,
     };
 
     // The volumes first: one report. A failed list is retried, never read
@@ -242,6 +250,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let mut ledger_check =
         tokio::time::interval(daemon.config.heartbeat_interval * LEDGER_CHECK_HEARTBEATS);
     ledger_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut volume_growth_check = tokio::time::interval(daemon.config.volume_autoextend_interval);
+    volume_growth_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watchdog_every = notify::watchdog_interval();
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut drain_deadline: Option<Instant> = None;
@@ -284,6 +294,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
             _ = heartbeat.tick(), if !daemon.shutting_down => daemon.heartbeat(),
             _ = ledger_check.tick(), if !daemon.shutting_down => daemon.check_ledger(),
             Some(result) = ledger_rx.recv() => daemon.on_ledger(result),
+            _ = volume_growth_check.tick(), if !daemon.shutting_down => daemon.check_volume_growth(),
+            Some(result) = growth_rx.recv() => daemon.on_volume_growth(result),
             _ = watchdog.tick(), if watchdog_every.is_some() => notify::watchdog(),
             () = sleep_until_opt(retry_at), if retry_at.is_some() && !daemon.shutting_down => daemon.retry_due(),
             () = sleep_until_opt(refresh_due), if refresh_due.is_some() && !daemon.shutting_down => {
@@ -584,7 +596,10 @@ impl Daemon {
         }
     }
 
-    fn set_status(&mut self, id: &VolumeId, guard: Guard, status: Option<VolumeStatus>) {
+    fn set_status(&mut self, id: &VolumeId, guard: Guard, mut status: Option<VolumeStatus>) {
+        if let Some(status) = &mut status {
+            status.auto_extend_refused = self.volume_growth.refused.get(id).cloned();
+        }
         if let Some(volume) = self.volumes.get_mut(id) {
             volume.last_status = status.clone().map(|status| (guard, status));
         }
@@ -863,7 +878,12 @@ impl Daemon {
     }
 
     fn publish_host(&self) {
-        let record = HostRecord {
+        self.writer
+            .send(WriterCmd::Host(Box::new(self.host_record())));
+    }
+
+    fn host_record(&self) -> HostRecord {
+        HostRecord {
             id: self.config.host.clone(),
             region: self.config.region.clone(),
             zone: self.config.zone.clone(),
@@ -872,8 +892,88 @@ impl Daemon {
             heartbeat_ms: worker::now_ms(),
             orphans: self.orphans(),
             owner: Some(self.owner.clone()),
-        };
-        self.writer.send(WriterCmd::Host(Box::new(record)));
+        }
+    }
+
+    /// Starts a volume auto-extend check when a settled volume has
+    /// auto-extend (no LVM or KV call otherwise).
+    fn check_volume_growth(&mut self) {
+        if !self.have_desired || self.volume_growth.checking {
+            return;
+        }
+        let extent = self.extent();
+        let with_rule: Vec<VolumeId> = self
+            .volumes
+            .iter()
+            .filter(|(_, v)| {
+                v.desired
+                    .as_ref()
+                    .and_then(Desired::spec)
+                    .is_some_and(|spec| spec.auto_extend.is_some() && !spec.destroy)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in self.volume_growth.retain(&with_rule) {
+            self.consider(&id);
+        }
+        let now = Instant::now();
+        let watched: Vec<Watched> = with_rule
+            .iter()
+            .filter(|id| self.volume_growth.may_try(id, now))
+            .filter_map(|id| {
+                let volume = &self.volumes[id];
+                let Some(Desired::Valid { spec, index }) = &volume.desired else {
+                    return None;
+                };
+                let settled = !volume.running
+                    && volume.failure.is_none()
+                    && plan::decide(
+                        volume.desired.as_ref(),
+                        volume.observed.as_ref(),
+                        None,
+                        extent,
+                    ) == Work::Settled;
+                settled.then(|| Watched {
+                    spec: spec.clone(),
+                    desired_index: *index,
+                })
+            })
+            .collect();
+        if watched.is_empty() {
+            return;
+        }
+        self.volume_growth.checking = true;
+        let check = volume_autoextend::check(volume_autoextend::Check {
+            volume_host: self.ctx.host.clone(),
+            kv: self.ctx.kv.clone(),
+            layout: self.config.layout.clone(),
+            host: self.host_record(),
+            candidates: watched,
+            extent,
+            max_age: self.config.fs_usage_max_age,
+            metrics: self.metrics.clone(),
+        });
+        let tx = self.growth_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(check.await);
+        });
+    }
+
+    fn on_volume_growth(&mut self, result: Result<CheckReport, String>) {
+        self.volume_growth.checking = false;
+        match result {
+            Ok(report) => {
+                for id in self.volume_growth.apply(report, &self.metrics) {
+                    if !self.volumes.get(&id).is_some_and(|v| v.running) {
+                        self.consider(&id);
+                    }
+                }
+            }
+            Err(error) => {
+                self.metrics.error("volume_autoextend");
+                tracing::warn!(%error, "volume auto-extend check failed; trying again next interval");
+            }
+        }
     }
 }
 

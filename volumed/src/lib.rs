@@ -15,6 +15,7 @@
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`instance`]: one daemon per volume group and per host id.
+//! * [`volume_autoextend`]: growing volumes at their usage threshold.
 
 pub mod autoextend;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod notify;
 pub mod plan;
 pub mod sealed;
 pub mod setup;
+pub mod volume_autoextend;
 pub mod worker;

@@ -52,6 +52,11 @@ struct OperationLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -87,6 +92,8 @@ pub struct Metrics {
     lvm_calls: Counter,
     lvm_changes: Counter,
     ledger_repairs: Counter,
+    /// Volume auto-extend steps by outcome (`grown`, `refused`).
+    volume_autoextends: Family<OutcomeLabel, Counter>,
     /// Milliseconds since start of the reconcile loop's last turn (liveness).
     loop_alive_ms: AtomicU64,
 }
@@ -113,6 +120,7 @@ impl Default for Metrics {
             lvm_calls: Counter::default(),
             lvm_changes: Counter::default(),
             ledger_repairs: Counter::default(),
+            volume_autoextends: Family::default(),
             loop_alive_ms: AtomicU64::new(0),
         };
         // Every state and operation shows, at 0 until it happens.
@@ -213,6 +221,16 @@ impl Default for Metrics {
             "volumed_ledger_repairs",
             "Times the host's ledger disagreed with its desired records and was rewritten",
             metrics.ledger_repairs.clone(),
+        );
+        for outcome in ["grown", "refused"] {
+            let _ = metrics
+                .volume_autoextends
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        r.register(
+            "volumed_volume_autoextend",
+            "Volume auto-extend steps: grown (size and reservation recorded) or refused (no headroom)",
+            metrics.volume_autoextends.clone(),
         );
         metrics
     }
@@ -328,6 +346,13 @@ impl Metrics {
     /// Backend calls made through the daemon (each reads LVM at least once).
     pub fn lvm_calls(&self) -> u64 {
         self.lvm_calls.get()
+    }
+
+    /// One volume auto-extend step ended so (`grown` or `refused`).
+    pub fn volume_autoextend(&self, outcome: &'static str) {
+        self.volume_autoextends
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// The ledger disagreed with the desired records and was corrected.

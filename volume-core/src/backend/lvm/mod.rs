@@ -17,13 +17,13 @@ pub mod runner;
 use self::report::{LvKind, LvRecord, VgRecord};
 use self::runner::{CommandLine, CommandLineBuilder, LvmRunner};
 use super::shared::{self, FoundLv};
-use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
+use super::{BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::health::VolumeHealth;
 use crate::names::{LvName, NameError, OWNER_TAG};
 use crate::pool_growth::{self, PoolGrowth, PoolPart};
-use crate::units::{Bytes, Percent, SECTOR_SIZE};
+use crate::units::{Bytes, Percent, Sectors, SECTOR_SIZE};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -450,6 +450,30 @@ impl VgView {
 impl ThinBackend for LvmBackend {
     fn spec(&self) -> &ThinPoolSpec {
         &self.spec
+    }
+
+    /// From each thin target's status: no LVM command, and no wait on
+    /// the operation lock, so a frequent check never delays a pool growth.
+    fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
+        let mut found = Vec::new();
+        for lv in lvs {
+            let mapped =
+                kernel::thin_mapped(self.spec.vg.as_str(), lv.as_str()).map_err(|reason| {
+                    BackendError::DeviceMapper {
+                        device: kernel::dm_name(self.spec.vg.as_str(), lv.as_str()),
+                        reason,
+                    }
+                })?;
+            if let Some((mapped, length)) = mapped {
+                let size = Sectors(length).to_bytes()?;
+                found.push(ThinAllocation {
+                    lv: lv.clone(),
+                    size,
+                    allocated: Sectors(mapped).to_bytes()?.percent_of(size),
+                });
+            }
+        }
+        Ok(found)
     }
 
     fn ensure_pool(&self) -> Result<CreateAction<PoolStatus>, BackendError> {
