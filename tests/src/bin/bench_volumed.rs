@@ -3,7 +3,7 @@
 //! one profile, then run this one in the micro-VM:
 //!
 //! ```sh
-//! cargo build --release -p volumed --features testing -p consul-kv-server \
+//! cargo build --release -p volumed -p consul-kv-server \
 //!   -p volume-tests --bin bench_volumed --bin volumed --bin volkv
 //! target/debug/microvm -- target/release/bench_volumed [--volumes N] [--batch B]
 //! ```
@@ -159,6 +159,7 @@ fn spec() -> VolumeSpec {
         encrypted: false,
         created_ms: 1,
         destroy: false,
+        auto_extend: None,
     }
 }
 

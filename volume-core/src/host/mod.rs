@@ -650,45 +650,42 @@ impl VolumeHost {
                 let _ = self.teardown(id, existing.take(), fate)?;
             }
         }
-        match &existing {
-            Some(volume) => {
-                Self::check_spec(spec, volume)?;
-                // Same size check as LVM makes: identity or SizeMismatch.
-                if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
-                    return Err(match source {
-                        BackendError::SizeMismatch {
-                            existing,
-                            requested,
-                            ..
-                        } => HostError::SpecMismatch {
-                            id: id.clone(),
-                            field: "size",
-                            existing: existing.to_string(),
-                            requested: requested.to_string(),
-                        },
-                        BackendError::NotRoundable {
-                            size,
-                            extent,
-                            source,
-                        } => HostError::SizeNotRoundable {
-                            id: id.clone(),
-                            size,
-                            extent,
-                            source,
-                        },
-                        other => HostError::LvCreate {
-                            id: id.clone(),
-                            source: Box::new(other),
-                        },
-                    });
-                }
-                if Self::progress_of(id, volume)? == Progress::Ready {
-                    self.ensure_open(id, spec.encryption, volume)?;
-                    return Ok(CreateAction::Identity(self.status(id)?));
-                }
-                tracing::info!(volume = %id, "resuming an unfinished create");
+        if let Some(volume) = &existing {
+            Self::check_spec(spec, volume)?;
+            // Same size check as LVM makes: identity or SizeMismatch.
+            if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
+                return Err(match source {
+                    BackendError::SizeMismatch {
+                        existing,
+                        requested,
+                        ..
+                    } => HostError::SpecMismatch {
+                        id: id.clone(),
+                        field: "size",
+                        existing: existing.to_string(),
+                        requested: requested.to_string(),
+                    },
+                    BackendError::NotRoundable {
+                        size,
+                        extent,
+                        source,
+                    } => HostError::SizeNotRoundable {
+                        id: id.clone(),
+                        size,
+                        extent,
+                        source,
+                    },
+                    other => HostError::LvCreate {
+                        id: id.clone(),
+                        source: Box::new(other),
+                    },
+                });
             }
-            None => {}
+            if Self::progress_of(id, volume)? == Progress::Ready {
+                self.ensure_open(id, spec.encryption, volume)?;
+                return Ok(CreateAction::Identity(self.status(id)?));
+            }
+            tracing::info!(volume = %id, "resuming an unfinished create");
         }
         let mut made = Made::default();
         match self.build(spec, existing, &mut made) {
