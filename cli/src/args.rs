@@ -78,6 +78,9 @@ pub enum Command {
     /// Show each host's pool and what is reserved on it.
     #[command(after_help = EXIT_CODES_HELP)]
     Hosts(HostsArgs),
+    /// Lift a volume's fence (its I/O resumes); waits until its host has.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Unfence(UnfenceArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -238,6 +241,15 @@ pub struct ExtendArgs {
     /// The new size in decimal gigabytes; must be larger than the current.
     #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
     pub size: u64,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UnfenceArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
 
     #[command(flatten)]
     pub wait: WaitArgs,

@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::CommandFactory;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use volume_control::layout::UnfenceRequest;
 use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
+use volume_model::fence::FenceReason;
 use volume_model::health::{PoolHealth, VolumeHealth};
 use volume_model::names::{HostId, VolumeId};
 use volume_model::units::{Bytes, Percent};
@@ -16,7 +18,7 @@ use volume_model::volume_growth::AutoExtend;
 
 use crate::args::{
     AutoExtendArgs, Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs,
-    ShowArgs, UpdateArgs,
+    ShowArgs, UnfenceArgs, UpdateArgs,
 };
 use crate::error::CliError;
 use crate::format::{self, Table};
@@ -35,7 +37,10 @@ pub struct VolumeView {
     /// once destroy is requested.
     pub state: String,
     pub status: Option<serde_json::Value>,
-    /// `healthy`; the thin LV's own health when LVM flags it (`failed`,
+    /// Why its host fenced the volume (its I/O waits), while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
+    /// `fenced` while the volume is fenced; `healthy`; the thin LV's own health when LVM flags it (`failed`,
     /// `unknown`); else `pool <health>` while its host's pool cannot take
     /// writes (e.g. `pool out_of_data`).
     pub health: String,
@@ -49,10 +54,15 @@ impl VolumeView {
             None => "pending".to_owned(),
         };
         let health = status.map(|entry| entry.status.health).unwrap_or_default();
+        let fenced = status.and_then(|entry| entry.status.fenced);
         VolumeView {
             state,
             status: status.map(|entry| entry.raw.clone()),
-            health: health.as_str().to_owned(),
+            health: match fenced {
+                Some(reason) => format!("fenced ({})", reason.as_str()),
+                None => health.as_str().to_owned(),
+            },
+            fenced,
             spec,
         }
     }
@@ -290,6 +300,9 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
         }
         lines.push(("host size", format::size(status.size)));
         lines.push(("data used", status.data_percent.to_string()));
+        if let Some(reason) = &status.fenced {
+            lines.push(("fenced", reason.to_string()));
+        }
         if let Some(error) = &status.error {
             lines.push(("error", error.clone()));
         }
@@ -316,6 +329,7 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             "node",
             "health",
             "auto_extend_refused",
+            "fenced",
         ];
         if let Some(fields) = entry.raw.as_object() {
             for (name, value) in fields {
@@ -494,6 +508,59 @@ pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<Vol
         )?;
     }
     Ok(view)
+}
+
+/// Asks the volume's host to lift its fence and, unless `--detach`, waits
+/// until the host took the request and its status shows no fence. A volume
+/// that is not fenced is not an error (the request is a no-op).
+pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
+    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    let was_fenced = store::read_status(ctx, &spec.host, &spec.id)
+        .await?
+        .is_some_and(|entry| entry.status.fenced.is_some());
+    let key = ctx.layout.unfence(&spec.host, &spec.id);
+    let request = UnfenceRequest {
+        id: spec.id.clone(),
+        requested_ms: now_ms(),
+    };
+    let body = serde_json::to_vec(&request).expect("requests serialize");
+    ctx.kv.put(&key, &body).await?;
+    if args.wait.detach {
+        writeln!(ui.out(), "unfence of {} requested", spec.id)?;
+        return Ok(());
+    }
+    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    loop {
+        let taken = ctx.kv.get(&key).await?.value.is_none();
+        let status = store::read_status(ctx, &spec.host, &spec.id).await?;
+        let fenced = status.as_ref().and_then(|entry| entry.status.fenced);
+        if taken && fenced.is_none() {
+            if was_fenced {
+                writeln!(ui.out(), "unfenced {}", spec.id)?;
+            } else {
+                writeln!(ui.out(), "{} is not fenced", spec.id)?;
+            }
+            return Ok(());
+        }
+        let last_state = match fenced {
+            Some(reason) => format!("fenced ({})", reason.as_str()),
+            None => "request not taken yet".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline.at {
+            return Err(CliError::TimedOut(Box::new(crate::error::WaitTimedOut {
+                id: spec.id.clone(),
+                host: spec.host.clone(),
+                goal: "unfenced".to_owned(),
+                last_state,
+                timeout: deadline.timeout,
+                hint: format!(
+                    " (is volumed running on {}?); the request stays recorded",
+                    spec.host
+                ),
+            })));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A host as `hosts --json` prints it.

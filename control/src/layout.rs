@@ -10,7 +10,12 @@
 //!                                              creates can never over-commit
 //! <root>/desired/<host>/<volume>  VolumeSpec   written by volctl; volumed watches
 //!                                              <root>/desired/<host>/
-//! <root>/status/<host>/<volume>   VolumeStatus written by volumed
+//! <root>/status/<host>/<volume>   VolumeStatus written by volumed; `fenced`
+//!                                              holds the reason while the
+//!                                              volume is fenced
+//! <root>/unfence/<host>/<volume>  UnfenceRequest written by `volctl unfence`;
+//!                                              volumed lifts the fence (a
+//!                                              no-op if none) and deletes it
 //! <root>/keys/<volume>            sealed key   envelope store only; ciphertext
 //! <root>/usage/<host>/<volume>    FsUsageReport the filesystem's own usage, written
 //!                                              by the VM worker from its guest's
@@ -38,6 +43,7 @@
 
 use serde::{Deserialize, Serialize};
 use volume_model::capacity::{CapacityPolicy, PoolUsage};
+use volume_model::fence::FenceReason;
 use volume_model::health::VolumeHealth;
 use volume_model::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
@@ -119,6 +125,14 @@ impl Layout {
 
     pub fn status(&self, host: &HostId, volume: &VolumeId) -> String {
         format!("{}/status/{host}/{volume}", self.root)
+    }
+
+    pub fn unfence_prefix(&self, host: &HostId) -> String {
+        format!("{}/unfence/{host}/", self.root)
+    }
+
+    pub fn unfence(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/unfence/{host}/{volume}", self.root)
     }
 
     pub fn sealed_key(&self, volume: &VolumeId) -> String {
@@ -283,6 +297,16 @@ pub struct VolumeStatus {
     /// host); left out while none is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_extend_refused: Option<String>,
+    /// Why volumed fenced the volume (its I/O waits); absent when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
+}
+
+/// An operator's request to lift a volume's fence (`volctl unfence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnfenceRequest {
+    pub id: VolumeId,
+    pub requested_ms: u64,
 }
 
 fn is_healthy(health: &VolumeHealth) -> bool {

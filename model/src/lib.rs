@@ -5,6 +5,7 @@
 //! * [`names`]: checked names and the `vmv1` prefix every device carries.
 //! * [`capacity`]: pool usage, policy and the admission decision.
 //! * [`health`]: typed pool and volume health.
+//! * [`fence`]: which volumes to fence when a pool that cannot grow fills.
 //! * [`actions`]: return types that say what an idempotent call did.
 //! * [`jail_path`]: the shape check of a jail node path.
 //! * [`pool_growth`]: when and by how much volumed grows a thin pool.
@@ -16,6 +17,7 @@
 
 pub mod actions;
 pub mod capacity;
+pub mod fence;
 pub mod health;
 pub mod jail_path;
 pub mod names;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use volume_control::layout::{Layout, DEFAULT_ROOT};
 use volume_core::capacity::CapacityPolicy;
 use volume_core::crypt::CryptOptions;
+use volume_core::fence_model::FencePolicy;
 use volume_core::names::{HostId, LvName, Region, VgName, Zone};
 use volume_core::pool_growth::{GrowthRule, PoolGrowthPolicy, PoolPart};
 use volume_core::units::{Bytes, OvercommitRatio, Percent};
@@ -209,6 +210,12 @@ pub struct PoolSettings {
     /// Longest time between two pool checks when no device-mapper event comes, e.g. 2s.
     #[arg(long, env = "VOLUMED_AUTOEXTEND_INTERVAL", global = true)]
     pub autoextend_interval: Option<String>,
+    /// Keep this share of pool data for the volumes that did not fill it, in percent (0-50; 0: no fencing): once free data falls into it and the pool cannot grow, the volumes whose allocation grew are fenced.
+    #[arg(long, env = "VOLUMED_RESERVE_PERCENT", global = true)]
+    pub reserve_percent: Option<u32>,
+    /// Longest time between two fencing checks when no device-mapper event comes, e.g. 200ms.
+    #[arg(long, env = "VOLUMED_FENCE_INTERVAL", global = true)]
+    pub fence_interval: Option<String>,
 }
 
 /// `[keys]`: where volume keys live.
@@ -376,6 +383,10 @@ pub struct Config {
     pub growth: PoolGrowthPolicy,
     /// Longest time between two auto-extend checks without an event.
     pub autoextend_interval: Duration,
+    /// The fencing reserve (`pool.reserve_percent`).
+    pub fence: FencePolicy,
+    /// Longest time between two fencing checks without an event.
+    pub fence_interval: Duration,
     pub keys: KeyStoreConfig,
     pub crypt: CryptOptions,
     pub jails: Option<JailConfig>,
@@ -404,6 +415,10 @@ const DEFAULT_MAX_CONCURRENT: usize = 4;
 const DEFAULT_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_VOLUME_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_FS_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
+const DEFAULT_RESERVE_PERCENT: u32 = 10;
+/// A fencing check is a few device-mapper ioctls; a writer at 1 GB/s
+/// takes 200 MB between two of them, which the reserve must hold.
+const DEFAULT_FENCE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// One variant per way a configuration can be wrong; each names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -578,6 +593,32 @@ impl Config {
         if autoextend_interval.is_zero() {
             return Err(invalid("auto-extend interval", "0", "must be positive"));
         }
+        let reserve = s.pool.reserve_percent.unwrap_or(DEFAULT_RESERVE_PERCENT);
+        let fence = FencePolicy::new(Percent::from_whole(reserve.min(101)))
+            .map_err(|e| invalid("pool reserve percent", &reserve.to_string(), e))?;
+        let fence_interval = duration_setting(
+            "fence interval",
+            s.pool.fence_interval,
+            DEFAULT_FENCE_INTERVAL,
+        )?;
+        // Fenced volumes go once free data is above twice the reserve; a
+        // pool grown only to just under its auto-extend threshold must get
+        // there, or a fence would outlast the growth.
+        let grown_free = 100 - growth.data.threshold.hundredths() / 100;
+        if growth.data.enabled() && fence.enabled() && reserve * 2 >= grown_free {
+            return Err(invalid(
+                "pool reserve percent",
+                &reserve.to_string(),
+                format!(
+                    "twice the reserve must be below the {grown_free} % a grown pool has free \
+                     (auto-extend threshold {}); lower the reserve or the threshold",
+                    growth.data.threshold
+                ),
+            ));
+        }
+        if fence_interval.is_zero() {
+            return Err(invalid("fence interval", "0", "must be positive"));
+        }
 
         let store = s.keys.store.unwrap_or_else(|| "local".to_owned());
         let keys = match store.as_str() {
@@ -711,6 +752,8 @@ impl Config {
             policy,
             growth,
             autoextend_interval,
+            fence,
+            fence_interval,
             keys,
             crypt,
             jails,
@@ -898,6 +941,25 @@ mod tests {
                 .starts_with("auto-extend threshold \"30.00%\" is invalid: metadata"),
             "{err}"
         );
+        let err = Config::merge(&options(&["--reserve-percent", "60"]), file(FILE)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool reserve percent \"60\" is invalid: pool reserve 60.00%: must be 0–50 % of the pool's data (0 turns fencing off)"
+        );
+        let err = Config::merge(&options(&["--reserve-percent", "15"]), file(FILE)).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "pool reserve percent \"15\" is invalid: twice the reserve must be below the 30 %"
+            ),
+            "{err}"
+        );
+        let config = Config::merge(
+            &options(&["--reserve-percent", "5", "--fence-interval", "100ms"]),
+            file(FILE),
+        )
+        .unwrap();
+        assert_eq!(config.fence.reserve, Percent::from_whole(5));
+        assert_eq!(config.fence_interval, Duration::from_millis(100));
         let err = Config::merge(&options(&["--autoextend-percent", "0"]), file(FILE)).unwrap_err();
         assert!(err.to_string().contains("auto-extend percent"), "{err}");
     }

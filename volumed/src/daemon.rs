@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use volume_control::layout::{HostRecord, VolumeState, VolumeStatus};
 use volume_core::backend::PoolStatus;
+use volume_core::fence::Fences;
 use volume_core::health::PoolHealth;
 use volume_core::host::{self, VolumeHost};
 use volume_core::names::VolumeId;
@@ -49,6 +50,9 @@ pub struct Controls {
     pub shutdown: watch::Receiver<bool>,
     /// Each message re-lists the volumes and reconsiders every one.
     pub resync: mpsc::UnboundedReceiver<()>,
+    /// Each message says a volume was fenced or unfenced
+    /// ([`crate::fence`]): statuses and the host record are republished.
+    pub fence_changes: Option<mpsc::UnboundedReceiver<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +122,7 @@ struct Daemon {
     /// Volume auto-extend between checks.
     volume_growth: Tracker,
     growth_tx: mpsc::UnboundedSender<Result<CheckReport, String>>,
+    fences: Option<Arc<Fences>>,
 }
 
 /// Runs until `controls.shutdown` turns true; then waits for running jobs
@@ -192,7 +197,19 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         restart_watch: false,
         volume_growth,
         growth_tx,
+        fences: None,
     };
+    daemon.fences = daemon.ctx.host.fences().cloned();
+    let unfence_task = daemon.fences.clone().map(|fences| {
+        tokio::spawn(watch_unfence_requests(
+            kv.clone(),
+            daemon.config.layout.clone(),
+            daemon.config.host.clone(),
+            fences,
+            daemon.config.retry_max,
+        ))
+    });
+    let mut fence_changes = controls.fence_changes.take();
 
     // The volumes first: one report. A failed list is retried, never read
     // as "no volumes".
@@ -286,6 +303,7 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
                     }
                 }
             }
+            Some(()) = recv_opt(&mut fence_changes) => daemon.on_fence_change(),
             Some(()) = controls.resync.recv(), if !daemon.shutting_down => {
                 tracing::info!("resync: listing the volumes again");
                 daemon.writer.send(WriterCmd::Reseed);
@@ -309,6 +327,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         }
     }
     watch_task.abort();
+    if let Some(task) = unfence_task {
+        task.abort();
+    }
     daemon.publish_host();
     if tokio::time::timeout(FINAL_FLUSH, daemon.writer.flush())
         .await
@@ -320,6 +341,56 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let _ = tokio::time::timeout(FINAL_FLUSH, writer_task).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes `volctl unfence` requests from `<root>/unfence/<host>/`: each is
+/// handed to the fencer (lifted at its next check, a no-op for a volume
+/// that is not fenced) and deleted, guarded by its index so a newer
+/// request for the same volume stays.
+async fn watch_unfence_requests(
+    kv: ConsulKv,
+    layout: volume_control::layout::Layout,
+    host: volume_core::names::HostId,
+    fences: Arc<Fences>,
+    backoff_max: Duration,
+) {
+    let prefix = layout.unfence_prefix(&host);
+    let options = WatchOptions {
+        backoff_max,
+        ..WatchOptions::default()
+    };
+    let mut watch = kv.watch_prefix(prefix.clone(), options);
+    loop {
+        let update = match watch.next().await {
+            Ok(update) => update,
+            Err(error) => {
+                tracing::debug!(%error, "watching unfence requests failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for entry in update.entries {
+            let Some(id) = entry
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|rest| VolumeId::new(rest).ok())
+            else {
+                continue;
+            };
+            tracing::info!(volume = %id, "unfence requested");
+            fences.request_unfence(id);
+            if let Err(error) = kv.delete_cas(&entry.key, entry.modify_index).await {
+                tracing::warn!(key = %entry.key, %error, "could not delete a handled unfence request");
+            }
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -600,6 +671,9 @@ impl Daemon {
         if let Some(status) = &mut status {
             status.auto_extend_refused = self.volume_growth.refused.get(id).cloned();
         }
+        if let (Some(status), Some(fences)) = (status.as_mut(), &self.fences) {
+            status.fenced = fences.reason(id);
+        }
         if let Some(volume) = self.volumes.get_mut(id) {
             volume.last_status = status.clone().map(|status| (guard, status));
         }
@@ -608,6 +682,22 @@ impl Daemon {
             guard,
             status,
         });
+    }
+
+    /// A fence went up or came down: every status says so again, and the
+    /// host record's pool health (`in_reserve` while contained) is re-read.
+    fn on_fence_change(&mut self) {
+        let ids: Vec<VolumeId> = self.volumes.keys().cloned().collect();
+        for id in ids {
+            let Some(volume) = self.volumes.get(&id) else {
+                continue;
+            };
+            if let Some((guard, status)) = volume.last_status.clone() {
+                self.set_status(&id, guard, Some(status));
+            }
+        }
+        self.pool_stale = true;
+        self.refresh_pool();
     }
 
     fn on_event(&mut self, event: Event) {
@@ -1004,6 +1094,15 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(setup: Setup) -> Running {
+        Running::spawn_with_fence_changes(setup, None)
+    }
+
+    /// [`Running::spawn`], woken by a fencing thread's changes
+    /// ([`crate::fence::spawn`]).
+    pub fn spawn_with_fence_changes(
+        setup: Setup,
+        fence_changes: Option<mpsc::UnboundedReceiver<()>>,
+    ) -> Running {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (resync, resync_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(
@@ -1011,6 +1110,7 @@ impl Running {
             Controls {
                 shutdown: shutdown_rx,
                 resync: resync_rx,
+                fence_changes,
             },
         ));
         Running {

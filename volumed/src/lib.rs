@@ -8,6 +8,7 @@
 //! back, and serves `/metrics` and `/healthz`.
 //!
 //! * [`autoextend`]: the thread that grows the thin pool from VG free space.
+//! * [`fence`]: the thread that fences the volumes filling a pool that cannot grow.
 //! * [`config`]: TOML file, env and flags.
 //! * [`plan`]: the pure decisions (what a record means, what a volume needs).
 //! * [`daemon`]: the reconcile loop; [`worker`]: one volume's job.
@@ -21,6 +22,7 @@ pub mod autoextend;
 pub mod config;
 pub mod counting;
 pub mod daemon;
+pub mod fence;
 pub mod gc;
 pub mod http;
 pub mod instance;

@@ -57,6 +57,16 @@ struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -94,6 +104,9 @@ pub struct Metrics {
     ledger_repairs: Counter,
     /// Volume auto-extend steps by outcome (`grown`, `refused`).
     volume_autoextends: Family<OutcomeLabel, Counter>,
+    fenced_volumes: Gauge,
+    fences: Family<ReasonLabel, Counter>,
+    unfences: Family<CauseLabel, Counter>,
     /// Milliseconds since start of the reconcile loop's last turn (liveness).
     loop_alive_ms: AtomicU64,
 }
@@ -121,6 +134,9 @@ impl Default for Metrics {
             lvm_changes: Counter::default(),
             ledger_repairs: Counter::default(),
             volume_autoextends: Family::default(),
+            fenced_volumes: Gauge::default(),
+            fences: Family::default(),
+            unfences: Family::default(),
             loop_alive_ms: AtomicU64::new(0),
         };
         // Every state and operation shows, at 0 until it happens.
@@ -231,6 +247,21 @@ impl Default for Metrics {
             "volumed_volume_autoextend",
             "Volume auto-extend steps: grown (size and reservation recorded) or refused (no headroom)",
             metrics.volume_autoextends.clone(),
+        );
+        r.register(
+            "volumed_fenced_volumes",
+            "Volumes fenced now (suspended while the pool is in its reserve)",
+            metrics.fenced_volumes.clone(),
+        );
+        r.register(
+            "volumed_fences",
+            "Volumes fenced, by reason",
+            metrics.fences.clone(),
+        );
+        r.register(
+            "volumed_unfences",
+            "Volumes unfenced, by cause",
+            metrics.unfences.clone(),
         );
         metrics
     }
@@ -356,6 +387,23 @@ impl Metrics {
     }
 
     /// The ledger disagreed with the desired records and was corrected.
+    pub fn set_fenced(&self, count: usize) {
+        self.fenced_volumes
+            .set(gauge_value(u64::try_from(count).unwrap_or(u64::MAX)));
+    }
+
+    pub fn fenced_volumes(&self) -> u64 {
+        u64::try_from(self.fenced_volumes.get()).unwrap_or(0)
+    }
+
+    pub fn fenced(&self, reason: &'static str) {
+        self.fences.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn unfenced(&self, cause: &'static str) {
+        self.unfences.get_or_create(&CauseLabel { cause }).inc();
+    }
+
     pub fn ledger_repaired(&self) {
         self.ledger_repairs.inc();
     }

@@ -249,6 +249,7 @@ pub fn status(
         health: observed.map(|v| v.health).unwrap_or_default(),
         // The daemon adds its own note (`Daemon::set_status`).
         auto_extend_refused: None,
+        fenced: None,
     }
 }
 

@@ -136,6 +136,7 @@ impl Store {
             node: None,
             health: Default::default(),
             auto_extend_refused: None,
+            fenced: None,
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv

@@ -190,15 +190,15 @@ impl LvmBackend {
     }
 
     /// Runs a command that changes LVM state.
-    fn change(&self, mut line: CommandLineBuilder) -> Result<(), BackendError> {
+    fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
+        let mut config = SKIP_FENCEABLE.to_owned();
         if low_water != 0 {
-            line = line.args([
-                "--config".to_owned(),
-                format!("activation/thin_pool_autoextend_threshold={low_water}"),
-            ]);
+            config.push_str(&format!(
+                "activation{{thin_pool_autoextend_threshold={low_water}}}"
+            ));
         }
-        let line = line.build()?;
+        let line = line.config(config).build()?;
         self.runner.run(&line)?;
         tracing::info!(command = %line, "LVM changed");
         Ok(())
@@ -270,9 +270,26 @@ impl LvmBackend {
     }
 }
 
+/// Every command leaves our volumes' devices out of its scan for PVs
+/// (they never hold one): a fenced volume's top device is suspended (see
+/// `crate::fence`), and LVM's scan would read it and wait for its resume,
+/// holding the process's one LVM thread. A filter, not
+/// `ignore_suspended_devices`: measured in the micro-VM, that setting
+/// keeps a separate `lvs` from waiting but not a command run in process,
+/// where LVM restores its earlier value when `--config` rebuilds the
+/// filters. The patterns match the dm-crypt mappings (`/dev/mapper/
+/// vmv1-crypt-…`) and the thin LVs (`/dev/<vg>/vmv1-vol_…`,
+/// `/dev/mapper/<vg>-vmv1--vol_…`, for hosts with `scan_lvs=1`). This
+/// replaces a `global_filter` set in lvm.conf for our commands. (One
+/// `--config` word: LVM takes the option once.)
+pub const SKIP_FENCEABLE: &str =
+    r#"devices{global_filter=["r|/vmv1-crypt-|","r|/vmv1-vol_|","r|-vmv1--vol_|"]}"#;
+
 /// A report command with the format every parser here expects.
 fn report_command(command: &str) -> CommandLineBuilder {
-    CommandLine::command(command).args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+    CommandLine::command(command)
+        .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+        .config(SKIP_FENCEABLE)
 }
 
 /// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not

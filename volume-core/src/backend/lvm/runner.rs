@@ -52,12 +52,15 @@ pub struct CommandLine {
 #[derive(Debug, Clone)]
 pub struct CommandLineBuilder {
     words: Vec<String>,
+    /// Indices of `--config` values, whose LVM syntax quotes strings.
+    config_values: Vec<usize>,
 }
 
 impl CommandLine {
     pub fn command(command: &str) -> CommandLineBuilder {
         CommandLineBuilder {
             words: vec![command.to_owned()],
+            config_values: Vec::new(),
         }
     }
 
@@ -87,6 +90,17 @@ impl CommandLineBuilder {
         self
     }
 
+    /// `--config <settings>`: LVM configuration syntax, whose strings are
+    /// quoted. `lvm_split` treats a quote specially only at the start of a
+    /// word, so quotes inside `settings` reach LVM as written; whitespace
+    /// and a leading quote are still refused.
+    pub fn config(mut self, settings: impl Into<String>) -> CommandLineBuilder {
+        self.words.push("--config".to_owned());
+        self.config_values.push(self.words.len());
+        self.words.push(settings.into());
+        self
+    }
+
     /// `lvm_split` splits on whitespace, takes a word that *starts* with a
     /// quote up to the matching quote, and ends the line at a word starting
     /// with `#`. Our words never need whitespace or quotes, so those are
@@ -100,13 +114,21 @@ impl CommandLineBuilder {
             ));
         }
         let mut text = String::new();
-        for word in &self.words {
+        for (index, word) in self.words.iter().enumerate() {
             if word.is_empty() {
                 return Err(refuse(word, "empty word"));
             }
+            let config = self.config_values.contains(&index);
+            let quote = |c: char| c == '\'' || c == '"';
+            if config && word.starts_with(quote) {
+                return Err(refuse(
+                    word,
+                    "starts with a quote, which LVM's command-line splitter would misread",
+                ));
+            }
             if let Some(bad) = word
                 .chars()
-                .find(|c| c.is_whitespace() || c.is_control() || *c == '\'' || *c == '"')
+                .find(|c| c.is_whitespace() || c.is_control() || (!config && quote(*c)))
             {
                 return Err(refuse(
                     word,
@@ -504,6 +526,24 @@ pub(crate) static REAL_LVM_TESTS: Mutex<()> = Mutex::new(());
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_values_keep_their_inner_quotes() {
+        let line = CommandLine::command("lvs")
+            .config(r#"devices{global_filter=["r|x|"]}"#)
+            .build()
+            .unwrap();
+        assert_eq!(
+            line.as_str(),
+            r#"lvs --config devices{global_filter=["r|x|"]}"#
+        );
+        for bad in [r#""devices{}""#, "a b"] {
+            assert!(
+                CommandLine::command("lvs").config(bad).build().is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn words_that_lvm_would_misread_are_refused() {
