@@ -95,6 +95,15 @@ fn main() {
         .to_owned();
     let kv = ConsulKv::new(ClientConfig::new(&kv_addr).expect("client config")).expect("client");
     let volumed = start_volumed(&pool, &kv_addr, scratch.path());
+    // Timed from a serving daemon: its start-up is not part of a create.
+    runtime.block_on(async {
+        let record = Layout::default().host_info(&host());
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while kv.get(&record).await.expect("KV read").value.is_none() {
+            assert!(Instant::now() < deadline, "volumed did not publish its host record");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 
     let mut batches = Vec::new();
     let mut made = 0;
