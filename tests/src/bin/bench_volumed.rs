@@ -100,7 +100,10 @@ fn main() {
         let record = Layout::default().host_info(&host());
         let deadline = Instant::now() + Duration::from_secs(600);
         while kv.get(&record).await.expect("KV read").value.is_none() {
-            assert!(Instant::now() < deadline, "volumed did not publish its host record");
+            assert!(
+                Instant::now() < deadline,
+                "volumed did not publish its host record"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
