@@ -172,6 +172,8 @@ fn spec() -> VolumeSpec {
         created_ms: 1,
         destroy: false,
         auto_extend: None,
+        source: None,
+        snapshots: Default::default(),
     }
 }
 

@@ -124,6 +124,20 @@ pub fn check_create_inputs(lv: &LvName, size: Bytes, tags: &[String]) -> Result<
     Ok(())
 }
 
+/// Checks every input to a thin snapshot before anything is changed.
+pub fn check_snapshot_inputs(
+    origin: &LvName,
+    copy: &LvName,
+    tags: &[String],
+) -> Result<(), BackendError> {
+    check_our_name(origin)?;
+    check_our_name(copy)?;
+    for tag in tags {
+        check_tag(tag)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
 use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
-use crate::names::{DmName, VolumeId};
+use crate::names::{DmName, LvName, VolumeId};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,13 @@ pub trait VolumeDevices: Send + Sync {
     /// listing must not cost one query per volume).
     fn crypt_mappings(&self) -> Result<BTreeMap<DmName, PathBuf>, CryptError>;
 
+    /// The mapping's device path if device-mapper has it, read without
+    /// touching the LV under it (which is suspended while the volume is
+    /// fenced, and [`VolumeDevices::crypt_mapping`] reads its header).
+    fn crypt_mapping_unread(&self, id: &VolumeId) -> Option<PathBuf> {
+        self.crypt_mapping(id).ok().flatten()
+    }
+
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError>;
 
     /// Grows an open mapping to fill its grown LV.
@@ -62,6 +69,24 @@ pub trait VolumeDevices: Send + Sync {
 
     /// The current `st_rdev` of a block device.
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError>;
+
+    /// The pool has made `copy` a thin snapshot of `origin`: block for
+    /// block the same content. Real devices need nothing (the pool shares
+    /// the blocks); the simulator copies its model of the content.
+    fn lv_copied(&self, origin: &LvName, copy: &LvName);
+
+    /// Makes the LUKS2 header on `lv_device`, copied from volume `from`,
+    /// volume `to`'s; see [`crate::crypt::adopt_header`].
+    fn adopt_header(
+        &self,
+        lv_device: &Path,
+        from: &VolumeId,
+        to: &VolumeId,
+    ) -> Result<CreateAction<()>, CryptError>;
+
+    /// Replays the journal of a restored copy and fixes what a crash
+    /// safely leaves; see [`crate::fs::check_ext4`].
+    fn check_fs(&self, device: &Path) -> Result<(), FsError>;
 }
 
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
@@ -127,6 +152,15 @@ impl VolumeDevices for RealDevices {
         crypt::active_mappings()
     }
 
+    fn crypt_mapping_unread(&self, id: &VolumeId) -> Option<PathBuf> {
+        let dm = devicemapper::DM::new().ok()?;
+        let crypt_name = id.crypt_name();
+        let name = devicemapper::DmName::new(crypt_name.as_str()).ok()?;
+        dm.device_info(&devicemapper::DevId::Name(name))
+            .ok()
+            .map(|_| crypt::mapping_path(id))
+    }
+
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {
         crypt::close(id)
     }
@@ -163,5 +197,20 @@ impl VolumeDevices for RealDevices {
 
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError> {
         jail::device_number(device)
+    }
+
+    fn lv_copied(&self, _origin: &LvName, _copy: &LvName) {}
+
+    fn adopt_header(
+        &self,
+        lv_device: &Path,
+        from: &VolumeId,
+        to: &VolumeId,
+    ) -> Result<CreateAction<()>, CryptError> {
+        crypt::adopt_header(lv_device, from, to)
+    }
+
+    fn check_fs(&self, device: &Path) -> Result<(), FsError> {
+        fs::check_ext4(&self.tools, device)
     }
 }
