@@ -15,6 +15,7 @@
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`instance`]: one daemon per volume group and per host id.
+//! * [`memory`]: thread stacks and malloc settings.
 
 pub mod autoextend;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod gc;
 pub mod http;
 pub mod instance;
 pub mod kv;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod plan;

@@ -26,6 +26,24 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+/// LVM's memory locking around device suspends, set for a daemon. While it
+/// suspends a device, LVM first touches `reserved_memory` (8 MiB by
+/// default) and then `mlock`s every readable mapping of the process, so
+/// that nothing it needs has to be read from a device it suspended; after
+/// the `munlock` every page stays resident. In volumed that made 91 MiB
+/// resident during a burst of creates, of which 21 MiB were file pages
+/// (volumed and its libraries, all on the root filesystem, never on the
+/// volume group volumed owns and suspends), 8 MiB the reserve and the rest
+/// the full size of every thread stack and malloc arena.
+/// - `mlock_filter=["/"]`: skip every mapping with a path (file-backed);
+///   anonymous memory (heap, stacks) is still locked.
+/// - `reserved_memory=1024`: 1 MiB. The reserve is only for LVM's own
+///   allocations while devices are suspended, which are small.
+const MEMLOCK_SETTINGS: [&str; 2] = [
+    "activation/mlock_filter=[\"/\"]",
+    "activation/reserved_memory=1024",
+];
+
 /// A thin pool managed through liblvm2cmd.
 #[derive(Debug)]
 pub struct LvmBackend {
@@ -107,16 +125,19 @@ impl LvmBackend {
         })
     }
 
-    /// Runs a command that changes LVM state.
-    fn change(&self, mut line: CommandLineBuilder) -> Result<(), BackendError> {
+    /// Runs a command that changes LVM state, with [`MEMLOCK_SETTINGS`] and
+    /// the low-water threshold.
+    fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
+        let mut settings: Vec<String> = MEMLOCK_SETTINGS.iter().map(|s| s.to_string()).collect();
         let low_water = self.low_water.load(Ordering::Relaxed);
         if low_water != 0 {
-            line = line.args([
-                "--config".to_owned(),
-                format!("activation/thin_pool_autoextend_threshold={low_water}"),
-            ]);
+            settings.push(format!(
+                "activation/thin_pool_autoextend_threshold={low_water}"
+            ));
         }
-        let line = line.build()?;
+        let line = line
+            .args(["--config".to_owned(), settings.join(" ")])
+            .build()?;
         self.runner.run(&line)?;
         tracing::info!(command = %line, "LVM changed");
         Ok(())
@@ -629,6 +650,34 @@ mod tests {
 
     fn ours() -> LvName {
         LvName::new("vmv1-vol_gjq9wcbfx7i9a3iy").unwrap()
+    }
+
+    /// LVM reads the memory-lock settings as written. It warns about a
+    /// setting it does not know or of the wrong type (checked here too, so
+    /// the test cannot pass for want of checking), once per command.
+    #[test]
+    fn lvm_takes_the_memlock_settings_without_a_warning() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let runner = LvmRunner::start().unwrap();
+        let vgs = |settings: &str| {
+            let line = CommandLine::command("vgs")
+                .args(["--config", settings, "-o", "vg_name"])
+                .build()
+                .unwrap();
+            runner.run(&line).unwrap()
+        };
+        let ours = vgs(&MEMLOCK_SETTINGS.join(" "));
+        assert!(
+            ours.messages.is_empty() && ours.errors.is_empty(),
+            "{ours:?}"
+        );
+        for wrong in ["activation/mlock_filter=1", "activation/no_such_setting=1"] {
+            let output = vgs(&format!("{} {wrong}", MEMLOCK_SETTINGS.join(" ")));
+            assert!(
+                !(output.messages.is_empty() && output.errors.is_empty()),
+                "no warning for {wrong}"
+            );
+        }
     }
 
     #[test]

@@ -37,9 +37,11 @@ const MAX_WORDS: usize = 63;
 /// Error lines kept per command; a failing report over many LVs can print
 /// one line per LV.
 const MAX_ERROR_LINES: usize = 64;
-/// LVM's own code expects a main-thread-sized stack (it also reserves 64 KiB
-/// of it before locking memory for device suspension).
-const WORKER_STACK: usize = 8 << 20;
+/// LVM reserves 64 KiB of its stack (`activation/reserved_stack`) before it
+/// locks memory around a device suspend; the lock makes the whole stack
+/// mapping resident for good, so it is 16 times that reserve, not a main
+/// thread's 8 MiB (which stayed resident after the first create).
+const WORKER_STACK: usize = 1 << 20;
 
 /// One command line for `lvm2_run`, checked so that LVM's word splitter
 /// reads back exactly the words we gave.
@@ -89,9 +91,10 @@ impl CommandLineBuilder {
 
     /// `lvm_split` splits on whitespace, takes a word that *starts* with a
     /// quote up to the matching quote, and ends the line at a word starting
-    /// with `#`. Our words never need whitespace or quotes, so those are
-    /// refused rather than escaped; a word starting with `#` (a legal LVM
-    /// tag) is quoted.
+    /// with `#`. So a word starting with `#` (a legal LVM tag) or holding
+    /// spaces or double quotes (several `--config` settings, a string in
+    /// one) is single-quoted; single quotes and other whitespace cannot be
+    /// quoted that way and are refused.
     pub fn build(self) -> Result<CommandLine, BackendError> {
         if self.words.len() > MAX_WORDS {
             return Err(refuse(
@@ -106,7 +109,7 @@ impl CommandLineBuilder {
             }
             if let Some(bad) = word
                 .chars()
-                .find(|c| c.is_whitespace() || c.is_control() || *c == '\'' || *c == '"')
+                .find(|c| (c.is_whitespace() && *c != ' ') || c.is_control() || *c == '\'')
             {
                 return Err(refuse(
                     word,
@@ -116,7 +119,7 @@ impl CommandLineBuilder {
             if !text.is_empty() {
                 text.push(' ');
             }
-            if word.starts_with('#') {
+            if word.starts_with('#') || word.contains([' ', '"']) {
                 text.push('\'');
                 text.push_str(word);
                 text.push('\'');
@@ -494,7 +497,7 @@ mod tests {
 
     #[test]
     fn words_that_lvm_would_misread_are_refused() {
-        for bad in ["a b", "a\tb", "'x", "x\"", "", "a\nb", "a\0b"] {
+        for bad in ["a\tb", "'x", "x'y", "", "a\nb", "a\0b", "a\u{a0}b"] {
             let err = CommandLine::command("lvs").arg(bad).build().unwrap_err();
             assert!(
                 matches!(&err, BackendError::Name(e) if e.kind == "LVM argument"),
@@ -512,6 +515,15 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(line.as_str(), "lvchange --addtag '#ops' vg/lv");
+    }
+
+    #[test]
+    fn a_word_with_spaces_or_double_quotes_is_quoted() {
+        let line = CommandLine::command("lvchange")
+            .args(["--config", "a/b=1 c/d=[\"/\"]", "vg/lv"])
+            .build()
+            .unwrap();
+        assert_eq!(line.as_str(), "lvchange --config 'a/b=1 c/d=[\"/\"]' vg/lv");
     }
 
     /// Runs liblvm2cmd for real: reports work without device-mapper, so
