@@ -56,6 +56,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let _trim = runtime.spawn(async {
+        let mut every = tokio::time::interval(memory::TRIM_INTERVAL);
+        loop {
+            every.tick().await;
+            memory::trim();
+        }
+    });
     let result = runtime.block_on(async move {
         match command {
             Command::Gc {

@@ -14,14 +14,25 @@ pub const THREAD_STACK: usize = if cfg!(debug_assertions) {
     256 << 10
 };
 
-/// glibc malloc: one arena (each thread's own arena would be locked and
-/// kept resident too), allocations from 256 KiB up mapped on their own and
-/// returned on free, and at most 2 MiB of free heap kept. Fixed thresholds
-/// also stop glibc from raising them after LVM's multi-megabyte reserve,
-/// which would keep later large buffers in the heap.
+/// glibc malloc: one arena (LVM's lock skips the heap, not other arenas),
+/// allocations from 64 KiB up mapped on their own and returned on free,
+/// and at most 512 KiB of free heap kept at its top. Fixed thresholds also
+/// stop glibc from raising them after a large free, which would keep later
+/// large buffers in the heap.
 const ARENA_MAX: libc::c_int = 1;
-const MMAP_THRESHOLD: libc::c_int = 256 << 10;
-const TRIM_THRESHOLD: libc::c_int = 2 << 20;
+const MMAP_THRESHOLD: libc::c_int = 64 << 10;
+const TRIM_THRESHOLD: libc::c_int = 512 << 10;
+
+/// How often free heap pages are given back ([`trim`]).
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Gives free pages inside the heap back to the kernel (`malloc_trim`),
+/// which the top-of-heap trim cannot reach past a live allocation.
+pub fn trim() {
+    // SAFETY: malloc_trim takes the allocator's own locks; it only
+    // releases pages of free chunks.
+    unsafe { libc::malloc_trim(0) };
+}
 
 /// Applies the malloc settings. Call first in `main`, before any thread
 /// starts. Returns the settings glibc refused (none on glibc).
