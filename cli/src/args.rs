@@ -72,9 +72,15 @@ pub enum Command {
     /// Grow a volume; waits until its host has grown it.
     #[command(after_help = EXIT_CODES_HELP)]
     Extend(ExtendArgs),
+    /// Change a volume's settings (auto-extend); its data is untouched.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Update(UpdateArgs),
     /// Show each host's pool and what is reserved on it.
     #[command(after_help = EXIT_CODES_HELP)]
     Hosts(HostsArgs),
+    /// Lift a volume's fence (its I/O resumes); waits until its host has.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Unfence(UnfenceArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -139,7 +145,58 @@ pub struct CreateArgs {
     pub json: bool,
 
     #[command(flatten)]
+    pub auto_extend: AutoExtendArgs,
+
+    #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// Volume auto-extend: all three settings together, or none.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Auto-extend (all three together)")]
+pub struct AutoExtendArgs {
+    /// Grow the volume once this share of it is used, in percent (50-99).
+    ///
+    /// Usage is the filesystem's own when the VM's agent reports it, else
+    /// the share of the volume the pool has allocated (discards lower it).
+    #[arg(long, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u32).range(50..=99))]
+    pub auto_extend_threshold: Option<u32>,
+
+    /// Grow by this many decimal gigabytes each time (at least 1).
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub auto_extend_increment: Option<u64>,
+
+    /// Never grow beyond this size, in decimal gigabytes (larger than the
+    /// volume's size).
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub auto_extend_limit: Option<u64>,
+}
+
+impl AutoExtendArgs {
+    /// Whether any of the three flags was given.
+    pub fn any(&self) -> bool {
+        self.auto_extend_threshold.is_some()
+            || self.auto_extend_increment.is_some()
+            || self.auto_extend_limit.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpdateArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
+
+    #[command(flatten)]
+    pub auto_extend: AutoExtendArgs,
+
+    /// Turn auto-extend off (the volume keeps its size).
+    #[arg(long, conflicts_with_all = ["auto_extend_threshold", "auto_extend_increment", "auto_extend_limit"])]
+    pub no_auto_extend: bool,
+
+    /// Print JSON (one volume) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -190,6 +247,15 @@ pub struct ExtendArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct UnfenceArgs {
+    /// The volume's id (vol_...).
+    pub id: VolumeId,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct HostsArgs {
     /// Only hosts in this region.
     #[arg(long, value_name = "R")]
@@ -229,6 +295,39 @@ mod tests {
             &["volctl", "show", "vol_../../x"],
             &[
                 "volctl", "create", "data", "--size", "1", "--region", "ewr", "--count", "0",
+            ],
+            &[
+                "volctl",
+                "create",
+                "data",
+                "--size",
+                "1",
+                "--region",
+                "ewr",
+                "--auto-extend-threshold",
+                "49",
+            ],
+            &[
+                "volctl",
+                "update",
+                "vol_0123456789abcdef",
+                "--auto-extend-threshold",
+                "100",
+            ],
+            &[
+                "volctl",
+                "update",
+                "vol_0123456789abcdef",
+                "--auto-extend-increment",
+                "0",
+            ],
+            &[
+                "volctl",
+                "update",
+                "vol_0123456789abcdef",
+                "--no-auto-extend",
+                "--auto-extend-limit",
+                "5",
             ],
         ] {
             let err = Cli::try_parse_from(argv).unwrap_err();

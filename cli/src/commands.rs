@@ -7,14 +7,18 @@ use std::time::Duration;
 use clap::CommandFactory;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use volume_control::layout::UnfenceRequest;
 use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
 use volume_control::placement::Candidate;
+use volume_model::fence::FenceReason;
 use volume_model::health::{PoolHealth, VolumeHealth};
 use volume_model::names::{HostId, VolumeId};
-use volume_model::units::Bytes;
+use volume_model::units::{Bytes, Percent};
+use volume_model::volume_growth::AutoExtend;
 
 use crate::args::{
-    Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs, ShowArgs,
+    AutoExtendArgs, Cli, CompletionsArgs, CreateArgs, DestroyArgs, ExtendArgs, HostsArgs, ListArgs,
+    ShowArgs, UnfenceArgs, UpdateArgs,
 };
 use crate::error::CliError;
 use crate::format::{self, Table};
@@ -33,7 +37,10 @@ pub struct VolumeView {
     /// once destroy is requested.
     pub state: String,
     pub status: Option<serde_json::Value>,
-    /// `healthy`; the thin LV's own health when LVM flags it (`failed`,
+    /// Why its host fenced the volume (its I/O waits), while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
+    /// `fenced` while the volume is fenced; `healthy`; the thin LV's own health when LVM flags it (`failed`,
     /// `unknown`); else `pool <health>` while its host's pool cannot take
     /// writes (e.g. `pool out_of_data`).
     pub health: String,
@@ -47,10 +54,15 @@ impl VolumeView {
             None => "pending".to_owned(),
         };
         let health = status.map(|entry| entry.status.health).unwrap_or_default();
+        let fenced = status.and_then(|entry| entry.status.fenced);
         VolumeView {
             state,
             status: status.map(|entry| entry.raw.clone()),
-            health: health.as_str().to_owned(),
+            health: match fenced {
+                Some(reason) => format!("fenced ({})", reason.as_str()),
+                None => health.as_str().to_owned(),
+            },
+            fenced,
             spec,
         }
     }
@@ -106,6 +118,7 @@ pub async fn create(
     ui: &mut Ui<'_>,
 ) -> Result<Vec<VolumeView>, CliError> {
     let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
+    let auto_extend = auto_extend_settings(&args.auto_extend, size)?;
     let request = CreateRequest {
         name: args.name.clone(),
         region: args.region.clone(),
@@ -114,6 +127,7 @@ pub async fn create(
         require_unique_zone: args.require_unique_zone,
         pinned_host: args.host.clone(),
         id_from_caller: args.id.is_some(),
+        auto_extend,
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
     if let Some(id) = &args.id {
@@ -264,6 +278,10 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             if spec.encrypted { "yes" } else { "no" }.to_owned(),
         ),
         (
+            "auto-extend",
+            describe_auto_extend(spec.auto_extend.as_ref()),
+        ),
+        (
             "created",
             format!(
                 "{} ago",
@@ -282,8 +300,14 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
         }
         lines.push(("host size", format::size(status.size)));
         lines.push(("data used", status.data_percent.to_string()));
+        if let Some(reason) = &status.fenced {
+            lines.push(("fenced", reason.to_string()));
+        }
         if let Some(error) = &status.error {
             lines.push(("error", error.clone()));
+        }
+        if let Some(refused) = &status.auto_extend_refused {
+            lines.push(("auto-extend refused", refused.clone()));
         }
         lines.push((
             "reported",
@@ -304,6 +328,8 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             "updated_ms",
             "node",
             "health",
+            "auto_extend_refused",
+            "fenced",
         ];
         if let Some(fields) = entry.raw.as_object() {
             for (name, value) in fields {
@@ -373,6 +399,168 @@ pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<Vol
     let view = VolumeView::new(grown.spec, status.as_ref());
     volume_table(std::slice::from_ref(&view), ui.out())?;
     Ok(view)
+}
+
+/// The three auto-extend flags as settings for a volume of `size`: all
+/// three or none, each checked (the error names the flag).
+pub fn auto_extend_settings(
+    args: &AutoExtendArgs,
+    size: Bytes,
+) -> Result<Option<AutoExtend>, CliError> {
+    let (threshold, increment, limit) = match (
+        args.auto_extend_threshold,
+        args.auto_extend_increment,
+        args.auto_extend_limit,
+    ) {
+        (None, None, None) => return Ok(None),
+        (Some(threshold), Some(increment), Some(limit)) => (threshold, increment, limit),
+        (threshold, increment, limit) => {
+            let missing: Vec<&str> = [
+                (threshold.is_none(), "--auto-extend-threshold"),
+                (increment.is_none(), "--auto-extend-increment"),
+                (limit.is_none(), "--auto-extend-limit"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, flag)| missing.then_some(flag))
+            .collect();
+            return Err(CliError::Usage(format!(
+                "auto-extend takes --auto-extend-threshold, --auto-extend-increment and \
+                 --auto-extend-limit together; missing {}; nothing changed",
+                missing.join(", ")
+            )));
+        }
+    };
+    let gb = |flag: &str, value: u64| {
+        Bytes::from_gb(value).map_err(|e| CliError::Usage(format!("{flag}: {e}")))
+    };
+    let increment = gb("--auto-extend-increment", increment)?;
+    let limit = gb("--auto-extend-limit", limit)?;
+    AutoExtend::new(Percent::from_whole(threshold), increment, limit, size)
+        .map(Some)
+        .map_err(|e| {
+            let flag = match e {
+                volume_model::volume_growth::AutoExtendError::Threshold { .. } => {
+                    "--auto-extend-threshold"
+                }
+                volume_model::volume_growth::AutoExtendError::Increment { .. } => {
+                    "--auto-extend-increment"
+                }
+                volume_model::volume_growth::AutoExtendError::Limit { .. } => "--auto-extend-limit",
+            };
+            CliError::Usage(format!(
+                "{flag}: {}; nothing changed",
+                match e {
+                    volume_model::volume_growth::AutoExtendError::Limit { limit, size } => format!(
+                        "the limit {} must be larger than the volume's size {}",
+                        format::size(limit),
+                        format::size(size)
+                    ),
+                    other => other.to_string(),
+                }
+            ))
+        })
+}
+
+/// Auto-extend settings in one phrase, in the units the flags take.
+pub fn describe_auto_extend(settings: Option<&AutoExtend>) -> String {
+    match settings {
+        None => "off".to_owned(),
+        Some(rule) => format!(
+            "at {} used, by {}, up to {}",
+            rule.threshold,
+            format::size(rule.increment),
+            format::size(rule.limit)
+        ),
+    }
+}
+
+/// Changes a volume's settings in its desired record (one `cas`); bad
+/// input changes nothing, and an update that changes nothing writes
+/// nothing.
+pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
+    if !args.auto_extend.any() && !args.no_auto_extend {
+        return Err(CliError::Usage(
+            "nothing to update: give --auto-extend-threshold, --auto-extend-increment and \
+             --auto-extend-limit, or --no-auto-extend"
+                .to_owned(),
+        ));
+    }
+    let updated = reserve::update(ctx, &args.id, |spec| {
+        if args.no_auto_extend {
+            spec.auto_extend = None;
+        } else if args.auto_extend.any() {
+            spec.auto_extend = auto_extend_settings(&args.auto_extend, spec.size)?;
+        }
+        Ok(())
+    })
+    .await?;
+    let status = store::read_status(ctx, &updated.spec.host, &updated.spec.id).await?;
+    let view = VolumeView::new(updated.spec, status.as_ref());
+    if args.json {
+        print_json(&view, ui.out())?;
+    } else {
+        volume_table(std::slice::from_ref(&view), ui.out())?;
+        writeln!(
+            ui.out(),
+            "auto-extend: {}{}",
+            describe_auto_extend(view.spec.auto_extend.as_ref()),
+            if updated.changed { "" } else { " (unchanged)" }
+        )?;
+    }
+    Ok(view)
+}
+
+/// Asks the volume's host to lift its fence and, unless `--detach`, waits
+/// until the host took the request and its status shows no fence. A volume
+/// that is not fenced is not an error (the request is a no-op).
+pub async fn unfence(ctx: &Ctx, args: &UnfenceArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
+    let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    let was_fenced = store::read_status(ctx, &spec.host, &spec.id)
+        .await?
+        .is_some_and(|entry| entry.status.fenced.is_some());
+    let key = ctx.layout.unfence(&spec.host, &spec.id);
+    let request = UnfenceRequest {
+        id: spec.id.clone(),
+        requested_ms: now_ms(),
+    };
+    let body = serde_json::to_vec(&request).expect("requests serialize");
+    ctx.kv.put(&key, &body).await?;
+    if args.wait.detach {
+        writeln!(ui.out(), "unfence of {} requested", spec.id)?;
+        return Ok(());
+    }
+    let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    loop {
+        let taken = ctx.kv.get(&key).await?.value.is_none();
+        let status = store::read_status(ctx, &spec.host, &spec.id).await?;
+        let fenced = status.as_ref().and_then(|entry| entry.status.fenced);
+        if taken && fenced.is_none() {
+            if was_fenced {
+                writeln!(ui.out(), "unfenced {}", spec.id)?;
+            } else {
+                writeln!(ui.out(), "{} is not fenced", spec.id)?;
+            }
+            return Ok(());
+        }
+        let last_state = match fenced {
+            Some(reason) => format!("fenced ({})", reason.as_str()),
+            None => "request not taken yet".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline.at {
+            return Err(CliError::TimedOut(Box::new(crate::error::WaitTimedOut {
+                id: spec.id.clone(),
+                host: spec.host.clone(),
+                goal: "unfenced".to_owned(),
+                last_state,
+                timeout: deadline.timeout,
+                hint: format!(
+                    " (is volumed running on {}?); the request stays recorded",
+                    spec.host
+                ),
+            })));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A host as `hosts --json` prints it.

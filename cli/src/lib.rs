@@ -60,7 +60,9 @@ pub async fn run(cli: &Cli, kv: ConsulKv, ui: &mut Ui<'_>) -> Result<(), CliErro
         Command::Show(args) => commands::show(&ctx, args, ui).await.map(drop),
         Command::Destroy(args) => commands::destroy(&ctx, args, ui).await,
         Command::Extend(args) => commands::extend(&ctx, args, ui).await.map(drop),
+        Command::Update(args) => commands::update(&ctx, args, ui).await.map(drop),
         Command::Hosts(args) => commands::hosts(&ctx, args, ui).await.map(drop),
+        Command::Unfence(args) => commands::unfence(&ctx, args, ui).await,
         Command::Completions(args) => commands::completions(args, ui),
     }
 }

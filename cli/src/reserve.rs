@@ -24,6 +24,7 @@
 //! retried *command* find the record instead of making a second volume.
 //!
 //! Extend: `[cas ledger @index, cas desired spec @index]`.
+//! Update (settings only, no size): `[cas desired spec @index]`.
 //! Destroy intent: `[cas desired spec @index]` (volumed releases the
 //! reservation when it has removed the volume).
 
@@ -35,6 +36,7 @@ use volume_control::layout::{Ledger, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
 use volume_model::names::{HostId, Region, VolumeId, VolumeName};
 use volume_model::units::Bytes;
+use volume_model::volume_growth::AutoExtend;
 
 use crate::error::CliError;
 use crate::store::{self, encode, now_ms, Ctx, HostEntry, SpecEntry};
@@ -65,6 +67,7 @@ pub struct CreateRequest {
     /// The id came from the caller (`--id`): another run may be creating
     /// the same id, so the transaction checks every host of the region.
     pub id_from_caller: bool,
+    pub auto_extend: Option<AutoExtend>,
 }
 
 impl CreateRequest {
@@ -75,6 +78,7 @@ impl CreateRequest {
             && spec.region == self.region
             && spec.size == self.size
             && spec.encrypted == self.encrypted
+            && spec.auto_extend == self.auto_extend
             && self
                 .pinned_host
                 .as_ref()
@@ -365,6 +369,7 @@ pub async fn reserve(
             encrypted: request.encrypted,
             created_ms,
             destroy: false,
+            auto_extend: request.auto_extend,
         };
         let spec_key = ctx.layout.desired(&spec.host, id);
         let mut ops = vec![
@@ -514,6 +519,68 @@ pub async fn grow(ctx: &Ctx, id: &VolumeId, new_size: Bytes) -> Result<Grown, Cl
     }
     Err(CliError::Contended {
         what: format!("growing {id}"),
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
+/// An updated desired record.
+#[derive(Debug, Clone)]
+pub struct Updated {
+    pub spec: VolumeSpec,
+    pub spec_index: u64,
+    /// False when the record already said so: nothing was written.
+    pub changed: bool,
+}
+
+/// Applies `change` to a volume's desired record and writes it with `cas`
+/// at the index read, re-reading on a conflict. `change` sees the current
+/// record each time and may refuse (nothing is written). Settings only:
+/// the size and the reservation are `grow`'s.
+pub async fn update(
+    ctx: &Ctx,
+    id: &VolumeId,
+    change: impl Fn(&mut VolumeSpec) -> Result<(), CliError>,
+) -> Result<Updated, CliError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        let SpecEntry { spec, index } = store::find_spec(ctx, id).await?;
+        if spec.destroy {
+            return Err(CliError::BeingDestroyed { id: id.clone() });
+        }
+        let mut updated = spec.clone();
+        change(&mut updated)?;
+        debug_assert_eq!(
+            (updated.size, &updated.id, &updated.host),
+            (spec.size, &spec.id, &spec.host),
+            "an update changes settings only"
+        );
+        if updated == spec {
+            return Ok(Updated {
+                spec,
+                spec_index: index,
+                changed: false,
+            });
+        }
+        let key = ctx.layout.desired(&spec.host, id);
+        let op = TxnOp::Cas {
+            key: key.clone(),
+            value: encode(&updated),
+            flags: 0,
+            index,
+        };
+        match ctx.kv.txn(std::slice::from_ref(&op)).await {
+            Ok(results) => {
+                return Ok(Updated {
+                    spec_index: written_index(&results, &key),
+                    spec: updated,
+                    changed: true,
+                })
+            }
+            Err(consul_kv::Error::TxnConflict { .. }) => backoff(attempt).await,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CliError::Contended {
+        what: format!("updating {id}"),
         attempts: MAX_ATTEMPTS,
     })
 }

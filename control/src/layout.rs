@@ -10,8 +10,17 @@
 //!                                              creates can never over-commit
 //! <root>/desired/<host>/<volume>  VolumeSpec   written by volctl; volumed watches
 //!                                              <root>/desired/<host>/
-//! <root>/status/<host>/<volume>   VolumeStatus written by volumed
+//! <root>/status/<host>/<volume>   VolumeStatus written by volumed; `fenced`
+//!                                              holds the reason while the
+//!                                              volume is fenced
+//! <root>/unfence/<host>/<volume>  UnfenceRequest written by `volctl unfence`;
+//!                                              volumed lifts the fence (a
+//!                                              no-op if none) and deletes it
 //! <root>/keys/<volume>            sealed key   envelope store only; ciphertext
+//! <root>/usage/<host>/<volume>    FsUsageReport the filesystem's own usage, written
+//!                                              by the VM worker from its guest's
+//!                                              agent; read by volumed's volume
+//!                                              auto-extend while fresh
 //! ```
 //!
 //! `<root>` defaults to `volumes/v1`; the version lets a later layout live
@@ -34,9 +43,11 @@
 
 use serde::{Deserialize, Serialize};
 use volume_model::capacity::{CapacityPolicy, PoolUsage};
+use volume_model::fence::FenceReason;
 use volume_model::health::VolumeHealth;
 use volume_model::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
+use volume_model::volume_growth::{AutoExtend, FsUsage};
 
 pub const DEFAULT_ROOT: &str = "volumes/v1";
 
@@ -116,8 +127,25 @@ impl Layout {
         format!("{}/status/{host}/{volume}", self.root)
     }
 
+    pub fn unfence_prefix(&self, host: &HostId) -> String {
+        format!("{}/unfence/{host}/", self.root)
+    }
+
+    pub fn unfence(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/unfence/{host}/{volume}", self.root)
+    }
+
     pub fn sealed_key(&self, volume: &VolumeId) -> String {
         format!("{}/keys/{volume}", self.root)
+    }
+
+    /// Where a VM worker reports the filesystem usage its guest sees.
+    pub fn fs_usage(&self, host: &HostId, volume: &VolumeId) -> String {
+        format!("{}/usage/{host}/{volume}", self.root)
+    }
+
+    pub fn fs_usage_prefix(&self, host: &HostId) -> String {
+        format!("{}/usage/{host}/", self.root)
     }
 
     /// `(host, volume)` from a desired or status key; `None` for anything else.
@@ -189,6 +217,33 @@ pub struct VolumeSpec {
     /// The explicit destroy intent: only this makes volumed delete data.
     #[serde(default)]
     pub destroy: bool,
+    /// Grow by an increment at a usage threshold, up to a limit; none:
+    /// the volume grows only when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_extend: Option<AutoExtend>,
+}
+
+/// A filesystem's usage as the agent in a volume's guest reported it, at
+/// `<root>/usage/<host>/<volume>`. The VM worker writes it (a plain put);
+/// volumed's volume auto-extend prefers it over the thin LV's data% while
+/// it is younger than `[daemon] fs_usage_max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsUsageReport {
+    #[serde(flatten)]
+    pub usage: FsUsage,
+    /// Milliseconds since the Unix epoch when the guest measured it.
+    pub reported_ms: u64,
+}
+
+impl FsUsageReport {
+    pub fn new(usage: FsUsage, reported_ms: u64) -> FsUsageReport {
+        FsUsageReport { usage, reported_ms }
+    }
+
+    /// The report as the value to put at [`Layout::fs_usage`].
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("usage reports serialize")
+    }
 }
 
 /// Lifecycle as volumed reports it.
@@ -238,6 +293,20 @@ pub struct VolumeStatus {
     /// (The pool's health is in the host record: `pool.health`.)
     #[serde(default, skip_serializing_if = "is_healthy")]
     pub health: VolumeHealth,
+    /// Why the last auto-extend step was refused (e.g. no headroom on the
+    /// host); left out while none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_extend_refused: Option<String>,
+    /// Why volumed fenced the volume (its I/O waits); absent when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
+}
+
+/// An operator's request to lift a volume's fence (`volctl unfence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnfenceRequest {
+    pub id: VolumeId,
+    pub requested_ms: u64,
 }
 
 fn is_healthy(health: &VolumeHealth) -> bool {
@@ -276,6 +345,41 @@ mod tests {
         assert_eq!(layout.parse_host_ledger_key(&layout.host_info(&host)), None);
         assert!(layout.desired_prefix(&host).ends_with("/h1/"));
         assert_eq!(layout.parse_volume_key("volumes/v1/desired/h1/../x"), None);
+    }
+
+    #[test]
+    fn records_without_auto_extend_still_read_and_usage_reports_have_their_key() {
+        let old = r#"{"id":"vol_0123456789abcdef","name":"data","host":"h1","region":"ewr",
+            "zone":"ewr-a","size":1000000000,"encrypted":true,"created_ms":1}"#;
+        let spec: VolumeSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.auto_extend, None);
+        assert!(!serde_json::to_string(&spec)
+            .unwrap()
+            .contains("auto_extend"));
+        let layout = Layout::default();
+        let host = HostId::new("h1").unwrap();
+        assert_eq!(
+            layout.fs_usage(&host, &spec.id),
+            "volumes/v1/usage/h1/vol_0123456789abcdef"
+        );
+        assert!(layout
+            .fs_usage(&host, &spec.id)
+            .starts_with(&layout.fs_usage_prefix(&host)));
+        // Not under the desired prefix: the watch and the ledger check
+        // never mistake a report for a record.
+        assert!(!layout
+            .fs_usage(&host, &spec.id)
+            .starts_with(&layout.desired_root()));
+        let report =
+            FsUsageReport::new(FsUsage::new(Bytes(3), Bytes(4)).unwrap(), 1_700_000_000_000);
+        assert_eq!(
+            String::from_utf8(report.to_json()).unwrap(),
+            r#"{"used":3,"total":4,"reported_ms":1700000000000}"#
+        );
+        assert_eq!(
+            serde_json::from_slice::<FsUsageReport>(&report.to_json()).unwrap(),
+            report
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@ use std::fmt;
 pub enum PoolHealth {
     #[default]
     Healthy,
+    /// Free data is in the fencing reserve ([`crate::fence`]) with the VG
+    /// full, or volumes are fenced: the pool takes writes, but the rest is
+    /// kept for the volumes that did not fill it. Set by volumed, not LVM.
+    InReserve,
     /// The metadata superblock has `needs_check` set: the pool must be taken
     /// offline for `thin_check`/`lvconvert --repair`.
     NeedsCheck,
@@ -29,8 +33,9 @@ pub enum PoolHealth {
 }
 
 impl PoolHealth {
-    pub const ALL: [PoolHealth; 6] = [
+    pub const ALL: [PoolHealth; 7] = [
         PoolHealth::Healthy,
+        PoolHealth::InReserve,
         PoolHealth::NeedsCheck,
         PoolHealth::OutOfData,
         PoolHealth::MetadataReadOnly,
@@ -48,6 +53,7 @@ impl PoolHealth {
     pub fn as_str(self) -> &'static str {
         match self {
             PoolHealth::Healthy => "healthy",
+            PoolHealth::InReserve => "in_reserve",
             PoolHealth::NeedsCheck => "needs_check",
             PoolHealth::OutOfData => "out_of_data",
             PoolHealth::MetadataReadOnly => "metadata_read_only",
@@ -60,6 +66,9 @@ impl PoolHealth {
     pub fn reason(self) -> &'static str {
         match self {
             PoolHealth::Healthy => "pool healthy",
+            PoolHealth::InReserve => {
+                "pool data in its fencing reserve with the VG full (volumes that filled it are fenced)"
+            }
             PoolHealth::NeedsCheck => "pool metadata needs a check (thin_check) before full use",
             PoolHealth::OutOfData => "pool out of data space",
             PoolHealth::MetadataReadOnly => "pool metadata read-only",
@@ -71,11 +80,12 @@ impl PoolHealth {
     fn severity(self) -> u8 {
         match self {
             PoolHealth::Healthy => 0,
-            PoolHealth::NeedsCheck => 1,
-            PoolHealth::OutOfData => 2,
-            PoolHealth::MetadataReadOnly => 3,
-            PoolHealth::Unknown => 4,
-            PoolHealth::Failed => 5,
+            PoolHealth::InReserve => 1,
+            PoolHealth::NeedsCheck => 2,
+            PoolHealth::OutOfData => 3,
+            PoolHealth::MetadataReadOnly => 4,
+            PoolHealth::Unknown => 5,
+            PoolHealth::Failed => 6,
         }
     }
 

@@ -7,12 +7,14 @@
 //! it: [`keys`] (key custody), [`crypt`] (LUKS2 via libcryptsetup), [`fs`]
 //! (ext4), [`jail`] (device nodes in jails), [`cmd`] (the one place external
 //! programs run), [`pool_watch`] (pool auto-extend on device-mapper events),
+//! [`fence`] (suspending the volumes that fill a pool that cannot grow),
 //! and [`host`], the [`host::VolumeHost`] API the VM worker
 //! links.
 
 pub mod backend;
 pub mod cmd;
 pub mod crypt;
+pub mod fence;
 pub mod fs;
 pub mod host;
 pub mod jail;
@@ -20,4 +22,5 @@ pub mod keys;
 mod locked;
 pub mod pool_watch;
 
-pub use volume_model::{actions, capacity, health, names, pool_growth, units};
+pub use volume_model::fence as fence_model;
+pub use volume_model::{actions, capacity, health, names, pool_growth, units, volume_growth};

@@ -9,6 +9,7 @@
 //! reads the pool once and grows what [`PoolGrowthPolicy::plan`] asks for.
 
 use crate::backend::{BackendError, ThinBackend};
+use crate::fence::PoolRoom;
 use crate::pool_growth::{PoolGrowth, PoolGrowthPolicy, PoolPart};
 use devicemapper::DM;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -107,6 +108,9 @@ pub struct AutoExtender {
     policy: PoolGrowthPolicy,
     /// Parts whose last growth found the VG full: logged once, not per tick.
     vg_full: BTreeSet<PoolPart>,
+    /// Where each pool reading says whether the data can still grow (read
+    /// by the fencer, [`crate::fence`]).
+    room: Option<Arc<PoolRoom>>,
 }
 
 /// At most this many growths back to back before waiting again: a step
@@ -119,7 +123,15 @@ impl AutoExtender {
             backend,
             policy,
             vg_full: BTreeSet::new(),
+            room: None,
         }
+    }
+
+    /// Reports after each pool reading whether its data can grow: auto-extend
+    /// on and at least one extent free in the VG.
+    pub fn with_room(mut self, room: Arc<PoolRoom>) -> AutoExtender {
+        self.room = Some(room);
+        self
     }
 
     /// Reads the pool and grows each part past its threshold, again until
@@ -129,6 +141,11 @@ impl AutoExtender {
         let mut done = Vec::new();
         for _ in 0..MAX_STEPS_PER_WAKE {
             let status = self.backend.pool_status()?;
+            if let Some(room) = &self.room {
+                let can_grow =
+                    self.policy.data.enabled() && status.vg_free >= status.extent_size.bytes();
+                room.set(can_grow);
+            }
             let plan: Vec<_> = self
                 .policy
                 .plan(&status.usage)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use volume_core::backend::ThinBackend;
+use volume_core::fence::PoolRoom;
 use volume_core::pool_growth::PoolGrowthPolicy;
 use volume_core::pool_watch::{AutoExtender, DmEvents, PoolEvents, TimerOnly};
 
@@ -23,6 +24,7 @@ pub fn spawn(
     policy: PoolGrowthPolicy,
     interval: Duration,
     timer_only: bool,
+    room: Arc<PoolRoom>,
 ) -> std::io::Result<AutoExtendThread> {
     let stop = Arc::new(AtomicBool::new(false));
     let events: Box<dyn PoolEvents> = if timer_only {
@@ -43,7 +45,11 @@ pub fn spawn(
             .stack_size(crate::memory::THREAD_STACK)
             .spawn(move || {
                 let mut events = events;
-                AutoExtender::new(backend, policy).run(events.as_mut(), interval, &stop);
+                AutoExtender::new(backend, policy).with_room(room).run(
+                    events.as_mut(),
+                    interval,
+                    &stop,
+                );
             })?
     };
     Ok(AutoExtendThread {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use volume_control::layout::{Layout, DEFAULT_ROOT};
 use volume_core::capacity::CapacityPolicy;
 use volume_core::crypt::CryptOptions;
+use volume_core::fence_model::FencePolicy;
 use volume_core::names::{HostId, LvName, Region, VgName, Zone};
 use volume_core::pool_growth::{GrowthRule, PoolGrowthPolicy, PoolPart};
 use volume_core::units::{Bytes, OvercommitRatio, Percent};
@@ -209,6 +210,12 @@ pub struct PoolSettings {
     /// Longest time between two pool checks when no device-mapper event comes, e.g. 2s.
     #[arg(long, env = "VOLUMED_AUTOEXTEND_INTERVAL", global = true)]
     pub autoextend_interval: Option<String>,
+    /// Keep this share of pool data for the volumes that did not fill it, in percent (0-50; 0: no fencing): once free data falls into it and the pool cannot grow, the volumes whose allocation grew are fenced.
+    #[arg(long, env = "VOLUMED_RESERVE_PERCENT", global = true)]
+    pub reserve_percent: Option<u32>,
+    /// Longest time between two fencing checks when no device-mapper event comes, e.g. 200ms.
+    #[arg(long, env = "VOLUMED_FENCE_INTERVAL", global = true)]
+    pub fence_interval: Option<String>,
 }
 
 /// `[keys]`: where volume keys live.
@@ -312,6 +319,12 @@ pub struct DaemonSettings {
     /// How old the cached pool report may get before a heartbeat reads LVM again, e.g. 60s.
     #[arg(long, env = "VOLUMED_POOL_REFRESH_INTERVAL", global = true)]
     pub pool_refresh_interval: Option<String>,
+    /// How often volumes with auto-extend are checked against their threshold, e.g. 5s.
+    #[arg(long, env = "VOLUMED_VOLUME_AUTOEXTEND_INTERVAL", global = true)]
+    pub volume_autoextend_interval: Option<String>,
+    /// How long a filesystem usage report from a guest counts, e.g. 60s; older ones fall back to the thin LV's data%.
+    #[arg(long, env = "VOLUMED_FS_USAGE_MAX_AGE", global = true)]
+    pub fs_usage_max_age: Option<String>,
     /// Volume operations run at once (different volumes only).
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
@@ -370,12 +383,20 @@ pub struct Config {
     pub growth: PoolGrowthPolicy,
     /// Longest time between two auto-extend checks without an event.
     pub autoextend_interval: Duration,
+    /// The fencing reserve (`pool.reserve_percent`).
+    pub fence: FencePolicy,
+    /// Longest time between two fencing checks without an event.
+    pub fence_interval: Duration,
     pub keys: KeyStoreConfig,
     pub crypt: CryptOptions,
     pub jails: Option<JailConfig>,
     pub listen: Option<SocketAddr>,
     pub heartbeat_interval: Duration,
     pub pool_refresh_interval: Duration,
+    /// How often volumes with auto-extend are checked.
+    pub volume_autoextend_interval: Duration,
+    /// Filesystem usage reports older than this no longer count.
+    pub fs_usage_max_age: Duration,
     pub max_concurrent: usize,
     pub run_dir: PathBuf,
     #[cfg(feature = "testing")]
@@ -392,6 +413,12 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const DEFAULT_POOL_REFRESH: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_CONCURRENT: usize = 4;
 const DEFAULT_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_VOLUME_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_FS_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
+const DEFAULT_RESERVE_PERCENT: u32 = 10;
+/// A fencing check is a few device-mapper ioctls; a writer at 1 GB/s
+/// takes 200 MB between two of them, which the reserve must hold.
+const DEFAULT_FENCE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// One variant per way a configuration can be wrong; each names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -566,6 +593,32 @@ impl Config {
         if autoextend_interval.is_zero() {
             return Err(invalid("auto-extend interval", "0", "must be positive"));
         }
+        let reserve = s.pool.reserve_percent.unwrap_or(DEFAULT_RESERVE_PERCENT);
+        let fence = FencePolicy::new(Percent::from_whole(reserve.min(101)))
+            .map_err(|e| invalid("pool reserve percent", &reserve.to_string(), e))?;
+        let fence_interval = duration_setting(
+            "fence interval",
+            s.pool.fence_interval,
+            DEFAULT_FENCE_INTERVAL,
+        )?;
+        // Fenced volumes go once free data is above twice the reserve; a
+        // pool grown only to just under its auto-extend threshold must get
+        // there, or a fence would outlast the growth.
+        let grown_free = 100 - growth.data.threshold.hundredths() / 100;
+        if growth.data.enabled() && fence.enabled() && reserve * 2 >= grown_free {
+            return Err(invalid(
+                "pool reserve percent",
+                &reserve.to_string(),
+                format!(
+                    "twice the reserve must be below the {grown_free} % a grown pool has free \
+                     (auto-extend threshold {}); lower the reserve or the threshold",
+                    growth.data.threshold
+                ),
+            ));
+        }
+        if fence_interval.is_zero() {
+            return Err(invalid("fence interval", "0", "must be positive"));
+        }
 
         let store = s.keys.store.unwrap_or_else(|| "local".to_owned());
         let keys = match store.as_str() {
@@ -660,6 +713,23 @@ impl Config {
             s.daemon.pool_refresh_interval,
             DEFAULT_POOL_REFRESH,
         )?;
+        let volume_autoextend_interval = duration_setting(
+            "volume auto-extend interval",
+            s.daemon.volume_autoextend_interval,
+            DEFAULT_VOLUME_AUTOEXTEND_INTERVAL,
+        )?;
+        if volume_autoextend_interval.is_zero() {
+            return Err(invalid(
+                "volume auto-extend interval",
+                "0",
+                "must be positive",
+            ));
+        }
+        let fs_usage_max_age = duration_setting(
+            "filesystem usage max age",
+            s.daemon.fs_usage_max_age,
+            DEFAULT_FS_USAGE_MAX_AGE,
+        )?;
         let max_concurrent = s.daemon.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if max_concurrent == 0 {
             return Err(invalid("max concurrent", "0", "must be at least 1"));
@@ -682,12 +752,16 @@ impl Config {
             policy,
             growth,
             autoextend_interval,
+            fence,
+            fence_interval,
             keys,
             crypt,
             jails,
             listen,
             heartbeat_interval,
             pool_refresh_interval,
+            volume_autoextend_interval,
+            fs_usage_max_age,
             max_concurrent,
             run_dir: s
                 .daemon
@@ -867,6 +941,25 @@ mod tests {
                 .starts_with("auto-extend threshold \"30.00%\" is invalid: metadata"),
             "{err}"
         );
+        let err = Config::merge(&options(&["--reserve-percent", "60"]), file(FILE)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool reserve percent \"60\" is invalid: pool reserve 60.00%: must be 0–50 % of the pool's data (0 turns fencing off)"
+        );
+        let err = Config::merge(&options(&["--reserve-percent", "15"]), file(FILE)).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "pool reserve percent \"15\" is invalid: twice the reserve must be below the 30 %"
+            ),
+            "{err}"
+        );
+        let config = Config::merge(
+            &options(&["--reserve-percent", "5", "--fence-interval", "100ms"]),
+            file(FILE),
+        )
+        .unwrap();
+        assert_eq!(config.fence.reserve, Percent::from_whole(5));
+        assert_eq!(config.fence_interval, Duration::from_millis(100));
         let err = Config::merge(&options(&["--autoextend-percent", "0"]), file(FILE)).unwrap_err();
         assert!(err.to_string().contains("auto-extend percent"), "{err}");
     }

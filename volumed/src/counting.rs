@@ -5,7 +5,9 @@ use crate::metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
-use volume_core::backend::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
+use volume_core::backend::{
+    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinPoolSpec, ThinVolume,
+};
 use volume_core::names::LvName;
 use volume_core::pool_growth::{PoolGrowth, PoolPart};
 use volume_core::units::Bytes;
@@ -74,5 +76,10 @@ impl ThinBackend for CountingBackend {
     fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.grow_pool(part, by)
+    }
+
+    /// Not counted: on LVM it reads device-mapper, not LVM.
+    fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
+        self.inner.thin_allocations(lvs)
     }
 }

@@ -17,6 +17,7 @@ use crate::kv::{self, Guard, WriterCmd, WriterHandle};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::plan::{self, Desired, DesiredSet, Work};
+use crate::volume_autoextend::{self, CheckReport, Tracker, Watched};
 use crate::worker::{self, Ctx, Event, Failure, Job, Outcome, Retry};
 use consul_kv::client::{WatchOptions, WatchUpdate};
 use consul_kv::ConsulKv;
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use volume_control::layout::{HostRecord, VolumeState, VolumeStatus};
 use volume_core::backend::PoolStatus;
+use volume_core::fence::Fences;
 use volume_core::health::PoolHealth;
 use volume_core::host::{self, VolumeHost};
 use volume_core::names::VolumeId;
@@ -48,6 +50,9 @@ pub struct Controls {
     pub shutdown: watch::Receiver<bool>,
     /// Each message re-lists the volumes and reconsiders every one.
     pub resync: mpsc::UnboundedReceiver<()>,
+    /// Each message says a volume was fenced or unfenced
+    /// ([`crate::fence`]): statuses and the host record are republished.
+    pub fence_changes: Option<mpsc::UnboundedReceiver<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +119,10 @@ struct Daemon {
     desired_index: u64,
     /// The watch blocks at an index the store no longer has: start it over.
     restart_watch: bool,
+    /// Volume auto-extend between checks.
+    volume_growth: Tracker,
+    growth_tx: mpsc::UnboundedSender<Result<CheckReport, String>>,
+    fences: Option<Arc<Fences>>,
 }
 
 /// Runs until `controls.shutdown` turns true; then waits for running jobs
@@ -157,7 +166,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let (pool_tx, mut pool_rx) = mpsc::unbounded_channel();
     let (list_tx, mut list_rx) = mpsc::unbounded_channel();
     let (ledger_tx, mut ledger_rx) = mpsc::unbounded_channel();
+    let (growth_tx, mut growth_rx) = mpsc::unbounded_channel();
     let owner = crate::instance::owner(&config.vg);
+    let volume_growth = Tracker::new(config.volume_autoextend_interval);
     let mut daemon = Daemon {
         jobs: Arc::new(Semaphore::new(config.max_concurrent)),
         config,
@@ -184,7 +195,21 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         ledger_drift: None,
         desired_index: 0,
         restart_watch: false,
+        volume_growth,
+        growth_tx,
+        fences: None,
     };
+    daemon.fences = daemon.ctx.host.fences().cloned();
+    let unfence_task = daemon.fences.clone().map(|fences| {
+        tokio::spawn(watch_unfence_requests(
+            kv.clone(),
+            daemon.config.layout.clone(),
+            daemon.config.host.clone(),
+            fences,
+            daemon.config.retry_max,
+        ))
+    });
+    let mut fence_changes = controls.fence_changes.take();
 
     // The volumes first: one report. A failed list is retried, never read
     // as "no volumes".
@@ -242,6 +267,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let mut ledger_check =
         tokio::time::interval(daemon.config.heartbeat_interval * LEDGER_CHECK_HEARTBEATS);
     ledger_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut volume_growth_check = tokio::time::interval(daemon.config.volume_autoextend_interval);
+    volume_growth_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watchdog_every = notify::watchdog_interval();
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut drain_deadline: Option<Instant> = None;
@@ -276,6 +303,7 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
                     }
                 }
             }
+            Some(()) = recv_opt(&mut fence_changes) => daemon.on_fence_change(),
             Some(()) = controls.resync.recv(), if !daemon.shutting_down => {
                 tracing::info!("resync: listing the volumes again");
                 daemon.writer.send(WriterCmd::Reseed);
@@ -284,6 +312,8 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
             _ = heartbeat.tick(), if !daemon.shutting_down => daemon.heartbeat(),
             _ = ledger_check.tick(), if !daemon.shutting_down => daemon.check_ledger(),
             Some(result) = ledger_rx.recv() => daemon.on_ledger(result),
+            _ = volume_growth_check.tick(), if !daemon.shutting_down => daemon.check_volume_growth(),
+            Some(result) = growth_rx.recv() => daemon.on_volume_growth(result),
             _ = watchdog.tick(), if watchdog_every.is_some() => notify::watchdog(),
             () = sleep_until_opt(retry_at), if retry_at.is_some() && !daemon.shutting_down => daemon.retry_due(),
             () = sleep_until_opt(refresh_due), if refresh_due.is_some() && !daemon.shutting_down => {
@@ -297,6 +327,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         }
     }
     watch_task.abort();
+    if let Some(task) = unfence_task {
+        task.abort();
+    }
     daemon.publish_host();
     if tokio::time::timeout(FINAL_FLUSH, daemon.writer.flush())
         .await
@@ -308,6 +341,56 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     let _ = tokio::time::timeout(FINAL_FLUSH, writer_task).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes `volctl unfence` requests from `<root>/unfence/<host>/`: each is
+/// handed to the fencer (lifted at its next check, a no-op for a volume
+/// that is not fenced) and deleted, guarded by its index so a newer
+/// request for the same volume stays.
+async fn watch_unfence_requests(
+    kv: ConsulKv,
+    layout: volume_control::layout::Layout,
+    host: volume_core::names::HostId,
+    fences: Arc<Fences>,
+    backoff_max: Duration,
+) {
+    let prefix = layout.unfence_prefix(&host);
+    let options = WatchOptions {
+        backoff_max,
+        ..WatchOptions::default()
+    };
+    let mut watch = kv.watch_prefix(prefix.clone(), options);
+    loop {
+        let update = match watch.next().await {
+            Ok(update) => update,
+            Err(error) => {
+                tracing::debug!(%error, "watching unfence requests failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for entry in update.entries {
+            let Some(id) = entry
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|rest| VolumeId::new(rest).ok())
+            else {
+                continue;
+            };
+            tracing::info!(volume = %id, "unfence requested");
+            fences.request_unfence(id);
+            if let Err(error) = kv.delete_cas(&entry.key, entry.modify_index).await {
+                tracing::warn!(key = %entry.key, %error, "could not delete a handled unfence request");
+            }
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -584,7 +667,13 @@ impl Daemon {
         }
     }
 
-    fn set_status(&mut self, id: &VolumeId, guard: Guard, status: Option<VolumeStatus>) {
+    fn set_status(&mut self, id: &VolumeId, guard: Guard, mut status: Option<VolumeStatus>) {
+        if let Some(status) = &mut status {
+            status.auto_extend_refused = self.volume_growth.refused.get(id).cloned();
+        }
+        if let (Some(status), Some(fences)) = (status.as_mut(), &self.fences) {
+            status.fenced = fences.reason(id);
+        }
         if let Some(volume) = self.volumes.get_mut(id) {
             volume.last_status = status.clone().map(|status| (guard, status));
         }
@@ -593,6 +682,22 @@ impl Daemon {
             guard,
             status,
         });
+    }
+
+    /// A fence went up or came down: every status says so again, and the
+    /// host record's pool health (`in_reserve` while contained) is re-read.
+    fn on_fence_change(&mut self) {
+        let ids: Vec<VolumeId> = self.volumes.keys().cloned().collect();
+        for id in ids {
+            let Some(volume) = self.volumes.get(&id) else {
+                continue;
+            };
+            if let Some((guard, status)) = volume.last_status.clone() {
+                self.set_status(&id, guard, Some(status));
+            }
+        }
+        self.pool_stale = true;
+        self.refresh_pool();
     }
 
     fn on_event(&mut self, event: Event) {
@@ -863,7 +968,12 @@ impl Daemon {
     }
 
     fn publish_host(&self) {
-        let record = HostRecord {
+        self.writer
+            .send(WriterCmd::Host(Box::new(self.host_record())));
+    }
+
+    fn host_record(&self) -> HostRecord {
+        HostRecord {
             id: self.config.host.clone(),
             region: self.config.region.clone(),
             zone: self.config.zone.clone(),
@@ -872,8 +982,88 @@ impl Daemon {
             heartbeat_ms: worker::now_ms(),
             orphans: self.orphans(),
             owner: Some(self.owner.clone()),
-        };
-        self.writer.send(WriterCmd::Host(Box::new(record)));
+        }
+    }
+
+    /// Starts a volume auto-extend check when a settled volume has
+    /// auto-extend (no LVM or KV call otherwise).
+    fn check_volume_growth(&mut self) {
+        if !self.have_desired || self.volume_growth.checking {
+            return;
+        }
+        let extent = self.extent();
+        let with_rule: Vec<VolumeId> = self
+            .volumes
+            .iter()
+            .filter(|(_, v)| {
+                v.desired
+                    .as_ref()
+                    .and_then(Desired::spec)
+                    .is_some_and(|spec| spec.auto_extend.is_some() && !spec.destroy)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in self.volume_growth.retain(&with_rule) {
+            self.consider(&id);
+        }
+        let now = Instant::now();
+        let watched: Vec<Watched> = with_rule
+            .iter()
+            .filter(|id| self.volume_growth.may_try(id, now))
+            .filter_map(|id| {
+                let volume = &self.volumes[id];
+                let Some(Desired::Valid { spec, index }) = &volume.desired else {
+                    return None;
+                };
+                let settled = !volume.running
+                    && volume.failure.is_none()
+                    && plan::decide(
+                        volume.desired.as_ref(),
+                        volume.observed.as_ref(),
+                        None,
+                        extent,
+                    ) == Work::Settled;
+                settled.then(|| Watched {
+                    spec: spec.clone(),
+                    desired_index: *index,
+                })
+            })
+            .collect();
+        if watched.is_empty() {
+            return;
+        }
+        self.volume_growth.checking = true;
+        let check = volume_autoextend::check(volume_autoextend::Check {
+            volume_host: self.ctx.host.clone(),
+            kv: self.ctx.kv.clone(),
+            layout: self.config.layout.clone(),
+            host: self.host_record(),
+            candidates: watched,
+            extent,
+            max_age: self.config.fs_usage_max_age,
+            metrics: self.metrics.clone(),
+        });
+        let tx = self.growth_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(check.await);
+        });
+    }
+
+    fn on_volume_growth(&mut self, result: Result<CheckReport, String>) {
+        self.volume_growth.checking = false;
+        match result {
+            Ok(report) => {
+                for id in self.volume_growth.apply(report, &self.metrics) {
+                    if !self.volumes.get(&id).is_some_and(|v| v.running) {
+                        self.consider(&id);
+                    }
+                }
+            }
+            Err(error) => {
+                self.metrics.error("volume_autoextend");
+                tracing::warn!(%error, "volume auto-extend check failed; trying again next interval");
+            }
+        }
     }
 }
 
@@ -904,6 +1094,15 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(setup: Setup) -> Running {
+        Running::spawn_with_fence_changes(setup, None)
+    }
+
+    /// [`Running::spawn`], woken by a fencing thread's changes
+    /// ([`crate::fence::spawn`]).
+    pub fn spawn_with_fence_changes(
+        setup: Setup,
+        fence_changes: Option<mpsc::UnboundedReceiver<()>>,
+    ) -> Running {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (resync, resync_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(
@@ -911,6 +1110,7 @@ impl Running {
             Controls {
                 shutdown: shutdown_rx,
                 resync: resync_rx,
+                fence_changes,
             },
         ));
         Running {

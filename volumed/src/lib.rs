@@ -8,6 +8,7 @@
 //! back, and serves `/metrics` and `/healthz`.
 //!
 //! * [`autoextend`]: the thread that grows the thin pool from VG free space.
+//! * [`fence`]: the thread that fences the volumes filling a pool that cannot grow.
 //! * [`config`]: TOML file, env and flags.
 //! * [`plan`]: the pure decisions (what a record means, what a volume needs).
 //! * [`daemon`]: the reconcile loop; [`worker`]: one volume's job.
@@ -16,11 +17,13 @@
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`instance`]: one daemon per volume group and per host id.
 //! * [`memory`]: thread stacks and malloc settings.
+//! * [`volume_autoextend`]: growing volumes at their usage threshold.
 
 pub mod autoextend;
 pub mod config;
 pub mod counting;
 pub mod daemon;
+pub mod fence;
 pub mod gc;
 pub mod http;
 pub mod instance;
@@ -31,4 +34,5 @@ pub mod notify;
 pub mod plan;
 pub mod sealed;
 pub mod setup;
+pub mod volume_autoextend;
 pub mod worker;

@@ -162,13 +162,31 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
     let timer_only = config.sim;
     #[cfg(not(feature = "testing"))]
     let timer_only = false;
+    let room = Arc::new(volume_core::fence::PoolRoom::default());
     let autoextend = volumed::autoextend::spawn(
         built.host.backend().clone(),
         config.growth,
         config.autoextend_interval,
         timer_only,
+        room.clone(),
     )
     .map_err(|e| format!("cannot start the pool auto-extend thread: {e}"))?;
+    let (fence_tx, fence_rx) = mpsc::unbounded_channel();
+    let fences = built
+        .host
+        .fences()
+        .cloned()
+        .ok_or("the volume host was built without fences")?;
+    let fencer =
+        volume_core::fence::Fencer::new(built.fence_devices.clone(), config.fence, room, fences);
+    let fencing = volumed::fence::spawn(
+        fencer,
+        config.fence_interval,
+        timer_only,
+        metrics.clone(),
+        fence_tx,
+    )
+    .map_err(|e| format!("cannot start the fencing thread: {e}"))?;
 
     let run = daemon::run(
         Setup {
@@ -181,10 +199,12 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
         Controls {
             shutdown: shutdown_rx,
             resync: resync_rx,
+            fence_changes: Some(fence_rx),
         },
     )
     .await;
     autoextend.stop();
+    fencing.stop();
     run?;
     signals.abort();
     if let Some(task) = http_task {

@@ -52,6 +52,21 @@ struct OperationLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -87,6 +102,11 @@ pub struct Metrics {
     lvm_calls: Counter,
     lvm_changes: Counter,
     ledger_repairs: Counter,
+    /// Volume auto-extend steps by outcome (`grown`, `refused`).
+    volume_autoextends: Family<OutcomeLabel, Counter>,
+    fenced_volumes: Gauge,
+    fences: Family<ReasonLabel, Counter>,
+    unfences: Family<CauseLabel, Counter>,
     /// Milliseconds since start of the reconcile loop's last turn (liveness).
     loop_alive_ms: AtomicU64,
 }
@@ -113,6 +133,10 @@ impl Default for Metrics {
             lvm_calls: Counter::default(),
             lvm_changes: Counter::default(),
             ledger_repairs: Counter::default(),
+            volume_autoextends: Family::default(),
+            fenced_volumes: Gauge::default(),
+            fences: Family::default(),
+            unfences: Family::default(),
             loop_alive_ms: AtomicU64::new(0),
         };
         // Every state and operation shows, at 0 until it happens.
@@ -213,6 +237,31 @@ impl Default for Metrics {
             "volumed_ledger_repairs",
             "Times the host's ledger disagreed with its desired records and was rewritten",
             metrics.ledger_repairs.clone(),
+        );
+        for outcome in ["grown", "refused"] {
+            let _ = metrics
+                .volume_autoextends
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        r.register(
+            "volumed_volume_autoextend",
+            "Volume auto-extend steps: grown (size and reservation recorded) or refused (no headroom)",
+            metrics.volume_autoextends.clone(),
+        );
+        r.register(
+            "volumed_fenced_volumes",
+            "Volumes fenced now (suspended while the pool is in its reserve)",
+            metrics.fenced_volumes.clone(),
+        );
+        r.register(
+            "volumed_fences",
+            "Volumes fenced, by reason",
+            metrics.fences.clone(),
+        );
+        r.register(
+            "volumed_unfences",
+            "Volumes unfenced, by cause",
+            metrics.unfences.clone(),
         );
         metrics
     }
@@ -330,7 +379,31 @@ impl Metrics {
         self.lvm_calls.get()
     }
 
+    /// One volume auto-extend step ended so (`grown` or `refused`).
+    pub fn volume_autoextend(&self, outcome: &'static str) {
+        self.volume_autoextends
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
     /// The ledger disagreed with the desired records and was corrected.
+    pub fn set_fenced(&self, count: usize) {
+        self.fenced_volumes
+            .set(gauge_value(u64::try_from(count).unwrap_or(u64::MAX)));
+    }
+
+    pub fn fenced_volumes(&self) -> u64 {
+        u64::try_from(self.fenced_volumes.get()).unwrap_or(0)
+    }
+
+    pub fn fenced(&self, reason: &'static str) {
+        self.fences.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn unfenced(&self, cause: &'static str) {
+        self.unfences.get_or_create(&CauseLabel { cause }).inc();
+    }
+
     pub fn ledger_repaired(&self) {
         self.ledger_repairs.inc();
     }

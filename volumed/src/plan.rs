@@ -107,6 +107,11 @@ fn check_spec(host: &HostId, id: &VolumeId, value: &[u8]) -> Result<VolumeSpec, 
     if spec.size == Bytes::ZERO {
         return Err("malformed desired record: size must be larger than 0".to_owned());
     }
+    if let Some(auto_extend) = &spec.auto_extend {
+        auto_extend
+            .check()
+            .map_err(|e| format!("malformed desired record: {e}"))?;
+    }
     Ok(spec)
 }
 
@@ -242,6 +247,9 @@ pub fn status(
             .filter(|jail| observed.is_some_and(|v| v.exposed.contains(jail)))
             .map(|jail| jail.full().display().to_string()),
         health: observed.map(|v| v.health).unwrap_or_default(),
+        // The daemon adds its own note (`Daemon::set_status`).
+        auto_extend_refused: None,
+        fenced: None,
     }
 }
 
@@ -275,6 +283,7 @@ mod tests {
             encrypted: true,
             created_ms: 1,
             destroy: false,
+            auto_extend: None,
         }
     }
 

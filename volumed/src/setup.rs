@@ -15,6 +15,7 @@ use volume_core::backend::lvm::LvmBackend;
 use volume_core::backend::sim::SimBackend;
 use volume_core::backend::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec};
 use volume_core::cmd::CmdError;
+use volume_core::fence::{DmFenceDevices, FenceDevices, Fences};
 #[cfg(feature = "testing")]
 use volume_core::host::sim::SimDevices;
 #[cfg(feature = "testing")]
@@ -104,6 +105,8 @@ pub fn pool_spec(config: &Config) -> Result<ThinPoolSpec, StartError> {
 pub struct Built {
     pub host: Arc<VolumeHost>,
     pub pool: PoolStatus,
+    /// What the fencing thread acts on (the host follows the same fences).
+    pub fence_devices: Arc<dyn FenceDevices>,
     /// The simulated backend, in `--sim` mode (benchmarks read its counts).
     #[cfg(feature = "testing")]
     pub sim: Option<Arc<SimBackend>>,
@@ -117,6 +120,10 @@ pub fn build(
     metrics: Arc<Metrics>,
 ) -> Result<Built, StartError> {
     let spec = pool_spec(config)?;
+    let dm_fence: Arc<dyn FenceDevices> = Arc::new(DmFenceDevices::new(
+        config.vg.as_str(),
+        config.pool.as_str(),
+    ));
     #[cfg(feature = "testing")]
     let (raw, devices, sim): (Arc<dyn ThinBackend>, Arc<dyn VolumeDevices>, _) = if config.sim {
         let sim = Arc::new(SimBackend::new(spec));
@@ -126,6 +133,13 @@ pub fn build(
         let (lvm, devices) = real_backend(spec, config)?;
         (lvm, devices, None)
     };
+    #[cfg(feature = "testing")]
+    let fence_devices: Arc<dyn FenceDevices> = match &sim {
+        Some(sim) => Arc::new(volume_core::fence::sim::SimFenceDevices::new(sim.clone())),
+        None => dm_fence,
+    };
+    #[cfg(not(feature = "testing"))]
+    let fence_devices = dm_fence;
     #[cfg(not(feature = "testing"))]
     let (raw, devices) = real_backend(spec, config)?;
     let backend: Arc<dyn ThinBackend> = Arc::new(CountingBackend::new(raw, metrics));
@@ -135,7 +149,8 @@ pub fn build(
     }
     let pool = pool.into_inner();
     tracing::info!(usage = %pool.usage, "thin pool ready");
-    let host = VolumeHost::new(backend, devices, keys, config.policy);
+    let host = VolumeHost::new(backend, devices, keys, config.policy)
+        .with_fences(Arc::new(Fences::default()));
     #[cfg(feature = "testing")]
     let host = match PauseAfterStep::from_env() {
         Some(pause) => host.with_faults(Arc::new(pause)),
@@ -144,6 +159,7 @@ pub fn build(
     Ok(Built {
         host: Arc::new(host),
         pool,
+        fence_devices,
         #[cfg(feature = "testing")]
         sim,
     })

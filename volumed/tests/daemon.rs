@@ -183,6 +183,7 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
         encrypted,
         created_ms: 1,
         destroy: false,
+        auto_extend: None,
     }
 }
 
@@ -1326,4 +1327,173 @@ async fn the_ledger_is_recomputed_from_the_desired_records() {
     );
     daemon.running.stop().await.unwrap();
     server.shutdown().await.unwrap();
+}
+
+/// Volume auto-extend on the simulator: data% past the threshold grows
+/// the volume by the increment, reserved on the ledger, up to the limit
+/// and no further; a guest's fresh filesystem report wins over data%; a
+/// refused step shows in the status, is logged once and is not retried
+/// in a hot loop, and the growth happens once the pool can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_auto_extend_at_their_threshold_within_the_ledger() {
+    use volume_control::layout::FsUsageReport;
+    use volume_core::units::{Percent, GB};
+    use volume_core::volume_growth::{AutoExtend, FsUsage};
+    let logs = captured_logs();
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&["--volume-autoextend-interval", "200ms"]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let rule = AutoExtend::new(
+        Percent::from_whole(80),
+        Bytes(GB),
+        Bytes(4 * GB),
+        Bytes(2 * GB),
+    )
+    .unwrap();
+    let mut filling = spec(Bytes(2 * GB), false);
+    filling.auto_extend = Some(rule);
+    let mut reported = spec(Bytes(2 * GB), false);
+    reported.auto_extend = Some(rule);
+    let quiet = spec(Bytes(2 * GB), false);
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: Bytes(6 * GB),
+            volumes: 3,
+        },
+    )
+    .await;
+    for volume in [&filling, &reported, &quiet] {
+        put_spec(&kv, volume).await;
+    }
+    for volume in [&filling, &reported, &quiet] {
+        wait_state(&kv, &volume.id, VolumeState::Ready).await;
+    }
+    let desired = |id: VolumeId| {
+        let kv = kv.clone();
+        async move {
+            let key = Layout::default().desired(&host_id(), &id);
+            let pair = kv.get(&key).await.unwrap().value.unwrap();
+            serde_json::from_slice::<VolumeSpec>(&pair.value).unwrap()
+        }
+    };
+
+    // data% past the threshold: one increment at a time, to the limit.
+    sim.sim
+        .simulate_write(&filling.id.lv_name(), Percent::from_whole(85))
+        .unwrap();
+    sim.sim
+        .simulate_write(&quiet.id.lv_name(), Percent::from_whole(99))
+        .unwrap();
+    wait_for("the volume to grow to its limit", || async {
+        let status = status(&kv, &filling.id).await?;
+        (status.state == VolumeState::Ready && status.size >= Bytes(4 * GB)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(desired(filling.id.clone()).await.size, Bytes(4 * GB));
+    assert_eq!(
+        ledger(&kv).await.0,
+        Ledger {
+            reserved: Bytes(8 * GB),
+            volumes: 3
+        }
+    );
+    let grew = log_lines_with(&logs, filling.id.as_str());
+    let steps: Vec<&String> = grew
+        .iter()
+        .filter(|line| line.contains("growth recorded"))
+        .collect();
+    assert_eq!(steps.len(), 2, "{grew:#?}");
+    assert!(steps[0].contains("source=allocated"), "{steps:?}");
+    // A volume without auto-extend never grows, however full.
+    assert_eq!(desired(quiet.id.clone()).await.size, Bytes(2 * GB));
+
+    // The guest says its filesystem is 90 % full while data% reads 10 %.
+    sim.sim
+        .simulate_write(&reported.id.lv_name(), Percent::from_whole(10))
+        .unwrap();
+    let report = FsUsageReport::new(
+        FsUsage::new(Bytes(1_800_000_000), Bytes(2 * GB)).unwrap(),
+        volumed::worker::now_ms(),
+    );
+    assert!(kv
+        .put(
+            &Layout::default().fs_usage(&host_id(), &reported.id),
+            &report.to_json()
+        )
+        .await
+        .unwrap());
+    wait_for("the reported volume to grow", || async {
+        let status = status(&kv, &reported.id).await?;
+        (status.size >= Bytes(3 * GB)).then_some(())
+    })
+    .await;
+    let lines = log_lines_with(&logs, reported.id.as_str());
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("growth recorded") && line.contains("source=filesystem")),
+        "{lines:#?}"
+    );
+    // Its filesystem has not grown with it: the report no longer counts,
+    // data% (10 %) does, so no second step.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(desired(reported.id.clone()).await.size, Bytes(3 * GB));
+
+    // No room: refused, shown, logged once, not retried every interval.
+    sim.sim.simulate_pool_health(PoolHealth::OutOfData);
+    let report = FsUsageReport::new(
+        FsUsage::new(Bytes(2_900_000_000), Bytes(3 * GB)).unwrap(),
+        volumed::worker::now_ms(),
+    );
+    kv.put(
+        &Layout::default().fs_usage(&host_id(), &reported.id),
+        &report.to_json(),
+    )
+    .await
+    .unwrap();
+    let refused = wait_for("the refusal in the status", || async {
+        status(&kv, &reported.id).await?.auto_extend_refused
+    })
+    .await;
+    assert!(refused.contains("pool health"), "{refused}");
+    let (result, out) = volctl(&kv, &["show", reported.id.as_str()]).await;
+    result.unwrap();
+    assert!(out.contains("auto-extend refused"), "{out}");
+    // 5 intervals: at most one retry (held off for 6).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = metrics.render();
+    assert!(
+        text.contains("volumed_volume_autoextend_total{outcome=\"refused\"} 1\n"),
+        "{text}"
+    );
+    let warned = log_lines_with(&logs, reported.id.as_str())
+        .into_iter()
+        .filter(|line| line.contains("volume auto-extend refused"))
+        .count();
+    assert_eq!(warned, 1);
+    assert_eq!(desired(reported.id.clone()).await.size, Bytes(3 * GB));
+
+    // Room again: the held-off step goes through and the note clears.
+    sim.sim.simulate_pool_health(PoolHealth::Healthy);
+    wait_for("the step after the refusal", || async {
+        let status = status(&kv, &reported.id).await?;
+        (status.size >= Bytes(4 * GB) && status.auto_extend_refused.is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(ledger(&kv).await.0.reserved, Bytes(10 * GB));
+    let text = metrics.render();
+    assert!(
+        text.contains("volumed_volume_autoextend_total{outcome=\"grown\"} 4\n"),
+        "{text}"
+    );
+    daemon.running.stop().await.unwrap();
 }

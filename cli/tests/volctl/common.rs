@@ -135,6 +135,8 @@ impl Store {
             updated_ms: now_ms(),
             node: None,
             health: Default::default(),
+            auto_extend_refused: None,
+            fenced: None,
         };
         let key = self.layout.status(&spec.host, &spec.id);
         self.kv

@@ -730,7 +730,7 @@ async fn destroy_asks_on_a_terminal() {
 /// 300 creates at once over 30 hosts with exactly 300 slots: every create
 /// is placed, no host takes more than its limit, and every ledger equals
 /// its desired records (the 1,000-over-100 run is `examples/bench_race`).
-/// Before placement spread concurrent creates over the near-best hosts,
+/// Before placement spread concurrent creates over the tied hosts,
 /// all of them raced for one ledger at a time and 221 of the 300 gave up
 /// after 16 conflicts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,4 +754,148 @@ async fn racing_creates_place_every_one_without_overcommit_or_lost_reservations(
         (300, 0, 0),
         "(placed, no room, gave up on contention): every create fits exactly"
     );
+}
+
+#[tokio::test]
+async fn auto_extend_is_set_at_create_changed_by_update_and_bad_input_changes_nothing() {
+    use volume_model::units::Percent;
+    let env = common::start().await;
+    env.publish(&host("h1", "ewr", "a", 10 * GB)).await;
+    let (result, stdout, _) = env
+        .run(&[
+            "create",
+            "data",
+            "--size",
+            "5",
+            "--region",
+            "ewr",
+            "--auto-extend-threshold",
+            "80",
+            "--auto-extend-increment",
+            "1",
+            "--auto-extend-limit",
+            "8",
+            "--detach",
+            "--json",
+        ])
+        .await;
+    result.unwrap();
+    let id = common::created_ids(&stdout)[0].to_string();
+    let rule = env
+        .spec(&id)
+        .await
+        .auto_extend
+        .expect("auto-extend recorded");
+    assert_eq!(
+        (rule.threshold, rule.increment, rule.limit),
+        (Percent::from_whole(80), Bytes(GB), Bytes(8 * GB))
+    );
+
+    // Partial or out-of-range settings: exit 2, naming the flag; nothing written.
+    let ledger_before = env.ledger("h1").await;
+    for (argv, names) in [
+        (
+            &[
+                "create",
+                "db",
+                "--size",
+                "5",
+                "--region",
+                "ewr",
+                "--auto-extend-threshold",
+                "80",
+            ][..],
+            "missing --auto-extend-increment, --auto-extend-limit",
+        ),
+        (
+            &[
+                "create",
+                "db",
+                "--size",
+                "5",
+                "--region",
+                "ewr",
+                "--auto-extend-threshold",
+                "80",
+                "--auto-extend-increment",
+                "1",
+                "--auto-extend-limit",
+                "5",
+            ],
+            "--auto-extend-limit: the limit 5 GB must be larger than the volume's size 5 GB",
+        ),
+        (
+            &["update", &id, "--auto-extend-limit", "9"],
+            "missing --auto-extend-threshold, --auto-extend-increment",
+        ),
+        (
+            &[
+                "update",
+                &id,
+                "--auto-extend-threshold",
+                "60",
+                "--auto-extend-increment",
+                "2",
+                "--auto-extend-limit",
+                "4",
+            ],
+            "--auto-extend-limit: the limit 4 GB must be larger than the volume's size 5 GB",
+        ),
+        (&["update", &id], "nothing to update"),
+    ] {
+        let (result, _, _) = env.run(argv).await;
+        let error = result.unwrap_err();
+        assert_eq!(error.exit_code(), exit::USAGE, "{argv:?}: {error}");
+        assert!(error.to_string().contains(names), "{argv:?}: {error}");
+    }
+    assert_eq!(env.specs().await.len(), 1);
+    assert_eq!(env.spec(&id).await.auto_extend, Some(rule));
+    assert_eq!(env.ledger("h1").await, ledger_before);
+
+    // Update: new settings with one cas; the same again writes nothing.
+    let argv = [
+        "update",
+        &id,
+        "--auto-extend-threshold",
+        "60",
+        "--auto-extend-increment",
+        "2",
+        "--auto-extend-limit",
+        "20",
+        "--json",
+    ];
+    let (result, stdout, _) = env.run(&argv).await;
+    result.unwrap();
+    let view: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(view["auto_extend"]["threshold"], 6000);
+    let key = env
+        .layout
+        .desired(&HostId::new("h1").unwrap(), &env.spec(&id).await.id);
+    let index = env.kv.get(&key).await.unwrap().value.unwrap().modify_index;
+    let (result, _, _) = env.run(&argv).await;
+    result.unwrap();
+    assert_eq!(
+        env.kv.get(&key).await.unwrap().value.unwrap().modify_index,
+        index,
+        "an update that changes nothing writes nothing"
+    );
+    let spec = env.spec(&id).await;
+    assert_eq!(spec.auto_extend.unwrap().limit, Bytes(20 * GB));
+    assert_eq!(spec.size, Bytes(5 * GB));
+
+    // Off again; `show` says so.
+    let (result, stdout, _) = env.run(&["update", &id, "--no-auto-extend"]).await;
+    result.unwrap();
+    assert!(stdout.contains("auto-extend: off"), "{stdout}");
+    assert_eq!(env.spec(&id).await.auto_extend, None);
+    let (result, stdout, _) = env.run(&["show", &id]).await;
+    result.unwrap();
+    assert!(stdout.contains("auto-extend  off"), "{stdout}");
+    assert_eq!(env.ledger("h1").await, ledger_before);
+
+    // An unknown volume is exit 5.
+    let (result, _, _) = env
+        .run(&["update", "vol_0000000000000000", "--no-auto-extend"])
+        .await;
+    assert_eq!(result.unwrap_err().exit_code(), exit::NOT_FOUND);
 }

@@ -102,6 +102,7 @@ pub async fn run(kv: &ConsulKv, race: Race) -> Outcome {
         require_unique_zone: false,
         pinned_host: None,
         id_from_caller: false,
+        auto_extend: None,
     };
     let started = Instant::now();
     let tasks: Vec<_> = (0..race.creates)

@@ -421,6 +421,7 @@ fn main() {
             encrypted: args.encrypted,
             created_ms: 1,
             destroy: false,
+            auto_extend: None,
         })
         .collect();
     kv.put(

@@ -74,6 +74,15 @@ pub struct ThinVolume {
     pub health: VolumeHealth,
 }
 
+/// How much of one thin LV the pool has allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinAllocation {
+    pub lv: LvName,
+    pub size: Bytes,
+    /// Share of `size` backed by pool data (LVM's data%).
+    pub allocated: Percent,
+}
+
 /// Pool state from one LVM report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStatus {
@@ -141,6 +150,8 @@ pub enum BackendError {
     },
     #[error(transparent)]
     Unit(#[from] UnitError),
+    #[error("device-mapper status of {device}: {reason}")]
+    DeviceMapper { device: String, reason: String },
 }
 
 fn lines_or_none(lines: &[String]) -> String {
@@ -190,4 +201,21 @@ pub trait ThinBackend: Send + Sync {
     /// or by what the VG has free if that is less. Not one extent free is
     /// [`PoolGrowth::VgFull`], not an error: the caller contains the pool.
     fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError>;
+
+    /// The allocated share of each of `lvs` that is active (others are
+    /// left out), as often as a caller likes: where the backend can, from
+    /// device-mapper's own counters, with no LVM command and no wait on
+    /// one. By default, from one listing.
+    fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
+        Ok(self
+            .list_thins()?
+            .into_iter()
+            .filter(|volume| volume.device.is_some() && lvs.contains(&volume.lv))
+            .map(|volume| ThinAllocation {
+                lv: volume.lv,
+                size: volume.virtual_size,
+                allocated: volume.data_percent,
+            })
+            .collect())
+    }
 }

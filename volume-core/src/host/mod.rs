@@ -88,7 +88,10 @@ use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
 use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
+use crate::fence::Fences;
+use crate::fence_model::FenceReason;
 use crate::fs::{FsError, GrowOutcome, Holders};
+use crate::health::PoolHealth;
 use crate::health::VolumeHealth;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
@@ -165,6 +168,8 @@ macro_rules! failed_at {
 pub enum HostError {
     #[error("volume {id}: no such volume")]
     NotFound { id: VolumeId },
+    #[error("volume {id} is fenced ({reason}); nothing changed: unfence it first")]
+    Fenced { id: VolumeId, reason: FenceReason },
     #[error("volume {id} exists with {field} {existing}, not the requested {requested}; nothing changed")]
     SpecMismatch {
         id: VolumeId,
@@ -382,6 +387,8 @@ pub struct VolumeHost {
     pool_lock: Mutex<()>,
     /// One lock per volume: operations on one volume run one at a time.
     volume_locks: Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>,
+    /// The fences in force, when a fencer runs ([`crate::fence`]).
+    fences: Option<Arc<Fences>>,
 }
 
 impl std::fmt::Debug for VolumeHost {
@@ -416,7 +423,45 @@ impl VolumeHost {
             faults: None,
             pool_lock: Mutex::new(()),
             volume_locks: Mutex::new(HashMap::new()),
+            fences: None,
         }
+    }
+
+    /// Follows the fences a fencer keeps: a fenced volume is not extended,
+    /// closed or deleted (each would touch its suspended device, or resume
+    /// it behind the fencer's back), and while the pool is contained no new
+    /// space is promised (its health reads `in_reserve`).
+    pub fn with_fences(mut self, fences: Arc<Fences>) -> VolumeHost {
+        self.fences = Some(fences);
+        self
+    }
+
+    /// The fences this host follows, if any.
+    pub fn fences(&self) -> Option<&Arc<Fences>> {
+        self.fences.as_ref()
+    }
+
+    fn refuse_if_fenced(&self, id: &VolumeId) -> Result<(), HostError> {
+        match self.fences.as_ref().and_then(|fences| fences.reason(id)) {
+            Some(reason) => Err(HostError::Fenced {
+                id: id.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The pool as the backend reads it, with the fences' containment.
+    fn read_pool(&self) -> Result<PoolStatus, HostError> {
+        let mut status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+        if self
+            .fences
+            .as_ref()
+            .is_some_and(|fences| fences.contained())
+        {
+            status.usage.health = status.usage.health.worst(PoolHealth::InReserve);
+        }
+        Ok(status)
     }
 
     /// Injects faults between steps (tests, on the simulator and the real
@@ -602,7 +647,7 @@ impl VolumeHost {
     }
 
     fn admit_new(&self, spec: &NewVolume) -> Result<(), HostError> {
-        let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+        let status = self.read_pool()?;
         let size = round_to_extents(&spec.id, spec.size, status.extent_size)?;
         status
             .usage
@@ -909,6 +954,7 @@ impl VolumeHost {
     pub fn delete(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let existing = self.find(id)?;
         self.teardown(id, existing, KeyFate::Destroy)
     }
@@ -927,6 +973,7 @@ impl VolumeHost {
     pub fn close(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let closed = self
             .devices
             .close_crypt(id)
@@ -1030,11 +1077,12 @@ impl VolumeHost {
     pub fn extend(&self, id: &VolumeId, size: Bytes) -> Result<ExtendOutcome, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
         let encryption = Self::encryption_of(id, &volume)?;
         let lv = {
             let _pool = lock(&self.pool_lock);
-            let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+            let status = self.read_pool()?;
             let target = round_to_extents(id, size, status.extent_size)?;
             if let Some(growth) = target.checked_sub(volume.virtual_size) {
                 if growth > Bytes::ZERO {
@@ -1093,6 +1141,6 @@ impl VolumeHost {
     }
 
     pub fn pool_status(&self) -> Result<PoolStatus, HostError> {
-        self.backend.pool_status().map_err(HostError::PoolStatus)
+        self.read_pool()
     }
 }

@@ -65,6 +65,7 @@ fn spec(host: &HostId, size: Bytes) -> VolumeSpec {
         encrypted: true,
         created_ms: 0,
         destroy: false,
+        auto_extend: None,
     }
 }
 

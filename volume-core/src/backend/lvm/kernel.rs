@@ -66,8 +66,40 @@ pub fn pool_health(vg: &str, pool: &str) -> Result<Option<PoolHealth>, String> {
     Ok(None)
 }
 
+/// A thin LV's `(mapped sectors, table length in sectors)` from its thin
+/// target's status line (`<nr mapped sectors> <highest mapped sector>`),
+/// read without flushing. `Ok(None)`: the device is not active.
+pub fn thin_mapped(vg: &str, lv: &str) -> Result<Option<(u64, u64)>, String> {
+    let dm = DM::new().map_err(|err| format!("device-mapper: {err}"))?;
+    let name = dm_name(vg, lv);
+    let dm_name = DmName::new(&name).map_err(|err| format!("{name}: {err}"))?;
+    let options = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
+    let Ok((_, lines)) = dm.table_status(&DevId::Name(dm_name), options) else {
+        return Ok(None);
+    };
+    match lines.as_slice() {
+        [(_, length, target, params)] if target == "thin" => parse_thin_mapped(params)
+            .map(|mapped| Some((mapped, *length)))
+            .ok_or_else(|| format!("thin status {params:?} of {name}")),
+        other => Err(format!("{name} is not one thin target: {other:?}")),
+    }
+}
+
+/// The mapped sectors of a thin status line; `None` for `Fail` or junk.
+fn parse_thin_mapped(params: &str) -> Option<u64> {
+    params.split_whitespace().next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thin_status_lines_give_the_mapped_sectors() {
+        assert_eq!(super::parse_thin_mapped("2048 4095"), Some(2048));
+        assert_eq!(super::parse_thin_mapped("0 -"), Some(0));
+        assert_eq!(super::parse_thin_mapped("Fail"), None);
+        assert_eq!(super::parse_thin_mapped(""), None);
+    }
+
     use super::*;
 
     // Lines in the kernel's documented shape
