@@ -13,10 +13,12 @@
 //!   so a sample that saw no growth (the first one) does not hide the next.
 //! * The reserve's first half is for every other volume: it is not
 //!   fenced for writing there. The floor is guarded once more.
-//! * Every fenced volume is let go once free data is back above twice the
-//!   reserve (the pool grew, or data was deleted and trimmed); the gap
-//!   keeps a fenced writer's queued data from pushing the pool straight
-//!   back into the reserve.
+//! * Every fenced volume is let go once the pool grew since the fence and
+//!   free data is above the reserve (a PV was added; the auto-extender
+//!   grows the pool again as the writer goes on), or once free data is
+//!   above twice the reserve (data was deleted and trimmed): that gap
+//!   keeps a fenced writer's queued data from pushing a pool that cannot
+//!   grow straight back into the reserve.
 
 use crate::names::VolumeId;
 use crate::units::{Bytes, Percent};
@@ -63,9 +65,15 @@ impl FencePolicy {
         }
     }
 
-    /// Whether fenced volumes may go: free data back above twice the reserve.
-    pub fn space_returned(&self, free: Percent) -> bool {
-        !self.enabled() || free.hundredths() > self.reserve.hundredths().saturating_mul(2)
+    /// Whether fenced volumes may go: free data above the reserve in a
+    /// pool that grew since the fence, else above twice the reserve.
+    pub fn space_returned(&self, free: Percent, pool_grew: bool) -> bool {
+        let needed = if pool_grew {
+            self.reserve.hundredths()
+        } else {
+            self.reserve.hundredths().saturating_mul(2)
+        };
+        !self.enabled() || free.hundredths() > needed
     }
 }
 
@@ -79,7 +87,7 @@ pub enum Zone {
     Floor,
 }
 
-/// Why volumed fenced a volume (suspended its top device, so its I/O waits).
+/// Why volumed fenced a volume (suspended its thin LV, so its I/O waits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FenceReason {
@@ -128,7 +136,7 @@ impl fmt::Display for FenceReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnfenceCause {
-    /// Free pool data is back above twice the reserve.
+    /// The pool grew, or free data is back above twice the reserve.
     SpaceReturned,
     /// An operator asked (`volctl unfence`).
     Requested,
@@ -171,20 +179,34 @@ pub struct FenceDecision {
 /// growth in the window (1/10).
 const GROWER_SHARE_DIVISOR: u64 = 10;
 
-/// Decides from `previous` (the last sample, if any) and `current`.
-/// `entered` is the zone the pool was last taken to be in, `can_grow`
-/// whether the VG has room to grow the pool, `fenced` the volumes fenced now.
+/// What the pool looks like to one decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// The zone the pool was last taken to be in.
+    pub entered: Zone,
+    /// Whether the VG has room to grow the pool.
+    pub can_grow: bool,
+    /// Whether the pool's data grew since the first fence in force.
+    pub grew_since_fence: bool,
+}
+
+/// Decides from `previous` (the last sample, if any) and `current`, with
+/// `fenced` the volumes fenced now.
 pub fn decide(
     policy: &FencePolicy,
     previous: Option<&FenceSample>,
     current: &FenceSample,
-    entered: Zone,
-    can_grow: bool,
+    pool: PoolState,
     fenced: &BTreeMap<VolumeId, FenceReason>,
 ) -> FenceDecision {
+    let PoolState {
+        entered,
+        can_grow,
+        grew_since_fence,
+    } = pool;
     let free = current.free_percent();
     let zone = policy.zone(free);
-    if policy.space_returned(free) {
+    if policy.space_returned(free, grew_since_fence) {
         return FenceDecision {
             unfence: fenced
                 .keys()
@@ -242,6 +264,14 @@ mod tests {
     use super::*;
     use crate::units::MIB;
 
+    fn st(entered: Zone, can_grow: bool) -> PoolState {
+        PoolState {
+            entered,
+            can_grow,
+            grew_since_fence: false,
+        }
+    }
+
     fn policy() -> FencePolicy {
         FencePolicy::new(Percent::from_whole(10)).unwrap()
     }
@@ -269,8 +299,10 @@ mod tests {
         assert_eq!(p.zone(Percent::from_whole(10)), Zone::Reserve);
         assert_eq!(p.zone(Percent::from_hundredths(501)), Zone::Reserve);
         assert_eq!(p.zone(Percent::from_whole(5)), Zone::Floor);
-        assert!(!p.space_returned(Percent::from_whole(20)));
-        assert!(p.space_returned(Percent::from_hundredths(2001)));
+        assert!(!p.space_returned(Percent::from_whole(20), false));
+        assert!(p.space_returned(Percent::from_hundredths(2001), false));
+        assert!(!p.space_returned(Percent::from_whole(10), true));
+        assert!(p.space_returned(Percent::from_hundredths(1001), true));
         let off = FencePolicy::default();
         assert_eq!(off.zone(Percent::ZERO), Zone::Clear);
     }
@@ -288,11 +320,17 @@ mod tests {
         let none = BTreeMap::new();
         // 85 % used: clear; nothing happens.
         let before = sample(85, 60, 20);
-        let d = decide(&policy(), None, &before, Zone::Clear, false, &none);
+        let d = decide(&policy(), None, &before, st(Zone::Clear, false), &none);
         assert_eq!(d, FenceDecision::default());
         // 92 % used: the filler grew 7 MiB, the other nothing.
         let now = sample(92, 67, 20);
-        let d = decide(&policy(), Some(&before), &now, Zone::Clear, false, &none);
+        let d = decide(
+            &policy(),
+            Some(&before),
+            &now,
+            st(Zone::Clear, false),
+            &none,
+        );
         assert_eq!(d.zone, Zone::Reserve);
         assert_eq!(d.fence.len(), 1);
         assert_eq!(d.fence[0].0, filler);
@@ -307,7 +345,13 @@ mod tests {
         // Inside the reserve the other volume writes on, unfenced.
         let fenced: BTreeMap<_, _> = d.fence.into_iter().collect();
         let later = sample(94, 67, 22);
-        let d = decide(&policy(), Some(&now), &later, Zone::Reserve, false, &fenced);
+        let d = decide(
+            &policy(),
+            Some(&now),
+            &later,
+            st(Zone::Reserve, false),
+            &fenced,
+        );
         assert!(d.fence.is_empty() && d.unfence.is_empty());
         // At the floor it is fenced too.
         let floor = sample(96, 67, 24);
@@ -315,8 +359,7 @@ mod tests {
             &policy(),
             Some(&later),
             &floor,
-            Zone::Reserve,
-            false,
+            st(Zone::Reserve, false),
             &fenced,
         );
         assert_eq!(d.zone, Zone::Floor);
@@ -330,8 +373,7 @@ mod tests {
             &policy(),
             Some(&sample(80, 50, 20)),
             &sample(91, 60, 20),
-            Zone::Clear,
-            false,
+            st(Zone::Clear, false),
             &BTreeMap::new(),
         );
         assert_eq!(d.fence.len(), 1);
@@ -344,8 +386,7 @@ mod tests {
             &policy(),
             Some(&before),
             &now,
-            Zone::Clear,
-            false,
+            st(Zone::Clear, false),
             &BTreeMap::new(),
         );
         assert_eq!(d.fence.iter().map(|f| &f.0).collect::<Vec<_>>(), [&filler]);
@@ -358,8 +399,7 @@ mod tests {
             &policy(),
             Some(&sample(85, 60, 20)),
             &sample(92, 67, 20),
-            Zone::Clear,
-            true,
+            st(Zone::Clear, true),
             &none,
         );
         assert!(d.fence.is_empty());
@@ -370,8 +410,7 @@ mod tests {
             &policy(),
             None,
             &sample(92, 67, 20),
-            Zone::Clear,
-            false,
+            st(Zone::Clear, false),
             &none,
         );
         assert!(d.fence.is_empty());
@@ -380,8 +419,7 @@ mod tests {
             &policy(),
             Some(&sample(92, 67, 20)),
             &sample(93, 68, 20),
-            Zone::Clear,
-            false,
+            st(Zone::Clear, false),
             &none,
         );
         assert_eq!(d.fence.len(), 1);
@@ -395,8 +433,7 @@ mod tests {
             &policy(),
             None,
             &sample(85, 60, 20),
-            Zone::Reserve,
-            false,
+            st(Zone::Reserve, false),
             &fenced,
         );
         assert!(
@@ -408,10 +445,20 @@ mod tests {
             &policy(),
             None,
             &sample(79, 60, 19),
-            Zone::Clear,
-            false,
+            st(Zone::Clear, false),
             &fenced,
         );
+        assert_eq!(
+            d.unfence,
+            vec![(filler.clone(), UnfenceCause::SpaceReturned)]
+        );
+        // A pool that grew since the fence only needs free data above the
+        // reserve (the auto-extender keeps growing it as the writer goes on).
+        let grown = PoolState {
+            grew_since_fence: true,
+            ..st(Zone::Reserve, true)
+        };
+        let d = decide(&policy(), None, &sample(85, 60, 20), grown, &fenced);
         assert_eq!(d.unfence, vec![(filler, UnfenceCause::SpaceReturned)]);
     }
 

@@ -29,7 +29,7 @@
 
 use crate::backend::lvm::kernel::dm_name;
 use crate::fence_model::{
-    self, FenceDecision, FencePolicy, FenceReason, FenceSample, UnfenceCause, Zone,
+    self, FenceDecision, FencePolicy, FenceReason, FenceSample, PoolState, UnfenceCause, Zone,
 };
 use crate::names::{LvName, VolumeId};
 use crate::units::{Bytes, SECTOR_SIZE};
@@ -151,11 +151,10 @@ impl DmFenceDevices {
     }
 }
 
-fn status_of(
-    dm: &DM,
-    device: &str,
-    table: bool,
-) -> Result<(DmFlags, Vec<(u64, u64, String, String)>), FenceError> {
+/// One target line of a status or table: start, length, type, parameters.
+type TargetLine = (u64, u64, String, String);
+
+fn status_of(dm: &DM, device: &str, table: bool) -> Result<(DmFlags, Vec<TargetLine>), FenceError> {
     let failed = |reason: String| FenceError::Status {
         device: device.to_owned(),
         reason,
@@ -339,6 +338,8 @@ pub struct Fencer {
     fences: Arc<Fences>,
     previous: Option<FenceSample>,
     zone: Zone,
+    /// The pool's data size when the fences in force began.
+    fenced_size: Option<Bytes>,
 }
 
 impl Fencer {
@@ -355,6 +356,7 @@ impl Fencer {
             fences,
             previous: None,
             zone: Zone::Clear,
+            fenced_size: None,
         }
     }
 
@@ -377,6 +379,7 @@ impl Fencer {
             }
         }
         if !found.suspended.is_empty() {
+            self.fenced_size = Some(found.sample.data_size);
             // They were fenced for a worse zone than clear.
             self.zone = self
                 .policy
@@ -413,14 +416,20 @@ impl Fencer {
             &self.policy,
             self.previous.as_ref(),
             &current.sample,
-            self.zone,
-            can_grow,
+            PoolState {
+                entered,
+                can_grow,
+                grew_since_fence: self
+                    .fenced_size
+                    .is_some_and(|size| current.sample.data_size > size),
+            },
             &fenced,
         );
         self.zone = zone;
         for (id, reason) in fence {
             match self.devices.suspend(&id) {
                 Ok(()) => {
+                    self.fenced_size.get_or_insert(current.sample.data_size);
                     self.fences.lock().fenced.insert(id.clone(), reason);
                     changes.push(FenceChange {
                         id,
@@ -439,6 +448,9 @@ impl Fencer {
             if let Some(change) = self.release(&id, cause, started)? {
                 changes.push(change);
             }
+        }
+        if self.fences.lock().fenced.is_empty() {
+            self.fenced_size = None;
         }
         let zone_now = self.policy.zone(current.sample.free_percent());
         self.fences.lock().in_reserve = !can_grow && zone_now > Zone::Clear;

@@ -601,21 +601,6 @@ impl Config {
             s.pool.fence_interval,
             DEFAULT_FENCE_INTERVAL,
         )?;
-        // Fenced volumes go once free data is above twice the reserve; a
-        // pool grown only to just under its auto-extend threshold must get
-        // there, or a fence would outlast the growth.
-        let grown_free = 100 - growth.data.threshold.hundredths() / 100;
-        if growth.data.enabled() && fence.enabled() && reserve * 2 >= grown_free {
-            return Err(invalid(
-                "pool reserve percent",
-                &reserve.to_string(),
-                format!(
-                    "twice the reserve must be below the {grown_free} % a grown pool has free \
-                     (auto-extend threshold {}); lower the reserve or the threshold",
-                    growth.data.threshold
-                ),
-            ));
-        }
         if fence_interval.is_zero() {
             return Err(invalid("fence interval", "0", "must be positive"));
         }
@@ -945,13 +930,6 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "pool reserve percent \"60\" is invalid: pool reserve 60.00%: must be 0–50 % of the pool's data (0 turns fencing off)"
-        );
-        let err = Config::merge(&options(&["--reserve-percent", "15"]), file(FILE)).unwrap_err();
-        assert!(
-            err.to_string().starts_with(
-                "pool reserve percent \"15\" is invalid: twice the reserve must be below the 30 %"
-            ),
-            "{err}"
         );
         let config = Config::merge(
             &options(&["--reserve-percent", "5", "--fence-interval", "100ms"]),

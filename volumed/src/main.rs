@@ -177,8 +177,16 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
         .fences()
         .cloned()
         .ok_or("the volume host was built without fences")?;
-    let fencer =
+    let mut fencer =
         volume_core::fence::Fencer::new(built.fence_devices.clone(), config.fence, room, fences);
+    let fencer = {
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            volumed::fence::recover(&mut fencer, &metrics);
+            fencer
+        })
+        .await?
+    };
     let fencing = volumed::fence::spawn(
         fencer,
         config.fence_interval,

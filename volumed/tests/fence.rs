@@ -144,12 +144,13 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
     room.set(false);
     let devices = Arc::new(SimFenceDevices::new(sim.clone()));
     let metrics = Arc::new(Metrics::default());
-    let fencer = Fencer::new(
+    let mut fencer = Fencer::new(
         devices.clone(),
         FencePolicy::new(Percent::from_whole(10)).unwrap(),
         room,
         fences,
     );
+    volumed::fence::recover(&mut fencer, &metrics);
     let (changed, changes) = tokio::sync::mpsc::unbounded_channel();
     let fencing = volumed::fence::spawn(
         fencer,

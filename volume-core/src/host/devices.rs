@@ -35,6 +35,13 @@ pub trait VolumeDevices: Send + Sync {
     /// The mapping's device path if it is open.
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError>;
 
+    /// The mapping's device path if device-mapper has it, read without
+    /// touching the LV under it (which is suspended while the volume is
+    /// fenced, and [`VolumeDevices::crypt_mapping`] reads its header).
+    fn crypt_mapping_unread(&self, id: &VolumeId) -> Option<PathBuf> {
+        self.crypt_mapping(id).ok().flatten()
+    }
+
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError>;
 
     /// Grows an open mapping to fill its grown LV.
@@ -117,6 +124,15 @@ impl VolumeDevices for RealDevices {
 
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
         Ok(crypt::status(id)?.map(|(mapping, _)| mapping))
+    }
+
+    fn crypt_mapping_unread(&self, id: &VolumeId) -> Option<PathBuf> {
+        let dm = devicemapper::DM::new().ok()?;
+        let crypt_name = id.crypt_name();
+        let name = devicemapper::DmName::new(crypt_name.as_str()).ok()?;
+        dm.device_info(&devicemapper::DevId::Name(name))
+            .ok()
+            .map(|_| crypt::mapping_path(id))
     }
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {

@@ -427,9 +427,10 @@ impl VolumeHost {
         }
     }
 
-    /// Follows the fences a fencer keeps: a fenced volume is not extended,
-    /// closed or deleted (each would touch its suspended device, or resume
-    /// it behind the fencer's back), and while the pool is contained no new
+    /// Follows the fences a fencer keeps: a fenced volume is not opened,
+    /// exposed, extended, closed or deleted (each would read its suspended
+    /// LV, or resume it behind the fencer's back), its listing reads no
+    /// header, and while the pool is contained no new
     /// space is promised (its health reads `in_reserve`).
     pub fn with_fences(mut self, fences: Arc<Fences>) -> VolumeHost {
         self.fences = Some(fences);
@@ -589,7 +590,14 @@ impl VolumeHost {
             return Ok(None);
         };
         let encryption = progress::encryption(&volume.tags);
+        let fenced = self
+            .fences
+            .as_ref()
+            .is_some_and(|fences| fences.reason(&id).is_some());
         let device = match encryption {
+            // The LV under a fenced volume's mapping is suspended: no
+            // header read, or the listing would wait for the unfence.
+            Some(Encryption::Luks2) if fenced => self.devices.crypt_mapping_unread(&id),
             Some(Encryption::Luks2) => self
                 .devices
                 .crypt_mapping(&id)
@@ -711,6 +719,7 @@ impl VolumeHost {
                     });
                 }
                 if Self::progress_of(id, volume)? == Progress::Ready {
+                    self.refuse_if_fenced(id)?;
                     self.ensure_open(id, spec.encryption)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
@@ -964,6 +973,7 @@ impl VolumeHost {
     pub fn open(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
         self.ensure_open(id, Self::encryption_of(id, &volume)?)
     }
@@ -1006,6 +1016,7 @@ impl VolumeHost {
     ) -> Result<CreateAction<ExposedNode>, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
+        self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
         let record = progress::node_tag(jail).ok_or_else(|| HostError::JailPathTooLong {
             id: id.clone(),
