@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 use volume_control::layout::DEFAULT_ROOT;
-use volume_model::names::{HostId, Region, VolumeId, VolumeName};
+use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName};
 
 /// Printed under `--help`: scripts branch on these.
 const EXIT_CODES_HELP: &str = "\
@@ -78,6 +78,12 @@ pub enum Command {
     /// Show each host's pool and what is reserved on it.
     #[command(after_help = EXIT_CODES_HELP)]
     Hosts(HostsArgs),
+    /// Take, list and destroy snapshots of a volume.
+    #[command(subcommand)]
+    Snapshots(SnapshotsCommand),
+    /// A new volume from a fresh snapshot of a live one, on its host.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Fork(ForkArgs),
     /// Lift a volume's fence (its I/O resumes); waits until its host has.
     #[command(after_help = EXIT_CODES_HELP)]
     Unfence(UnfenceArgs),
@@ -103,13 +109,24 @@ pub struct CreateArgs {
     /// The volume's name; several volumes may share one.
     pub name: VolumeName,
 
-    /// Size in decimal gigabytes (25 = 25,000,000,000 bytes).
-    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..))]
-    pub size: u64,
+    /// Size in decimal gigabytes (25 = 25,000,000,000 bytes); with
+    /// --snapshot-id at least the snapshot's (default: the snapshot's).
+    #[arg(long, value_name = "GB", value_parser = clap::value_parser!(u64).range(1..),
+          required_unless_present = "snapshot_id")]
+    pub size: Option<u64>,
 
-    /// Region to place in, e.g. ewr.
-    #[arg(long, value_name = "R")]
-    pub region: Region,
+    /// Region to place in, e.g. ewr (with --snapshot-id: the snapshot's).
+    #[arg(
+        long,
+        value_name = "R",
+        required_unless_present = "snapshot_id",
+        conflicts_with = "snapshot_id"
+    )]
+    pub region: Option<Region>,
+
+    /// Restore this snapshot into the new volume, on the snapshot's host.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["count", "host", "no_encryption", "require_unique_zone"])]
+    pub snapshot_id: Option<SnapshotId>,
 
     /// Store the volume unencrypted (default: LUKS2 with a per-volume key).
     #[arg(long)]
@@ -193,6 +210,14 @@ pub struct UpdateArgs {
     /// Turn auto-extend off (the volume keeps its size).
     #[arg(long, conflicts_with_all = ["auto_extend_threshold", "auto_extend_increment", "auto_extend_limit"])]
     pub no_auto_extend: bool,
+
+    /// Daily snapshots taken by the volume's host (true or false).
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub scheduled_snapshots: Option<bool>,
+
+    /// Days a scheduled snapshot is kept (1-60).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u8).range(1..=60))]
+    pub snapshot_retention: Option<u8>,
 
     /// Print JSON (one volume) instead of a table.
     #[arg(long)]
@@ -353,4 +378,62 @@ mod tests {
         assert!(help.contains("--id <ID>"), "{help}");
         assert!(help.contains("no second one is made"), "{help}");
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotsCommand {
+    /// Take a snapshot of a volume now; waits until it is taken.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Create(SnapshotCreateArgs),
+    /// List a volume's snapshots.
+    #[command(after_help = EXIT_CODES_HELP)]
+    List(SnapshotListArgs),
+    /// Destroy a snapshot; waits until it is gone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Destroy(SnapshotDestroyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotCreateArgs {
+    /// The volume's id (vol_...).
+    pub volume: VolumeId,
+    /// Print JSON (the snapshot) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotListArgs {
+    /// The volume's id (vol_...).
+    pub volume: VolumeId,
+    /// Print JSON (an array of snapshots) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotDestroyArgs {
+    /// The snapshot's id (snap_...).
+    pub snapshot: SnapshotId,
+    /// Print JSON (the snapshot as it was) instead of a line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForkArgs {
+    /// The volume to fork (vol_...).
+    pub volume: VolumeId,
+    /// The new volume's name (default: the volume's).
+    #[arg(long)]
+    pub name: Option<VolumeName>,
+    /// Print JSON (an array with the new volume) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }

@@ -82,7 +82,7 @@ impl VolumeView {
     }
 }
 
-fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<()> {
+pub(crate) fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<()> {
     let mut table = Table::new(&[
         "ID", "NAME", "REGION", "ZONE", "HOST", ">SIZE", "ENC", "STATE", "HEALTH", "DEVICE",
     ]);
@@ -104,7 +104,10 @@ fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::io::Result<
     table.write(out)
 }
 
-fn print_json<T: Serialize + ?Sized>(value: &T, out: &mut dyn Write) -> Result<(), CliError> {
+pub(crate) fn print_json<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     serde_json::to_writer_pretty(&mut *out, value).expect("views serialize");
     writeln!(out)?;
     Ok(())
@@ -117,17 +120,34 @@ pub async fn create(
     args: &CreateArgs,
     ui: &mut Ui<'_>,
 ) -> Result<Vec<VolumeView>, CliError> {
-    let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
-    let auto_extend = auto_extend_settings(&args.auto_extend, size)?;
-    let request = CreateRequest {
-        name: args.name.clone(),
-        region: args.region.clone(),
-        size,
-        encrypted: !args.no_encryption,
-        require_unique_zone: args.require_unique_zone,
-        pinned_host: args.host.clone(),
-        id_from_caller: args.id.is_some(),
-        auto_extend,
+    let size = args
+        .size
+        .map(|gb| Bytes::from_gb(gb).map_err(|e| CliError::Usage(format!("--size: {e}"))))
+        .transpose()?;
+    let request = match &args.snapshot_id {
+        Some(snapshot) => {
+            let mut request = crate::snapshots::restore_request(ctx, args, snapshot, size).await?;
+            request.auto_extend = auto_extend_settings(&args.auto_extend, request.size)?;
+            request
+        }
+        None => {
+            let size = size.ok_or_else(|| CliError::Usage("--size is required".to_owned()))?;
+            let region = args
+                .region
+                .clone()
+                .ok_or_else(|| CliError::Usage("--region is required".to_owned()))?;
+            CreateRequest {
+                name: args.name.clone(),
+                region,
+                size,
+                encrypted: !args.no_encryption,
+                require_unique_zone: args.require_unique_zone,
+                pinned_host: args.host.clone(),
+                id_from_caller: args.id.is_some(),
+                auto_extend: auto_extend_settings(&args.auto_extend, size)?,
+                source: None,
+            }
+        }
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
     if let Some(id) = &args.id {
@@ -173,7 +193,7 @@ pub async fn create(
 }
 
 /// Waits (unless `--detach`) for each reserved volume and prints them.
-async fn finish_create(
+pub(crate) async fn finish_create(
     ctx: &Ctx,
     args: &CreateArgs,
     reserved: Vec<reserve::Reserved>,
@@ -478,10 +498,12 @@ pub fn describe_auto_extend(settings: Option<&AutoExtend>) -> String {
 /// input changes nothing, and an update that changes nothing writes
 /// nothing.
 pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
-    if !args.auto_extend.any() && !args.no_auto_extend {
+    let snapshot_flags = args.scheduled_snapshots.is_some() || args.snapshot_retention.is_some();
+    if !args.auto_extend.any() && !args.no_auto_extend && !snapshot_flags {
         return Err(CliError::Usage(
             "nothing to update: give --auto-extend-threshold, --auto-extend-increment and \
-             --auto-extend-limit, or --no-auto-extend"
+             --auto-extend-limit, or --no-auto-extend, or --scheduled-snapshots / \
+             --snapshot-retention"
                 .to_owned(),
         ));
     }
@@ -490,6 +512,12 @@ pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<Vol
             spec.auto_extend = None;
         } else if args.auto_extend.any() {
             spec.auto_extend = auto_extend_settings(&args.auto_extend, spec.size)?;
+        }
+        if let Some(enabled) = args.scheduled_snapshots {
+            spec.snapshots.enabled = enabled;
+        }
+        if let Some(days) = args.snapshot_retention {
+            spec.snapshots.retention_days = days;
         }
         Ok(())
     })
@@ -505,6 +533,13 @@ pub async fn update(ctx: &Ctx, args: &UpdateArgs, ui: &mut Ui<'_>) -> Result<Vol
             "auto-extend: {}{}",
             describe_auto_extend(view.spec.auto_extend.as_ref()),
             if updated.changed { "" } else { " (unchanged)" }
+        )?;
+        let schedule = view.spec.snapshots;
+        writeln!(
+            ui.out(),
+            "scheduled snapshots: {}, kept {} day(s)",
+            if schedule.enabled { "on" } else { "off" },
+            schedule.retention_days
         )?;
     }
     Ok(view)
@@ -575,6 +610,10 @@ pub struct HostView {
     pub heartbeat_age_ms: u64,
     /// Whether the heartbeat is recent enough to place on this host.
     pub fresh: bool,
+    /// Snapshot records on the host, and the size they reserve (a
+    /// snapshot counts at its volume's virtual size).
+    pub snapshots: u32,
+    pub snapshot_bytes: Bytes,
 }
 
 pub async fn hosts(
@@ -584,6 +623,7 @@ pub async fn hosts(
 ) -> Result<Vec<HostView>, CliError> {
     let now = now_ms();
     let ttl_ms = u64::try_from(ctx.heartbeat_ttl.as_millis()).unwrap_or(u64::MAX);
+    let snapshots = crate::snapshots::per_host(ctx).await?;
     let mut views: Vec<HostView> = store::read_hosts(ctx, ui)
         .await?
         .into_iter()
@@ -598,7 +638,13 @@ pub async fn hosts(
                 ledger: entry.ledger,
             };
             let heartbeat_age_ms = now.saturating_sub(entry.record.heartbeat_ms);
+            let (count, bytes) = snapshots
+                .get(&entry.record.id)
+                .copied()
+                .unwrap_or((0, Bytes::ZERO));
             HostView {
+                snapshots: count,
+                snapshot_bytes: bytes,
                 headroom: candidate.headroom(),
                 fresh: heartbeat_age_ms <= ttl_ms,
                 heartbeat_age_ms,
@@ -632,6 +678,7 @@ pub async fn hosts(
         "HEALTH",
         ">VOLUMES",
         ">ORPHANS",
+        ">SNAPSHOTS",
         "HEARTBEAT",
     ]);
     for view in &views {
@@ -658,6 +705,7 @@ pub async fn hosts(
             // LVs of ours with no desired record: the pool holds them, no
             // reservation does, until `volumed gc` removes them.
             view.record.orphans.len().to_string(),
+            format!("{} ({})", view.snapshots, format::size(view.snapshot_bytes)),
             if view.fresh {
                 format!("{heartbeat} ago")
             } else {

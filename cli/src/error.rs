@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use volume_control::placement::{NoPlacement, Skip};
 use volume_model::capacity::Refusal;
-use volume_model::names::{HostId, VolumeId};
+use volume_model::names::{HostId, SnapshotId, VolumeId};
 use volume_model::units::Bytes;
 
 /// Exit codes, as documented under `--help`.
@@ -65,6 +65,24 @@ pub enum CliError {
         host: HostId,
         growth: Bytes,
         refusal: Refusal,
+    },
+
+    #[error("host {host} cannot take a snapshot of {volume} ({}): {}", crate::format::size(*size), refusal_text(refusal))]
+    SnapshotRefused {
+        volume: VolumeId,
+        host: HostId,
+        size: Bytes,
+        refusal: Refusal,
+    },
+
+    #[error("no snapshot {id} (looked under {prefix})")]
+    SnapshotNotFound { id: SnapshotId, prefix: String },
+
+    #[error("snapshot {id} on {host} failed: {message}")]
+    SnapshotFailed {
+        id: SnapshotId,
+        host: HostId,
+        message: String,
     },
 
     #[error("{0}")]
@@ -178,13 +196,15 @@ impl CliError {
             CliError::NoPlacement(_)
             | CliError::PartialPlacement { .. }
             | CliError::CountDoesNotFit { .. }
-            | CliError::GrowthRefused { .. } => exit::CAPACITY,
+            | CliError::GrowthRefused { .. }
+            | CliError::SnapshotRefused { .. } => exit::CAPACITY,
             CliError::TimedOut(_) => exit::TIMED_OUT,
-            CliError::NotFound { .. } => exit::NOT_FOUND,
+            CliError::NotFound { .. } | CliError::SnapshotNotFound { .. } => exit::NOT_FOUND,
             CliError::Unreachable(_) | CliError::OutcomeUnknown { .. } => exit::UNREACHABLE,
             CliError::Contended { .. } => exit::CONTENDED,
             CliError::Declined { .. }
             | CliError::VolumeFailed { .. }
+            | CliError::SnapshotFailed { .. }
             | CliError::BeingDestroyed { .. }
             | CliError::Kv(_)
             | CliError::BadRecord { .. }

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod error;
 pub mod format;
 pub mod reserve;
+pub mod snapshots;
 pub mod store;
 pub mod ui;
 pub mod wait;
@@ -64,5 +65,13 @@ pub async fn run(cli: &Cli, kv: ConsulKv, ui: &mut Ui<'_>) -> Result<(), CliErro
         Command::Hosts(args) => commands::hosts(&ctx, args, ui).await.map(drop),
         Command::Unfence(args) => commands::unfence(&ctx, args, ui).await,
         Command::Completions(args) => commands::completions(args, ui),
+        Command::Snapshots(command) => match command {
+            args::SnapshotsCommand::Create(args) => {
+                snapshots::create(&ctx, args, ui).await.map(drop)
+            }
+            args::SnapshotsCommand::List(args) => snapshots::list(&ctx, args, ui).await.map(drop),
+            args::SnapshotsCommand::Destroy(args) => snapshots::destroy(&ctx, args, ui).await,
+        },
+        Command::Fork(args) => snapshots::fork(&ctx, args, ui).await,
     }
 }

@@ -32,7 +32,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use consul_kv::TxnOp;
-use volume_control::layout::{Ledger, VolumeSpec};
+use volume_control::layout::{Ledger, VolumeSource, VolumeSpec};
 use volume_control::placement::{self, Candidate, NoPlacement, Placement};
 use volume_model::names::{HostId, Region, VolumeId, VolumeName};
 use volume_model::units::Bytes;
@@ -50,7 +50,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A jittered wait that doubles per attempt, so that writers who lost the
 /// same race do not collide again in step.
-async fn backoff(attempt: u32) {
+pub(crate) async fn backoff(attempt: u32) {
     let wait = consul_kv::Backoff::new(BACKOFF_BASE, BACKOFF_MAX).delay(attempt.saturating_add(1));
     tokio::time::sleep(wait).await;
 }
@@ -68,6 +68,8 @@ pub struct CreateRequest {
     /// the same id, so the transaction checks every host of the region.
     pub id_from_caller: bool,
     pub auto_extend: Option<AutoExtend>,
+    /// A restore or fork on the pinned host; `None`: an empty volume.
+    pub source: Option<VolumeSource>,
 }
 
 impl CreateRequest {
@@ -79,6 +81,7 @@ impl CreateRequest {
             && spec.size == self.size
             && spec.encrypted == self.encrypted
             && spec.auto_extend == self.auto_extend
+            && spec.source == self.source
             && self
                 .pinned_host
                 .as_ref()
@@ -225,7 +228,7 @@ pub struct Reserved {
     pub attempts: u32,
 }
 
-fn ledger_write(ctx: &Ctx, host: &HostId, ledger: &Ledger, index: u64) -> TxnOp {
+pub(crate) fn ledger_write(ctx: &Ctx, host: &HostId, ledger: &Ledger, index: u64) -> TxnOp {
     TxnOp::Cas {
         key: ctx.layout.host_ledger(host),
         value: encode(ledger),
@@ -285,7 +288,7 @@ pub async fn existing(
 /// What a read-back found at the key a lost transaction wrote.
 enum ReadBack {
     /// The record we sent: the transaction landed.
-    Landed(Reserved),
+    Landed(Box<Reserved>),
     NotThere,
 }
 
@@ -324,11 +327,11 @@ async fn read_back(ctx: &Ctx, spec: &VolumeSpec, attempts: u32) -> Result<ReadBa
             requested: describe(spec),
         });
     }
-    Ok(ReadBack::Landed(Reserved {
+    Ok(ReadBack::Landed(Box::new(Reserved {
         spec: found,
         spec_index: pair.modify_index,
         attempts,
-    }))
+    })))
 }
 
 /// Places one volume and reserves it atomically; see the module docs.
@@ -347,7 +350,7 @@ pub async fn reserve(
         if let Some(sent) = &in_doubt {
             // A late commit of the lost transaction shows up here.
             if let ReadBack::Landed(reserved) = read_back(ctx, sent, attempt - 1).await? {
-                return Ok(reserved);
+                return Ok(*reserved);
             }
         }
         let view = snapshot(ctx, &request, ui).await?;
@@ -369,6 +372,8 @@ pub async fn reserve(
             encrypted: request.encrypted,
             created_ms,
             destroy: false,
+            source: request.source.clone(),
+            snapshots: Default::default(),
             auto_extend: request.auto_extend,
         };
         let spec_key = ctx.layout.desired(&spec.host, id);
@@ -423,7 +428,7 @@ pub async fn reserve(
                 match read_back(ctx, &spec, attempt).await? {
                     ReadBack::Landed(reserved) => {
                         ui.warn(&format!("{id} was recorded on {}", spec.host));
-                        return Ok(reserved);
+                        return Ok(*reserved);
                     }
                     ReadBack::NotThere => ui.warn(&format!(
                         "{id} was not recorded; sending it again, to {} only",

@@ -17,11 +17,17 @@
 //!                                              volumed lifts the fence (a
 //!                                              no-op if none) and deletes it
 //! <root>/keys/<volume>            sealed key   envelope store only; ciphertext
+//! <root>/snapshots/desired/<host>/<snapshot>  SnapshotSpec    volctl (on
+//!                                              demand) or volumed (scheduled)
+//! <root>/snapshots/status/<host>/<snapshot>   SnapshotStatus  volumed
 //! <root>/usage/<host>/<volume>    FsUsageReport the filesystem's own usage, written
 //!                                              by the VM worker from its guest's
 //!                                              agent; read by volumed's volume
 //!                                              auto-extend while fresh
 //! ```
+//!
+//! A snapshot record reserves its size in the host's ledger (`reserved`,
+//! not `volumes`), as a create does: a snapshot counts at its virtual size.
 //!
 //! `<root>` defaults to `volumes/v1`; the version lets a later layout live
 //! beside this one during a migration. Every prefix that is watched or listed
@@ -45,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use volume_model::capacity::{CapacityPolicy, PoolUsage};
 use volume_model::fence::FenceReason;
 use volume_model::health::VolumeHealth;
-use volume_model::names::{HostId, Region, VolumeId, VolumeName, Zone};
+use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
 use volume_model::volume_growth::{AutoExtend, FsUsage};
 
@@ -139,6 +145,30 @@ impl Layout {
         format!("{}/keys/{volume}", self.root)
     }
 
+    pub fn snapshot_desired_prefix(&self, host: &HostId) -> String {
+        format!("{}/snapshots/desired/{host}/", self.root)
+    }
+
+    pub fn snapshot_desired(&self, host: &HostId, snapshot: &SnapshotId) -> String {
+        format!("{}/snapshots/desired/{host}/{snapshot}", self.root)
+    }
+
+    pub fn snapshot_status_prefix(&self, host: &HostId) -> String {
+        format!("{}/snapshots/status/{host}/", self.root)
+    }
+
+    pub fn snapshot_status(&self, host: &HostId, snapshot: &SnapshotId) -> String {
+        format!("{}/snapshots/status/{host}/{snapshot}", self.root)
+    }
+
+    /// The snapshot id of a snapshot desired or status key under `host`.
+    pub fn parse_snapshot_key(&self, host: &HostId, key: &str) -> Option<SnapshotId> {
+        let id = key
+            .strip_prefix(&self.snapshot_desired_prefix(host))
+            .or_else(|| key.strip_prefix(&self.snapshot_status_prefix(host)))?;
+        SnapshotId::new(id).ok()
+    }
+
     /// Where a VM worker reports the filesystem usage its guest sees.
     pub fn fs_usage(&self, host: &HostId, volume: &VolumeId) -> String {
         format!("{}/usage/{host}/{volume}", self.root)
@@ -217,6 +247,12 @@ pub struct VolumeSpec {
     /// The explicit destroy intent: only this makes volumed delete data.
     #[serde(default)]
     pub destroy: bool,
+    /// Where the data comes from; `None`: a fresh, empty volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+    /// Daily snapshots taken by volumed, and how long they are kept.
+    #[serde(default)]
+    pub snapshots: SnapshotSchedule,
     /// Grow by an increment at a usage threshold, up to a limit; none:
     /// the volume grows only when asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,6 +280,131 @@ impl FsUsageReport {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("usage reports serialize")
     }
+}
+
+/// A volume made from existing data on the same host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeSource {
+    /// A restore of a snapshot (which stays).
+    Snapshot { snapshot: SnapshotId },
+    /// A fork of a live volume: a fresh snapshot `snapshot` of it, restored
+    /// and then removed.
+    Fork {
+        volume: VolumeId,
+        snapshot: SnapshotId,
+    },
+}
+
+/// Scheduled snapshots of one volume: daily at a time of day spread by the
+/// volume id, each kept `retention_days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSchedule {
+    pub enabled: bool,
+    pub retention_days: u8,
+}
+
+/// Retention is 1 to 60 days, 5 by default, as on Fly.
+pub const RETENTION_DAYS: std::ops::RangeInclusive<u8> = 1..=60;
+pub const DEFAULT_RETENTION_DAYS: u8 = 5;
+
+impl Default for SnapshotSchedule {
+    /// A record written before schedules existed takes none.
+    fn default() -> Self {
+        SnapshotSchedule {
+            enabled: false,
+            retention_days: DEFAULT_RETENTION_DAYS,
+        }
+    }
+}
+
+impl SnapshotSchedule {
+    /// `None` unless `days` is within [`RETENTION_DAYS`].
+    pub fn new(enabled: bool, retention_days: u8) -> Option<SnapshotSchedule> {
+        RETENTION_DAYS
+            .contains(&retention_days)
+            .then_some(SnapshotSchedule {
+                enabled,
+                retention_days,
+            })
+    }
+
+    /// Where in each `period` this volume's snapshot falls: a fixed offset
+    /// from the volume id, so volumes do not all snap at once.
+    pub fn offset_in(volume: &VolumeId, period_ms: u64) -> u64 {
+        // FNV-1a: stable across builds and platforms (std's hasher is not).
+        let hash = volume
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        hash % period_ms.max(1)
+    }
+
+    /// The start of the latest slot of `volume` at or before `now_ms`.
+    pub fn latest_slot(volume: &VolumeId, period_ms: u64, now_ms: u64) -> u64 {
+        let period = period_ms.max(1);
+        let offset = SnapshotSchedule::offset_in(volume, period);
+        if now_ms < offset {
+            return 0;
+        }
+        (now_ms - offset) / period * period + offset
+    }
+}
+
+/// A snapshot that should exist. Written by volctl (on demand) or by
+/// volumed (scheduled), read by volumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    pub id: SnapshotId,
+    pub volume: VolumeId,
+    pub host: HostId,
+    /// The volume's size when asked for: what the ledger reserves.
+    pub size: Bytes,
+    pub created_ms: u64,
+    /// Taken by the schedule (and pruned by its retention).
+    #[serde(default)]
+    pub scheduled: bool,
+    /// The explicit destroy intent.
+    #[serde(default)]
+    pub destroy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    Taking,
+    Ready,
+    Destroying,
+    Error,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Taking => "taking",
+            SnapshotState::Ready => "ready",
+            SnapshotState::Destroying => "destroying",
+            SnapshotState::Error => "error",
+        }
+    }
+}
+
+/// A snapshot as its host last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    pub id: SnapshotId,
+    pub volume: VolumeId,
+    pub state: SnapshotState,
+    pub size: Bytes,
+    /// Seconds since the Unix epoch, from the LV's tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken: Option<u64>,
+    /// Set when `state` is `error`; never holds secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub updated_ms: u64,
 }
 
 /// Lifecycle as volumed reports it.
@@ -345,6 +506,45 @@ mod tests {
         assert_eq!(layout.parse_host_ledger_key(&layout.host_info(&host)), None);
         assert!(layout.desired_prefix(&host).ends_with("/h1/"));
         assert_eq!(layout.parse_volume_key("volumes/v1/desired/h1/../x"), None);
+    }
+
+    #[test]
+    fn snapshot_keys_round_trip_and_old_specs_take_no_schedule() {
+        let layout = Layout::default();
+        let host = HostId::new("h1").unwrap();
+        let snap = SnapshotId::new("snap_0123456789abcdef").unwrap();
+        let key = layout.snapshot_desired(&host, &snap);
+        assert_eq!(key, "volumes/v1/snapshots/desired/h1/snap_0123456789abcdef");
+        assert_eq!(layout.parse_snapshot_key(&host, &key), Some(snap.clone()));
+        assert_eq!(
+            layout.parse_snapshot_key(&host, &layout.snapshot_status(&host, &snap)),
+            Some(snap)
+        );
+        // Not under the volumes' desired prefix: their watch never sees it.
+        assert!(!key.starts_with(&layout.desired_prefix(&host)));
+        let old = r#"{"id":"vol_0123456789abcdef","name":"data","host":"h1","region":"ewr",
+            "zone":"a","size":1073741824,"encrypted":true,"created_ms":1}"#;
+        let spec: VolumeSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.source, None);
+        assert!(!spec.snapshots.enabled);
+        assert!(SnapshotSchedule::new(true, 0).is_none());
+        assert!(SnapshotSchedule::new(true, 61).is_none());
+        assert!(SnapshotSchedule::new(true, 60).is_some());
+    }
+
+    #[test]
+    fn schedule_slots_are_spread_and_stable() {
+        let day = 86_400_000;
+        let a = VolumeId::new("vol_0123456789abcdef").unwrap();
+        let b = VolumeId::new("vol_0123456789abcdee").unwrap();
+        let offset = SnapshotSchedule::offset_in(&a, day);
+        assert!(offset < day);
+        assert_ne!(offset, SnapshotSchedule::offset_in(&b, day));
+        let now = 20 * day + 5;
+        let slot = SnapshotSchedule::latest_slot(&a, day, now);
+        assert!(slot <= now && now - slot < day);
+        assert_eq!(slot % day, offset);
+        assert_eq!(SnapshotSchedule::latest_slot(&a, day, slot), slot);
     }
 
     #[test]

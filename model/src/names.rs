@@ -188,6 +188,34 @@ fn check_volume_id(value: &str) -> Result<(), NameError> {
     .map_err(|e| refuse("volume id", value, e.reason))
 }
 
+/// Snapshot ids are `snap_` followed by 16 lowercase letters or digits.
+const SNAPSHOT_ID_PREFIX: &str = "snap_";
+
+fn check_snapshot_id(value: &str) -> Result<(), NameError> {
+    check_common(
+        "snapshot id",
+        value,
+        SNAPSHOT_ID_PREFIX.len() + VOLUME_ID_RANDOM_LEN,
+    )?;
+    let Some(random) = value.strip_prefix(SNAPSHOT_ID_PREFIX) else {
+        return Err(refuse("snapshot id", value, "must start with 'snap_'"));
+    };
+    if random.len() != VOLUME_ID_RANDOM_LEN {
+        return Err(refuse(
+            "snapshot id",
+            value,
+            format!("needs exactly {VOLUME_ID_RANDOM_LEN} characters after 'snap_'"),
+        ));
+    }
+    check_charset(
+        "snapshot id",
+        random,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit(),
+        "a-z 0-9 after 'snap_'",
+    )
+    .map_err(|e| refuse("snapshot id", value, e.reason))
+}
+
 fn check_volume_name(value: &str) -> Result<(), NameError> {
     check_common("volume name", value, 30)?;
     check_charset(
@@ -239,6 +267,10 @@ checked_name!(
     VolumeId, "volume id", check_volume_id
 );
 checked_name!(
+    /// A snapshot's unique id (`snap_` + 16 random characters).
+    SnapshotId, "snapshot id", check_snapshot_id
+);
+checked_name!(
     /// A volume's user-facing name; not unique (several volumes may share one).
     VolumeName, "volume name", check_volume_name
 );
@@ -259,16 +291,20 @@ checked_name!(
     DmName, "device-mapper name", check_dm_name
 );
 
+/// The random part of a generated id.
+fn random_id_part() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..VOLUME_ID_RANDOM_LEN)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
 impl VolumeId {
     /// A fresh random id.
     pub fn generate() -> VolumeId {
-        use rand::Rng;
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        let mut rng = rand::rng();
-        let random: String = (0..VOLUME_ID_RANDOM_LEN)
-            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-            .collect();
-        VolumeId(format!("{VOLUME_ID_PREFIX}{random}"))
+        VolumeId(format!("{VOLUME_ID_PREFIX}{}", random_id_part()))
     }
 
     /// The thin LV that backs this volume.
@@ -285,6 +321,25 @@ impl VolumeId {
     pub fn from_lv_name(lv: &LvName) -> Option<VolumeId> {
         let rest = lv.as_str().strip_prefix(NAME_PREFIX)?.strip_prefix('-')?;
         VolumeId::new(rest).ok()
+    }
+}
+
+impl SnapshotId {
+    /// A fresh random id.
+    pub fn generate() -> SnapshotId {
+        SnapshotId(format!("{SNAPSHOT_ID_PREFIX}{}", random_id_part()))
+    }
+
+    /// The thin snapshot LV that holds this snapshot.
+    pub fn lv_name(&self) -> LvName {
+        LvName(format!("{NAME_PREFIX}-{}", self.0))
+    }
+
+    /// The inverse of [`SnapshotId::lv_name`]; `None` for LVs that are not
+    /// snapshots of ours.
+    pub fn from_lv_name(lv: &LvName) -> Option<SnapshotId> {
+        let rest = lv.as_str().strip_prefix(NAME_PREFIX)?.strip_prefix('-')?;
+        SnapshotId::new(rest).ok()
     }
 }
 
@@ -334,6 +389,23 @@ mod tests {
         assert_eq!(VolumeId::from_lv_name(&lv), Some(id.clone()));
         assert_eq!(VolumeId::from_lv_name(&LvName::new("root").unwrap()), None);
         assert!(DmName::new(id.crypt_name().as_str()).is_ok());
+    }
+
+    #[test]
+    fn snapshot_ids_map_to_their_own_lv_names_and_back() {
+        let id = SnapshotId::generate();
+        let lv = id.lv_name();
+        assert!(lv.as_str().starts_with("vmv1-snap_"));
+        assert_eq!(SnapshotId::from_lv_name(&lv), Some(id.clone()));
+        // A snapshot LV is never read as a volume, nor a volume as one.
+        assert_eq!(VolumeId::from_lv_name(&lv), None);
+        assert_eq!(
+            SnapshotId::from_lv_name(&VolumeId::generate().lv_name()),
+            None
+        );
+        assert!(SnapshotId::new("snap_short").is_err());
+        assert!(SnapshotId::new("vol_0123456789abcdef").is_err());
+        assert!(SnapshotId::new("snap_0123456789ABCDEF").is_err());
     }
 
     #[test]

@@ -11,9 +11,14 @@
 //! * `vmv1.key=kept`: set with `deleting` by a rollback whose key existed
 //!   before the failed create (another host's, or an earlier call's), so
 //!   that finishing the rollback after a crash keeps that key too.
+//! * Snapshots (LVs named by a `SnapshotId`): `vmv1.origin=<volume id>`,
+//!   the volume it was taken of, and `vmv1.taken=<unix seconds>`.
+//! * A volume restored from a snapshot starts at `vmv1.step=restoring` and
+//!   carries `vmv1.from=<volume id>` (whose LUKS2 header, key and
+//!   filesystem it holds) until its header is adopted under its own id.
 
 use crate::jail_path::JailPath;
-use crate::names::{VolumeName, NAME_PREFIX};
+use crate::names::{VolumeId, VolumeName, NAME_PREFIX};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -31,6 +36,9 @@ pub enum Progress {
     CryptFormatted,
     /// Filesystem made: the volume is usable and may hold data.
     Ready,
+    /// LV made as a copy of a snapshot: it holds data (never formatted),
+    /// but its header, filesystem check and growth are not done yet.
+    Restoring,
     /// A delete began; only finishing it is allowed.
     Deleting,
 }
@@ -42,14 +50,16 @@ impl Progress {
             Progress::CryptFormatted => "crypt",
             Progress::Ready => "ready",
             Progress::Deleting => "deleting",
+            Progress::Restoring => "restoring",
         }
     }
 
-    const ALL: [Progress; 4] = [
+    const ALL: [Progress; 5] = [
         Progress::LvCreated,
         Progress::CryptFormatted,
         Progress::Ready,
         Progress::Deleting,
+        Progress::Restoring,
     ];
 }
 
@@ -107,6 +117,34 @@ pub fn encryption_tag(encryption: Encryption) -> String {
 
 pub fn name_tag(name: &VolumeName) -> String {
     tag("name", name.as_str())
+}
+
+/// On a snapshot: the volume it was taken of.
+pub fn origin_tag(volume: &VolumeId) -> String {
+    tag("origin", volume.as_str())
+}
+
+pub fn origin(tags: &BTreeSet<String>) -> Option<VolumeId> {
+    value_of(tags, "origin").find_map(|v| VolumeId::new(v).ok())
+}
+
+/// On a snapshot: when it was taken, in seconds since the Unix epoch.
+pub fn taken_tag(unix_seconds: u64) -> String {
+    tag("taken", &unix_seconds.to_string())
+}
+
+pub fn taken(tags: &BTreeSet<String>) -> Option<u64> {
+    value_of(tags, "taken").find_map(|v| v.parse().ok())
+}
+
+/// On a volume being restored: the volume whose header and filesystem its
+/// data still carries.
+pub fn restored_from_tag(volume: &VolumeId) -> String {
+    tag("from", volume.as_str())
+}
+
+pub fn restored_from(tags: &BTreeSet<String>) -> Option<VolumeId> {
+    value_of(tags, "from").find_map(|v| VolumeId::new(v).ok())
 }
 
 /// LVM tags hold at most 1024 bytes.
@@ -187,6 +225,26 @@ mod tests {
         assert_eq!(self::name(&tags), Some(name));
         assert_eq!(nodes(&tags), vec![(jail, node)]);
         assert!(key_kept(&tags));
+    }
+
+    #[test]
+    fn snapshot_and_restore_tags_parse_back() {
+        let volume = VolumeId::generate();
+        let mut tags = BTreeSet::new();
+        for t in [
+            origin_tag(&volume),
+            taken_tag(1_764_000_000),
+            restored_from_tag(&volume),
+            step_tag(Progress::Restoring),
+        ] {
+            check_tag(&t).unwrap();
+            tags.insert(t);
+        }
+        assert_eq!(origin(&tags), Some(volume.clone()));
+        assert_eq!(taken(&tags), Some(1_764_000_000));
+        assert_eq!(restored_from(&tags), Some(volume));
+        assert_eq!(step(&tags), Some(Progress::Restoring));
+        assert_eq!(origin(&BTreeSet::new()), None);
     }
 
     #[test]

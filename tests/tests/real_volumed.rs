@@ -120,6 +120,8 @@ fn spec(size: Bytes) -> VolumeSpec {
         encrypted: true,
         created_ms: 1,
         destroy: false,
+        source: None,
+        snapshots: Default::default(),
         auto_extend: None,
     }
 }
@@ -868,5 +870,175 @@ fn real_test_volumed_grows_pool_metadata_before_it_runs_out() {
     );
     assert_healthy_everywhere(&kv, listen, "after the metadata grew");
     destroy_and_wait(&kv, &pool, &volume);
+    stop(&mut volumed);
+}
+
+fn snapshot_lvs(pool: &TestPool) -> Vec<volume_core::names::SnapshotId> {
+    pool.backend
+        .list_thins()
+        .expect("list thin LVs")
+        .iter()
+        .filter_map(|v| volume_core::names::SnapshotId::from_lv_name(&v.lv))
+        .collect()
+}
+
+fn snapshot_records(kv: &Kv) -> Vec<volume_control::layout::SnapshotSpec> {
+    let pairs = kv
+        .runtime
+        .block_on(
+            kv.client
+                .get_recurse(&Layout::default().snapshot_desired_prefix(&host())),
+        )
+        .expect("KV read")
+        .value;
+    pairs
+        .iter()
+        .map(|pair| serde_json::from_slice(&pair.value).expect("snapshot record JSON"))
+        .collect()
+}
+
+fn snapshot_state(
+    kv: &Kv,
+    id: &volume_core::names::SnapshotId,
+) -> Option<volume_control::layout::SnapshotState> {
+    let value = kv.get(&Layout::default().snapshot_status(&host(), id))?;
+    let status: volume_control::layout::SnapshotStatus =
+        serde_json::from_slice(&value).expect("snapshot status JSON");
+    Some(status.state)
+}
+
+/// kill -9 of volumed right after a snapshot's LV is made and right after
+/// a restore adopted its header: each converges on restart with no
+/// orphan. Then scheduled snapshots on a 15 s period with one period of
+/// retention, and the origin's destroy taking its snapshots and returning
+/// all capacity.
+#[test]
+fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
+    use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
+    use volume_core::names::SnapshotId;
+    let pool = TestPool::new("vd-snap", Bytes(4 * GIB), Bytes(3 * GIB));
+    let kv = Kv::start();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let setup = Setup {
+        pool: &pool,
+        kv: &kv,
+        scratch: scratch.path(),
+    };
+    let args = [
+        "--pool-data-size",
+        "3GiB",
+        "--snapshot-check-interval",
+        "1s",
+        "--snapshot-period",
+        "15s",
+    ];
+    let taken_marker = scratch.path().join("taken");
+    let mut volumed = setup.start_with(
+        &[
+            ("VOLUMED_FAULT_PAUSE_AFTER", Path::new("SnapshotTaken")),
+            ("VOLUMED_FAULT_MARKER", &taken_marker),
+        ],
+        &args,
+        false,
+    );
+    let origin = spec(Bytes(2 * GIB));
+    kv.put_spec(&origin);
+    wait_ready(&kv, &origin.id);
+    let snapshot = SnapshotSpec {
+        id: SnapshotId::generate(),
+        volume: origin.id.clone(),
+        host: host(),
+        size: origin.size,
+        created_ms: 1,
+        scheduled: false,
+        destroy: false,
+    };
+    kv.put(
+        &Layout::default().snapshot_desired(&host(), &snapshot.id),
+        &serde_json::to_vec(&snapshot).expect("JSON"),
+    );
+    wait_for("the snapshot LV made", CONVERGE, || {
+        taken_marker.exists().then_some(())
+    });
+    kill_hard(&mut volumed);
+    assert_eq!(snapshot_lvs(&pool), vec![snapshot.id.clone()]);
+    assert_eq!(
+        snapshot_state(&kv, &snapshot.id),
+        Some(SnapshotState::Taking)
+    );
+
+    let adopted_marker = scratch.path().join("adopted");
+    let mut volumed = setup.start_with(
+        &[
+            ("VOLUMED_FAULT_PAUSE_AFTER", Path::new("HeaderAdopted")),
+            ("VOLUMED_FAULT_MARKER", &adopted_marker),
+        ],
+        &args,
+        false,
+    );
+    wait_for("the snapshot ready after the restart", CONVERGE, || {
+        (snapshot_state(&kv, &snapshot.id) == Some(SnapshotState::Ready)).then_some(())
+    });
+    assert_eq!(snapshot_lvs(&pool), vec![snapshot.id.clone()], "taken once");
+    let mut restored = spec(Bytes(3 * GIB));
+    restored.source = Some(VolumeSource::Snapshot {
+        snapshot: snapshot.id.clone(),
+    });
+    kv.put_spec(&restored);
+    wait_for("the restore to adopt its header", CONVERGE, || {
+        adopted_marker.exists().then_some(())
+    });
+    kill_hard(&mut volumed);
+
+    let mut volumed = setup.start_with(&[], &args, false);
+    let ready = wait_ready(&kv, &restored.id);
+    assert_eq!(ready.size, Bytes(3 * GIB));
+    let mut ours = our_lvs(&pool);
+    ours.sort();
+    let mut expected = vec![origin.id.clone(), restored.id.clone()];
+    expected.sort();
+    assert_eq!(ours, expected);
+    let record = wait_for("a host record with both volumes", CONVERGE, || {
+        kv.host_record().filter(|r| r.pool.volume_count == 3)
+    });
+    assert!(record.orphans.is_empty(), "orphans: {:?}", record.orphans);
+
+    // Scheduled: one per 15 s period, kept one period.
+    let mut scheduled = origin.clone();
+    scheduled.snapshots = SnapshotSchedule::new(true, 1).expect("schedule");
+    kv.put_spec(&scheduled);
+    let mut seen: Vec<SnapshotId> = Vec::new();
+    wait_for(
+        "two scheduled snapshots taken, the first pruned",
+        CONVERGE,
+        || {
+            let now: Vec<SnapshotSpec> = snapshot_records(&kv)
+                .into_iter()
+                .filter(|s| s.scheduled)
+                .collect();
+            for s in &now {
+                if snapshot_state(&kv, &s.id) == Some(SnapshotState::Ready) && !seen.contains(&s.id)
+                {
+                    seen.push(s.id.clone());
+                }
+            }
+            let first_gone = seen
+                .first()
+                .is_some_and(|first| !now.iter().any(|s| s.id == *first));
+            (seen.len() >= 2 && first_gone).then_some(())
+        },
+    );
+    assert!(snapshot_records(&kv).iter().filter(|s| s.scheduled).count() <= 2);
+
+    // The origin's destroy takes every snapshot of it; capacity returns.
+    destroy_and_wait(&kv, &pool, &scheduled);
+    assert!(snapshot_records(&kv).is_empty(), "snapshot records left");
+    assert!(snapshot_lvs(&pool).is_empty(), "snapshot LVs left");
+    destroy_and_wait(&kv, &pool, &restored);
+    let record = wait_for("an empty pool in the host record", CONVERGE, || {
+        kv.host_record().filter(|r| r.pool.volume_count == 0)
+    });
+    assert_eq!(record.pool.provisioned, Bytes::ZERO);
+    assert!(record.orphans.is_empty());
     stop(&mut volumed);
 }

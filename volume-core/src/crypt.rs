@@ -184,6 +184,13 @@ pub enum CryptError {
         source: LibcryptErr,
         detail: Detail,
     },
+    #[error("giving the LUKS2 header on {device} its new volume's UUID and label failed: {source}{detail}")]
+    Adopt {
+        device: PathBuf,
+        #[source]
+        source: LibcryptErr,
+        detail: Detail,
+    },
     #[error("erasing the LUKS2 header on {device} failed: {source}")]
     Erase {
         device: PathBuf,
@@ -596,6 +603,63 @@ pub fn erase(device: &Path, id: &VolumeId) -> Result<DeleteAction, CryptError> {
     file.sync_all().map_err(erase_err)?;
     tracing::info!(device = %device.display(), volume = %id, "erased LUKS2 header");
     Ok(DeleteAction::Deleted)
+}
+
+/// Makes the LUKS2 header on `device`, a copy of volume `from`'s (a restore
+/// from a snapshot of it), volume `to`'s: its UUID and label are set to
+/// `to`'s, so every later "is this ours" check (open, erase, format) is
+/// `to`'s. The volume key, keyslot and data are untouched: the copy is
+/// opened with `from`'s key, stored again under `to`. `Identity` if the
+/// header is `to`'s already; any other header is refused.
+pub fn adopt_header(
+    device: &Path,
+    from: &VolumeId,
+    to: &VolumeId,
+) -> Result<CreateAction<()>, CryptError> {
+    begin();
+    let mut cd = init(device)?;
+    if cd
+        .context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .is_err()
+    {
+        return Err(CryptError::NotFormatted {
+            device: device.to_owned(),
+            detail: detail(),
+        });
+    }
+    let found = cd
+        .status_handle()
+        .get_uuid()
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| "<unreadable>".to_owned());
+    let target = volume_uuid(UuidPurpose::LuksHeader, to);
+    if found == target.to_string() {
+        return Ok(CreateAction::Identity(()));
+    }
+    let expected = volume_uuid(UuidPurpose::LuksHeader, from).to_string();
+    if found != expected {
+        return Err(CryptError::ForeignHeader {
+            device: device.to_owned(),
+            found,
+            expected,
+        });
+    }
+    let adopt_err = |source| CryptError::Adopt {
+        device: device.to_owned(),
+        source,
+        detail: detail(),
+    };
+    // Label first: the UUID is what "ours" is read from, so a crash in
+    // between leaves a header that is still `from`'s and is adopted again.
+    cd.context_handle()
+        .set_label(Some(to.crypt_name().as_str()), None)
+        .map_err(adopt_err)?;
+    cd.context_handle()
+        .set_uuid(Some(target))
+        .map_err(adopt_err)?;
+    tracing::info!(device = %device.display(), %from, %to, "adopted LUKS2 header");
+    Ok(CreateAction::Created(()))
 }
 
 /// Grows `id`'s open mapping to fill its (grown) backing device.

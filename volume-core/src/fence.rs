@@ -630,6 +630,14 @@ mod tests {
             host.extend(&filler, Bytes(2 * GIB)).map(drop),
             host.delete(&filler).map(drop),
             host.close(&filler).map(drop),
+            // A thin snapshot makes LVM suspend and resume its origin,
+            // which would lift the fence behind the fencer's back.
+            host.snapshot(
+                &filler,
+                &volume_model::names::SnapshotId::generate(),
+                &mut crate::host::NoFreeze,
+            )
+            .map(drop),
         ] {
             let err = result.unwrap_err();
             assert!(

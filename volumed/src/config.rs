@@ -328,6 +328,13 @@ pub struct DaemonSettings {
     /// Volume operations run at once (different volumes only).
     #[arg(long, env = "VOLUMED_MAX_CONCURRENT", global = true)]
     pub max_concurrent: Option<usize>,
+    /// How often scheduled snapshots are taken (one per volume per period,
+    /// at a time spread by the volume id; retention counts in periods), e.g. 24h.
+    #[arg(long, env = "VOLUMED_SNAPSHOT_PERIOD", global = true)]
+    pub snapshot_period: Option<String>,
+    /// How often snapshot records are converged and the schedule checked, e.g. 30s.
+    #[arg(long, env = "VOLUMED_SNAPSHOT_CHECK_INTERVAL", global = true)]
+    pub snapshot_check_interval: Option<String>,
     /// Directory of the lock that keeps one daemon per volume group (default /run/volumed).
     #[arg(long, env = "VOLUMED_RUN_DIR", global = true)]
     pub run_dir: Option<PathBuf>,
@@ -398,6 +405,10 @@ pub struct Config {
     /// Filesystem usage reports older than this no longer count.
     pub fs_usage_max_age: Duration,
     pub max_concurrent: usize,
+    /// One scheduled snapshot per volume per period; a retention of N days
+    /// keeps N periods.
+    pub snapshot_period: Duration,
+    pub snapshot_check_interval: Duration,
     pub run_dir: PathBuf,
     #[cfg(feature = "testing")]
     pub sim: bool,
@@ -413,6 +424,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const DEFAULT_POOL_REFRESH: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_CONCURRENT: usize = 4;
 const DEFAULT_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_SNAPSHOT_PERIOD: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_SNAPSHOT_CHECK: Duration = Duration::from_secs(30);
 const DEFAULT_VOLUME_AUTOEXTEND_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_FS_USAGE_MAX_AGE: Duration = Duration::from_secs(60);
 const DEFAULT_RESERVE_PERCENT: u32 = 10;
@@ -719,6 +732,26 @@ impl Config {
         if max_concurrent == 0 {
             return Err(invalid("max concurrent", "0", "must be at least 1"));
         }
+        let snapshot_period = duration_setting(
+            "snapshot period",
+            s.daemon.snapshot_period,
+            DEFAULT_SNAPSHOT_PERIOD,
+        )?;
+        let snapshot_check_interval = duration_setting(
+            "snapshot check interval",
+            s.daemon.snapshot_check_interval,
+            DEFAULT_SNAPSHOT_CHECK,
+        )?;
+        if snapshot_period < Duration::from_secs(1) {
+            return Err(invalid(
+                "snapshot period",
+                &format!("{snapshot_period:?}"),
+                "must be at least 1s",
+            ));
+        }
+        if snapshot_check_interval.is_zero() {
+            return Err(invalid("snapshot check interval", "0", "must be positive"));
+        }
 
         Ok(Config {
             host,
@@ -748,6 +781,8 @@ impl Config {
             volume_autoextend_interval,
             fs_usage_max_age,
             max_concurrent,
+            snapshot_period,
+            snapshot_check_interval,
             run_dir: s
                 .daemon
                 .run_dir

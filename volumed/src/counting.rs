@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
 use volume_core::backend::{
-    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinPoolSpec, ThinVolume,
+    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
 };
 use volume_core::names::LvName;
 use volume_core::pool_growth::{PoolGrowth, PoolPart};
@@ -76,6 +76,17 @@ impl ThinBackend for CountingBackend {
     fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.grow_pool(part, by)
+    }
+
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: ThinCopy,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError> {
+        self.metrics.lvm_call(true);
+        self.inner.snapshot_thin(origin, copy, kind, tags)
     }
 
     /// Not counted: on LVM it reads device-mapper, not LVM.

@@ -147,6 +147,16 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         metrics.clone(),
         config.retry_max,
     );
+    let snapshot_loop = crate::snapshots::SnapshotLoop {
+        host: host.clone(),
+        kv: kv.clone(),
+        layout: config.layout.clone(),
+        host_id: config.host.clone(),
+        metrics: metrics.clone(),
+        period: config.snapshot_period,
+        interval: config.snapshot_check_interval,
+    };
+    let snapshot_task = tokio::spawn(snapshot_loop.run(controls.shutdown.clone()));
     let ctx = Arc::new(Ctx {
         host,
         kv: kv.clone(),
@@ -339,6 +349,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     }
     drop(daemon);
     let _ = tokio::time::timeout(FINAL_FLUSH, writer_task).await;
+    // It stops between passes; a pass in flight holds LVM steps that only
+    // a crash may interrupt.
+    let _ = tokio::time::timeout(JOB_DRAIN, snapshot_task).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use volume_control::layout::{HostRecord, Layout, Ledger, VolumeStatus};
+use volume_control::layout::{
+    HostRecord, Layout, Ledger, SnapshotSpec, SnapshotStatus, VolumeStatus,
+};
 use volume_core::names::{HostId, VolumeId};
 use volume_core::units::Bytes;
 
@@ -399,6 +401,20 @@ pub async fn commit_destroy(
     };
     for _ in 0..COMMIT_ATTEMPTS {
         let ledger = kv.get(&ledger_key).await.map_err(kv_error)?.value;
+        // Its snapshots went with it (`VolumeHost::delete`): their records
+        // and reservations go in the same txn.
+        let snapshots: Vec<SnapshotSpec> = snapshot_records(
+            &kv.get_recurse(&layout.snapshot_desired_prefix(host))
+                .await
+                .map_err(kv_error)?
+                .value,
+        )
+        .into_iter()
+        .filter_map(|(_, record)| record.ok())
+        .filter(|(spec, _)| spec.volume == *id)
+        .map(|(spec, _)| spec)
+        .collect();
+        let snapshot_bytes: Bytes = snapshots.iter().map(|s| s.size).sum();
         let ledger_op = match ledger {
             None => TxnOp::CheckNotExists {
                 key: ledger_key.clone(),
@@ -411,7 +427,10 @@ pub async fn commit_destroy(
                     }
                 })?;
                 let after = Ledger {
-                    reserved: ledger.reserved.saturating_sub(size),
+                    reserved: ledger
+                        .reserved
+                        .saturating_sub(size)
+                        .saturating_sub(snapshot_bytes),
                     volumes: ledger.volumes.saturating_sub(1),
                 };
                 TxnOp::Cas {
@@ -422,7 +441,7 @@ pub async fn commit_destroy(
                 }
             }
         };
-        let ops = [
+        let mut ops = vec![
             TxnOp::CheckIndex {
                 key: desired_key.clone(),
                 index: desired_index,
@@ -438,6 +457,14 @@ pub async fn commit_destroy(
                 key: layout.sealed_key(id),
             },
         ];
+        for snapshot in &snapshots {
+            ops.push(TxnOp::Delete {
+                key: layout.snapshot_desired(host, &snapshot.id),
+            });
+            ops.push(TxnOp::Delete {
+                key: layout.snapshot_status(host, &snapshot.id),
+            });
+        }
         metrics.kv_write();
         match kv.txn(&ops).await {
             Ok(_) => return Ok(Committed::Done),
@@ -527,12 +554,16 @@ pub async fn check_ledger(
         .get_recurse(&layout.desired_prefix(host))
         .await
         .map_err(kv_error)?;
+    let snapshots = kv
+        .get_recurse(&layout.snapshot_desired_prefix(host))
+        .await
+        .map_err(kv_error)?;
     let check = compare_ledger(
         kv,
         &ledger_key,
         index,
         recorded,
-        &desired.value,
+        (&desired.value, &snapshots.value),
         seen_before,
         metrics,
     )
@@ -546,7 +577,7 @@ async fn compare_ledger(
     ledger_key: &str,
     index: u64,
     recorded: Ledger,
-    records: &[consul_kv::KvPair],
+    (records, snapshot_pairs): (&[consul_kv::KvPair], &[consul_kv::KvPair]),
     seen_before: Option<LedgerDrift>,
     metrics: &Metrics,
 ) -> Result<LedgerCheck, consul_kv::Error> {
@@ -562,6 +593,15 @@ async fn compare_ledger(
                     key: pair.key.clone(),
                 })
             }
+        }
+    }
+    // A snapshot reserves its size, not a volume slot.
+    for (key, record) in snapshot_records(snapshot_pairs) {
+        match record {
+            Ok((spec, _)) if computed.reserved.checked_add(spec.size).is_some() => {
+                computed.reserved = computed.reserved + spec.size;
+            }
+            _ => return Ok(LedgerCheck::Unknowable { key }),
         }
     }
     if computed == recorded {
@@ -582,5 +622,183 @@ async fn compare_ledger(
     } else {
         // Someone changed it meanwhile: look again next time.
         Ok(LedgerCheck::Consistent)
+    }
+}
+
+/// A snapshot record's key and, when it parses, the record and its
+/// `ModifyIndex` (else why not).
+pub type SnapshotRecord = (String, Result<(SnapshotSpec, u64), String>);
+
+/// A ledger's change in reserved bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerChange {
+    pub add: Bytes,
+    pub sub: Bytes,
+}
+
+/// Every snapshot record of a prefix read.
+pub fn snapshot_records(pairs: &[consul_kv::KvPair]) -> Vec<SnapshotRecord> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let record = serde_json::from_slice::<SnapshotSpec>(&pair.value)
+                .map(|spec| (spec, pair.modify_index))
+                .map_err(|e| e.to_string());
+            (pair.key.clone(), record)
+        })
+        .collect()
+}
+
+/// One txn that moves the host's ledger by `change` (CAS at
+/// the index read) together with `ops`. `Ok(false)`: one of `ops`' checks
+/// failed (a record changed), nothing written. A 409 on the ledger alone
+/// is retried.
+pub async fn ledger_txn(
+    kv: &ConsulKv,
+    layout: &Layout,
+    host: &HostId,
+    volume: &VolumeId,
+    change: LedgerChange,
+    ops: Vec<TxnOp>,
+    metrics: &Metrics,
+) -> Result<bool, CommitError> {
+    let LedgerChange { add, sub } = change;
+    let ledger_key = layout.host_ledger(host);
+    let kv_error = |source| CommitError::Kv {
+        id: volume.clone(),
+        source,
+    };
+    for _ in 0..COMMIT_ATTEMPTS {
+        let (index, ledger) = match kv.get(&ledger_key).await.map_err(kv_error)?.value {
+            None => (0, Ledger::default()),
+            Some(pair) => (
+                pair.modify_index,
+                serde_json::from_slice::<Ledger>(&pair.value).map_err(|e| {
+                    CommitError::LedgerMalformed {
+                        key: ledger_key.clone(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+        };
+        let after = Ledger {
+            reserved: ledger
+                .reserved
+                .saturating_sub(sub)
+                .checked_add(add)
+                .unwrap_or(Bytes(u64::MAX)),
+            volumes: ledger.volumes,
+        };
+        let mut all = vec![TxnOp::Cas {
+            key: ledger_key.clone(),
+            value: serde_json::to_vec(&after).expect("ledgers serialize"),
+            flags: 0,
+            index,
+        }];
+        all.extend(ops.iter().cloned());
+        metrics.kv_write();
+        match kv.txn(&all).await {
+            Ok(_) => return Ok(true),
+            Err(consul_kv::Error::TxnConflict { failures }) => {
+                if failures.iter().any(|f| f.op_index != 0) {
+                    return Ok(false);
+                }
+            }
+            Err(source) => return Err(kv_error(source)),
+        }
+    }
+    Err(CommitError::Contended {
+        key: ledger_key,
+        attempts: COMMIT_ATTEMPTS,
+    })
+}
+
+/// A new snapshot record and its reservation, in one txn (create-only).
+pub async fn put_snapshot_record(
+    kv: &ConsulKv,
+    layout: &Layout,
+    spec: &SnapshotSpec,
+    metrics: &Metrics,
+) -> Result<bool, CommitError> {
+    let ops = vec![TxnOp::Cas {
+        key: layout.snapshot_desired(&spec.host, &spec.id),
+        value: serde_json::to_vec(spec).expect("snapshot records serialize"),
+        flags: 0,
+        index: 0,
+    }];
+    ledger_txn(
+        kv,
+        layout,
+        &spec.host,
+        &spec.volume,
+        LedgerChange {
+            add: spec.size,
+            sub: Bytes::ZERO,
+        },
+        ops,
+        metrics,
+    )
+    .await
+}
+
+/// Removes a destroyed snapshot's records and returns its reservation:
+/// `check-index` on the record, so a retry cannot refund twice.
+pub async fn commit_snapshot_destroy(
+    kv: &ConsulKv,
+    layout: &Layout,
+    spec: &SnapshotSpec,
+    index: u64,
+    metrics: &Metrics,
+) -> Result<bool, CommitError> {
+    let key = layout.snapshot_desired(&spec.host, &spec.id);
+    let ops = vec![
+        TxnOp::CheckIndex {
+            key: key.clone(),
+            index,
+        },
+        TxnOp::Delete { key },
+        TxnOp::Delete {
+            key: layout.snapshot_status(&spec.host, &spec.id),
+        },
+    ];
+    ledger_txn(
+        kv,
+        layout,
+        &spec.host,
+        &spec.volume,
+        LedgerChange {
+            add: Bytes::ZERO,
+            sub: spec.size,
+        },
+        ops,
+        metrics,
+    )
+    .await
+}
+
+/// Sets a snapshot's status, guarded by its record's index.
+pub async fn put_snapshot_status(
+    kv: &ConsulKv,
+    layout: &Layout,
+    host: &HostId,
+    index: u64,
+    status: &SnapshotStatus,
+    metrics: &Metrics,
+) -> Result<(), consul_kv::Error> {
+    let ops = [
+        TxnOp::CheckIndex {
+            key: layout.snapshot_desired(host, &status.id),
+            index,
+        },
+        TxnOp::Set {
+            key: layout.snapshot_status(host, &status.id),
+            value: serde_json::to_vec(status).expect("snapshot statuses serialize"),
+            flags: 0,
+        },
+    ];
+    metrics.kv_write();
+    match kv.txn(&ops).await {
+        Ok(_) | Err(consul_kv::Error::TxnConflict { .. }) => Ok(()),
+        Err(other) => Err(other),
     }
 }

@@ -15,6 +15,7 @@
 //! * [`kv`]: status and host-record writes, the destroy txn.
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
+//! * [`snapshots`]: snapshot records converged, the schedule and retention.
 //! * [`instance`]: one daemon per volume group and per host id.
 //! * [`memory`]: thread stacks and malloc settings.
 //! * [`volume_autoextend`]: growing volumes at their usage threshold.
@@ -34,5 +35,6 @@ pub mod notify;
 pub mod plan;
 pub mod sealed;
 pub mod setup;
+pub mod snapshots;
 pub mod volume_autoextend;
 pub mod worker;

@@ -25,7 +25,17 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// What the reconcile loop measures the duration of.
-pub const OPERATIONS: [&str; 6] = ["full", "create", "open", "extend", "expose", "destroy"];
+pub const OPERATIONS: [&str; 9] = [
+    "full",
+    "create",
+    "open",
+    "extend",
+    "expose",
+    "destroy",
+    "restore",
+    "snapshot",
+    "snapshot_destroy",
+];
 
 const STATES: [VolumeState; 6] = [
     VolumeState::Creating,
@@ -94,6 +104,9 @@ pub struct Metrics {
     kv_up: Gauge,
     orphans: Gauge,
     stray_keys: Gauge,
+    snapshots: Gauge,
+    snapshot_bytes: Gauge,
+    orphan_snapshots: Gauge,
     volumes: Family<StateLabel, Gauge>,
     durations: Durations,
     errors: Family<KindLabel, Counter>,
@@ -125,6 +138,9 @@ impl Default for Metrics {
             kv_up: Gauge::default(),
             orphans: Gauge::default(),
             stray_keys: Gauge::default(),
+            snapshots: Gauge::default(),
+            snapshot_bytes: Gauge::default(),
+            orphan_snapshots: Gauge::default(),
             volumes: Family::default(),
             durations: Durations::new_with_constructor(duration_histogram),
             errors: Family::default(),
@@ -195,6 +211,21 @@ impl Default for Metrics {
             "volumed_orphan_volumes",
             "Our LVs with no desired record (never deleted without gc)",
             metrics.orphans.clone(),
+        );
+        r.register(
+            "volumed_snapshots",
+            "Snapshots in the pool",
+            metrics.snapshots.clone(),
+        );
+        r.register(
+            "volumed_snapshot_bytes",
+            "Virtual size of the snapshots in the pool (what they count in capacity)",
+            metrics.snapshot_bytes.clone(),
+        );
+        r.register(
+            "volumed_orphan_snapshots",
+            "Our snapshot LVs with no snapshot record (never deleted without gc)",
+            metrics.orphan_snapshots.clone(),
         );
         r.register(
             "volumed_stray_desired_keys",
@@ -345,6 +376,23 @@ impl Metrics {
 
     pub fn orphans(&self) -> u64 {
         u64::try_from(self.orphans.get()).unwrap_or(0)
+    }
+
+    /// Snapshots in the pool: how many, their virtual size, and how many
+    /// have no record.
+    pub fn set_snapshots(&self, count: usize, bytes: u64, orphans: usize) {
+        self.snapshots.set(gauge_value(count as u64));
+        self.snapshot_bytes.set(gauge_value(bytes));
+        self.orphan_snapshots.set(gauge_value(orphans as u64));
+    }
+
+    pub fn snapshots(&self) -> (u64, u64, u64) {
+        let read = |g: &Gauge| u64::try_from(g.get()).unwrap_or(0);
+        (
+            read(&self.snapshots),
+            read(&self.snapshot_bytes),
+            read(&self.orphan_snapshots),
+        )
     }
 
     pub fn set_stray_keys(&self, count: usize) {

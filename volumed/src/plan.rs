@@ -283,6 +283,8 @@ mod tests {
             encrypted: true,
             created_ms: 1,
             destroy: false,
+            source: None,
+            snapshots: Default::default(),
             auto_extend: None,
         }
     }

@@ -435,6 +435,8 @@ mod tests {
             encrypted: true,
             created_ms: 1,
             destroy: false,
+            source: None,
+            snapshots: Default::default(),
             auto_extend: rule,
         }
     }

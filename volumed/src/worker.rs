@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use volume_control::layout::{Layout, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, VolumeSource, VolumeState, VolumeStatus};
 use volume_core::actions::ExtendAction;
 use volume_core::host::{self, Encryption, HostError, VolumeHost};
 use volume_core::jail::{JailPath, NodeOwner};
@@ -129,6 +129,12 @@ fn classify(error: &HostError) -> Retry {
             Retry::Backoff
         }
         HostError::Admission { .. } => Retry::WhenSpaceFrees,
+        // Something held a just-restored volume's device: try again.
+        HostError::FsCheck { source, .. }
+            if matches!(**source, volume_core::fs::FsError::Busy { .. }) =>
+        {
+            Retry::Backoff
+        }
         // LVM reads, and a mapping or node held by a VM that will stop.
         HostError::PoolStatus(_)
         | HostError::List(_)
@@ -273,14 +279,39 @@ async fn converge(
                 Encryption::None
             },
         };
-        match on_host(&ctx.host, move |host| host.create(&volume)).await {
+        let source = spec.source.clone();
+        let made = on_host(&ctx.host, move |host| match source {
+            None => host.create(&volume),
+            Some(source) => {
+                let (origin, snapshot) = match source {
+                    VolumeSource::Snapshot { snapshot } => (None, snapshot),
+                    VolumeSource::Fork { volume, snapshot } => (Some(volume), snapshot),
+                };
+                let restore = host::Restore {
+                    snapshot,
+                    id: volume.id.clone(),
+                    name: volume.name.clone(),
+                    size: Some(volume.size),
+                };
+                match origin {
+                    None => host.restore(&restore),
+                    Some(origin) => host.fork(&origin, &restore, &mut host::NoFreeze),
+                }
+            }
+        });
+        match made.await {
             Ok(created) => {
                 run.changed |= created.changed();
                 if created.changed() {
                     tracing::info!(volume = %id, size = %spec.size, encrypted = spec.encrypted, "volume created");
                 }
                 observed = Some(created.into_inner());
-                ctx.metrics.observe("create", started.elapsed());
+                let operation = if spec.source.is_some() {
+                    "restore"
+                } else {
+                    "create"
+                };
+                ctx.metrics.observe(operation, started.elapsed());
             }
             Err(error) => {
                 // A failed create rolled back (or left a resumable half):

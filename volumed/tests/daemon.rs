@@ -183,6 +183,8 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
         encrypted,
         created_ms: 1,
         destroy: false,
+        source: None,
+        snapshots: Default::default(),
         auto_extend: None,
     }
 }
@@ -1112,6 +1114,16 @@ impl ThinBackend for HookBackend {
     ) -> Result<volume_core::pool_growth::PoolGrowth, BackendError> {
         self.inner.grow_pool(part, by)
     }
+
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: volume_core::backend::ThinCopy,
+        tags: &[String],
+    ) -> Result<volume_core::actions::CreateAction<ThinVolume>, BackendError> {
+        self.inner.snapshot_thin(origin, copy, kind, tags)
+    }
 }
 
 fn plain_volume(spec: &VolumeSpec) -> host::NewVolume {
@@ -1495,5 +1507,277 @@ async fn volumes_auto_extend_at_their_threshold_within_the_ledger() {
         text.contains("volumed_volume_autoextend_total{outcome=\"grown\"} 4\n"),
         "{text}"
     );
+    daemon.running.stop().await.unwrap();
+}
+
+/// Every snapshot record of the host and its `ModifyIndex`.
+async fn snapshot_records(kv: &ConsulKv) -> Vec<volume_control::layout::SnapshotSpec> {
+    let pairs = kv
+        .get_recurse(&Layout::default().snapshot_desired_prefix(&host_id()))
+        .await
+        .unwrap()
+        .value;
+    volumed::kv::snapshot_records(&pairs)
+        .into_iter()
+        .map(|(_, record)| record.unwrap().0)
+        .collect()
+}
+
+async fn snapshot_state(
+    kv: &ConsulKv,
+    id: &volume_core::names::SnapshotId,
+) -> Option<volume_control::layout::SnapshotState> {
+    let key = Layout::default().snapshot_status(&host_id(), id);
+    let pair = kv.get(&key).await.ok()?.value?;
+    let status: volume_control::layout::SnapshotStatus =
+        serde_json::from_slice(&pair.value).unwrap();
+    Some(status.state)
+}
+
+fn snapshot_lvs(sim: &SimHost) -> usize {
+    sim.sim
+        .list_thins()
+        .unwrap()
+        .iter()
+        .filter(|v| volume_core::names::SnapshotId::from_lv_name(&v.lv).is_some())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_restores_forks_schedules_and_destroys_converge() {
+    use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
+    use volume_core::names::SnapshotId;
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&[
+            "--snapshot-period",
+            "2s",
+            "--snapshot-check-interval",
+            "200ms",
+        ]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    let layout = Layout::default();
+    let mut origin = spec(Bytes(2 * GIB), true);
+    origin.snapshots = SnapshotSchedule::new(true, 1).unwrap();
+    put_spec(&kv, &origin).await;
+    put_ledger(
+        &kv,
+        Ledger {
+            reserved: origin.size,
+            volumes: 1,
+        },
+    )
+    .await;
+    wait_state(&kv, &origin.id, VolumeState::Ready).await;
+
+    // On demand: a record with its reservation; volumed takes it.
+    let on_demand = SnapshotSpec {
+        id: SnapshotId::generate(),
+        volume: origin.id.clone(),
+        host: host_id(),
+        size: origin.size,
+        created_ms: 1,
+        scheduled: false,
+        destroy: false,
+    };
+    assert!(
+        volumed::kv::put_snapshot_record(&kv, &layout, &on_demand, &metrics)
+            .await
+            .unwrap()
+    );
+    wait_for("the on-demand snapshot ready", || async {
+        (snapshot_state(&kv, &on_demand.id).await == Some(SnapshotState::Ready)).then_some(())
+    })
+    .await;
+
+    // Restore it, bigger, and fork the live volume.
+    let mut restored = spec(Bytes(3 * GIB), true);
+    restored.source = Some(VolumeSource::Snapshot {
+        snapshot: on_demand.id.clone(),
+    });
+    let reserve = |size| {
+        let (kv, layout, metrics) = (kv.clone(), layout.clone(), metrics.clone());
+        async move {
+            let volume = VolumeId::generate();
+            let change = volumed::kv::LedgerChange {
+                add: size,
+                sub: Bytes::ZERO,
+            };
+            assert!(volumed::kv::ledger_txn(
+                &kv,
+                &layout,
+                &host_id(),
+                &volume,
+                change,
+                vec![],
+                &metrics
+            )
+            .await
+            .unwrap());
+        }
+    };
+    reserve(restored.size).await;
+    put_spec(&kv, &restored).await;
+    let mut fork = spec(Bytes(2 * GIB), true);
+    reserve(fork.size).await;
+    fork.source = Some(VolumeSource::Fork {
+        volume: origin.id.clone(),
+        snapshot: SnapshotId::generate(),
+    });
+    put_spec(&kv, &fork).await;
+    let ready = wait_state(&kv, &restored.id, VolumeState::Ready).await;
+    assert_eq!(ready.size, Bytes(3 * GIB));
+    wait_state(&kv, &fork.id, VolumeState::Ready).await;
+
+    // Scheduled every 2 s, kept one period: several taken, old ones pruned.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let scheduled: Vec<SnapshotSpec> = snapshot_records(&kv)
+            .await
+            .into_iter()
+            .filter(|s| s.scheduled)
+            .collect();
+        assert!(scheduled.len() <= 3, "retention keeps few: {scheduled:?}");
+        seen.extend(scheduled.iter().map(|s| s.id.clone()));
+        if seen.len() >= 3 && scheduled.len() < seen.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for scheduled snapshots"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (count, bytes, orphans) = metrics.snapshots();
+    assert!(count >= 1 && bytes >= 2 * GIB, "{count} {bytes}");
+    assert_eq!(orphans, 0);
+
+    // Destroying the origin takes its snapshots, their records and their
+    // reservations; the restore and the fork stay.
+    let mut destroy = origin.clone();
+    destroy.destroy = true;
+    put_spec(&kv, &destroy).await;
+    wait_for("the origin and its snapshots gone", || async {
+        let gone = status(&kv, &origin.id).await.is_none();
+        let records = snapshot_records(&kv).await;
+        (gone && records.is_empty() && snapshot_lvs(&sim) == 0).then_some(())
+    })
+    .await;
+    assert!(!sim.lvs().contains(&origin.id));
+    assert!(sim.lvs().contains(&restored.id) && sim.lvs().contains(&fork.id));
+    // Every reservation of the origin and its snapshots came back.
+    let (now, _) = ledger(&kv).await;
+    assert_eq!(now.reserved, restored.size + fork.size);
+    daemon.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volctl_snapshots_restore_fork_update_and_hosts() {
+    let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)), None).await;
+    let kv = client(server.local_addr());
+    let sim = SimHost::local();
+    let metrics = Arc::new(Metrics::default());
+    let daemon = start_daemon(
+        config(&["--snapshot-check-interval", "100ms"]),
+        sim.volume_host(&metrics),
+        kv.clone(),
+        metrics.clone(),
+    );
+    wait_for("the host record", || async { host_record(&kv).await }).await;
+    let json = |out: &str| serde_json::from_str::<serde_json::Value>(out).unwrap();
+
+    let (result, out) = volctl(
+        &kv,
+        &["create", "data", "--size", "2", "--region", "ewr", "--json"],
+    )
+    .await;
+    result.unwrap();
+    let origin = json(&out)[0]["id"].as_str().unwrap().to_owned();
+
+    let (result, out) = volctl(&kv, &["snapshots", "create", &origin, "--json"]).await;
+    result.unwrap();
+    let taken = json(&out);
+    assert_eq!(taken["state"], "ready", "{out}");
+    let snapshot = taken["id"].as_str().unwrap().to_owned();
+    let (result, out) = volctl(&kv, &["snapshots", "list", &origin, "--json"]).await;
+    result.unwrap();
+    assert_eq!(json(&out).as_array().unwrap().len(), 1, "{out}");
+    let (result, out) = volctl(&kv, &["hosts", "--json"]).await;
+    result.unwrap();
+    let host = &json(&out)[0];
+    assert_eq!(host["snapshots"], 1, "{out}");
+    assert_eq!(host["snapshot_bytes"], 2_000_000_000u64, "{out}");
+    assert_eq!(host["ledger"]["reserved"], 4_000_000_000u64, "{out}");
+    let (result, out) = volctl(&kv, &["hosts"]).await;
+    result.unwrap();
+    assert!(
+        out.contains("SNAPSHOTS") && out.contains("1 (2 GB)"),
+        "{out}"
+    );
+
+    // Restore: smaller than the snapshot is refused, bigger is grown.
+    let (result, _) = volctl(
+        &kv,
+        &["create", "small", "--snapshot-id", &snapshot, "--size", "1"],
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert_eq!(error.exit_code(), 2, "{error}");
+    let (result, out) = volctl(
+        &kv,
+        &[
+            "create",
+            "restored",
+            "--snapshot-id",
+            &snapshot,
+            "--size",
+            "3",
+            "--json",
+        ],
+    )
+    .await;
+    result.unwrap();
+    assert!(out.contains("\"ready\""), "{out}");
+    let (result, out) = volctl(&kv, &["fork", &origin, "--name", "forked", "--json"]).await;
+    result.unwrap();
+    assert!(out.contains("\"ready\"") && out.contains("forked"), "{out}");
+    // The fork's own snapshot is gone again.
+    wait_for("only the on-demand snapshot LV left", || async {
+        (snapshot_lvs(&sim) == 1).then_some(())
+    })
+    .await;
+
+    let (result, out) = volctl(
+        &kv,
+        &[
+            "update",
+            &origin,
+            "--scheduled-snapshots=true",
+            "--snapshot-retention",
+            "3",
+        ],
+    )
+    .await;
+    result.unwrap();
+    assert!(
+        out.contains("scheduled snapshots: on, kept 3 day(s)"),
+        "{out}"
+    );
+
+    let (result, out) = volctl(&kv, &["snapshots", "destroy", &snapshot]).await;
+    result.unwrap();
+    assert!(out.contains("destroyed"), "{out}");
+    assert_eq!(snapshot_lvs(&sim), 0);
+    let (ledger_now, _) = ledger(&kv).await;
+    assert_eq!(ledger_now.reserved, Bytes(7_000_000_000), "2 + 3 + 2 GB");
+    let (result, _) = volctl(&kv, &["snapshots", "destroy", &snapshot]).await;
+    assert_eq!(result.unwrap_err().exit_code(), 5, "gone: not found");
     daemon.running.stop().await.unwrap();
 }

@@ -28,7 +28,10 @@ pub struct Race {
 /// How one create ended.
 #[derive(Debug)]
 pub enum Ended {
-    Placed { spec: VolumeSpec, attempts: u32 },
+    Placed {
+        spec: Box<VolumeSpec>,
+        attempts: u32,
+    },
     NoRoom,
     Contended,
     Failed(String),
@@ -103,6 +106,7 @@ pub async fn run(kv: &ConsulKv, race: Race) -> Outcome {
         pinned_host: None,
         id_from_caller: false,
         auto_extend: None,
+        source: None,
     };
     let started = Instant::now();
     let tasks: Vec<_> = (0..race.creates)
@@ -115,7 +119,7 @@ pub async fn run(kv: &ConsulKv, race: Race) -> Outcome {
                 let id = VolumeId::generate();
                 let ended = match reserve::reserve(&ctx, &request, &id, &mut ui).await {
                     Ok(reserved) => Ended::Placed {
-                        spec: reserved.spec,
+                        spec: Box::new(reserved.spec),
                         attempts: reserved.attempts,
                     },
                     Err(CliError::NoPlacement(_)) => Ended::NoRoom,
@@ -150,7 +154,7 @@ pub async fn run(kv: &ConsulKv, race: Race) -> Outcome {
                 outcome.most_attempts = outcome.most_attempts.max(attempts);
                 outcome.last_placed_after = outcome.last_placed_after.max(at);
                 durations.push(took);
-                placed_specs.push(spec);
+                placed_specs.push(*spec);
             }
             Ended::NoRoom => outcome.no_room += 1,
             Ended::Contended => outcome.contended += 1,

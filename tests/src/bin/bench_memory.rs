@@ -422,6 +422,8 @@ fn main() {
             created_ms: 1,
             destroy: false,
             auto_extend: None,
+            source: None,
+            snapshots: Default::default(),
         })
         .collect();
     kv.put(

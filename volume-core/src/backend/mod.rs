@@ -162,6 +162,18 @@ fn lines_or_none(lines: &[String]) -> String {
     }
 }
 
+/// What a thin snapshot of one of our LVs is made as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThinCopy {
+    /// A kept snapshot: read-only, with LVM's activation skip set and not
+    /// activated, so it holds no device-mapper device and nothing can
+    /// write to it.
+    Snapshot,
+    /// A new volume from a snapshot (a restore): writable, activation skip
+    /// cleared, and active.
+    Volume,
+}
+
 /// What the volume layer needs from a thin pool. All methods are idempotent.
 pub trait ThinBackend: Send + Sync {
     /// The pool this backend manages.
@@ -196,6 +208,21 @@ pub trait ThinBackend: Send + Sync {
 
     /// Activates one of our LVs (after a host restart) and returns its device.
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError>;
+
+    /// Makes `copy`, a thin snapshot of our thin LV `origin` in the same pool,
+    /// carrying [`crate::names::OWNER_TAG`] plus `tags` (LVM copies no tags
+    /// from the origin). Metadata only, in constant time whatever was
+    /// written. LVM suspends an active origin around the pool's
+    /// `create_snap` message and resumes it, so every write completed
+    /// before is in the copy and none is torn. An LV of ours already named
+    /// `copy` is `Identity` (names are random ids: the same request).
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: ThinCopy,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError>;
 
     /// Grows the pool's data or metadata by `by` (rounded up to extents),
     /// or by what the VG has free if that is less. Not one extent free is

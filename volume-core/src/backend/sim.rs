@@ -2,7 +2,7 @@
 //! backend, for fast tests of everything above the backend.
 
 use super::shared::{self, FoundLv};
-use super::{BackendError, PoolStatus, ThinBackend, ThinPoolSpec, ThinVolume};
+use super::{BackendError, PoolStatus, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::health::{PoolHealth, VolumeHealth};
@@ -351,6 +351,50 @@ impl ThinBackend for SimBackend {
             from,
             to: from + by,
         })
+    }
+
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: ThinCopy,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError> {
+        shared::check_our_name(origin)?;
+        shared::check_our_name(copy)?;
+        for tag in tags {
+            shared::check_tag(tag)?;
+        }
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        if let Some(existing) = self.find(&state, copy) {
+            return Ok(CreateAction::Identity(shared::require_ours(
+                &self.spec, existing,
+            )?));
+        }
+        let found = self
+            .find(&state, origin)
+            .ok_or_else(|| self.not_found(origin))?;
+        let source = shared::require_ours(&self.spec, found)?;
+        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
+        all_tags.insert(OWNER_TAG.to_owned());
+        let volume = ThinVolume {
+            lv: copy.clone(),
+            virtual_size: source.virtual_size,
+            // An inactive LV reports no data% (see `thin_volume`).
+            data_percent: match kind {
+                ThinCopy::Snapshot => Percent::ZERO,
+                ThinCopy::Volume => source.data_percent,
+            },
+            tags: all_tags,
+            // As LVM: a kept snapshot is not activated.
+            device: (kind == ThinCopy::Volume).then(|| self.device_of(copy)),
+            health: VolumeHealth::Healthy,
+        };
+        state.volumes.insert(copy.clone(), volume.clone());
+        state.calls.changes += 1;
+        Ok(CreateAction::Created(volume))
     }
 }
 

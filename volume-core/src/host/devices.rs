@@ -9,7 +9,7 @@ use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
 use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
-use crate::names::VolumeId;
+use crate::names::{LvName, VolumeId};
 use std::path::{Path, PathBuf};
 
 /// LUKS2, ext4 and device-number operations on one volume's devices. All
@@ -65,6 +65,24 @@ pub trait VolumeDevices: Send + Sync {
 
     /// The current `st_rdev` of a block device.
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError>;
+
+    /// The pool has made `copy` a thin snapshot of `origin`: block for
+    /// block the same content. Real devices need nothing (the pool shares
+    /// the blocks); the simulator copies its model of the content.
+    fn lv_copied(&self, origin: &LvName, copy: &LvName);
+
+    /// Makes the LUKS2 header on `lv_device`, copied from volume `from`,
+    /// volume `to`'s; see [`crate::crypt::adopt_header`].
+    fn adopt_header(
+        &self,
+        lv_device: &Path,
+        from: &VolumeId,
+        to: &VolumeId,
+    ) -> Result<CreateAction<()>, CryptError>;
+
+    /// Replays the journal of a restored copy and fixes what a crash
+    /// safely leaves; see [`crate::fs::check_ext4`].
+    fn check_fs(&self, device: &Path) -> Result<(), FsError>;
 }
 
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
@@ -171,5 +189,20 @@ impl VolumeDevices for RealDevices {
 
     fn device_number(&self, device: &Path) -> Result<DeviceNumber, JailError> {
         jail::device_number(device)
+    }
+
+    fn lv_copied(&self, _origin: &LvName, _copy: &LvName) {}
+
+    fn adopt_header(
+        &self,
+        lv_device: &Path,
+        from: &VolumeId,
+        to: &VolumeId,
+    ) -> Result<CreateAction<()>, CryptError> {
+        crypt::adopt_header(lv_device, from, to)
+    }
+
+    fn check_fs(&self, device: &Path) -> Result<(), FsError> {
+        fs::check_ext4(&self.tools, device)
     }
 }

@@ -73,6 +73,8 @@ pub mod devices;
 pub mod faults;
 #[cfg(feature = "testing")]
 pub mod sim;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod steps;
 #[cfg(test)]
 mod tests;
@@ -81,6 +83,7 @@ pub use devices::{RealDevices, VolumeDevices};
 #[cfg(feature = "testing")]
 pub use faults::{Fault, FaultInjector, FaultPlan};
 pub use progress::{Encryption, Progress};
+pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore};
 pub use steps::Step;
 pub use volume_model::progress;
 
@@ -95,7 +98,7 @@ use crate::health::PoolHealth;
 use crate::health::VolumeHealth;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
-use crate::names::{VolumeId, VolumeName};
+use crate::names::{SnapshotId, VolumeId, VolumeName};
 use crate::units::{Bytes, ExtentSize, Percent, UnitError};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -162,6 +165,9 @@ macro_rules! failed_at {
         }
     };
 }
+
+// After `failed_at!`, which it uses.
+pub mod snapshots;
 
 /// One variant per failing step. None carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +325,68 @@ pub enum HostError {
         id: VolumeId,
         #[source]
         source: Box<JailError>,
+    },
+    #[error("snapshot {snapshot}: no such snapshot")]
+    SnapshotNotFound { snapshot: SnapshotId },
+    #[error(
+        "snapshot {snapshot} has unreadable tags {tags:?} (no origin volume); refusing to guess"
+    )]
+    UnreadableSnapshot {
+        snapshot: SnapshotId,
+        tags: Vec<String>,
+    },
+    #[error("snapshot {snapshot} exists as a snapshot of volume {existing}, not of {requested}; nothing changed")]
+    SnapshotOfOther {
+        snapshot: SnapshotId,
+        existing: String,
+        requested: VolumeId,
+    },
+    #[error("volume {id}: the freeze hook failed before snapshot {snapshot}: {reason}")]
+    Freeze {
+        id: VolumeId,
+        snapshot: SnapshotId,
+        reason: String,
+    },
+    #[error("volume {id}: taking snapshot {snapshot} failed: {source}")]
+    SnapshotCreate {
+        id: VolumeId,
+        snapshot: SnapshotId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("snapshot {snapshot}: removing it failed: {source}")]
+    SnapshotRemove {
+        snapshot: SnapshotId,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("volume {id}: {} bytes is smaller than snapshot {snapshot} ({} bytes); a restore is at least the snapshot's size", size.0, snapshot_size.0)]
+    RestoreTooSmall {
+        id: VolumeId,
+        snapshot: SnapshotId,
+        size: Bytes,
+        snapshot_size: Bytes,
+    },
+    #[error("volume {id} is being restored from a snapshot; re-run the restore to finish it or delete it")]
+    RestoreUnfinished { id: VolumeId },
+    #[error("volume {id}: copying the data key of volume {origin} failed: {source}")]
+    KeyCopy {
+        id: VolumeId,
+        origin: VolumeId,
+        #[source]
+        source: Box<KeyError>,
+    },
+    #[error("volume {id}: adopting the restored LUKS2 header failed: {source}")]
+    HeaderAdopt {
+        id: VolumeId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("volume {id}: checking the restored filesystem failed: {source}")]
+    FsCheck {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
     },
     #[cfg(feature = "testing")]
     #[error("volume {id}: injected failure after step {step}")]
@@ -686,6 +754,11 @@ impl VolumeHost {
                 let _ = self.teardown(id, existing.take(), fate)?;
             }
         }
+        if let Some(volume) = &existing {
+            if progress::step(&volume.tags) == Some(Progress::Restoring) {
+                return Err(HostError::RestoreUnfinished { id: id.clone() });
+            }
+        }
         match &existing {
             Some(volume) => {
                 Self::check_spec(spec, volume)?;
@@ -931,11 +1004,18 @@ impl VolumeHost {
         self.step(id, Step::CryptClosed)?;
         if existing.is_some() {
             let lv_device = self.activate(id)?;
-            changed |= self
-                .devices
-                .erase(&lv_device, id, encrypted)
-                .map_err(failed_at!(CryptErase, id))?
-                .changed();
+            let restoring = existing
+                .as_ref()
+                .and_then(|volume| progress::restored_from(&volume.tags))
+                .is_some();
+            changed |= match self.devices.erase(&lv_device, id, encrypted) {
+                // A restore that had not adopted its copy of the origin's
+                // header yet: that header is the origin's, opened by the
+                // origin's key, and not ours to erase; the LV goes anyway.
+                Err(CryptError::ForeignHeader { .. }) if restoring => DeleteAction::Identity,
+                erased => erased.map_err(failed_at!(CryptErase, id))?,
+            }
+            .changed();
             self.step(id, Step::HeaderErased)?;
             changed |= self
                 .backend
@@ -965,6 +1045,9 @@ impl VolumeHost {
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
         let existing = self.find(id)?;
+        // Its snapshots first: they hold its data under its key, which the
+        // teardown destroys.
+        let _ = self.destroy_snapshots_of(id)?;
         self.teardown(id, existing, KeyFate::Destroy)
     }
 

@@ -10,7 +10,7 @@ use crate::crypt::{CryptError, FormatGuard};
 use crate::fs::{FsError, GrowOutcome};
 use crate::jail::{DeviceNumber, JailError};
 use crate::keys::VolumeKey;
-use crate::names::{DmName, VolumeId};
+use crate::names::{DmName, LvName, SnapshotId, VolumeId};
 use crate::units::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,17 @@ struct SimHeader {
     fs: Option<SimFs>,
 }
 
+/// A snapshot copies the header block for block, key slot included.
+impl Clone for SimHeader {
+    fn clone(&self) -> SimHeader {
+        SimHeader {
+            owner: self.owner.clone(),
+            key: VolumeKey::from_bytes(self.key.expose_secret()).expect("64 bytes"),
+            fs: self.fs.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SimFs {
     owner: VolumeId,
@@ -42,7 +53,7 @@ struct SimMapping {
 }
 
 /// What an LV device holds.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct SimLv {
     header: Option<SimHeader>,
     plain_fs: Option<SimFs>,
@@ -104,12 +115,33 @@ impl SimDevices {
         self.lock().mappings.keys().cloned().collect()
     }
 
-    /// LV devices holding any header or filesystem.
+    /// LV devices holding any header or filesystem. A removed snapshot's
+    /// content is gone with its LV: snapshots are read-only and never
+    /// erased (their data is under their volume's key).
     pub fn devices_with_content(&self) -> Vec<PathBuf> {
+        let vg = &self.backend.spec().vg;
+        let live: Vec<PathBuf> = self
+            .backend
+            .list_thins()
+            .map(|lvs| {
+                lvs.into_iter()
+                    .map(|v| PathBuf::from(format!("/dev/{vg}/{}", v.lv)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let removed_snapshot = |path: &Path| {
+            let snapshot = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| LvName::new(n).ok())
+                .and_then(|lv| SnapshotId::from_lv_name(&lv));
+            snapshot.is_some() && !live.iter().any(|l| l == path)
+        };
         self.lock()
             .lvs
             .iter()
             .filter(|(_, lv)| lv.header.is_some() || lv.plain_fs.is_some() || lv.foreign.is_some())
+            .filter(|(path, _)| !removed_snapshot(path))
             .map(|(path, _)| path.clone())
             .collect()
     }
@@ -454,5 +486,60 @@ impl VolumeDevices for SimDevices {
         let rdev = DeviceNumber::new(DM_MAJOR, state.next_minor);
         state.lv_numbers.insert(device.to_owned(), rdev);
         Ok(rdev)
+    }
+
+    fn lv_copied(&self, origin: &LvName, copy: &LvName) {
+        let vg = &self.backend.spec().vg;
+        let path = |lv: &LvName| PathBuf::from(format!("/dev/{vg}/{lv}"));
+        let mut state = self.lock();
+        if let Some(content) = state.lvs.get(&path(origin)).cloned() {
+            state.lvs.insert(path(copy), content);
+        }
+    }
+
+    fn adopt_header(
+        &self,
+        lv_device: &Path,
+        from: &VolumeId,
+        to: &VolumeId,
+    ) -> Result<CreateAction<()>, CryptError> {
+        let mut state = self.lock();
+        let header = state
+            .lvs
+            .get_mut(lv_device)
+            .and_then(|lv| lv.header.as_mut());
+        match header {
+            Some(header) if header.owner == *to => Ok(CreateAction::Identity(())),
+            Some(header) if header.owner == *from => {
+                header.owner = to.clone();
+                Ok(CreateAction::Created(()))
+            }
+            Some(header) => Err(CryptError::ForeignHeader {
+                device: lv_device.to_owned(),
+                found: header.owner.to_string(),
+                expected: from.to_string(),
+            }),
+            None => Err(CryptError::NotFormatted {
+                device: lv_device.to_owned(),
+                detail: Default::default(),
+            }),
+        }
+    }
+
+    fn check_fs(&self, device: &Path) -> Result<(), FsError> {
+        let (lv_device, mapping, _) = self.fs_target(device)?;
+        let state = self.lock();
+        let lv = state.lvs.get(&lv_device);
+        let fs = match (&mapping, lv.and_then(|lv| lv.header.as_ref())) {
+            (Some(_), Some(header)) => header.fs.as_ref(),
+            _ => lv.and_then(|lv| lv.plain_fs.as_ref()),
+        };
+        match fs {
+            Some(_) => Ok(()),
+            None => Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: "no known signature".into(),
+            }),
+        }
     }
 }

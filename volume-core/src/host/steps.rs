@@ -29,6 +29,12 @@ pub enum Step {
     HeaderErased,
     LvRemoved,
     KeyDestroyed,
+    // snapshots, restore and fork
+    SnapshotTaken,
+    SnapshotRemoved,
+    KeyCopied,
+    HeaderAdopted,
+    FsChecked,
 }
 
 impl Step {
@@ -53,6 +59,22 @@ impl Step {
         Step::HeaderErased,
         Step::LvRemoved,
         Step::KeyDestroyed,
+    ];
+}
+
+impl Step {
+    /// The steps of a restore of an encrypted snapshot into a bigger
+    /// volume, in order.
+    pub const RESTORE_ENCRYPTED: [Step; 9] = [
+        Step::KeyCopied,
+        Step::LvCreated,
+        Step::LvExtended,
+        Step::HeaderAdopted,
+        Step::CryptOpened,
+        Step::CryptResized,
+        Step::FsChecked,
+        Step::FsGrown,
+        Step::ProgressReady,
     ];
 }
 

@@ -10,13 +10,13 @@ use crate::names::{LvName, VgName};
 use crate::units::GIB;
 use std::path::Path;
 
-struct Harness {
-    backend: Arc<SimBackend>,
-    devices: Arc<SimDevices>,
-    keys: Arc<LocalKeyDir>,
-    plan: Arc<FaultPlan>,
-    host: VolumeHost,
-    dir: tempfile::TempDir,
+pub(super) struct Harness {
+    pub(super) backend: Arc<SimBackend>,
+    pub(super) devices: Arc<SimDevices>,
+    pub(super) keys: Arc<LocalKeyDir>,
+    pub(super) plan: Arc<FaultPlan>,
+    pub(super) host: VolumeHost,
+    pub(super) dir: tempfile::TempDir,
 }
 
 const OWNER: NodeOwner = NodeOwner {
@@ -24,7 +24,7 @@ const OWNER: NodeOwner = NodeOwner {
     gid: 1000,
 };
 
-fn harness_with(policy: CapacityPolicy) -> Harness {
+pub(super) fn harness_with(policy: CapacityPolicy) -> Harness {
     let mut spec = ThinPoolSpec::new(
         VgName::new("vg0").unwrap(),
         LvName::new("pool0").unwrap(),
@@ -51,11 +51,11 @@ fn harness_with(policy: CapacityPolicy) -> Harness {
     }
 }
 
-fn harness() -> Harness {
+pub(super) fn harness() -> Harness {
     harness_with(CapacityPolicy::default())
 }
 
-fn spec(encryption: Encryption) -> NewVolume {
+pub(super) fn spec(encryption: Encryption) -> NewVolume {
     NewVolume {
         id: VolumeId::generate(),
         name: VolumeName::new("data").unwrap(),
@@ -69,7 +69,7 @@ impl Harness {
         JailPath::new(self.dir.path(), format!("dev/{name}")).unwrap()
     }
 
-    fn key_files(&self) -> Vec<String> {
+    pub(super) fn key_files(&self) -> Vec<String> {
         std::fs::read_dir(self.dir.path().join("keys"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -84,7 +84,7 @@ impl Harness {
     }
 
     /// No LV, mapping, header, filesystem, key or node is left.
-    fn assert_clean(&self) {
+    pub(super) fn assert_clean(&self) {
         assert!(self.backend.list_thins().unwrap().is_empty(), "orphan LV");
         assert!(self.devices.mappings().is_empty(), "orphan mapping");
         assert!(
@@ -103,7 +103,7 @@ impl Harness {
         );
     }
 
-    fn assert_ready(&self, spec: &NewVolume) -> LocalVolume {
+    pub(super) fn assert_ready(&self, spec: &NewVolume) -> LocalVolume {
         let status = self
             .host
             .list()

@@ -65,6 +65,8 @@ fn spec(host: &HostId, size: Bytes) -> VolumeSpec {
         encrypted: true,
         created_ms: 0,
         destroy: false,
+        source: None,
+        snapshots: Default::default(),
         auto_extend: None,
     }
 }

@@ -14,7 +14,9 @@ pub mod runner;
 use self::report::{LvKind, LvRecord, VgRecord};
 use self::runner::{CommandLine, CommandLineBuilder, LvmRunner};
 use super::shared::{self, FoundLv};
-use super::{BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinPoolSpec, ThinVolume};
+use super::{
+    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
+};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::health::VolumeHealth;
@@ -661,6 +663,66 @@ impl ThinBackend for LvmBackend {
             from,
             to: from + by,
         })
+    }
+
+    fn snapshot_thin(
+        &self,
+        origin: &LvName,
+        copy: &LvName,
+        kind: ThinCopy,
+        tags: &[String],
+    ) -> Result<CreateAction<ThinVolume>, BackendError> {
+        shared::check_our_name(origin)?;
+        shared::check_our_name(copy)?;
+        for tag in tags {
+            shared::check_tag(tag)?;
+        }
+        let _operation = self.lock();
+        let view = self.read_vg()?;
+        view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        if let Some(existing) = view.find(copy)? {
+            return Ok(CreateAction::Identity(shared::require_ours(
+                &self.spec, existing,
+            )?));
+        }
+        let found = view.find(origin)?.ok_or_else(|| self.not_found(origin))?;
+        let source = shared::require_ours(&self.spec, found)?;
+        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
+        all_tags.insert(OWNER_TAG.to_owned());
+        // No size: a snapshot of a thin LV is a thin snapshot (LVM checks for
+        // the old snapshot target first, so dm-snapshot must be loadable).
+        let (permission, skip, activate) = match kind {
+            ThinCopy::Snapshot => ("r", "y", "n"),
+            ThinCopy::Volume => ("rw", "n", "y"),
+        };
+        let mut line = CommandLine::command("lvcreate").args([
+            "-qq",
+            "--snapshot",
+            "--name",
+            copy.as_str(),
+            "--permission",
+            permission,
+            "--setactivationskip",
+            skip,
+            "--activate",
+            activate,
+        ]);
+        for tag in &all_tags {
+            line = line.args(["--addtag", tag.as_str()]);
+        }
+        self.change(line.arg(self.vg_lv(origin.as_str())))?;
+        Ok(CreateAction::Created(ThinVolume {
+            lv: copy.clone(),
+            virtual_size: source.virtual_size,
+            // An inactive LV reports no data% (see `thin_volume`).
+            data_percent: match kind {
+                ThinCopy::Snapshot => Percent::ZERO,
+                ThinCopy::Volume => source.data_percent,
+            },
+            tags: all_tags,
+            device: (kind == ThinCopy::Volume).then(|| view.device_of(&self.spec, copy)),
+            health: VolumeHealth::Healthy,
+        }))
     }
 }
 
