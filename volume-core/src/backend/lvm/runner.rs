@@ -37,9 +37,11 @@ const MAX_WORDS: usize = 63;
 /// Error lines kept per command; a failing report over many LVs can print
 /// one line per LV.
 const MAX_ERROR_LINES: usize = 64;
-/// LVM's own code expects a main-thread-sized stack (it also reserves 64 KiB
-/// of it before locking memory for device suspension).
-const WORKER_STACK: usize = 8 << 20;
+/// LVM reserves 64 KiB of its stack (`activation/reserved_stack`) before it
+/// locks memory around a device suspend; the lock makes the whole stack
+/// mapping resident for good, so it is 16 times that reserve, not a main
+/// thread's 8 MiB (which stayed resident after the first create).
+const WORKER_STACK: usize = 1 << 20;
 
 /// One command line for `lvm2_run`, checked so that LVM's word splitter
 /// reads back exactly the words we gave.
