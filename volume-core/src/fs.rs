@@ -413,11 +413,17 @@ pub fn make_ext4(
         }
     }
     tools.mkfs_ext4.run(mkfs_args(device, id), &[0])?;
-    match probe(device)? {
-        Signature::Ext(sb) if sb.uuid == ours => Ok(CreateAction::Created(sb)),
-        found => Err(FsError::NotMade {
+    // What mkfs made is checked by its superblock alone: the full probe
+    // above already ruled out everything else, and costs a libblkid pass.
+    match read_ext_superblock(device)? {
+        Some(sb) if sb.uuid == ours => Ok(CreateAction::Created(sb)),
+        Some(sb) => Err(FsError::NotMade {
             device: device.to_owned(),
-            found: found.to_string(),
+            found: format!("an ext2/3/4 filesystem with UUID {}", sb.uuid),
+        }),
+        None => Err(FsError::NotMade {
+            device: device.to_owned(),
+            found: "no ext2/3/4 superblock".to_owned(),
         }),
     }
 }

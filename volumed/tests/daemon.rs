@@ -469,6 +469,7 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
     // A new daemon over the same host: one list, no change, no status write
     // that would change nothing.
     let before = sim.sim.calls();
+    let dm_before = sim.devices.dm_queries();
     let metrics = Arc::new(Metrics::default());
     let host = sim.volume_host(&metrics);
     let pool = host.pool_status().unwrap();
@@ -492,6 +493,12 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
     // pool_status above, and the daemon's one list.
     assert_eq!(after.reports - before.reports, 2, "{before:?} -> {after:?}");
     assert_eq!(daemon.metrics.lvm_calls(), 2);
+    // And one listing of the dm-crypt mappings, not a status per volume.
+    assert_eq!(
+        sim.devices.dm_queries() - dm_before,
+        1,
+        "device-mapper queries"
+    );
     let writes_after_start = daemon.metrics.kv_writes();
     assert!(writes_after_start <= 2, "{writes_after_start} writes");
 
@@ -1153,7 +1160,18 @@ impl ThinBackend for HookBackend {
     fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError> {
         self.inner.list_thins()
     }
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        self.inner.thin(lv)
+    }
+    fn tagged(&self, tag: &str) -> Result<Vec<ThinVolume>, BackendError> {
+        self.inner.tagged(tag)
+    }
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         self.inner.retag(lv, add, remove)
     }
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {

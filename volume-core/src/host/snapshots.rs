@@ -115,7 +115,13 @@ impl VolumeHost {
     /// Every snapshot of ours in the pool, or only `volume`'s.
     pub fn snapshots(&self, volume: Option<&VolumeId>) -> Result<Vec<LocalSnapshot>, HostError> {
         let mut found = Vec::new();
-        for lv in self.backend.list_thins().map_err(HostError::List)? {
+        // One volume's: a report of its snapshots alone, so that a delete
+        // does not cost a report of every volume.
+        let lvs = match volume {
+            Some(volume) => self.backend.tagged(&progress::origin_tag(volume)),
+            None => self.backend.list_thins(),
+        };
+        for lv in lvs.map_err(HostError::List)? {
             if let Some(snapshot) = LocalSnapshot::of(&lv)? {
                 if volume.is_none_or(|v| *v == snapshot.volume) {
                     found.push(snapshot);
@@ -144,13 +150,7 @@ impl VolumeHost {
 
     fn find_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<LocalSnapshot>, HostError> {
         let lv = snapshot.lv_name();
-        match self
-            .backend
-            .list_thins()
-            .map_err(HostError::List)?
-            .into_iter()
-            .find(|v| v.lv == lv)
-        {
+        match self.backend.thin(&lv).map_err(HostError::List)? {
             Some(volume) => LocalSnapshot::of(&volume),
             None => Ok(None),
         }
@@ -297,7 +297,7 @@ impl VolumeHost {
                 Progress::Ready => {
                     let encryption = Self::encryption_of(id, volume)?;
                     self.check_restored_name(restore, volume)?;
-                    self.ensure_open(id, encryption)?;
+                    self.ensure_open(id, encryption, volume)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
                 Progress::Restoring => self.check_restored_name(restore, volume)?,

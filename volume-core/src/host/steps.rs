@@ -10,7 +10,6 @@ pub enum Step {
     KeyReady,
     LvCreated,
     CryptFormatted,
-    ProgressCrypt,
     CryptOpened,
     FsMade,
     ProgressReady,
@@ -40,11 +39,10 @@ pub enum Step {
 
 impl Step {
     /// The steps of a create of an encrypted volume, in order.
-    pub const CREATE_ENCRYPTED: [Step; 7] = [
+    pub const CREATE_ENCRYPTED: [Step; 6] = [
         Step::KeyReady,
         Step::LvCreated,
         Step::CryptFormatted,
-        Step::ProgressCrypt,
         Step::CryptOpened,
         Step::FsMade,
         Step::ProgressReady,
