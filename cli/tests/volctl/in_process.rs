@@ -933,15 +933,14 @@ async fn a_snapshot_destroy_waits_until_the_record_is_gone_not_just_destroying()
         .put(&key, &serde_json::to_vec(&status).unwrap())
         .await
         .unwrap());
-    let (result, out, _) = env
-        .run(&[
-            "snapshots",
-            "destroy",
-            snapshot.id.as_str(),
-            "--timeout",
-            "1",
-        ])
-        .await;
+    let argv = [
+        "snapshots",
+        "destroy",
+        snapshot.id.as_str(),
+        "--timeout",
+        "1",
+    ];
+    let (result, out, _) = env.run(&argv).await;
     let error = result.expect_err(&format!("reported done while destroying: {out}"));
     assert_eq!(error.exit_code(), exit::TIMED_OUT, "{error}");
     assert!(!out.contains("destroyed"), "{out}");
@@ -949,14 +948,6 @@ async fn a_snapshot_destroy_waits_until_the_record_is_gone_not_just_destroying()
     // Once the host deleted the record, the same command says so.
     let record = env.layout.snapshot_desired(&snapshot.host, &snapshot.id);
     env.kv.delete(&record).await.unwrap();
-    let (result, out, _) = env
-        .run(&[
-            "snapshots",
-            "destroy",
-            snapshot.id.as_str(),
-            "--timeout",
-            "1",
-        ])
-        .await;
+    let (result, out, _) = env.run(&argv).await;
     assert_eq!(result.unwrap_err().exit_code(), exit::NOT_FOUND, "{out}");
 }
