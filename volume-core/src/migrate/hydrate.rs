@@ -470,6 +470,46 @@ impl<'a> Destination<'a> {
         })
     }
 
+    /// Cancels the migration here: closes dm-crypt (refused while anything
+    /// holds it: [`crate::crypt::CryptError::Busy`]), removes the layer,
+    /// disconnects the nbd device, removes the files and the meta LVs, and
+    /// the volume's LV, but only when it carries this migration's tag (an
+    /// LV this migration did not make is never removed). The reservation
+    /// and the key are the caller's. Idempotent.
+    pub fn cancel(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
+        let migration = &spec.migration;
+        let _ = crypt::close(&spec.volume).map_err(|source| MigrateError::OpenCrypt {
+            migration: migration.clone(),
+            source: Box::new(source),
+        })?;
+        self.remove_layer(spec)?;
+        self.disconnect(spec)?;
+        let _ = nbd::remove_files(&spec.files());
+        for leg in [LOCAL_LEG, NETWORK_LEG] {
+            self.remove_lv(spec, &migration.meta_lv_name(leg as u8))?;
+        }
+        let lv = spec.volume.lv_name();
+        let listed = self
+            .backend
+            .list_thins()
+            .map_err(|source| MigrateError::RemoveLv {
+                migration: migration.clone(),
+                lv: lv.clone(),
+                source: Box::new(source),
+            })?;
+        let ours = listed
+            .iter()
+            .find(|volume| volume.lv == lv)
+            .is_some_and(|volume| {
+                crate::hydration::migration(&volume.tags).as_ref() == Some(migration)
+            });
+        if ours {
+            self.remove_lv(spec, &lv)?;
+        }
+        tracing::info!(%migration, volume = %spec.volume, "hydration cancelled");
+        Ok(())
+    }
+
     /// The copy's progress, from the layer's status (no flush, no I/O to
     /// either leg). A layer already swapped to its direct table reads as
     /// complete.

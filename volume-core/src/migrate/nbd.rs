@@ -237,6 +237,13 @@ pub fn free_device() -> Option<PathBuf> {
         .map(|name| Path::new("/dev").join(name))
 }
 
+/// Whether the source's export accepts a TCP connection within `timeout`:
+/// with a copy that stopped moving, what tells "source unreachable" from
+/// a slow source.
+pub fn source_reachable(source: SocketAddr, timeout: Duration) -> bool {
+    std::net::TcpStream::connect_timeout(&source, timeout).is_ok()
+}
+
 /// The size the kernel sees for a connected nbd device, in bytes.
 pub fn device_size(nbd: &Path) -> Option<u64> {
     let name = nbd.file_name()?.to_str()?;
