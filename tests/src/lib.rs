@@ -5,6 +5,7 @@
 //! `microvm` runner) or directly as root on a kernel that has it. Set
 //! `NO_TEST_CLEAN_UP=1` to keep the devices for inspection.
 
+pub mod kv;
 pub mod procs;
 
 use fixtures::loopdev::{self, LoopDevice};

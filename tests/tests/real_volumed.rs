@@ -8,102 +8,24 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //! cargo test -p volume-tests --test real_volumed -- --test-threads=1`
 
-use consul_kv::{ClientConfig, ConsulKv};
-use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::ThinBackend;
 use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::kv::Kv;
 use volume_tests::procs::{project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
 /// Creates under emulation take seconds each; leave room.
 const CONVERGE: Duration = Duration::from_secs(240);
-
-/// The KV server in this process, on its own runtime.
-struct Kv {
-    runtime: tokio::runtime::Runtime,
-    server: Option<ServerHandle>,
-    client: ConsulKv,
-}
-
-impl Kv {
-    fn start() -> Kv {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime
-            .block_on(Server::start(ServerConfig::loopback()))
-            .expect("start the KV server");
-        let client = ConsulKv::new(
-            ClientConfig::new(&server.local_addr().to_string()).expect("client config"),
-        )
-        .expect("client");
-        Kv {
-            runtime,
-            server: Some(server),
-            client,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .local_addr()
-            .to_string()
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.runtime
-            .block_on(self.client.get(key))
-            .expect("KV read")
-            .value
-            .map(|pair| pair.value)
-    }
-
-    fn put(&self, key: &str, value: &[u8]) {
-        assert!(self
-            .runtime
-            .block_on(self.client.put(key, value))
-            .expect("KV write"));
-    }
-
-    fn status(&self, id: &VolumeId) -> Option<VolumeStatus> {
-        let value = self.get(&Layout::default().status(&host(), id))?;
-        Some(serde_json::from_slice(&value).expect("status JSON"))
-    }
-
-    fn host_record(&self) -> Option<HostRecord> {
-        let value = self.get(&Layout::default().host_info(&host()))?;
-        Some(serde_json::from_slice(&value).expect("host record JSON"))
-    }
-
-    fn put_spec(&self, spec: &VolumeSpec) {
-        self.put(
-            &Layout::default().desired(&host(), &spec.id),
-            &serde_json::to_vec(spec).expect("spec JSON"),
-        );
-    }
-}
-
-impl Drop for Kv {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            let _ = self.runtime.block_on(server.shutdown());
-        }
-    }
-}
 
 fn host() -> HostId {
     HostId::new(HOST).expect("host id")
@@ -244,7 +166,7 @@ fn destroy_and_wait(kv: &Kv, pool: &TestPool, spec: &VolumeSpec) {
 #[test]
 fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
     let pool = TestPool::new("vd-life", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -323,7 +245,7 @@ fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
 #[test]
 fn real_test_volumed_killed_mid_create_converges_after_restart() {
     let pool = TestPool::new("vd-crash", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -559,7 +481,7 @@ fn real_test_volumed_auto_extends_a_filling_volume_and_its_pool() {
     use volume_core::volume_growth::AutoExtend;
 
     let pool = TestPool::new("vd-grow", Bytes(GIB), Bytes(128 * MIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -726,7 +648,7 @@ fn real_test_volumed_grows_pool_metadata_before_it_runs_out() {
     use volume_core::units::GB;
 
     let pool = TestPool::new("vd-meta", Bytes(10 * GIB), Bytes(7 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -917,7 +839,7 @@ fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
     use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
     use volume_core::names::SnapshotId;
     let pool = TestPool::new("vd-snap", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,

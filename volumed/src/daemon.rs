@@ -850,14 +850,16 @@ impl Daemon {
         self.metrics.set_orphans(self.orphans().len());
     }
 
-    /// Our volumes with no desired record, valid or not.
+    /// Our volumes with no desired record, valid or not. One whose worker
+    /// is still running is not: a destroy's commit deletes the record
+    /// before the worker reports back, and the watch may tell us first.
     fn orphans(&self) -> Vec<VolumeId> {
         if !self.have_desired {
             return Vec::new();
         }
         self.volumes
             .iter()
-            .filter(|(_, v)| v.desired.is_none() && v.observed.is_some())
+            .filter(|(_, v)| v.desired.is_none() && v.observed.is_some() && !v.running)
             .map(|(id, _)| id.clone())
             .collect()
     }
