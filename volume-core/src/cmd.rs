@@ -6,8 +6,9 @@
 //! run with a cleared environment (`LC_ALL=C` only, so that output is stable)
 //! and stdin from `/dev/null`, so no tool can stop and ask a question. A
 //! failure carries the program, its arguments, the exit status, stdout and
-//! stderr. No secret is ever passed to a program: keys go through
-//! libcryptsetup in process.
+//! stderr. No secret is ever passed to a program on its command line or
+//! environment: keys go through libcryptsetup in process, and a
+//! migration's pre-shared key reaches qemu-nbd as a 0600 file it reads.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
