@@ -287,9 +287,34 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     );
     eprintln!("destination restart: was {before_crash}, resumed {resumed}");
 
+    // A higher limit, set while it copies, takes effect without a restart
+    // of the copy.
+    destination
+        .set_rate(&hydrate, RecoveryRate::from_kib_per_sec(64 * 1024).unwrap())
+        .expect("set the rate");
+    let dm_table = {
+        let (_, table) = dm
+            .table_status(
+                &DevId::Name(DmName::new(migration.layer_name().as_str()).unwrap()),
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .unwrap();
+        table[0].3.clone()
+    };
+    let after_rate = destination.progress(&hydrate).unwrap();
+    assert!(
+        dm_table.contains("max_recovery_rate 65536") || after_rate.is_complete(),
+        "{dm_table}"
+    );
+    assert!(!dm_table.contains("rebuild"), "{dm_table}");
+    assert!(
+        after_rate.copied >= resumed.copied,
+        "{after_rate} after {resumed}"
+    );
+
     // Hydration completes.
     let copying = Instant::now();
-    let copied_at_start = resumed.copied;
+    let copied_at_start = after_rate.copied;
     loop {
         let progress = destination.progress(&hydrate).unwrap();
         assert_ne!(progress.state, HydrationState::Failed, "{progress}");

@@ -470,6 +470,45 @@ impl<'a> Destination<'a> {
         })
     }
 
+    /// Changes the background copy's rate limit: the same layer reloaded
+    /// with the new rate and without `rebuild`, so md resumes from its
+    /// recorded offset (a suspend and resume; I/O waits, none fails).
+    pub fn set_rate(&self, spec: &HydrateSpec, rate: RecoveryRate) -> Result<(), MigrateError> {
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let id = DevId::Name(dm_name);
+        let (_, table) = dm
+            .table_status(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| spec.error_layer("table", e))?;
+        let Some((_, length, _, params)) = table.iter().find(|(_, _, kind, _)| kind == "raid")
+        else {
+            // Swapped to the direct table already: nothing is copied.
+            return Ok(());
+        };
+        let (network, local) = raid::parse_legs(params).ok_or_else(|| {
+            spec.error_layer("table", format!("unexpected raid table {params:?}"))
+        })?;
+        let table = CopyTable {
+            length: Sectors(*length),
+            network,
+            local,
+            rebuild_local: false,
+            rate,
+        };
+        dm.table_load(&id, &[table.target()], DmOptions::default())
+            .map_err(|e| spec.error_layer("load", e))?;
+        dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| spec.error_layer("suspend", e))?;
+        dm.device_suspend(&id, DmOptions::default())
+            .map_err(|e| spec.error_layer("resume", e))?;
+        tracing::info!(migration = %spec.migration, %rate, "hydration rate changed");
+        Ok(())
+    }
+
     /// Cancels the migration here: closes dm-crypt (refused while anything
     /// holds it: [`crate::crypt::CryptError::Busy`]), removes the layer,
     /// disconnects the nbd device, removes the files and the meta LVs, and

@@ -79,6 +79,29 @@ impl CopyTable {
     }
 }
 
+/// The two legs named by an active copying-layer table's parameters (its
+/// last four words: meta and data of leg 0, then of leg 1).
+pub fn parse_legs(params: &str) -> Option<(Leg, Leg)> {
+    let words: Vec<&str> = params.split_whitespace().collect();
+    if words.first() != Some(&"raid1") || words.len() < 5 || words[words.len() - 5] != "2" {
+        return None;
+    }
+    let device = |word: &str| word.parse::<Device>().ok();
+    let [meta0, data0, meta1, data1] = words[words.len() - 4..] else {
+        return None;
+    };
+    Some((
+        Leg {
+            meta: device(meta0)?,
+            data: device(data0)?,
+        },
+        Leg {
+            meta: device(meta1)?,
+            data: device(data1)?,
+        },
+    ))
+}
+
 /// The direct table that replaces the copying layer once it is complete.
 pub fn linear_target(length: Sectors, local: Device) -> (u64, u64, String, String) {
     (0, length.0, "linear".to_owned(), format!("{local} 0"))
@@ -250,6 +273,18 @@ mod tests {
             linear_target(Sectors(262_144), dev(254, 2)),
             (0, 262_144, "linear".to_owned(), "254:2 0".to_owned())
         );
+    }
+
+    #[test]
+    fn the_legs_of_a_loaded_table_are_read_back() {
+        let loaded = table(false);
+        assert_eq!(
+            parse_legs(&loaded.target().3),
+            Some((loaded.network, loaded.local))
+        );
+        assert_eq!(parse_legs("254:2 0"), None);
+        assert_eq!(parse_legs("raid1 7 0 region_size 4096 x y"), None);
+        assert_eq!(parse_legs("raid1 3 0 2 254:3 43:0 254:4 nope"), None);
     }
 
     #[test]
