@@ -155,7 +155,14 @@ pub async fn snapshot(
 }
 
 impl Snapshot {
-    pub fn decide(&self, ctx: &Ctx, request: &CreateRequest) -> Result<Placement, NoPlacement> {
+    /// `spread` picks among the hosts tied for the most headroom
+    /// (`placement::Request::spread`).
+    pub fn decide(
+        &self,
+        ctx: &Ctx,
+        request: &CreateRequest,
+        spread: u64,
+    ) -> Result<Placement, NoPlacement> {
         let candidates: Vec<Candidate> = self
             .hosts
             .iter()
@@ -172,6 +179,7 @@ impl Snapshot {
             pinned_host: request.pinned_host.clone(),
             now_ms: now_ms(),
             heartbeat_ttl_ms: u64::try_from(ctx.heartbeat_ttl.as_millis()).unwrap_or(u64::MAX),
+            spread,
         };
         placement::place(&request, &candidates)
     }
@@ -195,7 +203,8 @@ pub async fn check_all_fit(
 ) -> Result<(), CliError> {
     let mut view = snapshot(ctx, request, ui).await?;
     for fit in 0..count {
-        let placed = view.decide(ctx, request).map_err(|source| match fit {
+        // How many fit does not depend on which tied host each takes.
+        let placed = view.decide(ctx, request, 0).map_err(|source| match fit {
             0 => CliError::from(source),
             _ => CliError::CountDoesNotFit {
                 wanted: count,
@@ -345,7 +354,9 @@ pub async fn reserve(
             }
         }
         let view = snapshot(ctx, &request, ui).await?;
-        let placed = view.decide(ctx, &request)?;
+        // Concurrent creates spread over the hosts tied for the most
+        // headroom instead of all racing for one ledger.
+        let placed = view.decide(ctx, &request, rand::random())?;
         let chosen = view
             .hosts
             .iter()

@@ -7,8 +7,15 @@
 //! what the ledger has reserved (a reservation may not be on disk yet).
 //!
 //! **Tie rule:** the host with the most headroom wins; equal headroom goes to
-//! the host with fewer volumes, then to the smaller host id, so the choice is
-//! deterministic.
+//! the host with fewer volumes, then to the smaller host id.
+//!
+//! **Spread:** among the hosts tied for the most headroom,
+//! [`Request::spread`] (a random number from the caller; 0 takes the first
+//! by the tie rule) picks one. So many creates at once over equal hosts do
+//! not all race for the same host's ledger, of which only one transaction
+//! per read can win: 300 creates over 30 equal hosts, all chosen by the tie
+//! rule, left 221 of them giving up after 16 conflicts. The choice is still
+//! a function of its inputs, so tests stay deterministic.
 
 use crate::layout::{HostRecord, Ledger};
 use serde::Serialize;
@@ -52,6 +59,9 @@ pub struct Request {
     pub now_ms: u64,
     /// A heartbeat older than this makes a host ineligible.
     pub heartbeat_ttl_ms: u64,
+    /// Picks among the hosts tied for the most headroom (see the module
+    /// docs); 0 takes the first by the tie rule.
+    pub spread: u64,
 }
 
 /// Why one host was passed over.
@@ -139,7 +149,7 @@ impl fmt::Display for NoPlacement {
 pub fn place(request: &Request, candidates: &[Candidate]) -> Result<Placement, NoPlacement> {
     let mut skipped = Vec::new();
     let mut most_headroom: Option<(HostId, Bytes)> = None;
-    let mut best: Option<(&Candidate, Placement)> = None;
+    let mut admitted: Vec<(&Candidate, Placement)> = Vec::new();
 
     let in_scope = candidates.iter().filter(|c| {
         c.host.region == request.region
@@ -190,24 +200,27 @@ pub fn place(request: &Request, candidates: &[Candidate]) -> Result<Placement, N
             },
             headroom_after: admission.headroom_after,
         };
-        let better = match &best {
-            None => true,
-            Some((other, _)) => preference(candidate) < preference(other),
-        };
-        if better {
-            best = Some((candidate, placement));
-        }
+        admitted.push((candidate, placement));
     }
 
-    match best {
-        Some((_, placement)) => Ok(placement),
-        None => Err(NoPlacement {
+    admitted.sort_by(|(a, _), (b, _)| preference(a).cmp(&preference(b)));
+    let most = admitted.first().map(|(c, _)| c.headroom());
+    let tied = admitted
+        .iter()
+        .take_while(|(c, _)| Some(c.headroom()) == most)
+        .count();
+    match tied {
+        0 => Err(NoPlacement {
             region: request.region.clone(),
             size: request.size,
             pinned_host: request.pinned_host.clone(),
             skipped,
             most_headroom,
         }),
+        n => {
+            let pick = usize::try_from(request.spread % n as u64).expect("below a usize count");
+            Ok(admitted.swap_remove(pick).1)
+        }
     }
 }
 
@@ -261,7 +274,29 @@ mod tests {
             pinned_host: None,
             now_ms: 1_000_500,
             heartbeat_ttl_ms: 30_000,
+            spread: 0,
         }
+    }
+
+    #[test]
+    fn spread_picks_among_the_hosts_tied_for_the_most_headroom() {
+        // h1..h4 have 10, 10, 10 and 9.5 GiB of headroom.
+        let mut hosts: Vec<Candidate> = (1..=4)
+            .map(|i| host(&format!("h{i}"), "ewr", "a", 1))
+            .collect();
+        hosts[3].ledger.reserved = Bytes(GIB / 2);
+        let mut req = request("ewr", Bytes(GIB));
+        let picks: Vec<String> = (0..6)
+            .map(|spread| {
+                req.spread = spread;
+                place(&req, &hosts).unwrap().host.to_string()
+            })
+            .collect();
+        // h4 has less: never picked.
+        assert_eq!(picks, ["h1", "h2", "h3", "h1", "h2", "h3"]);
+        // One candidate: the spread changes nothing.
+        req.spread = 7;
+        assert_eq!(place(&req, &hosts[3..]).unwrap().host.as_str(), "h4");
     }
 
     #[test]

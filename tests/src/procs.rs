@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 /// `target/<profile>/<name>`, next to the directory of the test binary.
 pub fn project_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the test binary");
-    // Test binaries live in target/<profile>/deps; binaries one level up.
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps");
+    // Test binaries live in target/<profile>/deps, binaries (the
+    // benchmarks among them) in target/<profile>.
+    let dir = exe.parent().expect("binary in a directory");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>/deps")
+    } else {
+        dir
+    };
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),
@@ -101,7 +104,12 @@ pub struct KvServer {
 
 impl KvServer {
     pub fn start(data_dir: &Path) -> KvServer {
-        let mut command = Command::new(project_binary("volkv"));
+        KvServer::start_binary(&project_binary("volkv"), data_dir)
+    }
+
+    /// [`KvServer::start`] with the `volkv` binary at `volkv`.
+    pub fn start_binary(volkv: &Path, data_dir: &Path) -> KvServer {
+        let mut command = Command::new(volkv);
         command
             .args(["--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)

@@ -337,10 +337,22 @@ fn real_test_pool_auto_extends_ahead_of_a_writer() {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     // A new device is a device-mapper event too: it wakes the watcher.
-    let _ = pool
-        .backend
-        .create_thin(&VolumeId::generate().lv_name(), Bytes(GIB), &[])
-        .expect("create a second volume");
+    // LVM refuses a thin LV while the pool is above the autoextend
+    // threshold, which the last fsync can leave it at until the watcher's
+    // growth lands: retry for a while.
+    let second = VolumeId::generate().lv_name();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match pool.backend.create_thin(&second, Bytes(GIB), &[]) {
+            Ok(_) => break,
+            Err(error)
+                if Instant::now() < deadline && error.to_string().contains("reached threshold") =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => panic!("create a second volume: {error}"),
+        }
+    }
     let seen = watcher.join().expect("watcher thread");
     let after = pool.backend.pool_status().unwrap();
     eprintln!(

@@ -68,6 +68,35 @@ impl Setup<'_> {
     /// without `jails`, no jail nodes: volumed then grows a mounted
     /// filesystem itself, online.
     fn start_with(&self, extra_env: &[(&str, &Path)], extra_args: &[&str], jails: bool) -> Guarded {
+        let mut command = self.command(extra_args, jails);
+        command.env("RUST_LOG", "info").stdin(Stdio::null());
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        Guarded::spawn("volumed", &mut command)
+    }
+
+    /// `volumed gc GC_ARGS` with the daemon's settings: whether it exited
+    /// 0, and its stdout and stderr.
+    fn gc(&self, gc_args: &[&str], extra_args: &[&str]) -> (bool, String) {
+        let mut command = self.command(extra_args, false);
+        let output = command
+            .arg("gc")
+            .args(gc_args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run volumed gc");
+        let text = format!(
+            "volumed gc {gc_args:?}: {}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// The volumed command line for this pool, store and scratch dir.
+    fn command(&self, extra_args: &[&str], jails: bool) -> Command {
         let kek = self.scratch.join("kek");
         if !kek.exists() {
             KeyEncryptionKey::generate()
@@ -96,14 +125,8 @@ impl Setup<'_> {
         if !extra_args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
+        command.args(["--heartbeat-interval", "2s", "--retry-max", "2s"]);
         command
-            .args(["--heartbeat-interval", "2s", "--retry-max", "2s"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null());
-        for (name, value) in extra_env {
-            command.env(name, value);
-        }
-        Guarded::spawn("volumed", &mut command)
     }
 }
 
@@ -831,9 +854,10 @@ fn snapshot_state(
 
 /// kill -9 of volumed right after a snapshot's LV is made and right after
 /// a restore adopted its header: each converges on restart with no
-/// orphan. Then scheduled snapshots on a 15 s period with one period of
-/// retention, and the origin's destroy taking its snapshots and returning
-/// all capacity.
+/// orphan, volume or snapshot. A snapshot whose record is lost is an
+/// orphan that only `volumed gc --yes` deletes. Then scheduled snapshots
+/// on a 15 s period with one period of retention, and the origin's destroy
+/// taking its snapshots and returning all capacity.
 #[test]
 fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
     use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
@@ -924,6 +948,54 @@ fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
         kv.host_record().filter(|r| r.pool.volume_count == 3)
     });
     assert!(record.orphans.is_empty(), "orphans: {:?}", record.orphans);
+    // Nor an orphan snapshot: the one snapshot LV is the recorded one.
+    assert_eq!(snapshot_lvs(&pool), vec![snapshot.id.clone()]);
+
+    // A snapshot record lost by hand leaves an orphan snapshot LV: the
+    // daemon keeps it, `volumed gc` lists it, only `gc --yes` deletes it.
+    let snapshot_key = Layout::default().snapshot_desired(&host(), &snapshot.id);
+    kv.runtime
+        .block_on(kv.client.delete(&snapshot_key))
+        .expect("KV delete");
+    stop(&mut volumed);
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "the daemon deleted it"
+    );
+    let (ok, listed) = setup.gc(&[], &args);
+    assert!(
+        ok && listed.contains(&format!("{}\t", snapshot.id))
+            && listed.contains(&format!("orphan (snapshot of {})", origin.id)),
+        "{listed}"
+    );
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "listing deleted it"
+    );
+    // It was the only record: an empty snapshot prefix looks like lost
+    // records, so --yes alone is refused.
+    let (ok, refused) = setup.gc(&["--yes"], &args);
+    assert!(
+        !ok && refused.contains("--allow-empty-desired"),
+        "{refused}"
+    );
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "a refusal deleted it"
+    );
+    let (ok, deleted) = setup.gc(&["--yes", "--allow-empty-desired"], &args);
+    assert!(ok && deleted.contains("deleted (snapshot of"), "{deleted}");
+    assert!(
+        snapshot_lvs(&pool).is_empty(),
+        "the orphan snapshot LV is left"
+    );
+    let mut ours = our_lvs(&pool);
+    ours.sort();
+    assert_eq!(ours, expected, "gc touched a volume");
+    let mut volumed = setup.start_with(&[], &args, false);
 
     // Scheduled: one per 15 s period, kept one period.
     let mut scheduled = origin.clone();

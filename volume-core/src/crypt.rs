@@ -34,6 +34,7 @@ use libcryptsetup_rs::{
     LibcryptErr,
 };
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -168,6 +169,8 @@ pub enum CryptError {
         source: LibcryptErr,
         detail: Detail,
     },
+    #[error("could not list the device-mapper devices: {reason}")]
+    List { reason: String },
     #[error("mapping {name} is in use (mounted or held open, e.g. by a VM); close it first")]
     Busy { name: DmName },
     #[error("removing mapping {name} failed: {source}{detail}")]
@@ -454,6 +457,30 @@ fn same_device(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
     }
+}
+
+/// Every device-mapper device carrying our crypt prefix and its path, from
+/// one `DM_LIST_DEVICES` ioctl: listing N volumes costs one query, not a
+/// status per encrypted volume.
+pub fn active_mappings() -> Result<BTreeMap<DmName, PathBuf>, CryptError> {
+    let list_err = |error: devicemapper::DmError| CryptError::List {
+        reason: error.to_string(),
+    };
+    let dm = devicemapper::DM::new().map_err(list_err)?;
+    let prefix = format!("{NAME_PREFIX}-crypt-");
+    Ok(dm
+        .list_devices()
+        .map_err(list_err)?
+        .into_iter()
+        .filter_map(|(name, _, _)| {
+            let name = name.to_string();
+            if !name.starts_with(&prefix) {
+                return None;
+            }
+            let path = mapper_dir().join(&name);
+            Some((DmName::new(name).ok()?, path))
+        })
+        .collect())
 }
 
 /// The mapping of `id` if it is active: `(mapping path, backing device)`.

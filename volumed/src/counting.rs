@@ -63,7 +63,22 @@ impl ThinBackend for CountingBackend {
         self.inner.list_thins()
     }
 
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        self.metrics.lvm_call(false);
+        self.inner.thin(lv)
+    }
+
+    fn tagged(&self, tag: &str) -> Result<Vec<ThinVolume>, BackendError> {
+        self.metrics.lvm_call(false);
+        self.inner.tagged(tag)
+    }
+
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.retag(lv, add, remove)
     }

@@ -155,6 +155,11 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         metrics: metrics.clone(),
         period: config.snapshot_period,
         interval: config.snapshot_check_interval,
+        watch: WatchOptions {
+            wait: config.watch_wait,
+            backoff_max: config.retry_max,
+            ..WatchOptions::default()
+        },
     };
     let snapshot_task = tokio::spawn(snapshot_loop.run(controls.shutdown.clone()));
     let ctx = Arc::new(Ctx {

@@ -17,6 +17,7 @@
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`snapshots`]: snapshot records converged, the schedule and retention.
 //! * [`instance`]: one daemon per volume group and per host id.
+//! * [`memory`]: thread stacks and malloc settings.
 //! * [`volume_autoextend`]: growing volumes at their usage threshold.
 
 pub mod autoextend;
@@ -28,6 +29,7 @@ pub mod gc;
 pub mod http;
 pub mod instance;
 pub mod kv;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod plan;

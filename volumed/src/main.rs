@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 use volumed::config::{Cli, Command, Config};
 use volumed::daemon::{self, Controls, Setup};
 use volumed::metrics::Metrics;
-use volumed::{gc, http, instance, setup};
+use volumed::{gc, http, instance, memory, setup};
 
 fn main() -> ExitCode {
     // Volume keys and the KEK pass through this process: no core dump and
@@ -17,6 +17,8 @@ fn main() -> ExitCode {
         eprintln!("volumed: cannot make the process non-dumpable: {error}");
         return ExitCode::FAILURE;
     }
+    // Before any thread exists.
+    let refused = memory::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -27,6 +29,9 @@ fn main() -> ExitCode {
         // Colour codes only on a terminal, never in the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !refused.is_empty() {
+        tracing::warn!(settings = ?refused, "the C library refused these malloc settings");
+    }
     let config = match Config::resolve(&cli.options) {
         Ok(config) => config,
         Err(error) => {
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(memory::THREAD_STACK)
         .enable_all()
         .build()
     {
@@ -50,6 +56,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let _trim = runtime.spawn(async {
+        let mut every = tokio::time::interval(memory::TRIM_INTERVAL);
+        loop {
+            every.tick().await;
+            memory::trim();
+        }
+    });
     let result = runtime.block_on(async move {
         match command {
             Command::Gc {
@@ -212,29 +225,38 @@ async fn run_gc(config: Config, options: gc::GcOptions) -> Result<ExitCode, Fail
     let yes = options.yes;
     let metrics = Arc::new(Metrics::default());
     let (kv, built) = start(&config, metrics).await?;
-    let orphans = gc::gc_with(&config, &built.host, &kv, options).await?;
-    if orphans.is_empty() {
+    let report = gc::gc_with(&config, &built.host, &kv, options).await?;
+    if report.is_empty() {
         println!("no orphans");
         return Ok(ExitCode::SUCCESS);
     }
     let mut failed = false;
-    for orphan in &orphans {
+    let mut outcome = |deleted: &Option<Result<(), String>>, record_appeared: bool| match deleted {
+        None if record_appeared => "kept: its record appeared".to_owned(),
+        None => "orphan".to_owned(),
+        Some(Ok(())) => "deleted".to_owned(),
+        Some(Err(error)) => {
+            failed = true;
+            format!("delete failed: {error}")
+        }
+    };
+    for orphan in &report.snapshots {
+        let snapshot = &orphan.snapshot;
+        let what = outcome(&orphan.deleted, orphan.record_appeared);
+        println!(
+            "{}\t{}\t{what} (snapshot of {})",
+            snapshot.id, snapshot.size, snapshot.volume
+        );
+    }
+    for orphan in &report.volumes {
         let volume = &orphan.volume;
-        let what = match &orphan.deleted {
-            None if orphan.record_appeared => "kept: its desired record appeared".to_owned(),
-            None => "orphan".to_owned(),
-            Some(Ok(())) => "deleted".to_owned(),
-            Some(Err(error)) => {
-                failed = true;
-                format!("delete failed: {error}")
-            }
-        };
+        let what = outcome(&orphan.deleted, orphan.record_appeared);
         println!("{}\t{}\t{what}", volume.id, volume.size);
     }
     if !yes {
         println!(
             "{} orphan(s); run `volumed gc --yes` to delete them",
-            orphans.len()
+            report.len()
         );
     }
     Ok(if failed {

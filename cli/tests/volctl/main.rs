@@ -4,4 +4,5 @@
 mod binary;
 mod common;
 mod in_process;
+mod race;
 mod retry;

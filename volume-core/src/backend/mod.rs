@@ -203,8 +203,24 @@ pub trait ThinBackend: Send + Sync {
     /// Our thin LVs in the pool (never foreign ones), from one report.
     fn list_thins(&self) -> Result<Vec<ThinVolume>, BackendError>;
 
-    /// Adds and removes tags on one of our LVs, in one LVM command.
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError>;
+    /// One of our thin LVs by name (`None` when there is none, or it is not
+    /// ours), from a report of that LV alone: its cost does not grow with
+    /// the number of volumes in the pool.
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError>;
+
+    /// Our thin LVs in the pool carrying `tag`, from a report of those
+    /// alone (LVM's `@tag` argument): like [`ThinBackend::thin`], its cost
+    /// does not grow with the number of other volumes in the pool.
+    fn tagged(&self, tag: &str) -> Result<Vec<ThinVolume>, BackendError>;
+
+    /// Adds and removes tags on one of our LVs, in one LVM command. Returns
+    /// the LV as it is after the change.
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError>;
 
     /// Activates one of our LVs (after a host restart) and returns its device.
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError>;

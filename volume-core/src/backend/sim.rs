@@ -18,6 +18,9 @@ use std::sync::Mutex;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SimCallCounts {
     pub reports: u64,
+    /// Reports that read every LV of the pool (LVM's cost of these grows
+    /// with the volume count), a subset of `reports`.
+    pub full_reports: u64,
     pub changes: u64,
 }
 
@@ -201,6 +204,7 @@ impl ThinBackend for SimBackend {
     fn ensure_pool(&self) -> Result<CreateAction<PoolStatus>, BackendError> {
         let mut state = self.lock();
         state.calls.reports += 1;
+        state.calls.full_reports += 1;
         if state.pool_exists {
             return Ok(CreateAction::Identity(self.status_of(&state)));
         }
@@ -218,6 +222,7 @@ impl ThinBackend for SimBackend {
         let mut state = self.lock();
         self.require_pool(&state)?;
         state.calls.reports += 1;
+        state.calls.full_reports += 1;
         Ok(self.status_of(&state))
     }
 
@@ -286,6 +291,7 @@ impl ThinBackend for SimBackend {
         let mut state = self.lock();
         self.require_pool(&state)?;
         state.calls.reports += 1;
+        state.calls.full_reports += 1;
         Ok(state
             .volumes
             .values()
@@ -294,9 +300,39 @@ impl ThinBackend for SimBackend {
             .collect())
     }
 
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        Ok(state
+            .volumes
+            .get(lv)
+            .filter(|volume| shared::is_ours(volume))
+            .cloned())
+    }
+
+    fn tagged(&self, tag: &str) -> Result<Vec<ThinVolume>, BackendError> {
+        shared::check_tag(tag)?;
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        Ok(state
+            .volumes
+            .values()
+            .filter(|v| shared::is_ours(v) && v.tags.contains(tag))
+            .cloned()
+            .collect())
+    }
+
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         shared::check_retag(add, remove)?;
         let mut state = self.lock();
+        state.calls.reports += 1;
         let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
         shared::require_ours(&self.spec, found)?;
         let volume = state
@@ -307,8 +343,9 @@ impl ThinBackend for SimBackend {
             volume.tags.remove(tag);
         }
         volume.tags.extend(add.iter().cloned());
+        let volume = volume.clone();
         state.calls.changes += 1;
-        Ok(())
+        Ok(volume)
     }
 
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {

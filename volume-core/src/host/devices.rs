@@ -9,7 +9,8 @@ use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
 use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
-use crate::names::{LvName, VolumeId};
+use crate::names::{DmName, LvName, VolumeId};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// LUKS2, ext4 and device-number operations on one volume's devices. All
@@ -34,6 +35,9 @@ pub trait VolumeDevices: Send + Sync {
 
     /// The mapping's device path if it is open.
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError>;
+    /// Every active mapping of ours and its device, in one query (a
+    /// listing must not cost one query per volume).
+    fn crypt_mappings(&self) -> Result<BTreeMap<DmName, PathBuf>, CryptError>;
 
     /// The mapping's device path if device-mapper has it, read without
     /// touching the LV under it (which is suspended while the volume is
@@ -83,6 +87,10 @@ pub trait VolumeDevices: Send + Sync {
     /// Replays the journal of a restored copy and fixes what a crash
     /// safely leaves; see [`crate::fs::check_ext4`].
     fn check_fs(&self, device: &Path) -> Result<(), FsError>;
+
+    /// Gives the restored copy's filesystem on `device` volume `id`'s UUID
+    /// and label; see [`crate::fs::adopt_ext4`].
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
 }
 
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
@@ -142,6 +150,10 @@ impl VolumeDevices for RealDevices {
 
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
         Ok(crypt::status(id)?.map(|(mapping, _)| mapping))
+    }
+
+    fn crypt_mappings(&self) -> Result<BTreeMap<DmName, PathBuf>, CryptError> {
+        crypt::active_mappings()
     }
 
     fn crypt_mapping_unread(&self, id: &VolumeId) -> Option<PathBuf> {
@@ -204,5 +216,12 @@ impl VolumeDevices for RealDevices {
 
     fn check_fs(&self, device: &Path) -> Result<(), FsError> {
         fs::check_ext4(&self.tools, device)
+    }
+
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
+        Ok(match fs::adopt_ext4(&self.tools, device, id)? {
+            CreateAction::Created(_) => CreateAction::Created(()),
+            CreateAction::Identity(_) => CreateAction::Identity(()),
+        })
     }
 }

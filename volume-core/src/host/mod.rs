@@ -83,7 +83,7 @@ pub use devices::{RealDevices, VolumeDevices};
 #[cfg(feature = "testing")]
 pub use faults::{Fault, FaultInjector, FaultPlan};
 pub use progress::{Encryption, Progress};
-pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore};
+pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore, SnapshotInventory};
 pub use steps::Step;
 pub use volume_model::progress;
 
@@ -195,6 +195,8 @@ pub enum HostError {
     PoolStatus(#[source] BackendError),
     #[error("listing volumes failed: {0}")]
     List(#[source] BackendError),
+    #[error("listing the dm-crypt mappings failed: {0}")]
+    CryptList(#[source] CryptError),
     #[error("volume {id}: storing a new key failed: {source}")]
     KeyCreate {
         id: VolumeId,
@@ -388,6 +390,12 @@ pub enum HostError {
         #[source]
         source: Box<FsError>,
     },
+    #[error("volume {id}: giving the restored filesystem its own UUID failed: {source}")]
+    FsAdopt {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
+    },
     #[cfg(feature = "testing")]
     #[error("volume {id}: injected failure after step {step}")]
     InjectedFailure { id: VolumeId, step: Step },
@@ -565,14 +573,9 @@ impl VolumeHost {
         Ok(())
     }
 
+    /// The volume's LV, from a report of that LV alone.
     fn find(&self, id: &VolumeId) -> Result<Option<ThinVolume>, HostError> {
-        let lv = id.lv_name();
-        Ok(self
-            .backend
-            .list_thins()
-            .map_err(HostError::List)?
-            .into_iter()
-            .find(|v| v.lv == lv))
+        self.backend.thin(&id.lv_name()).map_err(HostError::List)
     }
 
     fn progress_of(id: &VolumeId, volume: &ThinVolume) -> Result<Progress, HostError> {
@@ -595,7 +598,7 @@ impl VolumeHost {
         what: &'static str,
         add: &[String],
         remove: &[String],
-    ) -> Result<(), HostError> {
+    ) -> Result<ThinVolume, HostError> {
         self.backend
             .retag(&id.lv_name(), add, remove)
             .map_err(|source| HostError::Record {
@@ -605,7 +608,7 @@ impl VolumeHost {
             })
     }
 
-    fn set_progress(&self, id: &VolumeId, reached: Progress) -> Result<(), HostError> {
+    fn set_progress(&self, id: &VolumeId, reached: Progress) -> Result<ThinVolume, HostError> {
         self.retag(
             id,
             "step",
@@ -627,9 +630,24 @@ impl VolumeHost {
             .map_err(failed_at!(LvActivate, id))
     }
 
+    /// The LV's device: as `volume`'s report shows it when active, else
+    /// after activating it (a report read moments ago under the volume
+    /// lock spares a second one).
+    fn lv_device(&self, id: &VolumeId, volume: &ThinVolume) -> Result<PathBuf, HostError> {
+        match &volume.device {
+            Some(device) => Ok(device.clone()),
+            None => self.activate(id),
+        }
+    }
+
     /// Activates the LV and opens the mapping; returns the final device.
-    fn ensure_open(&self, id: &VolumeId, encryption: Encryption) -> Result<PathBuf, HostError> {
-        Ok(self.ensure_open_layers(id, encryption)?.0)
+    fn ensure_open(
+        &self,
+        id: &VolumeId,
+        encryption: Encryption,
+        volume: &ThinVolume,
+    ) -> Result<PathBuf, HostError> {
+        Ok(self.ensure_open_layers(id, encryption, volume)?.0)
     }
 
     /// [`Self::ensure_open`], also returning the LV under a mapping.
@@ -637,8 +655,9 @@ impl VolumeHost {
         &self,
         id: &VolumeId,
         encryption: Encryption,
+        volume: &ThinVolume,
     ) -> Result<(PathBuf, Option<PathBuf>), HostError> {
-        let lv_device = self.activate(id)?;
+        let lv_device = self.lv_device(id, volume)?;
         match encryption {
             Encryption::None => Ok((lv_device, None)),
             Encryption::Luks2 => {
@@ -672,11 +691,16 @@ impl VolumeHost {
                 .map_err(failed_at!(CryptStatus, id))?,
             _ => volume.device.clone(),
         };
-        Ok(Some(LocalVolume {
+        Ok(Some(Self::local_volume(id, volume, device)))
+    }
+
+    /// The volume as its LV's report and its final `device` describe it.
+    fn local_volume(id: VolumeId, volume: &ThinVolume, device: Option<PathBuf>) -> LocalVolume {
+        LocalVolume {
             name: progress::name(&volume.tags),
             size: volume.virtual_size,
             data_percent: volume.data_percent,
-            encryption,
+            encryption: progress::encryption(&volume.tags),
             progress: progress::step(&volume.tags),
             device,
             exposed: progress::nodes(&volume.tags)
@@ -685,7 +709,7 @@ impl VolumeHost {
                 .collect(),
             health: volume.health,
             id,
-        }))
+        }
     }
 
     fn status(&self, id: &VolumeId) -> Result<LocalVolume, HostError> {
@@ -758,47 +782,42 @@ impl VolumeHost {
             if progress::step(&volume.tags) == Some(Progress::Restoring) {
                 return Err(HostError::RestoreUnfinished { id: id.clone() });
             }
-        }
-        match &existing {
-            Some(volume) => {
-                Self::check_spec(spec, volume)?;
-                // Same size check as LVM makes: identity or SizeMismatch.
-                if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
-                    return Err(match source {
-                        BackendError::SizeMismatch {
-                            existing,
-                            requested,
-                            ..
-                        } => HostError::SpecMismatch {
-                            id: id.clone(),
-                            field: "size",
-                            existing: existing.to_string(),
-                            requested: requested.to_string(),
-                        },
-                        BackendError::NotRoundable {
-                            size,
-                            extent,
-                            source,
-                        } => HostError::SizeNotRoundable {
-                            id: id.clone(),
-                            size,
-                            extent,
-                            source,
-                        },
-                        other => HostError::LvCreate {
-                            id: id.clone(),
-                            source: Box::new(other),
-                        },
-                    });
-                }
-                if Self::progress_of(id, volume)? == Progress::Ready {
-                    self.refuse_if_fenced(id)?;
-                    self.ensure_open(id, spec.encryption)?;
-                    return Ok(CreateAction::Identity(self.status(id)?));
-                }
-                tracing::info!(volume = %id, "resuming an unfinished create");
+            Self::check_spec(spec, volume)?;
+            // Same size check as LVM makes: identity or SizeMismatch.
+            if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
+                return Err(match source {
+                    BackendError::SizeMismatch {
+                        existing,
+                        requested,
+                        ..
+                    } => HostError::SpecMismatch {
+                        id: id.clone(),
+                        field: "size",
+                        existing: existing.to_string(),
+                        requested: requested.to_string(),
+                    },
+                    BackendError::NotRoundable {
+                        size,
+                        extent,
+                        source,
+                    } => HostError::SizeNotRoundable {
+                        id: id.clone(),
+                        size,
+                        extent,
+                        source,
+                    },
+                    other => HostError::LvCreate {
+                        id: id.clone(),
+                        source: Box::new(other),
+                    },
+                });
             }
-            None => self.admit_new(spec)?,
+            if Self::progress_of(id, volume)? == Progress::Ready {
+                self.refuse_if_fenced(id)?;
+                self.ensure_open(id, spec.encryption, volume)?;
+                return Ok(CreateAction::Identity(self.status(id)?));
+            }
+            tracing::info!(volume = %id, "resuming an unfinished create");
         }
         let mut made = Made::default();
         match self.build(spec, existing, &mut made) {
@@ -827,6 +846,16 @@ impl VolumeHost {
         made: &mut Made,
     ) -> Result<LocalVolume, HostError> {
         let id = &spec.id;
+        // A new volume is admitted, and its key and LV made, under the pool
+        // lock, so two creates cannot both take the last headroom; one pool
+        // report serves the admission.
+        let pool_guard = if existing.is_none() {
+            let guard = lock(&self.pool_lock);
+            self.admit_new(spec)?;
+            Some(guard)
+        } else {
+            None
+        };
         let key = match spec.encryption {
             Encryption::Luks2 => {
                 let key = self
@@ -840,40 +869,46 @@ impl VolumeHost {
             }
             Encryption::None => None,
         };
-        let state = match existing {
-            Some(volume) => Self::progress_of(id, &volume)?,
+        let (state, created_device) = match existing {
+            Some(volume) => (Self::progress_of(id, &volume)?, None),
             None => {
+                // Every tag a create needs goes in with the LV: one
+                // metadata commit.
                 let tags = [
                     progress::step_tag(Progress::LvCreated),
                     progress::encryption_tag(spec.encryption),
                     progress::name_tag(&spec.name),
                 ];
-                let _pool = lock(&self.pool_lock);
-                // Again under the lock: another create may have taken the room.
-                self.admit_new(spec)?;
-                made.lv = self
+                let created = self
                     .backend
                     .create_thin(&id.lv_name(), spec.size, &tags)
-                    .map_err(failed_at!(LvCreate, id))?
-                    .changed();
+                    .map_err(failed_at!(LvCreate, id))?;
+                made.lv = created.changed();
+                drop(pool_guard);
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
-                Progress::LvCreated
+                (Progress::LvCreated, created.into_inner().device)
             }
         };
         self.step(id, Step::LvCreated)?;
-        let lv_device = self.activate(id)?;
+        // An LV lvcreate just made is active; only a resumed one may not be.
+        let lv_device = match created_device {
+            Some(device) => device,
+            None => self.activate(id)?,
+        };
         let fs_device = match &key {
             Some(key) => {
                 if state == Progress::LvCreated {
                     // The LV is ours and was never ready: nothing of value
                     // can be on it, so a half-written header may be replaced.
+                    // No progress is recorded for the header: a re-run
+                    // finds it (format is identity for our own header with
+                    // this key), so a record would cost a metadata commit
+                    // and save nothing.
                     let _ = self
                         .devices
                         .format_crypt(&lv_device, id, key, FormatGuard::AllowUnfinishedOwnHeader)
                         .map_err(failed_at!(CryptFormat, id))?;
                     self.step(id, Step::CryptFormatted)?;
-                    self.set_progress(id, Progress::CryptFormatted)?;
-                    self.step(id, Step::ProgressCrypt)?;
                 }
                 let mapping = self
                     .devices
@@ -891,10 +926,12 @@ impl VolumeHost {
             .make_fs(&fs_device, id)
             .map_err(failed_at!(Mkfs, id))?;
         self.step(id, Step::FsMade)?;
-        self.set_progress(id, Progress::Ready)?;
+        let volume = self.set_progress(id, Progress::Ready)?;
         self.step(id, Step::ProgressReady)?;
         tracing::info!(volume = %id, device = %fs_device.display(), "volume ready");
-        self.status(id)
+        // The retag read the LV after mkfs; the device is the one just
+        // made, so no report or device-mapper call is needed for the status.
+        Ok(Self::local_volume(id.clone(), &volume, Some(fs_device)))
     }
 
     /// Rollback of a failed create: removes what this call made (`made`),
@@ -1002,12 +1039,9 @@ impl VolumeHost {
             .map_err(failed_at!(CryptClose, id))?
             .changed();
         self.step(id, Step::CryptClosed)?;
-        if existing.is_some() {
-            let lv_device = self.activate(id)?;
-            let restoring = existing
-                .as_ref()
-                .and_then(|volume| progress::restored_from(&volume.tags))
-                .is_some();
+        if let Some(volume) = &existing {
+            let lv_device = self.lv_device(id, volume)?;
+            let restoring = progress::restored_from(&volume.tags).is_some();
             changed |= match self.devices.erase(&lv_device, id, encrypted) {
                 // A restore that had not adopted its copy of the origin's
                 // header yet: that header is the origin's, opened by the
@@ -1058,7 +1092,7 @@ impl VolumeHost {
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
         let volume = self.ready_volume(id)?;
-        self.ensure_open(id, Self::encryption_of(id, &volume)?)
+        self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)
     }
 
     /// Closes a volume's mapping (the LV stays active). A mapping in use is
@@ -1105,7 +1139,7 @@ impl VolumeHost {
             id: id.clone(),
             path: jail.full(),
         })?;
-        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?)?;
+        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)?;
         let rdev = self
             .devices
             .device_number(&device)
@@ -1137,7 +1171,7 @@ impl VolumeHost {
                 .map_err(failed_at!(Unexpose, id));
         }
         if recorded_now && rollback.is_ok() {
-            rollback = self.retag(id, "node record", &[], &[record]);
+            rollback = self.retag(id, "node record", &[], &[record]).map(|_| ());
         }
         match rollback {
             Ok(()) => Err(error),
@@ -1194,7 +1228,7 @@ impl VolumeHost {
                 .map_err(failed_at!(LvExtend, id))?
         };
         self.step(id, Step::LvExtended)?;
-        let (device, lower) = self.ensure_open_layers(id, encryption)?;
+        let (device, lower) = self.ensure_open_layers(id, encryption, &volume)?;
         if encryption == Encryption::Luks2 {
             self.devices
                 .resize_crypt(id)
@@ -1223,15 +1257,32 @@ impl VolumeHost {
         Ok(ExtendOutcome { lv, filesystem })
     }
 
-    /// Every volume of ours in the pool.
+    /// Every volume of ours in the pool: one LVM report, and one listing of
+    /// the device-mapper devices when any volume is encrypted (a restart
+    /// with 1,000 volumes costs two queries, not one per volume).
     pub fn list(&self) -> Result<Vec<LocalVolume>, HostError> {
-        let mut statuses = Vec::new();
-        for volume in self.backend.list_thins().map_err(HostError::List)? {
-            if let Some(status) = self.status_of(&volume)? {
-                statuses.push(status);
-            }
-        }
-        Ok(statuses)
+        let volumes = self.backend.list_thins().map_err(HostError::List)?;
+        let encrypted =
+            |volume: &ThinVolume| progress::encryption(&volume.tags) == Some(Encryption::Luks2);
+        let mappings = if volumes.iter().any(encrypted) {
+            self.devices
+                .crypt_mappings()
+                .map_err(HostError::CryptList)?
+        } else {
+            Default::default()
+        };
+        Ok(volumes
+            .iter()
+            .filter_map(|volume| {
+                let id = VolumeId::from_lv_name(&volume.lv)?;
+                let device = if encrypted(volume) {
+                    mappings.get(&id.crypt_name()).cloned()
+                } else {
+                    volume.device.clone()
+                };
+                Some(Self::local_volume(id, volume, device))
+            })
+            .collect())
     }
 
     pub fn pool_status(&self) -> Result<PoolStatus, HostError> {

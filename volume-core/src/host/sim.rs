@@ -78,6 +78,9 @@ struct SimState {
     next_minor: u64,
     counts: HashMap<VolumeId, SimCounts>,
     busy: Vec<DmName>,
+    /// Queries of device-mapper state (a status or a listing), as the real
+    /// devices would make them.
+    dm_queries: u64,
 }
 
 /// Simulated devices over a (usually simulated) backend.
@@ -104,6 +107,12 @@ impl SimDevices {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many device-mapper queries (one mapping's status, or a listing
+    /// of all) the host has made so far.
+    pub fn dm_queries(&self) -> u64 {
+        self.lock().dm_queries
     }
 
     pub fn counts(&self, id: &VolumeId) -> SimCounts {
@@ -164,13 +173,12 @@ impl SimDevices {
         }
     }
 
+    /// The size of the LV at `lv_device` (`/dev/<vg>/<lv>`), as a block
+    /// device's size query would say; one lookup of that LV.
     fn lv_size(&self, lv_device: &Path) -> Option<Bytes> {
-        self.backend
-            .list_thins()
-            .ok()?
-            .into_iter()
-            .find(|v| v.device.as_deref() == Some(lv_device))
-            .map(|v| v.virtual_size)
+        let name = LvName::new(lv_device.file_name()?.to_str()?).ok()?;
+        let volume = self.backend.thin(&name).ok()??;
+        (volume.device.as_deref() == Some(lv_device)).then_some(volume.virtual_size)
     }
 
     fn require_lv(&self, lv_device: &Path) -> Result<Bytes, std::io::Error> {
@@ -325,11 +333,22 @@ impl VolumeDevices for SimDevices {
     }
 
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
-        Ok(self
-            .lock()
+        let mut state = self.lock();
+        state.dm_queries += 1;
+        Ok(state
             .mappings
             .contains_key(&id.crypt_name())
             .then(|| Self::mapping_path(id)))
+    }
+
+    fn crypt_mappings(&self) -> Result<BTreeMap<DmName, PathBuf>, CryptError> {
+        let mut state = self.lock();
+        state.dm_queries += 1;
+        Ok(state
+            .mappings
+            .keys()
+            .map(|name| (name.clone(), Path::new(SIM_MAPPER_DIR).join(name.as_str())))
+            .collect())
     }
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {
@@ -536,6 +555,28 @@ impl VolumeDevices for SimDevices {
         };
         match fs {
             Some(_) => Ok(()),
+            None => Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: "no known signature".into(),
+            }),
+        }
+    }
+
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
+        let (lv_device, mapping, _) = self.fs_target(device)?;
+        let mut state = self.lock();
+        let lv = state.lvs.get_mut(&lv_device);
+        let fs = match (&mapping, lv) {
+            (Some(_), Some(lv)) => lv.header.as_mut().and_then(|h| h.fs.as_mut()),
+            (None, Some(lv)) => lv.plain_fs.as_mut(),
+            (_, None) => None,
+        };
+        match fs {
+            Some(fs) if fs.owner == *id => Ok(CreateAction::Identity(())),
+            Some(fs) => {
+                fs.owner = id.clone();
+                Ok(CreateAction::Created(()))
+            }
             None => Err(FsError::NotExt4 {
                 device: device.to_owned(),
                 found: "no known signature".into(),

@@ -10,7 +10,6 @@ pub enum Step {
     KeyReady,
     LvCreated,
     CryptFormatted,
-    ProgressCrypt,
     CryptOpened,
     FsMade,
     ProgressReady,
@@ -35,15 +34,15 @@ pub enum Step {
     KeyCopied,
     HeaderAdopted,
     FsChecked,
+    FsAdopted,
 }
 
 impl Step {
     /// The steps of a create of an encrypted volume, in order.
-    pub const CREATE_ENCRYPTED: [Step; 7] = [
+    pub const CREATE_ENCRYPTED: [Step; 6] = [
         Step::KeyReady,
         Step::LvCreated,
         Step::CryptFormatted,
-        Step::ProgressCrypt,
         Step::CryptOpened,
         Step::FsMade,
         Step::ProgressReady,
@@ -65,7 +64,7 @@ impl Step {
 impl Step {
     /// The steps of a restore of an encrypted snapshot into a bigger
     /// volume, in order.
-    pub const RESTORE_ENCRYPTED: [Step; 9] = [
+    pub const RESTORE_ENCRYPTED: [Step; 10] = [
         Step::KeyCopied,
         Step::LvCreated,
         Step::LvExtended,
@@ -73,6 +72,7 @@ impl Step {
         Step::CryptOpened,
         Step::CryptResized,
         Step::FsChecked,
+        Step::FsAdopted,
         Step::FsGrown,
         Step::ProgressReady,
     ];

@@ -474,7 +474,7 @@ fn expose_of_an_unfinished_or_missing_volume_is_refused() {
     assert!(matches!(
         h.host.expose(&spec.id, &jail, OWNER),
         Err(HostError::NotReady {
-            progress: Progress::CryptFormatted,
+            progress: Progress::LvCreated,
             ..
         })
     ));
@@ -804,7 +804,7 @@ fn a_failed_resumed_create_leaves_what_earlier_calls_made() {
     ));
     let listed = h.host.list().unwrap();
     assert_eq!(listed.len(), 1, "the earlier call's LV stays");
-    assert_eq!(listed[0].progress, Some(Progress::CryptFormatted));
+    assert_eq!(listed[0].progress, Some(Progress::LvCreated));
     assert!(h.devices.mappings().is_empty(), "this call's mapping went");
     assert_eq!(h.key_files().len(), 1, "the earlier call's key stays");
     assert!(h.host.create(&spec).unwrap().changed());
@@ -812,4 +812,56 @@ fn a_failed_resumed_create_leaves_what_earlier_calls_made() {
     assert_eq!(h.devices.counts(&spec.id).crypt_formats, 1);
     let _ = h.host.delete(&spec.id).unwrap();
     h.assert_clean();
+}
+
+/// What a restart costs: listing many encrypted volumes takes one report
+/// of the pool and one device-mapper query in all, not one per volume.
+#[test]
+fn listing_many_volumes_costs_one_report_and_one_device_mapper_query() {
+    let h = harness_with(CapacityPolicy {
+        overcommit: crate::units::OvercommitRatio::from_thousandths(1_000_000).unwrap(),
+        ..CapacityPolicy::default()
+    });
+    let volumes: Vec<NewVolume> = (0..20).map(|_| spec(Encryption::Luks2)).collect();
+    for volume in &volumes {
+        let _ = h.host.create(volume).unwrap();
+    }
+    let _ = h.devices.close_crypt(&volumes[0].id).unwrap();
+    let (reports, queries) = (h.backend.calls().reports, h.devices.dm_queries());
+    let listed = h.host.list().unwrap();
+    assert_eq!(listed.len(), volumes.len());
+    assert_eq!(h.backend.calls().reports - reports, 1, "LVM reports");
+    assert_eq!(h.devices.dm_queries() - queries, 1, "device-mapper queries");
+    for volume in &listed {
+        let open = volume.id != volumes[0].id;
+        assert_eq!(volume.device.is_some(), open, "{}", volume.id);
+    }
+}
+
+/// Create, expose, extend and delete of one volume read that volume alone
+/// (and the pool once where admission needs it), however many volumes the
+/// pool holds.
+#[test]
+fn operations_on_one_volume_do_not_read_every_volume() {
+    let h = harness_with(CapacityPolicy {
+        overcommit: crate::units::OvercommitRatio::from_thousandths(1_000_000).unwrap(),
+        ..CapacityPolicy::default()
+    });
+    for _ in 0..30 {
+        let _ = h.host.create(&spec(Encryption::None)).unwrap();
+    }
+    let full_reports = |h: &Harness| h.backend.calls().full_reports;
+    let volume = spec(Encryption::Luks2);
+    let before = full_reports(&h);
+    let _ = h.host.create(&volume).unwrap();
+    assert_eq!(full_reports(&h) - before, 1, "create: the admission alone");
+    let before = full_reports(&h);
+    let _ = h.host.expose(&volume.id, &h.jail("vdb"), OWNER).unwrap();
+    assert_eq!(full_reports(&h) - before, 0, "expose");
+    let before = full_reports(&h);
+    let _ = h.host.extend(&volume.id, Bytes(26 * GIB)).unwrap();
+    assert_eq!(full_reports(&h) - before, 1, "extend: the admission alone");
+    let before = full_reports(&h);
+    let _ = h.host.delete(&volume.id).unwrap();
+    assert_eq!(full_reports(&h) - before, 0, "delete");
 }

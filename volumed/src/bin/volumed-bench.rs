@@ -191,6 +191,7 @@ async fn bench(args: Args) -> Result<(), Failure> {
     daemon.stop().await?;
 
     let before = sim.calls();
+    let dm_before = devices.dm_queries();
     let metrics = Arc::new(Metrics::default());
     let volume_host = host_over(&metrics);
     // What the binary does at start: ensure_pool (one report).
@@ -211,10 +212,11 @@ async fn bench(args: Args) -> Result<(), Failure> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = sim.calls();
     println!(
-        "restart with {} volumes: {} LVM reports, {} LVM changes (ensure_pool + one list), {} KV writes, full reconcile done {:.0} ms after start",
+        "restart with {} volumes: {} LVM reports, {} LVM changes (ensure_pool + one list), {} device-mapper queries, {} KV writes, full reconcile done {:.0} ms after start",
         args.volumes,
         after.reports - before.reports,
         after.changes - before.changes,
+        devices.dm_queries() - dm_before,
         metrics.kv_writes(),
         reconciled_after.as_secs_f64() * 1000.0
     );

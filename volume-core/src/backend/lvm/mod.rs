@@ -1,11 +1,14 @@
 //! The LVM backend: LVM2 thin pools through liblvm2cmd, in process, on one
 //! dedicated thread ([`runner`]), reading LVM's JSON reports ([`report`]).
 //!
-//! Every method reads the VG with a constant number of reports (one `lvs`
-//! for everything but `ensure_pool`), decides with [`super::shared`] exactly
-//! as the simulator does, and only then runs at most a few changing
-//! commands. Foreign LVs are read (their virtual size counts against the
-//! pool) but never changed.
+//! Every method reads with at most one report, decides with
+//! [`super::shared`] exactly as the simulator does, and only then runs at
+//! most a few changing commands. Methods about one LV report that LV (and
+//! the pool row) alone, `lvs <vg>/<pool> <vg>/<lv>`, so LVM queries the
+//! kernel for those devices only; `pool_status`, `list_thins` and
+//! `ensure_pool` read every LV. `create_thin` goes straight to `lvcreate`
+//! and reads only when that fails. Foreign LVs are read (their virtual size
+//! counts against the pool) but never changed.
 
 pub mod kernel;
 pub mod report;
@@ -28,6 +31,25 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+/// LVM's memory locking around device suspends, set for a daemon. While it
+/// suspends a device, LVM touches `reserved_memory` (8 MiB by default),
+/// then `mlock`s every readable mapping of the process, so that nothing it
+/// needs must be read back from a device it suspended; after the `munlock`
+/// every page stays resident. In volumed that kept 91 MiB resident during
+/// a burst of creates (`VmLck` 90.7 MiB): volumed's and its libraries' file
+/// pages, every malloc arena and thread stack in full, the reserve. None
+/// of it can come from a suspended device: volumed's files live on the
+/// root filesystem and its anonymous memory in RAM or swap, never in the
+/// volume group volumed owns (the only one it suspends). So:
+/// - `mlock_filter=["/","[heap]"]`: skip file-backed mappings (their lines
+///   name a path) and the malloc heap (volumed keeps one arena, see
+///   volumed's `memory.rs`); thread stacks and large mapped buffers are
+///   still locked.
+/// - `reserved_memory=1024`: LVM's own allocations while a device is
+///   suspended are small.
+pub const MEMLOCK_SETTINGS: &str =
+    r#"activation{mlock_filter=["/","[heap]"]}activation{reserved_memory=1024}"#;
+
 /// A thin pool managed through liblvm2cmd.
 #[derive(Debug)]
 pub struct LvmBackend {
@@ -39,6 +61,13 @@ pub struct LvmBackend {
     /// The pool table's `low_water_mark`, as a used share in whole percent
     /// (0: LVM's default, no mark). See [`LvmBackend::set_low_water`].
     low_water: AtomicU32,
+    /// The VG's extent size in bytes and LVM's device directory for its
+    /// LVs, from the last report that showed them (0 / `None`: not seen
+    /// yet). They let a create go straight to `lvcreate`, without a report
+    /// first; `vgchange -s` can change the extent size, so a create that
+    /// fails re-reads before deciding.
+    extent_bytes: std::sync::atomic::AtomicU64,
+    lv_dir: Mutex<Option<PathBuf>>,
 }
 
 impl LvmBackend {
@@ -50,6 +79,8 @@ impl LvmBackend {
             runner: LvmRunner::start()?,
             operation: Mutex::new(()),
             low_water: AtomicU32::new(0),
+            extent_bytes: std::sync::atomic::AtomicU64::new(0),
+            lv_dir: Mutex::new(None),
         })
     }
 
@@ -90,11 +121,81 @@ impl LvmBackend {
             .args(["-o", report::LV_FIELDS, self.spec.vg.as_str()])
             .build()?;
         let output = self.runner.run(&line)?;
-        let rows = report::parse_lv_report(&output.report).map_err(|err| BackendError::Report {
+        self.view_of(line, &output.report)
+    }
+
+    /// Only the named LVs of our VG, one report. LVM reads the VG's
+    /// metadata either way, but queries the kernel only for these, so the
+    /// cost stays flat as the pool fills. A name that does not exist is
+    /// left out (LVM reports the others and fails for it alone).
+    fn read_named(&self, names: &[&str]) -> Result<VgView, BackendError> {
+        let vg = self.spec.vg.as_str();
+        let line = report_command("lvs")
+            .args(["-o", report::LV_FIELDS])
+            .args(names.iter().map(|name| format!("{vg}/{name}")))
+            .build()?;
+        let missing: Vec<String> = names
+            .iter()
+            .map(|name| format!("Failed to find logical volume \"{vg}/{name}\""))
+            .collect();
+        let output = self
+            .runner
+            .run_tolerating(&line, |error| missing.iter().any(|m| m == error))?;
+        self.view_of(line, &output.report)
+    }
+
+    fn view_of(&self, line: CommandLine, report: &str) -> Result<VgView, BackendError> {
+        let rows = report::parse_lv_report(report).map_err(|err| BackendError::Report {
             command: line.to_string(),
             reason: err.to_string(),
         })?;
-        Ok(VgView { rows, line })
+        let view = VgView { rows, line };
+        self.remember(&view);
+        Ok(view)
+    }
+
+    /// Keeps what every row of the VG says alike (see `extent_bytes`).
+    fn remember(&self, view: &VgView) {
+        if let Some(row) = view.rows.first() {
+            self.extent_bytes
+                .store(row.extent_size.bytes().0, Ordering::Relaxed);
+        }
+        if let Some(dir) = view.lv_dir() {
+            *self
+                .lv_dir
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
+        }
+    }
+
+    /// Where a new LV's device appears, as [`VgView::device_of`] would say.
+    fn device_of(&self, lv: &LvName) -> PathBuf {
+        let dir = self
+            .lv_dir
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        dir.map(|dir| dir.join(lv.as_str()))
+            .unwrap_or_else(|| PathBuf::from(format!("/dev/{}/{}", self.spec.vg, lv)))
+    }
+
+    /// The LV `lvcreate` just made, active and empty.
+    fn new_thin(&self, lv: &LvName, size: Bytes, tags: BTreeSet<String>) -> ThinVolume {
+        ThinVolume {
+            lv: lv.clone(),
+            virtual_size: size,
+            data_percent: Percent::ZERO,
+            tags,
+            device: Some(self.device_of(lv)),
+            health: VolumeHealth::Healthy,
+        }
+    }
+
+    fn cached_extent(&self) -> Option<crate::units::ExtentSize> {
+        match self.extent_bytes.load(Ordering::Relaxed) {
+            0 => None,
+            bytes => crate::units::ExtentSize::new(Bytes(bytes)).ok(),
+        }
     }
 
     /// Every VG on the host, one report; a missing VG is not an error here.
@@ -109,10 +210,11 @@ impl LvmBackend {
         })
     }
 
-    /// Runs a command that changes LVM state.
+    /// Runs a command that changes LVM state, with [`MEMLOCK_SETTINGS`] and
+    /// the low-water threshold.
     fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
-        let mut config = SKIP_FENCEABLE.to_owned();
+        let mut config = format!("{SKIP_FENCEABLE}{MEMLOCK_SETTINGS}");
         if low_water != 0 {
             config.push_str(&format!(
                 "activation{{thin_pool_autoextend_threshold={low_water}}}"
@@ -219,6 +321,33 @@ fn report_command(command: &str) -> CommandLineBuilder {
 fn size_arg(size: Bytes) -> Result<String, BackendError> {
     let size = size.round_up_to(Bytes(SECTOR_SIZE))?;
     Ok(format!("{}b", size.0))
+}
+
+/// `lvcreate` of an active thin LV carrying `tags`, all in the one
+/// metadata commit.
+fn lvcreate_line(
+    spec: &ThinPoolSpec,
+    lv: &LvName,
+    size: Bytes,
+    tags: &BTreeSet<String>,
+) -> Result<CommandLineBuilder, BackendError> {
+    let mut line = CommandLine::command("lvcreate").args([
+        "-qq".into(),
+        "--type".into(),
+        "thin".into(),
+        "--virtualsize".into(),
+        size_arg(size)?,
+        "--thinpool".into(),
+        spec.pool.to_string(),
+        "--name".into(),
+        lv.to_string(),
+        "--activate".into(),
+        "y".into(),
+    ]);
+    for tag in tags {
+        line = line.args(["--addtag", tag.as_str()]);
+    }
+    Ok(line.arg(spec.vg.as_str()))
 }
 
 /// `share` of `whole`, rounded down.
@@ -342,12 +471,18 @@ impl VgView {
         })
     }
 
-    /// Where LVM puts an LV's device node: beside the other LVs' (this
+    /// Where LVM puts the LVs' device nodes, if a row shows one (this
     /// follows LVM's configured device directory; a thin pool has none).
-    fn device_of(&self, spec: &ThinPoolSpec, lv: &LvName) -> PathBuf {
+    fn lv_dir(&self) -> Option<PathBuf> {
         self.rows
             .iter()
-            .find_map(|row| row.path.as_deref()?.parent())
+            .find_map(|row| Some(row.path.as_deref()?.parent()?.to_owned()))
+    }
+
+    /// Where LVM puts an LV's device node: beside the other LVs'.
+    #[cfg(test)]
+    fn device_of(&self, spec: &ThinPoolSpec, lv: &LvName) -> PathBuf {
+        self.lv_dir()
             .map(|dir| dir.join(lv.as_str()))
             .unwrap_or_else(|| PathBuf::from(format!("/dev/{}/{}", spec.vg, lv)))
     }
@@ -479,45 +614,39 @@ impl ThinBackend for LvmBackend {
     ) -> Result<CreateAction<ThinVolume>, BackendError> {
         shared::check_create_inputs(lv, size, tags)?;
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
+        all_tags.insert(OWNER_TAG.to_owned());
+        // A create is nearly always of a name that does not exist yet, and
+        // LVM refuses a name that does: so go straight to lvcreate, and
+        // read only when it fails, to tell identity, a size mismatch or a
+        // foreign LV from LVM's own error.
+        let first_try = match self.cached_extent() {
+            Some(extent) => {
+                let size = shared::round_to_extents(size, extent)?;
+                match self.change(lvcreate_line(&self.spec, lv, size, &all_tags)?) {
+                    Ok(()) => return Ok(CreateAction::Created(self.new_thin(lv, size, all_tags))),
+                    Err(error) => Some(error),
+                }
+            }
+            None => None,
+        };
+        let view = self.read_named(&[self.spec.pool.as_str(), lv.as_str()])?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         let size = shared::round_to_extents(size, pool.extent_size)?;
         if let Some(existing) = shared::decide_create(&self.spec, view.find(lv)?, size)? {
             return Ok(CreateAction::Identity(existing));
         }
-        let mut all_tags: BTreeSet<String> = tags.iter().cloned().collect();
-        all_tags.insert(OWNER_TAG.to_owned());
-        let mut line = CommandLine::command("lvcreate").args([
-            "-qq".into(),
-            "--type".into(),
-            "thin".into(),
-            "--virtualsize".into(),
-            size_arg(size)?,
-            "--thinpool".into(),
-            self.spec.pool.to_string(),
-            "--name".into(),
-            lv.to_string(),
-            "--activate".into(),
-            "y".into(),
-        ]);
-        for tag in &all_tags {
-            line = line.args(["--addtag", tag.as_str()]);
+        if let Some(error) = first_try {
+            return Err(error);
         }
-        self.change(line.arg(self.spec.vg.as_str()))?;
-        Ok(CreateAction::Created(ThinVolume {
-            lv: lv.clone(),
-            virtual_size: size,
-            data_percent: Percent::ZERO,
-            tags: all_tags,
-            device: Some(view.device_of(&self.spec, lv)),
-            health: VolumeHealth::Healthy,
-        }))
+        self.change(lvcreate_line(&self.spec, lv, size, &all_tags)?)?;
+        Ok(CreateAction::Created(self.new_thin(lv, size, all_tags)))
     }
 
     fn remove_thin(&self, lv: &LvName) -> Result<DeleteAction, BackendError> {
         shared::check_our_name(lv)?;
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[self.spec.pool.as_str(), lv.as_str()])?;
         view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         let Some(found) = view.find(lv)? else {
             return Ok(DeleteAction::Identity);
@@ -534,7 +663,7 @@ impl ThinBackend for LvmBackend {
     fn extend_thin(&self, lv: &LvName, size: Bytes) -> Result<ExtendAction, BackendError> {
         shared::check_our_name(lv)?;
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[self.spec.pool.as_str(), lv.as_str()])?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         let size = shared::round_to_extents(size, pool.extent_size)?;
         let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
@@ -569,14 +698,55 @@ impl ThinBackend for LvmBackend {
         Ok(ours)
     }
 
-    fn retag(&self, lv: &LvName, add: &[String], remove: &[String]) -> Result<(), BackendError> {
+    fn thin(&self, lv: &LvName) -> Result<Option<ThinVolume>, BackendError> {
+        let _operation = self.lock();
+        let view = self.read_named(&[lv.as_str()])?;
+        let Some(found) = view.find(lv)? else {
+            return Ok(None);
+        };
+        Ok(shared::require_ours(&self.spec, found).ok())
+    }
+
+    fn tagged(&self, tag: &str) -> Result<Vec<ThinVolume>, BackendError> {
+        shared::check_tag(tag)?;
+        let _operation = self.lock();
+        // `@tag` selects LVs of every VG; ours are picked out below. No LV
+        // with the tag is an empty report, not an error.
+        let line = report_command("lvs")
+            .args(["-o", report::LV_FIELDS])
+            .arg(format!("@{tag}"))
+            .build()?;
+        let output = self.runner.run(&line)?;
+        let view = self.view_of(line, &output.report)?;
+        let mut ours = Vec::new();
+        for row in view
+            .thins(&self.spec)
+            .filter(|row| row.vg == self.spec.vg.as_str())
+        {
+            let Ok(lv) = LvName::new(row.name.as_str()) else {
+                continue;
+            };
+            let volume = view.thin_volume(row, lv)?;
+            if shared::is_ours(&volume) {
+                ours.push(volume);
+            }
+        }
+        Ok(ours)
+    }
+
+    fn retag(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
         shared::check_retag(add, remove)?;
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[lv.as_str()])?;
         let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
-        shared::require_ours(&self.spec, found)?;
+        let mut volume = shared::require_ours(&self.spec, found)?;
         if add.is_empty() && remove.is_empty() {
-            return Ok(());
+            return Ok(volume);
         }
         let mut line = CommandLine::command("lvchange").arg("-qq");
         for tag in add {
@@ -585,12 +755,17 @@ impl ThinBackend for LvmBackend {
         for tag in remove {
             line = line.args(["--deltag", tag.as_str()]);
         }
-        self.change(line.arg(self.vg_lv(lv.as_str())))
+        self.change(line.arg(self.vg_lv(lv.as_str())))?;
+        for tag in remove {
+            volume.tags.remove(tag);
+        }
+        volume.tags.extend(add.iter().cloned());
+        Ok(volume)
     }
 
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[self.spec.pool.as_str(), lv.as_str()])?;
         view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         let found = view.find(lv)?.ok_or_else(|| self.not_found(lv))?;
         let volume = shared::require_ours(&self.spec, found)?;
@@ -603,12 +778,12 @@ impl ThinBackend for LvmBackend {
             "y",
             &self.vg_lv(lv.as_str()),
         ]))?;
-        Ok(view.device_of(&self.spec, lv))
+        Ok(self.device_of(lv))
     }
 
     fn grow_pool(&self, part: PoolPart, by: Bytes) -> Result<PoolGrowth, BackendError> {
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[self.spec.pool.as_str()])?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         let from = match part {
             PoolPart::Data => pool.size,
@@ -656,7 +831,7 @@ impl ThinBackend for LvmBackend {
     ) -> Result<CreateAction<ThinVolume>, BackendError> {
         shared::check_snapshot_inputs(origin, copy, tags)?;
         let _operation = self.lock();
-        let view = self.read_vg()?;
+        let view = self.read_named(&[self.spec.pool.as_str(), copy.as_str(), origin.as_str()])?;
         view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         if let Some(existing) = view.find(copy)? {
             return Ok(CreateAction::Identity(shared::require_ours(
@@ -698,7 +873,7 @@ impl ThinBackend for LvmBackend {
                 ThinCopy::Volume => source.data_percent,
             },
             tags: all_tags,
-            device: (kind == ThinCopy::Volume).then(|| view.device_of(&self.spec, copy)),
+            device: (kind == ThinCopy::Volume).then(|| self.device_of(copy)),
             health: VolumeHealth::Healthy,
         }))
     }
@@ -730,6 +905,38 @@ mod tests {
 
     fn ours() -> LvName {
         LvName::new("vmv1-vol_gjq9wcbfx7i9a3iy").unwrap()
+    }
+
+    /// LVM reads the memory-lock settings as written. It warns about a
+    /// setting it does not know or of the wrong type (checked here too, so
+    /// the test cannot pass for want of checking), once per command.
+    #[test]
+    fn lvm_takes_the_memlock_settings_without_a_warning() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let runner = LvmRunner::start().unwrap();
+        let vgs = |settings: &str| {
+            let line = CommandLine::command("vgs")
+                .config(settings)
+                .args(["-o", "vg_name"])
+                .build()
+                .unwrap();
+            runner.run(&line).unwrap()
+        };
+        let ours = vgs(MEMLOCK_SETTINGS);
+        assert!(
+            ours.messages.is_empty() && ours.errors.is_empty(),
+            "{ours:?}"
+        );
+        for wrong in [
+            "activation{mlock_filter=1}",
+            "activation{no_such_setting=1}",
+        ] {
+            let output = vgs(&format!("{MEMLOCK_SETTINGS}{wrong}"));
+            assert!(
+                !(output.messages.is_empty() && output.errors.is_empty()),
+                "no warning for {wrong}: {output:?}"
+            );
+        }
     }
 
     #[test]
