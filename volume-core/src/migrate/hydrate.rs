@@ -18,6 +18,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How long a connected nbd device may take to show its size.
+const NBD_START_WAIT: Duration = Duration::from_secs(30);
+
 /// What to build on the destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HydrateSpec {
@@ -318,7 +321,15 @@ impl<'a> Destination<'a> {
             dir: files.dir.clone(),
             source,
         })?;
-        let found = nbd::device_size(&device);
+        // qemu-nbd's parent returns once its client thread is started, not
+        // once the kernel has the device: the size shows when the kernel
+        // starts it (NBD_DO_IT). Wait for it, bounded.
+        let waiting = Instant::now();
+        let mut found = nbd::device_size(&device);
+        while found.is_none_or(|size| size < spec.size.0) && waiting.elapsed() < NBD_START_WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+            found = nbd::device_size(&device);
+        }
         if found.is_none_or(|size| size < spec.size.0) {
             return Err(MigrateError::ExportSize {
                 migration: migration.clone(),
