@@ -5,6 +5,7 @@
 //! * [`names`]: checked names and the `vmv1` prefix every device carries.
 //! * [`capacity`]: pool usage, policy and the admission decision.
 //! * [`health`]: typed pool and volume health.
+//! * [`hydration`]: a moved or forked volume's background copy: progress and rate limit.
 //! * [`fence`]: which volumes to fence when a pool that cannot grow fills.
 //! * [`actions`]: return types that say what an idempotent call did.
 //! * [`jail_path`]: the shape check of a jail node path.
@@ -19,6 +20,7 @@ pub mod actions;
 pub mod capacity;
 pub mod fence;
 pub mod health;
+pub mod hydration;
 pub mod jail_path;
 pub mod names;
 pub mod pool_growth;

@@ -216,6 +216,35 @@ fn check_snapshot_id(value: &str) -> Result<(), NameError> {
     .map_err(|e| refuse("snapshot id", value, e.reason))
 }
 
+/// Migration ids are `mig_` followed by 16 lowercase letters or digits.
+const MIGRATION_ID_PREFIX: &str = "mig_";
+
+fn check_migration_id(value: &str) -> Result<(), NameError> {
+    const KIND: &str = "migration id";
+    check_common(
+        KIND,
+        value,
+        MIGRATION_ID_PREFIX.len() + VOLUME_ID_RANDOM_LEN,
+    )?;
+    let Some(random) = value.strip_prefix(MIGRATION_ID_PREFIX) else {
+        return Err(refuse(KIND, value, "must start with 'mig_'"));
+    };
+    if random.len() != VOLUME_ID_RANDOM_LEN {
+        return Err(refuse(
+            KIND,
+            value,
+            format!("needs exactly {VOLUME_ID_RANDOM_LEN} characters after 'mig_'"),
+        ));
+    }
+    check_charset(
+        KIND,
+        random,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit(),
+        "a-z 0-9 after 'mig_'",
+    )
+    .map_err(|e| refuse(KIND, value, e.reason))
+}
+
 fn check_volume_name(value: &str) -> Result<(), NameError> {
     check_common("volume name", value, 30)?;
     check_charset(
@@ -269,6 +298,12 @@ checked_name!(
 checked_name!(
     /// A snapshot's unique id (`snap_` + 16 random characters).
     SnapshotId, "snapshot id", check_snapshot_id
+);
+checked_name!(
+    /// One move or fork of a volume between hosts (`mig_` + 16 random
+    /// characters): names the source's export snapshot and the
+    /// destination's copying-layer metadata LVs.
+    MigrationId, "migration id", check_migration_id
 );
 checked_name!(
     /// A volume's user-facing name; not unique (several volumes may share one).
@@ -343,6 +378,36 @@ impl SnapshotId {
     }
 }
 
+impl MigrationId {
+    /// A fresh random id.
+    pub fn generate() -> MigrationId {
+        MigrationId(format!("{MIGRATION_ID_PREFIX}{}", random_id_part()))
+    }
+
+    /// The source's thin snapshot that is exported: `vmv1-mig_…`. Neither a
+    /// volume's nor a snapshot's LV name, so listings of those never show it.
+    pub fn export_lv_name(&self) -> LvName {
+        LvName(format!("{NAME_PREFIX}-{}", self.0))
+    }
+
+    /// The destination's metadata LV of copying-layer leg `leg` (0 is the
+    /// network leg, 1 the local one): `vmv1-mig_…-meta<leg>`.
+    pub fn meta_lv_name(&self, leg: u8) -> LvName {
+        LvName(format!("{NAME_PREFIX}-{}-meta{leg}", self.0))
+    }
+
+    /// The destination's copying layer (dm-raid raid1) under the volume's
+    /// dm-crypt mapping: `vmv1-hydrate-mig_…`.
+    pub fn layer_name(&self) -> DmName {
+        DmName(format!("{NAME_PREFIX}-hydrate-{}", self.0))
+    }
+
+    /// The NBD export name, also the TLS-PSK identity.
+    pub fn export_name(&self) -> &str {
+        &self.0
+    }
+}
+
 /// LVM tag charset: `A-Z a-z 0-9 _ + . - / = ! : & #`, at most 1024 bytes.
 pub fn check_tag(tag: &str) -> Result<(), NameError> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c);
@@ -373,6 +438,30 @@ mod tests {
         }
         assert!(LvName::new("pool_tmeta").is_err());
         assert!(LvName::new("snapshot1").is_err());
+    }
+
+    #[test]
+    fn migration_ids_name_devices_no_listing_mistakes_for_volumes() {
+        let id = MigrationId::generate();
+        assert!(MigrationId::new(id.as_str()).is_ok());
+        for bad in [
+            "mig_",
+            "mig_ABCDEFGHIJKLMNOP",
+            "vol_abcdefghijklmnop",
+            "mig_abc",
+        ] {
+            assert!(MigrationId::new(bad).is_err(), "{bad}");
+        }
+        let export = id.export_lv_name();
+        assert!(VolumeId::from_lv_name(&export).is_none());
+        assert!(SnapshotId::from_lv_name(&export).is_none());
+        for leg in [0, 1] {
+            let meta = id.meta_lv_name(leg);
+            assert!(LvName::new(meta.as_str()).is_ok(), "{meta}");
+            assert!(VolumeId::from_lv_name(&meta).is_none());
+            assert!(SnapshotId::from_lv_name(&meta).is_none());
+        }
+        assert!(DmName::new(id.layer_name().as_str()).is_ok());
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! run with a cleared environment (`LC_ALL=C` only, so that output is stable)
 //! and stdin from `/dev/null`, so no tool can stop and ask a question. A
 //! failure carries the program, its arguments, the exit status, stdout and
-//! stderr. No secret is ever passed to a program: keys go through
-//! libcryptsetup in process.
+//! stderr. No secret is ever passed to a program on its command line or
+//! environment: keys go through libcryptsetup in process, and a
+//! migration's pre-shared key reaches qemu-nbd as a 0600 file it reads.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -168,6 +169,58 @@ impl Program {
     }
 }
 
+impl Program {
+    /// Runs a program that puts a server of its own in the background (e.g.
+    /// `qemu-nbd --fork`) and exits once that server is ready. Its output
+    /// goes to `log` (created or truncated, mode 0600), not to pipes: the
+    /// background process may keep them open, and a pipe would then never
+    /// reach end-of-file. A failure carries the log's contents.
+    pub fn run_detached<I, S>(&self, args: I, log: &Path) -> Result<(), CmdError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        tracing::debug!(command = %render(&self.path, &args), "running detached");
+        let spawn_err = |source| CmdError::Spawn {
+            program: self.path.clone(),
+            args: args.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(log)
+            .map_err(spawn_err)?;
+        let stdout = file.try_clone().map_err(spawn_err)?;
+        let status = Command::new(&self.path)
+            .args(&args)
+            .env_clear()
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(file)
+            .status()
+            .map_err(spawn_err)?;
+        let status = match (status.code(), status.signal()) {
+            (Some(0), _) => return Ok(()),
+            (Some(code), _) => ExitCode::Code(code),
+            (None, Some(signal)) => ExitCode::Signal(signal),
+            (None, None) => ExitCode::Signal(0),
+        };
+        Err(CmdError::Failed {
+            program: self.path.clone(),
+            args,
+            status,
+            stdout: String::new(),
+            stderr: std::fs::read_to_string(log).unwrap_or_default(),
+        })
+    }
+}
+
 fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -204,6 +257,25 @@ impl Tools {
             resize2fs: resize,
             tune2fs: tune,
         })
+    }
+}
+
+/// The programs moving a volume between hosts runs: `qemu-nbd` serves the
+/// source's snapshot and connects the destination's kernel nbd device.
+/// Located only where a migration happens, so hosts that never move a
+/// volume need no qemu-utils.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationTools {
+    pub qemu_nbd: Program,
+}
+
+impl MigrationTools {
+    pub const NAMES: [&'static str; 1] = ["qemu-nbd"];
+
+    pub fn locate() -> Result<MigrationTools, CmdError> {
+        let dirs: Vec<&Path> = SYSTEM_DIRS.iter().map(Path::new).collect();
+        let [qemu_nbd] = locate_all(MigrationTools::NAMES, &dirs)?;
+        Ok(MigrationTools { qemu_nbd })
     }
 }
 
@@ -332,6 +404,29 @@ mod tests {
             .contains("DM_DISABLE_UDEV=1"));
         assert!(!stdout.contains("HOME="), "{stdout}");
         assert!(!stdout.contains("got-input"), "{stdout}");
+    }
+
+    #[test]
+    fn a_detached_run_returns_while_its_background_child_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        // The child keeps stdout and stderr open for a minute; `run` would
+        // wait for it, `run_detached` only for the parent.
+        let path = script(dir.path(), "forker", "(sleep 60 &) ; echo started");
+        let log = dir.path().join("log");
+        let started = std::time::Instant::now();
+        Program::at("forker", &path)
+            .unwrap()
+            .run_detached(std::iter::empty::<&str>(), &log)
+            .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        assert_eq!(fs::read_to_string(&log).unwrap().trim(), "started");
+        let failing = script(dir.path(), "failing", "echo why >&2; exit 2");
+        let err = Program::at("failing", &failing)
+            .unwrap()
+            .run_detached(std::iter::empty::<&str>(), &log)
+            .unwrap_err();
+        assert!(err.to_string().contains("exit status 2"), "{err}");
+        assert!(err.to_string().contains("why"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,37 @@ impl fmt::Debug for VolumeKey {
     }
 }
 
+/// Bytes in a migration secret: the TLS pre-shared key of one migration's
+/// NBD connection.
+pub const MIGRATION_SECRET_BYTES: usize = 32;
+
+/// The pre-shared key that authenticates one migration's NBD connection
+/// (TLS-PSK): both hosts hold it, nobody else. Kept like a volume key.
+pub struct MigrationSecret(LockedBytes<MIGRATION_SECRET_BYTES>);
+
+impl MigrationSecret {
+    pub fn generate() -> Result<MigrationSecret, KeyError> {
+        let mut secret = MigrationSecret(locked()?);
+        fill_random(secret.0.as_mut_slice())?;
+        Ok(secret)
+    }
+
+    /// From exactly [`MIGRATION_SECRET_BYTES`] bytes, not all zero.
+    pub fn from_bytes(bytes: &[u8]) -> Result<MigrationSecret, KeyError> {
+        locked_copy("migration secret", bytes).map(MigrationSecret)
+    }
+
+    pub fn expose_secret(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl fmt::Debug for MigrationSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MigrationSecret(<redacted>)")
+    }
+}
+
 /// Key custody failures. None of them carries key material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

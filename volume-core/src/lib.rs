@@ -8,6 +8,7 @@
 //! (ext4), [`jail`] (device nodes in jails), [`cmd`] (the one place external
 //! programs run), [`pool_watch`] (pool auto-extend on device-mapper events),
 //! [`fence`] (suspending the volumes that fill a pool that cannot grow),
+//! [`migrate`] (moving and forking a volume to another host, lazily),
 //! and [`host`], the [`host::VolumeHost`] API the VM worker
 //! links.
 
@@ -20,7 +21,10 @@ pub mod host;
 pub mod jail;
 pub mod keys;
 mod locked;
+pub mod migrate;
 pub mod pool_watch;
 
 pub use volume_model::fence as fence_model;
-pub use volume_model::{actions, capacity, health, names, pool_growth, units, volume_growth};
+pub use volume_model::{
+    actions, capacity, health, hydration, names, pool_growth, units, volume_growth,
+};

@@ -301,11 +301,13 @@ impl LvmBackend {
 /// where LVM restores its earlier value when `--config` rebuilds the
 /// filters. The patterns match the dm-crypt mappings (`/dev/mapper/
 /// vmv1-crypt-…`) and the thin LVs (`/dev/<vg>/vmv1-vol_…`,
-/// `/dev/mapper/<vg>-vmv1--vol_…`, for hosts with `scan_lvs=1`). This
+/// `/dev/mapper/<vg>-vmv1--vol_…`, for hosts with `scan_lvs=1`), and a
+/// hydrating volume's network devices: the kernel's nbd devices and the
+/// copying layer (`/dev/mapper/vmv1-hydrate-…`), whose reads of blocks not
+/// yet copied wait while the source is away (`crate::migrate`). This
 /// replaces a `global_filter` set in lvm.conf for our commands. (One
 /// `--config` word: LVM takes the option once.)
-pub const SKIP_FENCEABLE: &str =
-    r#"devices{global_filter=["r|/vmv1-crypt-|","r|/vmv1-vol_|","r|-vmv1--vol_|"]}"#;
+pub const SKIP_FENCEABLE: &str = r#"devices{global_filter=["r|/vmv1-crypt-|","r|/vmv1-vol_|","r|-vmv1--vol_|","r|^/dev/nbd|","r|/vmv1-hydrate-|"]}"#;
 
 /// A report command with the format every parser here expects.
 fn report_command(command: &str) -> CommandLineBuilder {

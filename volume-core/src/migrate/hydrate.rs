@@ -1,0 +1,646 @@
+//! The destination end: build the volume over the copying layer, report
+//! its progress, and swap in a direct table when it is complete.
+
+use super::nbd::{self, EndFiles};
+use super::raid::{self, CopyTable, Leg, LOCAL_LEG, NETWORK_LEG};
+use super::{with_rollback, MigrateError};
+use crate::actions::CreateAction;
+use crate::backend::ThinBackend;
+use crate::cmd::MigrationTools;
+use crate::crypt::{self, CryptOptions};
+use crate::hydration::{migration_tag, HydrationProgress, HydrationState, RecoveryRate};
+use crate::keys::{MigrationSecret, VolumeKey};
+use crate::names::{LvName, MigrationId, VolumeId};
+use crate::units::{Bytes, Sectors, SECTOR_SIZE};
+use devicemapper::{DevId, Device, DmFlags, DmName, DmOptions, DM};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a connected nbd device may take to show its size.
+const NBD_START_WAIT: Duration = Duration::from_secs(30);
+
+/// What to build on the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HydrateSpec {
+    pub migration: MigrationId,
+    /// The new volume here.
+    pub volume: VolumeId,
+    /// The source volume: its LUKS2 header is the one that arrives, and is
+    /// adopted as `volume`'s (as a fork on one host does).
+    pub origin: VolumeId,
+    /// The source volume's size; the local LV is at least this.
+    pub size: Bytes,
+    /// The source's export address.
+    pub source: SocketAddr,
+    pub rate: RecoveryRate,
+    /// The daemon's run directory; this end's files go in
+    /// `<run_dir>/<migration>/hydrate/`.
+    pub run_dir: PathBuf,
+}
+
+impl HydrateSpec {
+    fn files(&self) -> EndFiles {
+        EndFiles::new(&self.run_dir, &self.migration, "hydrate")
+    }
+
+    fn length(&self) -> Sectors {
+        Sectors(self.size.0 / SECTOR_SIZE)
+    }
+
+    fn error_layer(&self, step: &'static str, reason: impl ToString) -> MigrateError {
+        MigrateError::Layer {
+            migration: self.migration.clone(),
+            step,
+            device: self.migration.layer_name().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The volume, usable while it hydrates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hydrating {
+    /// The dm-crypt mapping: what a VM or a mount uses.
+    pub crypt: PathBuf,
+    /// The copying layer's device.
+    pub layer: PathBuf,
+    /// The nbd device of the network leg.
+    pub nbd: PathBuf,
+    /// The local thin LV.
+    pub local: PathBuf,
+}
+
+/// The result of [`Destination::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// How long the layer was suspended for its table swap (I/O waited,
+    /// none failed). `None` when an earlier call had swapped it already.
+    pub swap: Option<Duration>,
+}
+
+/// What one call of [`Destination::start`] made, for its rollback.
+#[derive(Default)]
+struct Made {
+    lv: bool,
+    meta: [bool; 2],
+    files: bool,
+    nbd: bool,
+    layer: bool,
+}
+
+/// The destination host's side of migrations.
+pub struct Destination<'a> {
+    backend: &'a dyn ThinBackend,
+    tools: &'a MigrationTools,
+    crypt: CryptOptions,
+}
+
+fn dm(spec: &HydrateSpec) -> Result<DM, MigrateError> {
+    DM::new().map_err(|error| spec.error_layer("open control", error))
+}
+
+/// `/dev/mapper/<name>` of the copying layer, made here when udev has
+/// not (hosts without udev): LVM's filter recognises the layer by this
+/// name and must never read it (a read of a block not yet copied waits
+/// for the source). devtmpfs's `/dev/dm-N` alone would not match.
+fn mapper_node(name: &DmName, device: Device) -> Result<PathBuf, String> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let path = Path::new("/dev/mapper").join(name.to_string());
+    let wanted = makedev(u64::from(device.major), u64::from(device.minor));
+    for _ in 0..2 {
+        match nix::sys::stat::stat(&path) {
+            Ok(found) if found.st_rdev == wanted => return Ok(path),
+            // A stale node of an earlier layer of this name (the name is
+            // this migration's alone): replaced.
+            Ok(found)
+                if SFlag::from_bits_truncate(found.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK =>
+            {
+                std::fs::remove_file(&path)
+                    .map_err(|e| format!("removing stale {}: {e}", path.display()))?;
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} exists and is not a block device",
+                    path.display()
+                ))
+            }
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(errno) => return Err(format!("stat {}: {errno}", path.display())),
+        }
+        match mknod(
+            &path,
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(0o600),
+            wanted,
+        ) {
+            // udev may have made it meanwhile: look again.
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(errno) => return Err(format!("mknod {}: {errno}", path.display())),
+        }
+    }
+    Ok(path)
+}
+
+fn device_of(path: &Path) -> Result<Device, String> {
+    crate::jail::device_number(path)
+        .map(|number| Device::from(number.0))
+        .map_err(|error| error.to_string())
+}
+
+impl<'a> Destination<'a> {
+    pub fn new(
+        backend: &'a dyn ThinBackend,
+        tools: &'a MigrationTools,
+        crypt: CryptOptions,
+    ) -> Destination<'a> {
+        Destination {
+            backend,
+            tools,
+            crypt,
+        }
+    }
+
+    /// Builds the volume: thin LV, metadata LVs, nbd device, copying layer,
+    /// dm-crypt. Usable when this returns; the copy runs in the kernel.
+    /// Idempotent: after a crash of this host, or of the source's export,
+    /// the same call reconnects and resumes from the layer's superblock.
+    /// `Identity` when everything was up already.
+    pub fn start(
+        &self,
+        spec: &HydrateSpec,
+        secret: &MigrationSecret,
+        key: &VolumeKey,
+    ) -> Result<CreateAction<Hydrating>, MigrateError> {
+        let mut made = Made::default();
+        match self.build(spec, secret, key, &mut made) {
+            Ok(hydrating) => {
+                let changed = made.lv || made.meta.contains(&true) || made.nbd || made.layer;
+                Ok(if changed {
+                    tracing::info!(migration = %spec.migration, volume = %spec.volume, "hydrating");
+                    CreateAction::Created(hydrating)
+                } else {
+                    CreateAction::Identity(hydrating)
+                })
+            }
+            Err(error) => Err(with_rollback(error, || self.roll_back(spec, &made))),
+        }
+    }
+
+    fn build(
+        &self,
+        spec: &HydrateSpec,
+        secret: &MigrationSecret,
+        key: &VolumeKey,
+        made: &mut Made,
+    ) -> Result<Hydrating, MigrateError> {
+        let migration = &spec.migration;
+        let tag = migration_tag(migration);
+        let local = self.thin(spec, &spec.volume.lv_name(), spec.size, &tag, &mut made.lv)?;
+        let mut metas = Vec::with_capacity(2);
+        for leg in [NETWORK_LEG, LOCAL_LEG] {
+            let lv = migration.meta_lv_name(leg as u8);
+            let path = self.thin(spec, &lv, raid::META_SIZE, &tag, &mut made.meta[leg])?;
+            metas.push(path);
+        }
+        let nbd = self.connect(spec, secret, made)?;
+        let layer = self.layer(spec, &nbd, &metas, &local, &mut made.layer)?;
+        if spec.origin != spec.volume {
+            crypt::adopt_header(&layer, &spec.origin, &spec.volume)
+                .map(|_| ())
+                .map_err(|source| MigrateError::AdoptHeader {
+                    migration: migration.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        // The last step: a failed open leaves no mapping (crypt::open).
+        let opened = crypt::open(&layer, &spec.volume, key, &self.crypt).map_err(|source| {
+            MigrateError::OpenCrypt {
+                migration: migration.clone(),
+                source: Box::new(source),
+            }
+        })?;
+        let crypt = match opened {
+            CreateAction::Created(path) | CreateAction::Identity(path) => path,
+        };
+        Ok(Hydrating {
+            crypt,
+            layer,
+            nbd,
+            local,
+        })
+    }
+
+    /// One of this migration's thin LVs, made if missing, active, at least
+    /// `size`.
+    fn thin(
+        &self,
+        spec: &HydrateSpec,
+        lv: &LvName,
+        size: Bytes,
+        tag: &str,
+        made: &mut bool,
+    ) -> Result<PathBuf, MigrateError> {
+        let migration = &spec.migration;
+        let created = self
+            .backend
+            .create_thin(lv, size, &[tag.to_owned()])
+            .map_err(|source| MigrateError::CreateLv {
+                migration: migration.clone(),
+                lv: lv.clone(),
+                source: Box::new(source),
+            })?;
+        *made = created.changed();
+        let volume = match created {
+            CreateAction::Created(volume) | CreateAction::Identity(volume) => volume,
+        };
+        if volume.virtual_size < size {
+            return Err(MigrateError::LvTooSmall {
+                migration: migration.clone(),
+                lv: lv.clone(),
+                found: volume.virtual_size.0,
+                wanted: size.0,
+            });
+        }
+        match volume.device {
+            Some(device) => Ok(device),
+            None => self
+                .backend
+                .activate_thin(lv)
+                .map_err(|source| MigrateError::Activate {
+                    migration: migration.clone(),
+                    lv: lv.clone(),
+                    source: Box::new(source),
+                }),
+        }
+    }
+
+    /// The nbd device, connected to the source (kept if it still is).
+    fn connect(
+        &self,
+        spec: &HydrateSpec,
+        secret: &MigrationSecret,
+        made: &mut Made,
+    ) -> Result<PathBuf, MigrateError> {
+        let migration = &spec.migration;
+        let files = spec.files();
+        if nbd::running_pid(&files.pid_file()).is_some() {
+            if let Ok(device) = std::fs::read_to_string(files.device_file()) {
+                return Ok(PathBuf::from(device.trim()));
+            }
+        }
+        made.files = nbd::write_psk(&files, migration, secret).map_err(|source| {
+            MigrateError::SecretFile {
+                migration: migration.clone(),
+                dir: files.dir.clone(),
+                source,
+            }
+        })?;
+        let device = nbd::free_device().ok_or_else(|| MigrateError::NoNbdDevice {
+            migration: migration.clone(),
+        })?;
+        let args = nbd::client_args(&files, migration, spec.source, &device).map_err(|reason| {
+            MigrateError::Arguments {
+                migration: migration.clone(),
+                reason,
+            }
+        })?;
+        self.tools
+            .qemu_nbd
+            .run_detached(args, &files.log_file())
+            .map_err(|source| MigrateError::Connect {
+                migration: migration.clone(),
+                nbd: device.clone(),
+                source: Box::new(source),
+            })?;
+        made.nbd = true;
+        let record = std::fs::write(files.device_file(), device.as_os_str().as_encoded_bytes());
+        record.map_err(|source| MigrateError::SecretFile {
+            migration: migration.clone(),
+            dir: files.dir.clone(),
+            source,
+        })?;
+        // qemu-nbd's parent returns once its client thread is started, not
+        // once the kernel has the device: the size shows when the kernel
+        // starts it (NBD_DO_IT). Wait for it, bounded.
+        let waiting = Instant::now();
+        let mut found = nbd::device_size(&device);
+        while found.is_none_or(|size| size < spec.size.0) && waiting.elapsed() < NBD_START_WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+            found = nbd::device_size(&device);
+        }
+        if found.is_none_or(|size| size < spec.size.0) {
+            return Err(MigrateError::ExportSize {
+                migration: migration.clone(),
+                nbd: device,
+                found,
+                wanted: spec.size.0,
+            });
+        }
+        Ok(device)
+    }
+
+    /// The copying layer: left as it is when it exists, else built, with
+    /// `rebuild` of the local leg only when its metadata has no superblock
+    /// yet (a first build; later builds resume the recorded offset).
+    fn layer(
+        &self,
+        spec: &HydrateSpec,
+        nbd: &Path,
+        metas: &[PathBuf],
+        local: &Path,
+        made: &mut bool,
+    ) -> Result<PathBuf, MigrateError> {
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let id = DevId::Name(dm_name);
+        if let Ok(info) = dm.device_info(&id) {
+            return mapper_node(dm_name, info.device()).map_err(|e| spec.error_layer("node", e));
+        }
+        let local_meta = &metas[LOCAL_LEG];
+        let mut first = [0u8; 4096];
+        std::fs::File::open(local_meta)
+            .and_then(|mut file| file.read_exact(&mut first))
+            .map_err(|source| MigrateError::ReadDevice {
+                migration: spec.migration.clone(),
+                path: local_meta.clone(),
+                source,
+            })?;
+        let devices = |path: &Path| device_of(path).map_err(|e| spec.error_layer("stat", e));
+        let table = CopyTable {
+            length: spec.length(),
+            network: Leg {
+                meta: devices(&metas[NETWORK_LEG])?,
+                data: devices(nbd)?,
+            },
+            local: Leg {
+                meta: devices(local_meta)?,
+                data: devices(local)?,
+            },
+            rebuild_local: !raid::has_superblock(&first),
+            rate: spec.rate,
+        };
+        let info = dm
+            .device_create(dm_name, None, DmOptions::default())
+            .map_err(|e| spec.error_layer("create", e))?;
+        *made = true;
+        dm.table_load(&id, &[table.target()], DmOptions::default())
+            .map_err(|e| spec.error_layer("load", e))?;
+        dm.device_suspend(&id, DmOptions::default())
+            .map_err(|e| spec.error_layer("resume", e))?;
+        tracing::info!(
+            migration = %spec.migration,
+            rebuild = table.rebuild_local,
+            rate = %spec.rate,
+            "copying layer up"
+        );
+        mapper_node(dm_name, info.device()).map_err(|e| spec.error_layer("node", e))
+    }
+
+    /// Undoes what one `start` made, newest first.
+    fn roll_back(&self, spec: &HydrateSpec, made: &Made) -> Result<(), MigrateError> {
+        let migration = &spec.migration;
+        if made.layer {
+            self.remove_layer(spec)?;
+        }
+        if made.nbd {
+            self.disconnect(spec)?;
+        }
+        if made.files {
+            let _ = nbd::remove_files(&spec.files());
+        }
+        for leg in [LOCAL_LEG, NETWORK_LEG] {
+            if made.meta[leg] {
+                self.remove_lv(spec, &migration.meta_lv_name(leg as u8))?;
+            }
+        }
+        if made.lv {
+            self.remove_lv(spec, &spec.volume.lv_name())?;
+        }
+        Ok(())
+    }
+
+    fn remove_lv(&self, spec: &HydrateSpec, lv: &LvName) -> Result<(), MigrateError> {
+        self.backend
+            .remove_thin(lv)
+            .map(|_| ())
+            .map_err(|source| MigrateError::RemoveLv {
+                migration: spec.migration.clone(),
+                lv: lv.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    fn remove_layer(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let id = DevId::Name(dm_name);
+        if dm.device_info(&id).is_err() {
+            return Ok(());
+        }
+        dm.device_remove(&id, DmOptions::default())
+            .map_err(|e| spec.error_layer("remove", e))?;
+        // The node this module may have made (udev removes its own).
+        let _ = std::fs::remove_file(Path::new("/dev/mapper").join(name.as_str()));
+        Ok(())
+    }
+
+    /// Disconnects this migration's nbd device and waits for its client.
+    fn disconnect(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
+        let migration = &spec.migration;
+        let files = spec.files();
+        let Some(_) = nbd::running_pid(&files.pid_file()) else {
+            return Ok(());
+        };
+        let device = std::fs::read_to_string(files.device_file())
+            .map(|text| PathBuf::from(text.trim()))
+            .map_err(|source| MigrateError::ReadDevice {
+                migration: migration.clone(),
+                path: files.device_file(),
+                source,
+            })?;
+        self.tools
+            .qemu_nbd
+            .run(
+                [std::ffi::OsStr::new("--disconnect"), device.as_os_str()],
+                &[0],
+            )
+            .map_err(|source| MigrateError::Disconnect {
+                migration: migration.clone(),
+                nbd: device.clone(),
+                source: Box::new(source),
+            })?;
+        nbd::stop(&files.pid_file(), Duration::from_secs(5)).map_err(|reason| {
+            MigrateError::StopProcess {
+                migration: migration.clone(),
+                reason,
+            }
+        })
+    }
+
+    /// Changes the background copy's rate limit: the same layer reloaded
+    /// with the new rate and without `rebuild`, so md resumes from its
+    /// recorded offset (a suspend and resume; I/O waits, none fails).
+    pub fn set_rate(&self, spec: &HydrateSpec, rate: RecoveryRate) -> Result<(), MigrateError> {
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let id = DevId::Name(dm_name);
+        let (_, table) = dm
+            .table_status(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| spec.error_layer("table", e))?;
+        let Some((_, length, _, params)) = table.iter().find(|(_, _, kind, _)| kind == "raid")
+        else {
+            // Swapped to the direct table already: nothing is copied.
+            return Ok(());
+        };
+        let (network, local) = raid::parse_legs(params).ok_or_else(|| {
+            spec.error_layer("table", format!("unexpected raid table {params:?}"))
+        })?;
+        let table = CopyTable {
+            length: Sectors(*length),
+            network,
+            local,
+            rebuild_local: false,
+            rate,
+        };
+        dm.table_load(&id, &[table.target()], DmOptions::default())
+            .map_err(|e| spec.error_layer("load", e))?;
+        dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| spec.error_layer("suspend", e))?;
+        dm.device_suspend(&id, DmOptions::default())
+            .map_err(|e| spec.error_layer("resume", e))?;
+        tracing::info!(migration = %spec.migration, %rate, "hydration rate changed");
+        Ok(())
+    }
+
+    /// Cancels the migration here: closes dm-crypt (refused while anything
+    /// holds it: [`crate::crypt::CryptError::Busy`]), removes the layer,
+    /// disconnects the nbd device, removes the files and the meta LVs, and
+    /// the volume's LV, but only when it carries this migration's tag (an
+    /// LV this migration did not make is never removed). The reservation
+    /// and the key are the caller's. Idempotent.
+    pub fn cancel(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
+        let migration = &spec.migration;
+        let _ = crypt::close(&spec.volume).map_err(|source| MigrateError::OpenCrypt {
+            migration: migration.clone(),
+            source: Box::new(source),
+        })?;
+        self.remove_layer(spec)?;
+        self.disconnect(spec)?;
+        let _ = nbd::remove_files(&spec.files());
+        for leg in [LOCAL_LEG, NETWORK_LEG] {
+            self.remove_lv(spec, &migration.meta_lv_name(leg as u8))?;
+        }
+        let lv = spec.volume.lv_name();
+        let listed = self
+            .backend
+            .list_thins()
+            .map_err(|source| MigrateError::RemoveLv {
+                migration: migration.clone(),
+                lv: lv.clone(),
+                source: Box::new(source),
+            })?;
+        let ours = listed
+            .iter()
+            .find(|volume| volume.lv == lv)
+            .is_some_and(|volume| {
+                crate::hydration::migration(&volume.tags).as_ref() == Some(migration)
+            });
+        if ours {
+            self.remove_lv(spec, &lv)?;
+        }
+        tracing::info!(%migration, volume = %spec.volume, "hydration cancelled");
+        Ok(())
+    }
+
+    /// The copy's progress, from the layer's status (no flush, no I/O to
+    /// either leg). A layer already swapped to its direct table reads as
+    /// complete.
+    pub fn progress(&self, spec: &HydrateSpec) -> Result<HydrationProgress, MigrateError> {
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let (_, lines) = dm
+            .table_status(
+                &DevId::Name(dm_name),
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+            )
+            .map_err(|e| spec.error_layer("status", e))?;
+        match lines.as_slice() {
+            [(_, length, kind, _)] if kind == "linear" => Ok(HydrationProgress {
+                copied: Bytes(length * SECTOR_SIZE),
+                total: Bytes(length * SECTOR_SIZE),
+                state: HydrationState::Complete,
+            }),
+            [(_, _, kind, params)] if kind == "raid" => raid::parse_status(params)
+                .map(|status| status.progress())
+                .map_err(|e| spec.error_layer("status", e)),
+            other => Err(spec.error_layer("status", format!("unexpected table {other:?}"))),
+        }
+    }
+
+    /// Once every block is local: the layer's table becomes `linear` over
+    /// the local LV (a suspend, a load, a resume: I/O waits for the swap,
+    /// none fails, dm-crypt above never notices), then the nbd device is
+    /// disconnected and the metadata LVs removed. Refused while the copy is
+    /// not complete. Idempotent. The source's export is released by the
+    /// caller ([`super::Source::stop`]) after this returns.
+    pub fn complete(&self, spec: &HydrateSpec) -> Result<Completion, MigrateError> {
+        let progress = self.progress(spec)?;
+        if !progress.is_complete() {
+            return Err(MigrateError::NotComplete {
+                migration: spec.migration.clone(),
+                progress,
+            });
+        }
+        let dm = dm(spec)?;
+        let name = spec.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+        let id = DevId::Name(dm_name);
+        let (_, table) = dm
+            .table_status(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| spec.error_layer("table", e))?;
+        let swap = if table.iter().any(|(_, _, kind, _)| kind == "raid") {
+            let local = self
+                .backend
+                .activate_thin(&spec.volume.lv_name())
+                .map_err(|source| MigrateError::Activate {
+                    migration: spec.migration.clone(),
+                    lv: spec.volume.lv_name(),
+                    source: Box::new(source),
+                })?;
+            let local = device_of(&local).map_err(|e| spec.error_layer("stat", e))?;
+            let linear = raid::linear_target(spec.length(), local);
+            // Loaded first (into the inactive slot), so the suspend lasts
+            // only for the swap itself.
+            dm.table_load(&id, &[linear], DmOptions::default())
+                .map_err(|e| spec.error_layer("load linear", e))?;
+            let started = Instant::now();
+            dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                .map_err(|e| spec.error_layer("suspend", e))?;
+            let resumed = dm.device_suspend(&id, DmOptions::default());
+            let swap = started.elapsed();
+            resumed.map_err(|e| spec.error_layer("resume", e))?;
+            tracing::info!(migration = %spec.migration, swap_ms = swap.as_millis() as u64, "direct table in place");
+            Some(swap)
+        } else {
+            None
+        };
+        self.disconnect(spec)?;
+        let _ = nbd::remove_files(&spec.files());
+        for leg in [LOCAL_LEG, NETWORK_LEG] {
+            self.remove_lv(spec, &spec.migration.meta_lv_name(leg as u8))?;
+        }
+        Ok(Completion { swap })
+    }
+}
