@@ -220,7 +220,9 @@ async fn until(
         let status = read_snapshot_status(ctx, &spec.host, &spec.id).await?;
         if let Some(status) = &status {
             last = status.state.as_str().to_owned();
-            if status.state == goal {
+            // `destroying` is the host at work, not done: a destroy is done
+            // only when the record is gone (below).
+            if status.state == goal && goal != SnapshotState::Destroying {
                 ui.end_progress();
                 return Ok(status.clone());
             }

@@ -5,7 +5,10 @@
 //! `microvm` runner) or directly as root on a kernel that has it. Set
 //! `NO_TEST_CLEAN_UP=1` to keep the devices for inspection.
 
+pub mod bench;
+pub mod kv;
 pub mod procs;
+pub mod stack;
 
 use fixtures::loopdev::{self, LoopDevice};
 use std::path::{Path, PathBuf};

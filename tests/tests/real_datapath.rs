@@ -11,114 +11,43 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use volume_core::backend::lvm::LvmBackend;
-use volume_core::backend::ThinBackend;
 use volume_core::crypt::{self, CryptError};
 use volume_core::fs::{probe, volume_uuid, Signature, UuidPurpose};
 use volume_core::host::{
-    Encryption, Fault, FaultPlan, FsGrowth, HostError, NewVolume, Progress, RealDevices, Step,
-    VolumeHost,
+    Encryption, Fault, FaultPlan, FsGrowth, HostError, Progress, Step, VolumeHost,
 };
-use volume_core::jail::{JailPath, NodeOwner};
-use volume_core::keys::{KeyStore, LocalKeyDir, VolumeKey};
-use volume_core::names::{VolumeId, VolumeName};
+use volume_core::jail::NodeOwner;
+use volume_core::keys::{KeyStore, VolumeKey};
+use volume_core::names::VolumeId;
 use volume_core::units::{Bytes, GIB, MIB};
-use volume_tests::TestPool;
+use volume_tests::stack::{mount_ext4, new_volume, pattern, Stack};
 
 const OWNER: NodeOwner = NodeOwner {
     uid: 4242,
     gid: 4242,
 };
 
-/// A pool, a host over it and a scratch directory for keys, jail and mounts.
-struct Stack {
-    pool: TestPool,
-    keys: Arc<LocalKeyDir>,
-    scratch: tempfile::TempDir,
-}
-
-impl Stack {
-    fn new(test: &str) -> Stack {
-        let pool = TestPool::new(test, Bytes(4 * GIB), Bytes(3 * GIB));
-        let _ = pool.backend.ensure_pool().expect("ensure pool");
-        let scratch = tempfile::tempdir().expect("scratch dir");
-        fs::create_dir(scratch.path().join("jail")).unwrap();
-        fs::create_dir(scratch.path().join("jail/dev")).unwrap();
-        fs::create_dir(scratch.path().join("mnt")).unwrap();
-        let keys = Arc::new(LocalKeyDir::open(scratch.path().join("keys")).expect("key dir"));
-        Stack {
-            pool,
-            keys,
-            scratch,
-        }
-    }
-
-    /// A fresh host, as after a daemon restart: new LVM backend, new
-    /// devices, same key directory.
-    fn host(&self) -> VolumeHost {
-        let backend = LvmBackend::start(self.pool.spec().clone()).expect("LVM backend");
-        VolumeHost::new(
-            Arc::new(backend),
-            Arc::new(RealDevices::locate().expect("e2fsprogs in the guest")),
-            self.keys.clone(),
-            Default::default(),
-        )
-    }
-
-    fn jail(&self) -> JailPath {
-        JailPath::new(self.scratch.path().join("jail"), "dev/vdb").unwrap()
-    }
-
-    fn mnt(&self) -> PathBuf {
-        self.scratch.path().join("mnt")
-    }
-
-    /// Nothing of `id` is left: no LV, no mapping, no key, no node.
-    fn assert_gone(&self, host: &VolumeHost, id: &VolumeId) {
-        assert!(host.list().unwrap().iter().all(|s| s.id != *id), "LV left");
-        assert_eq!(crypt::status(id).unwrap(), None, "mapping left");
-        assert!(
-            !Path::new("/dev/mapper")
-                .join(id.crypt_name().as_str())
-                .exists(),
-            "mapper node left"
-        );
-        assert!(self.keys.load(id).unwrap().is_none(), "key left");
-        assert!(!self.jail().full().exists(), "jail node left");
-    }
-}
-
-fn spec(size: Bytes, encryption: Encryption) -> NewVolume {
-    NewVolume {
-        id: VolumeId::generate(),
-        name: VolumeName::new("data").unwrap(),
-        size,
-        encryption,
-    }
+/// Nothing of `id` is left: no LV, no mapping, no key, no node.
+fn assert_gone(stack: &Stack, host: &VolumeHost, id: &VolumeId) {
+    assert!(host.list().unwrap().iter().all(|s| s.id != *id), "LV left");
+    assert_eq!(crypt::status(id).unwrap(), None, "mapping left");
+    assert!(
+        !Path::new("/dev/mapper")
+            .join(id.crypt_name().as_str())
+            .exists(),
+        "mapper node left"
+    );
+    assert!(stack.keys.load(id).unwrap().is_none(), "key left");
+    assert!(!stack.jail().full().exists(), "jail node left");
 }
 
 const PATTERN_FILE: &str = "pattern.bin";
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 % 251) as u8).collect()
-}
-
-fn mount_ext4(device: &Path, target: &Path) {
-    mount(
-        Some(device),
-        target,
-        Some("ext4"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
-}
 
 #[test]
 fn real_test_luks_pattern_through_the_jail_node_survives_close_and_reopen() {
     let stack = Stack::new("dp-roundtrip");
     let host = stack.host();
-    let spec = spec(Bytes(25 * GIB), Encryption::Luks2);
+    let spec = new_volume(Bytes(25 * GIB), Encryption::Luks2);
     let created = host.create(&spec).expect("create");
     assert!(created.changed());
     let status = created.into_inner();
@@ -158,7 +87,7 @@ fn real_test_luks_pattern_through_the_jail_node_survives_close_and_reopen() {
     assert_eq!(meta.rdev(), fs::metadata(&mapping).unwrap().rdev());
     assert_eq!(meta.mode() & 0o7777, 0o600);
     assert_eq!((meta.uid(), meta.gid()), (OWNER.uid, OWNER.gid));
-    let data = pattern(8 * MIB as usize);
+    let data = pattern(0, 8 * MIB as usize);
     mount_ext4(&jail.full(), &stack.mnt());
     {
         let mut file = fs::File::create(stack.mnt().join(PATTERN_FILE)).unwrap();
@@ -203,14 +132,14 @@ fn real_test_luks_pattern_through_the_jail_node_survives_close_and_reopen() {
     assert!(!raw.windows(64).any(|w| w == &data[..64]));
 
     assert!(host.delete(&spec.id).unwrap().changed());
-    stack.assert_gone(&host, &spec.id);
+    assert_gone(&stack, &host, &spec.id);
 }
 
 #[test]
 fn real_test_wrong_key_is_a_clear_error_and_leaves_no_mapping() {
     let stack = Stack::new("dp-wrongkey");
     let host = stack.host();
-    let spec = spec(Bytes(GIB), Encryption::Luks2);
+    let spec = new_volume(Bytes(GIB), Encryption::Luks2);
     let _ = host.create(&spec).expect("create");
     let _ = host.close(&spec.id).unwrap();
     let _ = stack.keys.destroy(&spec.id).unwrap();
@@ -235,7 +164,7 @@ fn real_test_wrong_key_is_a_clear_error_and_leaves_no_mapping() {
     let lv_path = PathBuf::from(format!("/dev/{}/{}", stack.pool.vg, spec.id.lv_name()));
     assert_eq!(probe(&lv_path).unwrap(), Signature::Luks);
     let _ = host.delete(&spec.id).unwrap();
-    stack.assert_gone(&host, &spec.id);
+    assert_gone(&stack, &host, &spec.id);
 }
 
 fn fs_size(mount_point: &Path) -> u64 {
@@ -247,7 +176,7 @@ fn fs_size(mount_point: &Path) -> u64 {
 fn real_test_extend_grows_the_filesystem_offline_and_online() {
     let stack = Stack::new("dp-extend");
     let host = stack.host();
-    let spec = spec(Bytes(GIB), Encryption::Luks2);
+    let spec = new_volume(Bytes(GIB), Encryption::Luks2);
     let status = host.create(&spec).expect("create").into_inner();
     let mapping = status.device.unwrap();
 
@@ -311,7 +240,7 @@ fn real_test_extend_grows_the_filesystem_offline_and_online() {
     let left = host.extend(&spec.id, Bytes(4 * GIB)).unwrap();
     assert_eq!(left.filesystem, FsGrowth::LeftToGuest);
     let _ = host.delete(&spec.id).unwrap();
-    stack.assert_gone(&host, &spec.id);
+    assert_gone(&stack, &host, &spec.id);
 }
 
 #[test]
@@ -321,7 +250,7 @@ fn real_test_crash_after_each_create_step_converges_without_reformatting() {
         let plan = Arc::new(FaultPlan::new());
         plan.at(step, Fault::Crash);
         let host = stack.host().with_faults(plan.clone());
-        let spec = spec(Bytes(GIB), Encryption::Luks2);
+        let spec = new_volume(Bytes(GIB), Encryption::Luks2);
         let err = host.create(&spec).unwrap_err();
         assert!(
             matches!(err, HostError::InjectedCrash { .. }),
@@ -349,7 +278,7 @@ fn real_test_crash_after_each_create_step_converges_without_reformatting() {
         );
         umount(&stack.mnt()).unwrap();
         let _ = host.delete(&spec.id).unwrap();
-        stack.assert_gone(&host, &spec.id);
+        assert_gone(&stack, &host, &spec.id);
     }
 }
 
@@ -360,33 +289,33 @@ fn real_test_a_failed_step_rolls_back_the_real_stack() {
         let plan = Arc::new(FaultPlan::new());
         plan.at(step, Fault::Fail);
         let host = stack.host().with_faults(plan);
-        let spec = spec(Bytes(GIB), Encryption::Luks2);
+        let spec = new_volume(Bytes(GIB), Encryption::Luks2);
         let err = host.create(&spec).unwrap_err();
         assert!(
             matches!(err, HostError::InjectedFailure { .. }),
             "{step}: {err}"
         );
-        stack.assert_gone(&host, &spec.id);
+        assert_gone(&stack, &host, &spec.id);
     }
     // A failed rollback says so and a re-run still converges.
     let plan = Arc::new(FaultPlan::new());
     plan.at(Step::FsMade, Fault::Fail)
         .at(Step::CryptClosed, Fault::Fail);
     let host = stack.host().with_faults(plan);
-    let spec = spec(Bytes(GIB), Encryption::Luks2);
+    let spec = new_volume(Bytes(GIB), Encryption::Luks2);
     let err = host.create(&spec).unwrap_err();
     assert!(matches!(err, HostError::RollbackFailed { .. }), "{err}");
     let host = stack.host();
     assert!(host.create(&spec).unwrap().changed());
     let _ = host.delete(&spec.id).unwrap();
-    stack.assert_gone(&host, &spec.id);
+    assert_gone(&stack, &host, &spec.id);
 }
 
 #[test]
 fn real_test_plain_volume_and_foreign_jail_nodes() {
     let stack = Stack::new("dp-plain");
     let host = stack.host();
-    let spec = spec(Bytes(GIB), Encryption::None);
+    let spec = new_volume(Bytes(GIB), Encryption::None);
     let status = host.create(&spec).expect("create").into_inner();
     let device = status.device.unwrap();
     assert!(device.starts_with("/dev"));
@@ -408,7 +337,7 @@ fn real_test_plain_volume_and_foreign_jail_nodes() {
         fs::metadata(&device).unwrap().rdev()
     );
     let _ = host.delete(&spec.id).unwrap();
-    stack.assert_gone(&host, &spec.id);
+    assert_gone(&stack, &host, &spec.id);
 }
 
 /// Reproduced: a hard link the jail owner made to its node outlived the
@@ -428,7 +357,7 @@ fn real_test_a_kept_hard_link_never_opens_the_next_volume_on_the_minor() {
         gid: 1000,
     };
     let host = stack.host();
-    let first = spec(Bytes(GIB), Encryption::Luks2);
+    let first = new_volume(Bytes(GIB), Encryption::Luks2);
     let _ = host.create(&first).expect("create A");
     let jail = stack.jail();
     let node = host.expose(&first.id, &jail, jailed).unwrap().into_inner();
@@ -450,7 +379,7 @@ fn real_test_a_kept_hard_link_never_opens_the_next_volume_on_the_minor() {
     assert!(host.unexpose(&first.id, &jail).unwrap().changed());
     assert!(host.close(&first.id).unwrap().changed());
     // B takes the freed minor (device-mapper hands out the lowest free one).
-    let second = spec(Bytes(GIB), Encryption::None);
+    let second = new_volume(Bytes(GIB), Encryption::None);
     let device = host
         .create(&second)
         .expect("create B")
@@ -513,7 +442,7 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
     let stack = Stack::new("dp-discard");
     let host = stack.host();
     for encryption in [Encryption::Luks2, Encryption::None] {
-        let spec = spec(Bytes(GIB), encryption);
+        let spec = new_volume(Bytes(GIB), encryption);
         let device = host.create(&spec).expect("create").into_inner().device;
         let device = device.expect("an open volume has a device");
         // A grow reloads the dm-crypt table, which must keep the discard flag.
@@ -568,6 +497,6 @@ fn real_test_fstrim_returns_freed_blocks_to_the_pool() {
         );
         umount(&stack.mnt()).unwrap();
         let _ = host.delete(&spec.id).unwrap();
-        stack.assert_gone(&host, &spec.id);
+        assert_gone(&stack, &host, &spec.id);
     }
 }

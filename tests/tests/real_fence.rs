@@ -6,8 +6,6 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //! cargo test -p volume-tests --test real_fence -- --test-threads=1`
 
-use consul_kv::{ClientConfig, ConsulKv};
-use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use fixtures::cmd::Program;
 use fixtures::loopdev::LoopDevice;
 use std::io::{Read, Write};
@@ -16,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, VolumeSpec, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, VolumeSpec, VolumeState};
 use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
 use volume_core::backend::lvm::SKIP_FENCEABLE;
 use volume_core::backend::ThinBackend;
@@ -26,6 +24,7 @@ use volume_core::health::PoolHealth;
 use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, VolumeId};
 use volume_core::units::{Bytes, Percent, MIB};
+use volume_tests::kv::Kv;
 use volume_tests::procs::{project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
@@ -33,75 +32,6 @@ const HOST: &str = "h1";
 const CONVERGE: Duration = Duration::from_secs(240);
 /// Fixed inside the guest, which has its own network namespace.
 const METRICS: &str = "127.0.0.1:19109";
-
-struct Kv {
-    runtime: tokio::runtime::Runtime,
-    server: Option<ServerHandle>,
-    client: ConsulKv,
-}
-
-impl Kv {
-    fn start() -> Kv {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime
-            .block_on(Server::start(ServerConfig::loopback()))
-            .expect("start the KV server");
-        let client = ConsulKv::new(
-            ClientConfig::new(&server.local_addr().to_string()).expect("client config"),
-        )
-        .expect("client");
-        Kv {
-            runtime,
-            server: Some(server),
-            client,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .local_addr()
-            .to_string()
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.runtime
-            .block_on(self.client.get(key))
-            .expect("KV read")
-            .value
-            .map(|pair| pair.value)
-    }
-
-    fn put(&self, key: &str, value: &[u8]) {
-        assert!(self
-            .runtime
-            .block_on(self.client.put(key, value))
-            .expect("KV write"));
-    }
-
-    fn status(&self, id: &VolumeId) -> Option<VolumeStatus> {
-        let value = self.get(&Layout::default().status(&host(), id))?;
-        Some(serde_json::from_slice(&value).expect("status JSON"))
-    }
-
-    fn host_record(&self) -> Option<HostRecord> {
-        let value = self.get(&Layout::default().host_info(&host()))?;
-        Some(serde_json::from_slice(&value).expect("host record JSON"))
-    }
-}
-
-impl Drop for Kv {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            let _ = self.runtime.block_on(server.shutdown());
-        }
-    }
-}
 
 fn host() -> HostId {
     HostId::new(HOST).expect("host id")
@@ -231,7 +161,7 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     );
     assert_eq!(pool.backend.pool_status().unwrap().vg_free, Bytes::ZERO);
 
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let mut volumed = start_volumed(&pool, &kv, scratch.path());
     let filler = spec(Bytes(900 * MIB), true);

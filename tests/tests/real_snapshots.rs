@@ -4,115 +4,19 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //!  cargo test -p volume-tests --test real_snapshots -- --test-threads=1`.
 
-use nix::mount::{mount, umount, MsFlags};
+use nix::mount::umount;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use volume_core::backend::lvm::LvmBackend;
 use volume_core::backend::ThinBackend;
 use volume_core::crypt;
-use volume_core::fs::{probe, Signature};
-use volume_core::host::{
-    Encryption, FreezeHook, NewVolume, NoFreeze, Progress, RealDevices, Restore, VolumeHost,
-};
-use volume_core::keys::{KeyStore, LocalKeyDir};
+use volume_core::fs::{probe, volume_label, volume_uuid, Signature, UuidPurpose};
+use volume_core::host::{Encryption, FreezeHook, NoFreeze, Progress, Restore, VolumeHost};
+use volume_core::keys::KeyStore;
 use volume_core::names::{SnapshotId, VolumeId, VolumeName};
 use volume_core::units::{Bytes, GIB, MIB};
-use volume_tests::TestPool;
-
-struct Stack {
-    pool: TestPool,
-    keys: Arc<LocalKeyDir>,
-    scratch: tempfile::TempDir,
-}
-
-impl Stack {
-    fn new(test: &str) -> Stack {
-        let pool = TestPool::new(test, Bytes(4 * GIB), Bytes(3 * GIB));
-        let _ = pool.backend.ensure_pool().expect("ensure pool");
-        let scratch = tempfile::tempdir().expect("scratch dir");
-        let keys = Arc::new(LocalKeyDir::open(scratch.path().join("keys")).expect("key dir"));
-        Stack {
-            pool,
-            keys,
-            scratch,
-        }
-    }
-
-    fn host(&self) -> VolumeHost {
-        let backend = LvmBackend::start(self.pool.spec().clone()).expect("LVM backend");
-        VolumeHost::new(
-            Arc::new(backend),
-            Arc::new(RealDevices::locate().expect("e2fsprogs in the guest")),
-            self.keys.clone(),
-            Default::default(),
-        )
-    }
-
-    fn mnt(&self, name: &str) -> PathBuf {
-        let dir = self.scratch.path().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-}
-
-fn mount_ext4(device: &Path, target: &Path) {
-    mount(
-        Some(device),
-        target,
-        Some("ext4"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i * 31 + usize::from(seed)) % 251) as u8)
-        .collect()
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    file.write_all(data).unwrap();
-    file.sync_all().unwrap();
-}
-
-/// `e2fsck -fn`: exit 0 means clean.
-fn fsck_clean(device: &Path) {
-    let out = std::process::Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(device)
-        .output()
-        .expect("run e2fsck");
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}: {}\n{}{}",
-        device.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn volume(size: Bytes, encryption: Encryption) -> NewVolume {
-    NewVolume {
-        id: VolumeId::generate(),
-        name: VolumeName::new("data").unwrap(),
-        size,
-        encryption,
-    }
-}
+use volume_tests::stack::{fsck_clean, mount_ext4, new_volume, pattern, write_synced, Stack};
 
 fn restore_of(snapshot: &SnapshotId, name: &str, size: Option<Bytes>) -> Restore {
     Restore {
@@ -130,6 +34,17 @@ fn device(host: &VolumeHost, id: &VolumeId) -> PathBuf {
         .find(|v| v.id == *id)
         .and_then(|v| v.device)
         .expect("volume open")
+}
+
+/// The ext4 filesystem on `device` has volume `id`'s UUID and label.
+fn assert_own_fs(device: &Path, id: &VolumeId) {
+    match probe(device).unwrap() {
+        Signature::Ext(sb) => {
+            assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, id), "{id}");
+            assert_eq!(sb.label, volume_label(id), "{id}");
+        }
+        other => panic!("{}: {other}", device.display()),
+    }
 }
 
 /// A freeze hook that runs `fsfreeze` on a mount of this host, as a VM
@@ -165,10 +80,10 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
     let stack = Stack::new("snap-restore");
     let host = stack.host();
     let empty = host.pool_status().unwrap().usage;
-    let origin = volume(Bytes(2 * GIB), Encryption::Luks2);
+    let origin = new_volume(Bytes(2 * GIB), Encryption::Luks2);
     let _ = host.create(&origin).expect("create origin");
     let origin_dev = device(&host, &origin.id);
-    let mnt = stack.mnt("origin");
+    let mnt = stack.dir("origin");
     let old = pattern(1, 8 * MIB as usize);
     let new = pattern(2, 8 * MIB as usize);
 
@@ -204,9 +119,7 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
     assert_eq!(restored.size, Bytes(3 * GIB));
     assert!(!host.restore(&restore).unwrap().changed(), "idempotent");
     // Its header is its own now; its key is a copy of the origin's.
-    let restored_lv = Path::new("/dev")
-        .join(stack.pool.spec().vg.as_str())
-        .join(restore.id.lv_name().as_str());
+    let restored_lv = stack.lv_path(&restore.id);
     assert!(matches!(probe(&restored_lv).unwrap(), Signature::Luks));
     assert!(
         !crypt::adopt_header(&restored_lv, &origin.id, &restore.id)
@@ -218,7 +131,11 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
     assert!(copy.same_as(&stack.keys.load(&origin.id).unwrap().unwrap()));
     let restored_dev = restored.device.clone().expect("restored is open");
     fsck_clean(&restored_dev);
-    let restored_mnt = stack.mnt("restored");
+    // Its filesystem is its own too: a new UUID and label, so the origin
+    // and the copy can sit in one VM and mount by UUID.
+    assert_own_fs(&restored_dev, &restore.id);
+    assert_own_fs(&origin_dev, &origin.id);
+    let restored_mnt = stack.dir("restored");
     mount_ext4(&restored_dev, &restored_mnt);
     assert!(
         fs::read(restored_mnt.join("pattern.bin")).unwrap() == old,
@@ -276,6 +193,7 @@ fn real_test_snapshot_restore_fork_and_delete_on_the_real_stack() {
         let _ = host.close(id).unwrap();
         let _ = host.open(id).unwrap();
         fsck_clean(&dev);
+        assert_own_fs(&dev, id);
     }
     // Forks leave no snapshot behind; the first snapshot stays.
     assert_eq!(host.snapshots(None).unwrap().len(), 1);

@@ -8,102 +8,24 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //! cargo test -p volume-tests --test real_volumed -- --test-threads=1`
 
-use consul_kv::{ClientConfig, ConsulKv};
-use consul_kv_server::{Server, ServerConfig, ServerHandle};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::ThinBackend;
 use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::kv::Kv;
 use volume_tests::procs::{project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
 /// Creates under emulation take seconds each; leave room.
 const CONVERGE: Duration = Duration::from_secs(240);
-
-/// The KV server in this process, on its own runtime.
-struct Kv {
-    runtime: tokio::runtime::Runtime,
-    server: Option<ServerHandle>,
-    client: ConsulKv,
-}
-
-impl Kv {
-    fn start() -> Kv {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime
-            .block_on(Server::start(ServerConfig::loopback()))
-            .expect("start the KV server");
-        let client = ConsulKv::new(
-            ClientConfig::new(&server.local_addr().to_string()).expect("client config"),
-        )
-        .expect("client");
-        Kv {
-            runtime,
-            server: Some(server),
-            client,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .local_addr()
-            .to_string()
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.runtime
-            .block_on(self.client.get(key))
-            .expect("KV read")
-            .value
-            .map(|pair| pair.value)
-    }
-
-    fn put(&self, key: &str, value: &[u8]) {
-        assert!(self
-            .runtime
-            .block_on(self.client.put(key, value))
-            .expect("KV write"));
-    }
-
-    fn status(&self, id: &VolumeId) -> Option<VolumeStatus> {
-        let value = self.get(&Layout::default().status(&host(), id))?;
-        Some(serde_json::from_slice(&value).expect("status JSON"))
-    }
-
-    fn host_record(&self) -> Option<HostRecord> {
-        let value = self.get(&Layout::default().host_info(&host()))?;
-        Some(serde_json::from_slice(&value).expect("host record JSON"))
-    }
-
-    fn put_spec(&self, spec: &VolumeSpec) {
-        self.put(
-            &Layout::default().desired(&host(), &spec.id),
-            &serde_json::to_vec(spec).expect("spec JSON"),
-        );
-    }
-}
-
-impl Drop for Kv {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            let _ = self.runtime.block_on(server.shutdown());
-        }
-    }
-}
 
 fn host() -> HostId {
     HostId::new(HOST).expect("host id")
@@ -146,6 +68,35 @@ impl Setup<'_> {
     /// without `jails`, no jail nodes: volumed then grows a mounted
     /// filesystem itself, online.
     fn start_with(&self, extra_env: &[(&str, &Path)], extra_args: &[&str], jails: bool) -> Guarded {
+        let mut command = self.command(extra_args, jails);
+        command.env("RUST_LOG", "info").stdin(Stdio::null());
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        Guarded::spawn("volumed", &mut command)
+    }
+
+    /// `volumed gc GC_ARGS` with the daemon's settings: whether it exited
+    /// 0, and its stdout and stderr.
+    fn gc(&self, gc_args: &[&str], extra_args: &[&str]) -> (bool, String) {
+        let mut command = self.command(extra_args, false);
+        let output = command
+            .arg("gc")
+            .args(gc_args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run volumed gc");
+        let text = format!(
+            "volumed gc {gc_args:?}: {}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// The volumed command line for this pool, store and scratch dir.
+    fn command(&self, extra_args: &[&str], jails: bool) -> Command {
         let kek = self.scratch.join("kek");
         if !kek.exists() {
             KeyEncryptionKey::generate()
@@ -174,14 +125,8 @@ impl Setup<'_> {
         if !extra_args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
+        command.args(["--heartbeat-interval", "2s", "--retry-max", "2s"]);
         command
-            .args(["--heartbeat-interval", "2s", "--retry-max", "2s"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null());
-        for (name, value) in extra_env {
-            command.env(name, value);
-        }
-        Guarded::spawn("volumed", &mut command)
     }
 }
 
@@ -244,7 +189,7 @@ fn destroy_and_wait(kv: &Kv, pool: &TestPool, spec: &VolumeSpec) {
 #[test]
 fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
     let pool = TestPool::new("vd-life", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -323,7 +268,7 @@ fn real_test_volumed_creates_an_encrypted_ext4_volume_and_destroys_it() {
 #[test]
 fn real_test_volumed_killed_mid_create_converges_after_restart() {
     let pool = TestPool::new("vd-crash", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -559,7 +504,7 @@ fn real_test_volumed_auto_extends_a_filling_volume_and_its_pool() {
     use volume_core::volume_growth::AutoExtend;
 
     let pool = TestPool::new("vd-grow", Bytes(GIB), Bytes(128 * MIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -726,7 +671,7 @@ fn real_test_volumed_grows_pool_metadata_before_it_runs_out() {
     use volume_core::units::GB;
 
     let pool = TestPool::new("vd-meta", Bytes(10 * GIB), Bytes(7 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -909,15 +854,16 @@ fn snapshot_state(
 
 /// kill -9 of volumed right after a snapshot's LV is made and right after
 /// a restore adopted its header: each converges on restart with no
-/// orphan. Then scheduled snapshots on a 15 s period with one period of
-/// retention, and the origin's destroy taking its snapshots and returning
-/// all capacity.
+/// orphan, volume or snapshot. A snapshot whose record is lost is an
+/// orphan that only `volumed gc --yes` deletes. Then scheduled snapshots
+/// on a 15 s period with one period of retention, and the origin's destroy
+/// taking its snapshots and returning all capacity.
 #[test]
 fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
     use volume_control::layout::{SnapshotSchedule, SnapshotSpec, SnapshotState, VolumeSource};
     use volume_core::names::SnapshotId;
     let pool = TestPool::new("vd-snap", Bytes(4 * GIB), Bytes(3 * GIB));
-    let kv = Kv::start();
+    let kv = Kv::start(&host());
     let scratch = tempfile::tempdir().expect("scratch dir");
     let setup = Setup {
         pool: &pool,
@@ -1002,6 +948,54 @@ fn real_test_volumed_snapshots_converge_after_kill_and_follow_the_schedule() {
         kv.host_record().filter(|r| r.pool.volume_count == 3)
     });
     assert!(record.orphans.is_empty(), "orphans: {:?}", record.orphans);
+    // Nor an orphan snapshot: the one snapshot LV is the recorded one.
+    assert_eq!(snapshot_lvs(&pool), vec![snapshot.id.clone()]);
+
+    // A snapshot record lost by hand leaves an orphan snapshot LV: the
+    // daemon keeps it, `volumed gc` lists it, only `gc --yes` deletes it.
+    let snapshot_key = Layout::default().snapshot_desired(&host(), &snapshot.id);
+    kv.runtime
+        .block_on(kv.client.delete(&snapshot_key))
+        .expect("KV delete");
+    stop(&mut volumed);
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "the daemon deleted it"
+    );
+    let (ok, listed) = setup.gc(&[], &args);
+    assert!(
+        ok && listed.contains(&format!("{}\t", snapshot.id))
+            && listed.contains(&format!("orphan (snapshot of {})", origin.id)),
+        "{listed}"
+    );
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "listing deleted it"
+    );
+    // It was the only record: an empty snapshot prefix looks like lost
+    // records, so --yes alone is refused.
+    let (ok, refused) = setup.gc(&["--yes"], &args);
+    assert!(
+        !ok && refused.contains("--allow-empty-desired"),
+        "{refused}"
+    );
+    assert_eq!(
+        snapshot_lvs(&pool),
+        vec![snapshot.id.clone()],
+        "a refusal deleted it"
+    );
+    let (ok, deleted) = setup.gc(&["--yes", "--allow-empty-desired"], &args);
+    assert!(ok && deleted.contains("deleted (snapshot of"), "{deleted}");
+    assert!(
+        snapshot_lvs(&pool).is_empty(),
+        "the orphan snapshot LV is left"
+    );
+    let mut ours = our_lvs(&pool);
+    ours.sort();
+    assert_eq!(ours, expected, "gc touched a volume");
+    let mut volumed = setup.start_with(&[], &args, false);
 
     // Scheduled: one per 15 s period, kept one period.
     let mut scheduled = origin.clone();

@@ -181,10 +181,12 @@ pub struct Tools {
     pub mkfs_ext4: Program,
     pub e2fsck: Program,
     pub resize2fs: Program,
+    /// Gives a restored copy's ext4 its own UUID and label.
+    pub tune2fs: Program,
 }
 
 impl Tools {
-    pub const NAMES: [&'static str; 3] = ["mkfs.ext4", "e2fsck", "resize2fs"];
+    pub const NAMES: [&'static str; 4] = ["mkfs.ext4", "e2fsck", "resize2fs", "tune2fs"];
 
     /// The start-up check: finds every program in [`SYSTEM_DIRS`] or names
     /// each one that is missing.
@@ -195,11 +197,12 @@ impl Tools {
 
     /// [`Tools::locate`] over other directories (tests).
     pub fn locate_in(dirs: &[&Path]) -> Result<Tools, CmdError> {
-        let [mkfs, fsck, resize] = locate_all(Tools::NAMES, dirs)?;
+        let [mkfs, fsck, resize, tune] = locate_all(Tools::NAMES, dirs)?;
         Ok(Tools {
             mkfs_ext4: mkfs,
             e2fsck: fsck,
             resize2fs: resize,
+            tune2fs: tune,
         })
     }
 }
@@ -245,6 +248,7 @@ mod tests {
     fn locate_names_every_missing_program() {
         let dir = tempfile::tempdir().unwrap();
         script(dir.path(), "e2fsck", "exit 0");
+        script(dir.path(), "tune2fs", "exit 0");
         // Present but not executable does not count.
         fs::write(dir.path().join("resize2fs"), "").unwrap();
         let err = Tools::locate_in(&[dir.path()]).unwrap_err();

@@ -100,6 +100,8 @@ pub enum FsError {
     Probe { device: PathBuf, reason: String },
     #[error("{device} already holds {found}; refusing to make a filesystem over it")]
     Occupied { device: PathBuf, found: String },
+    #[error("tune2fs on {device} finished but the device does not show the new UUID and label ({found})")]
+    NotAdopted { device: PathBuf, found: String },
     #[error("{device} holds no ext4 filesystem ({found})")]
     NotExt4 { device: PathBuf, found: String },
     #[error(
@@ -225,6 +227,9 @@ pub struct ExtSuperblock {
     pub label: String,
     pub block_size: u64,
     pub blocks: u64,
+    /// `metadata_csum`: every metadata block's checksum is seeded from the
+    /// UUID (unless `metadata_csum_seed` keeps the seed apart).
+    pub metadata_csum: bool,
 }
 
 impl ExtSuperblock {
@@ -273,6 +278,7 @@ impl std::fmt::Display for Signature {
 const EXT_SUPERBLOCK: u64 = 1024;
 const EXT_MAGIC: u16 = 0xEF53;
 const EXT_INCOMPAT_64BIT: u32 = 0x80;
+const EXT_RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 
 fn le16(bytes: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([bytes[at], bytes[at + 1]])
@@ -357,6 +363,7 @@ pub fn parse_ext_superblock(sb: &[u8]) -> Option<ExtSuperblock> {
     let label = &sb[0x78..0x88];
     let label_len = label.iter().position(|b| *b == 0).unwrap_or(label.len());
     Some(ExtSuperblock {
+        metadata_csum: le32(sb, 0x64) & EXT_RO_COMPAT_METADATA_CSUM != 0,
         uuid: Uuid::from_bytes(sb[0x68..0x78].try_into().expect("16 bytes")),
         label: String::from_utf8_lossy(&label[..label_len]).into_owned(),
         block_size: 1024u64 << log_block,
@@ -504,6 +511,73 @@ pub fn check_ext4(tools: &Tools, device: &Path) -> Result<(), FsError> {
         &[0, 1],
     )?;
     Ok(())
+}
+
+/// Makes the ext4 filesystem on `device`, a restored or forked copy of
+/// another volume's, volume `id`'s own: its UUID and label. `Identity` if
+/// they are already. Two filesystems with one UUID in one VM would make
+/// mount-by-UUID pick either, and our own check of which filesystem is
+/// whose ([`make_ext4`]) reads the UUID.
+///
+/// Called after [`check_ext4`] (the journal replayed: `tune2fs` refuses a
+/// filesystem that needs recovery) and only while nothing holds `device`.
+/// With `metadata_csum`, a plain `tune2fs -U` rewrites the checksum of
+/// every metadata block, and a crash in the middle leaves a filesystem
+/// with checksums of two UUIDs. So it first turns on `metadata_csum_seed`
+/// (Linux 4.4, e2fsprogs 1.43): the current seed is kept in the
+/// superblock, and the UUID change then writes the superblocks and
+/// nothing else. A crash before the new UUID is seen re-runs the same
+/// command, which is idempotent.
+pub fn adopt_ext4(
+    tools: &Tools,
+    device: &Path,
+    id: &VolumeId,
+) -> Result<CreateAction<ExtSuperblock>, FsError> {
+    let ours = volume_uuid(UuidPurpose::Filesystem, id);
+    let label = volume_label(id);
+    let before = match probe(device)? {
+        Signature::Ext(sb) => sb,
+        found => {
+            return Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: found.to_string(),
+            })
+        }
+    };
+    if before.uuid == ours && before.label == label {
+        return Ok(CreateAction::Identity(before));
+    }
+    let found = holders(device, 0)?;
+    if found.any() {
+        return Err(FsError::Busy {
+            device: device.to_owned(),
+            holders: found,
+        });
+    }
+    tools.tune2fs.run(adopt_args(device, id, &before), &[0])?;
+    match probe(device)? {
+        Signature::Ext(sb) if sb.uuid == ours && sb.label == label => Ok(CreateAction::Created(sb)),
+        found => Err(FsError::NotAdopted {
+            device: device.to_owned(),
+            found: found.to_string(),
+        }),
+    }
+}
+
+/// The arguments of `tune2fs` for [`adopt_ext4`].
+pub fn adopt_args(device: &Path, id: &VolumeId, sb: &ExtSuperblock) -> Vec<std::ffi::OsString> {
+    let uuid = volume_uuid(UuidPurpose::Filesystem, id).to_string();
+    let seed: &[&str] = if sb.metadata_csum {
+        &["-O", "metadata_csum_seed"]
+    } else {
+        &[]
+    };
+    seed.iter()
+        .copied()
+        .chain(["-U", &uuid, "-L", volume_label(id)])
+        .map(Into::into)
+        .chain(std::iter::once(device.as_os_str().to_owned()))
+        .collect()
 }
 
 /// Grows the ext4 filesystem on `device` to fill it; `Identity` if it
@@ -730,6 +804,75 @@ mod tests {
         assert!(matches!(err, FsError::Occupied { .. }), "{err}");
         assert!(err.to_string().contains(&sb.uuid.to_string()), "{err}");
         assert_eq!(std::fs::read(&device).unwrap(), before);
+    }
+
+    #[test]
+    fn adopt_gives_a_copy_its_own_uuid_and_label_writing_only_superblocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = tools();
+        // Two block groups of 32768 4K blocks: a backup superblock in the
+        // second one.
+        let origin_image = sparse_file(dir.path(), "origin.img", 256 * MIB);
+        let origin = VolumeId::generate();
+        let made = make_ext4(&tools, &origin_image, &origin)
+            .unwrap()
+            .into_inner();
+        assert!(made.metadata_csum, "Debian's mke2fs default");
+        // A restore's copy: the same bytes.
+        let copy = dir.path().join("copy.img");
+        std::fs::copy(&origin_image, &copy).unwrap();
+        let id = VolumeId::generate();
+        let adopted = adopt_ext4(&tools, &copy, &id).unwrap();
+        assert!(adopted.changed());
+        let sb = adopted.into_inner();
+        assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, &id));
+        assert_eq!(sb.label, volume_label(&id));
+        assert_eq!(sb.size(), made.size());
+        tools
+            .e2fsck
+            .run(["-fn".as_ref(), copy.as_os_str()], &[0])
+            .expect("the adopted copy checks clean");
+        // No checksum was rewritten: only superblocks (at the start of a
+        // block group) differ from the origin's bytes.
+        let (before, after) = (
+            std::fs::read(&origin_image).unwrap(),
+            std::fs::read(&copy).unwrap(),
+        );
+        let changed: Vec<usize> = (0..before.len() / 4096)
+            .filter(|b| before[b * 4096..(b + 1) * 4096] != after[b * 4096..(b + 1) * 4096])
+            .collect();
+        assert!(
+            !changed.is_empty() && changed.iter().all(|b| b % 32768 == 0),
+            "blocks changed: {changed:?}"
+        );
+        // Again: nothing to do, no byte written.
+        assert!(!adopt_ext4(&tools, &copy, &id).unwrap().changed());
+        assert_eq!(std::fs::read(&copy).unwrap(), after);
+        // The origin's own filesystem is still the origin's.
+        assert!(!make_ext4(&tools, &origin_image, &origin).unwrap().changed());
+
+        // Without metadata_csum there is no seed to keep.
+        let plain = sparse_file(dir.path(), "plain.img", 64 * MIB);
+        tools
+            .mkfs_ext4
+            .run(
+                ["-q", "-O", "^metadata_csum", "-b", "4096"]
+                    .iter()
+                    .map(std::ffi::OsStr::new)
+                    .chain([plain.as_os_str()]),
+                &[0],
+            )
+            .unwrap();
+        let sb = adopt_ext4(&tools, &plain, &id).unwrap().into_inner();
+        assert!(!sb.metadata_csum);
+        assert_eq!(sb.uuid, volume_uuid(UuidPurpose::Filesystem, &id));
+        assert!(!adopt_args(&plain, &id, &sb)
+            .iter()
+            .any(|a| a == "metadata_csum_seed"));
+        // Not an ext4: refused, nothing written.
+        let empty = sparse_file(dir.path(), "empty.img", 8 * MIB);
+        let err = adopt_ext4(&tools, &empty, &id).unwrap_err();
+        assert!(matches!(err, FsError::NotExt4 { .. }), "{err}");
     }
 
     #[test]

@@ -332,7 +332,8 @@ pub struct DaemonSettings {
     /// at a time spread by the volume id; retention counts in periods), e.g. 24h.
     #[arg(long, env = "VOLUMED_SNAPSHOT_PERIOD", global = true)]
     pub snapshot_period: Option<String>,
-    /// How often snapshot records are converged and the schedule checked, e.g. 30s.
+    /// How often the schedule is checked and snapshot records converged
+    /// even without a change seen by the watch, e.g. 30s.
     #[arg(long, env = "VOLUMED_SNAPSHOT_CHECK_INTERVAL", global = true)]
     pub snapshot_check_interval: Option<String>,
     /// Directory of the lock that keeps one daemon per volume group (default /run/volumed).

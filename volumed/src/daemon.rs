@@ -155,6 +155,11 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         metrics: metrics.clone(),
         period: config.snapshot_period,
         interval: config.snapshot_check_interval,
+        watch: WatchOptions {
+            wait: config.watch_wait,
+            backoff_max: config.retry_max,
+            ..WatchOptions::default()
+        },
     };
     let snapshot_task = tokio::spawn(snapshot_loop.run(controls.shutdown.clone()));
     let ctx = Arc::new(Ctx {
@@ -850,14 +855,16 @@ impl Daemon {
         self.metrics.set_orphans(self.orphans().len());
     }
 
-    /// Our volumes with no desired record, valid or not.
+    /// Our volumes with no desired record, valid or not. One whose worker
+    /// is still running is not: a destroy's commit deletes the record
+    /// before the worker reports back, and the watch may tell us first.
     fn orphans(&self) -> Vec<VolumeId> {
         if !self.have_desired {
             return Vec::new();
         }
         self.volumes
             .iter()
-            .filter(|(_, v)| v.desired.is_none() && v.observed.is_some())
+            .filter(|(_, v)| v.desired.is_none() && v.observed.is_some() && !v.running)
             .map(|(id, _)| id.clone())
             .collect()
     }

@@ -1,32 +1,48 @@
 //! `volumed gc`: the only way an orphan (an LV of ours with no desired
-//! record) is ever deleted. Without `--yes` it only lists them.
+//! record: a volume, or a snapshot) is ever deleted. Without `--yes` it
+//! only lists them.
 //!
-//! The volumes are listed first, then the desired records are read: a
-//! record made before the listing is always seen. A failed read is an
-//! error, never "no records". Right before each delete the candidate's
-//! record is read again, so a volume whose record landed meanwhile is kept.
-//! An empty desired prefix while volumes exist looks exactly like a lost KV
-//! store, so `--yes` refuses it unless `--allow-empty-desired` says it is
-//! meant. Run it while the daemon is stopped, or send the daemon SIGHUP
-//! afterwards so it lists the volumes again.
+//! The LVs are listed first, then the records are read: a record made
+//! before the listing is always seen. A failed read is an error, never "no
+//! records". Right before each delete the candidate's record is read
+//! again, so a volume or snapshot whose record landed meanwhile is kept.
+//! An empty desired prefix while volumes or snapshots exist looks exactly
+//! like a lost KV store, and so does an empty snapshot prefix while orphan
+//! snapshots exist (a lost or wiped snapshot subtree); `--yes` refuses
+//! both unless `--allow-empty-desired` says it is meant. A snapshot that a
+//! fork still in progress names is no orphan (see
+//! [`crate::snapshots::orphan_snapshots`]). Snapshots go first: a volume's
+//! delete takes its snapshots with it. Run it while the daemon is stopped,
+//! or send the daemon SIGHUP afterwards so it lists the volumes again.
 
 use crate::config::Config;
-use crate::plan;
+use crate::plan::{self, Desired};
+use crate::snapshots::{orphan_snapshots, recorded_snapshot_ids};
 use crate::worker::on_host;
 use consul_kv::{ConsulKv, TxnOp};
 use std::sync::Arc;
-use volume_core::host::{self, VolumeHost};
+use volume_core::host::{self, LocalSnapshot, VolumeHost};
 use volume_core::jail::JailPath;
-use volume_core::names::VolumeId;
+use volume_core::names::{SnapshotId, VolumeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error("reading the desired records failed, so nothing is known to be an orphan: {0}")]
     Desired(#[source] consul_kv::Error),
+    #[error("reading the snapshot records failed, so no snapshot is known to be an orphan: {0}")]
+    SnapshotRecords(#[source] consul_kv::Error),
     #[error("listing the volumes failed: {0}")]
     List(String),
-    #[error("the desired prefix {prefix} is empty but {volumes} volume(s) exist; after a KV loss this would delete every volume, so nothing was deleted (pass --allow-empty-desired if every volume really is to go)")]
-    EmptyDesired { prefix: String, volumes: usize },
+    #[error("listing the snapshots failed: {0}")]
+    ListSnapshots(String),
+    #[error("the desired prefix {prefix} is empty but {volumes} volume(s) and {snapshots} snapshot(s) exist; after a KV loss this would delete every one of them, so nothing was deleted (pass --allow-empty-desired if they really are all to go)")]
+    EmptyDesired {
+        prefix: String,
+        volumes: usize,
+        snapshots: usize,
+    },
+    #[error("the snapshot prefix {prefix} is empty but {snapshots} snapshot(s) have no record; after a loss of the snapshot records this would delete every snapshot, so nothing was deleted (pass --allow-empty-desired if they really are all to go)")]
+    EmptySnapshotRecords { prefix: String, snapshots: usize },
 }
 
 /// What `volumed gc` is asked to do.
@@ -34,11 +50,11 @@ pub enum GcError {
 pub struct GcOptions {
     /// Delete the orphans (without it, only list them).
     pub yes: bool,
-    /// Delete even when there is no desired record at all.
+    /// Delete even when there is no desired (or no snapshot) record at all.
     pub allow_empty_desired: bool,
 }
 
-/// One orphan and, with `--yes`, what became of it.
+/// One orphan volume and, with `--yes`, what became of it.
 #[derive(Debug)]
 pub struct Orphan {
     pub volume: host::LocalVolume,
@@ -48,6 +64,33 @@ pub struct Orphan {
     pub record_appeared: bool,
 }
 
+/// One orphan snapshot and, with `--yes`, what became of it.
+#[derive(Debug)]
+pub struct SnapshotOrphan {
+    pub snapshot: LocalSnapshot,
+    /// `None` when only listed or kept; `Some(Err)` when its delete failed.
+    pub deleted: Option<Result<(), String>>,
+    /// Its record appeared between the listing and the delete: kept.
+    pub record_appeared: bool,
+}
+
+/// Every orphan found, and what became of each.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub volumes: Vec<Orphan>,
+    pub snapshots: Vec<SnapshotOrphan>,
+}
+
+impl GcReport {
+    pub fn is_empty(&self) -> bool {
+        self.volumes.is_empty() && self.snapshots.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.volumes.len() + self.snapshots.len()
+    }
+}
+
 /// Lists the orphans and, with `yes`, deletes them (refusing an empty
 /// desired prefix).
 pub async fn gc(
@@ -55,7 +98,7 @@ pub async fn gc(
     host: &Arc<VolumeHost>,
     kv: &ConsulKv,
     yes: bool,
-) -> Result<Vec<Orphan>, GcError> {
+) -> Result<GcReport, GcError> {
     let options = GcOptions {
         yes,
         allow_empty_desired: false,
@@ -68,21 +111,64 @@ pub async fn gc_with(
     host: &Arc<VolumeHost>,
     kv: &ConsulKv,
     options: GcOptions,
-) -> Result<Vec<Orphan>, GcError> {
+) -> Result<GcReport, GcError> {
     let listed = on_host(host, |host| host.list())
         .await
         .map_err(|(_, error)| GcError::List(error))?;
+    let inventory = on_host(host, |host| host.snapshot_inventory())
+        .await
+        .map_err(|(_, error)| GcError::ListSnapshots(error))?;
     let prefix = config.layout.desired_prefix(&config.host);
     let entries = kv.get_recurse(&prefix).await.map_err(GcError::Desired)?;
-    if options.yes && entries.value.is_empty() && !listed.is_empty() && !options.allow_empty_desired
-    {
+    let snapshot_prefix = config.layout.snapshot_desired_prefix(&config.host);
+    let snapshot_entries = kv
+        .get_recurse(&snapshot_prefix)
+        .await
+        .map_err(GcError::SnapshotRecords)?;
+    let refuse_empty = options.yes && !options.allow_empty_desired;
+    let lvs = listed.len() + inventory.snapshots.len();
+    if refuse_empty && entries.value.is_empty() && lvs > 0 {
         return Err(GcError::EmptyDesired {
             prefix,
             volumes: listed.len(),
+            snapshots: inventory.snapshots.len(),
         });
     }
     let desired = plan::parse_desired(&config.layout, &config.host, &entries.value);
-    let mut orphans = Vec::new();
+    let recorded = recorded_snapshot_ids(&snapshot_prefix, &snapshot_entries.value);
+    let specs = desired.volumes.values().filter_map(Desired::spec);
+    let orphan_snaps: Vec<LocalSnapshot> = orphan_snapshots(&inventory, &recorded, specs)
+        .into_iter()
+        .cloned()
+        .collect();
+    if refuse_empty && snapshot_entries.value.is_empty() && !orphan_snaps.is_empty() {
+        return Err(GcError::EmptySnapshotRecords {
+            prefix: snapshot_prefix,
+            snapshots: orphan_snaps.len(),
+        });
+    }
+    let mut report = GcReport::default();
+    for snapshot in orphan_snaps {
+        let mut orphan = SnapshotOrphan {
+            snapshot,
+            deleted: None,
+            record_appeared: false,
+        };
+        if options.yes {
+            let key = config
+                .layout
+                .snapshot_desired(&config.host, &orphan.snapshot.id);
+            match has_key(kv, &key).await {
+                Ok(true) => orphan.record_appeared = true,
+                Ok(false) => {
+                    orphan.deleted =
+                        Some(delete_orphan_snapshot(config, host, kv, &orphan.snapshot.id).await);
+                }
+                Err(error) => orphan.deleted = Some(Err(error)),
+            }
+        }
+        report.snapshots.push(orphan);
+    }
     for volume in listed {
         if desired.volumes.contains_key(&volume.id) {
             continue;
@@ -93,7 +179,8 @@ pub async fn gc_with(
             record_appeared: false,
         };
         if options.yes {
-            match has_record(config, kv, &orphan.volume.id).await {
+            let key = config.layout.desired(&config.host, &orphan.volume.id);
+            match has_key(kv, &key).await {
                 Ok(true) => orphan.record_appeared = true,
                 Ok(false) => {
                     orphan.deleted = Some(delete_orphan(config, host, kv, &orphan.volume.id).await);
@@ -101,20 +188,46 @@ pub async fn gc_with(
                 Err(error) => orphan.deleted = Some(Err(error)),
             }
         }
-        orphans.push(orphan);
+        report.volumes.push(orphan);
     }
-    Ok(orphans)
+    Ok(report)
 }
 
 /// Reads the candidate's record again, right before its delete.
-async fn has_record(config: &Config, kv: &ConsulKv, id: &VolumeId) -> Result<bool, String> {
-    let key = config.layout.desired(&config.host, id);
-    match kv.get(&key).await {
+async fn has_key(kv: &ConsulKv, key: &str) -> Result<bool, String> {
+    match kv.get(key).await {
         Ok(answer) => Ok(answer.value.is_some()),
         Err(error) => Err(format!(
-            "not deleted: re-reading its desired record failed: {error}"
+            "not deleted: re-reading its record failed: {error}"
         )),
     }
+}
+
+async fn delete_orphan_snapshot(
+    config: &Config,
+    host: &Arc<VolumeHost>,
+    kv: &ConsulKv,
+    id: &SnapshotId,
+) -> Result<(), String> {
+    let remove_id = id.clone();
+    let _ = on_host(host, move |host| host.destroy_snapshot(&remove_id))
+        .await
+        .map_err(|(_, e)| e)?;
+    // A status left from a record deleted by hand goes too, unless a
+    // record appeared meanwhile.
+    let ops = [
+        TxnOp::CheckNotExists {
+            key: config.layout.snapshot_desired(&config.host, id),
+        },
+        TxnOp::Delete {
+            key: config.layout.snapshot_status(&config.host, id),
+        },
+    ];
+    kv.txn(&ops)
+        .await
+        .map_err(|e| format!("deleted, but removing its status failed: {e}"))?;
+    tracing::info!(snapshot = %id, "orphan snapshot deleted by gc");
+    Ok(())
 }
 
 async fn delete_orphan(

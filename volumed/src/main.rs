@@ -225,29 +225,38 @@ async fn run_gc(config: Config, options: gc::GcOptions) -> Result<ExitCode, Fail
     let yes = options.yes;
     let metrics = Arc::new(Metrics::default());
     let (kv, built) = start(&config, metrics).await?;
-    let orphans = gc::gc_with(&config, &built.host, &kv, options).await?;
-    if orphans.is_empty() {
+    let report = gc::gc_with(&config, &built.host, &kv, options).await?;
+    if report.is_empty() {
         println!("no orphans");
         return Ok(ExitCode::SUCCESS);
     }
     let mut failed = false;
-    for orphan in &orphans {
+    let mut outcome = |deleted: &Option<Result<(), String>>, record_appeared: bool| match deleted {
+        None if record_appeared => "kept: its record appeared".to_owned(),
+        None => "orphan".to_owned(),
+        Some(Ok(())) => "deleted".to_owned(),
+        Some(Err(error)) => {
+            failed = true;
+            format!("delete failed: {error}")
+        }
+    };
+    for orphan in &report.snapshots {
+        let snapshot = &orphan.snapshot;
+        let what = outcome(&orphan.deleted, orphan.record_appeared);
+        println!(
+            "{}\t{}\t{what} (snapshot of {})",
+            snapshot.id, snapshot.size, snapshot.volume
+        );
+    }
+    for orphan in &report.volumes {
         let volume = &orphan.volume;
-        let what = match &orphan.deleted {
-            None if orphan.record_appeared => "kept: its desired record appeared".to_owned(),
-            None => "orphan".to_owned(),
-            Some(Ok(())) => "deleted".to_owned(),
-            Some(Err(error)) => {
-                failed = true;
-                format!("delete failed: {error}")
-            }
-        };
+        let what = outcome(&orphan.deleted, orphan.record_appeared);
         println!("{}\t{}\t{what}", volume.id, volume.size);
     }
     if !yes {
         println!(
             "{} orphan(s); run `volumed gc --yes` to delete them",
-            orphans.len()
+            report.len()
         );
     }
     Ok(if failed {

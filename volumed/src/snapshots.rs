@@ -1,8 +1,11 @@
 //! Snapshot records, converged; scheduled snapshots and their retention.
 //!
-//! One task, every `snapshot_check_interval`: one read each of the
-//! volumes' desired records and the snapshot records and statuses. From
-//! them alone it decides:
+//! One task, woken by a watch on the host's snapshot records (a new
+//! record, a destroy, a delete) and at the latest every
+//! `snapshot_check_interval` (the schedule's clock, and the backstop for
+//! whatever the watch misses): one read each of the volumes' desired
+//! records and the snapshot records and statuses. From them alone it
+//! decides:
 //! * **Schedule.** Each volume whose record asks for scheduled snapshots
 //!   gets one per `snapshot_period`, at a fixed offset in the period
 //!   spread by its id (`SnapshotSchedule::latest_slot`): a new record
@@ -18,7 +21,8 @@
 //!
 //! Only when there is work does it call LVM (the changes, then one list);
 //! an idle pass costs three KV reads, and every [`LIST_EVERY`]th idle pass
-//! one LVM list too. Snapshot LVs with no record are orphans: counted
+//! one LVM list too. Snapshot LVs with no record (and not a fork's own,
+//! see [`orphan_snapshots`]) are orphans: counted
 //! (`volumed_orphan_snapshots`) from those lists, never removed (that is
 //! `volumed gc`'s, with its rules). A record whose volume has no record is
 //! left alone and reported in its status: a lost store must not destroy
@@ -27,19 +31,55 @@
 use crate::kv;
 use crate::metrics::Metrics;
 use crate::worker::{now_ms, on_host};
-use consul_kv::ConsulKv;
+use consul_kv::{ConsulKv, WatchOptions};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use volume_control::layout::{
-    Layout, SnapshotSchedule, SnapshotSpec, SnapshotState, SnapshotStatus, VolumeSpec,
+    Layout, SnapshotSchedule, SnapshotSpec, SnapshotState, SnapshotStatus, VolumeSource, VolumeSpec,
 };
-use volume_core::host::{NoFreeze, VolumeHost};
+use volume_core::host::{LocalSnapshot, NoFreeze, SnapshotInventory, VolumeHost};
 use volume_core::names::{HostId, SnapshotId, VolumeId};
 
 /// An idle pass lists LVM (for the orphan count) once in this many.
 pub const LIST_EVERY: u32 = 10;
+
+/// The snapshot LVs the store does not account for. A snapshot is
+/// accounted for by its own record (`recorded`: the ids under the
+/// snapshot prefix, malformed records included), or while it is a fork's
+/// own snapshot: a volume record names it as its fork source and that
+/// volume is not `ready` yet (the fork still needs it; a ready fork's
+/// snapshot left by a crash before its removal is an orphan).
+pub fn orphan_snapshots<'a>(
+    inventory: &'a SnapshotInventory,
+    recorded: &BTreeSet<SnapshotId>,
+    volumes: impl IntoIterator<Item = &'a VolumeSpec>,
+) -> Vec<&'a LocalSnapshot> {
+    let in_forks: BTreeSet<&SnapshotId> = volumes
+        .into_iter()
+        .filter(|spec| !inventory.ready_volumes.contains(&spec.id))
+        .filter_map(|spec| match &spec.source {
+            Some(VolumeSource::Fork { snapshot, .. }) => Some(snapshot),
+            _ => None,
+        })
+        .collect();
+    inventory
+        .snapshots
+        .iter()
+        .filter(|s| !recorded.contains(&s.id) && !in_forks.contains(&s.id))
+        .collect()
+}
+
+/// The snapshot ids named by the keys under `prefix`, whatever the values
+/// hold: a malformed record still accounts for its snapshot.
+pub fn recorded_snapshot_ids(prefix: &str, pairs: &[consul_kv::KvPair]) -> BTreeSet<SnapshotId> {
+    pairs
+        .iter()
+        .filter_map(|pair| pair.key.strip_prefix(prefix))
+        .filter_map(|rest| SnapshotId::new(rest).ok())
+        .collect()
+}
 
 pub struct SnapshotLoop {
     pub host: Arc<VolumeHost>,
@@ -48,19 +88,32 @@ pub struct SnapshotLoop {
     pub host_id: HostId,
     pub metrics: Arc<Metrics>,
     pub period: Duration,
+    /// The periodic pass: the schedule's clock, and the backstop for a
+    /// change the watch missed.
     pub interval: Duration,
+    /// Pacing of the watch on the snapshot records.
+    pub watch: WatchOptions,
 }
 
 /// What one pass read from the store.
 struct Records {
     volumes: BTreeMap<VolumeId, VolumeSpec>,
     snapshots: Vec<(SnapshotSpec, u64)>,
+    /// Every id under the snapshot prefix, malformed records included.
+    recorded: BTreeSet<SnapshotId>,
     statuses: BTreeMap<SnapshotId, SnapshotStatus>,
 }
 
 impl SnapshotLoop {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let changed = Arc::new(Notify::new());
+        let watcher = tokio::spawn(watch_records(
+            self.kv.clone(),
+            self.layout.snapshot_desired_prefix(&self.host_id),
+            self.watch.clone(),
+            changed.clone(),
+        ));
         let mut passes: u32 = 0;
         loop {
             passes = passes.wrapping_add(1);
@@ -68,11 +121,15 @@ impl SnapshotLoop {
                 self.metrics.error("snapshot");
                 tracing::warn!(%error, "snapshot pass failed; trying again next interval");
             }
+            // A change during the pass left a permit: the next pass starts
+            // at once and reads it.
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
+                _ = changed.notified() => {}
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() {
+                watcher.abort();
                 return;
             }
         }
@@ -89,10 +146,9 @@ impl SnapshotLoop {
             .filter_map(|pair| serde_json::from_slice::<VolumeSpec>(&pair.value).ok())
             .map(|spec| (spec.id.clone(), spec))
             .collect();
-        let records = self
-            .kv
-            .get_recurse(&self.layout.snapshot_desired_prefix(&self.host_id))
-            .await?;
+        let prefix = self.layout.snapshot_desired_prefix(&self.host_id);
+        let records = self.kv.get_recurse(&prefix).await?;
+        let recorded = recorded_snapshot_ids(&prefix, &records.value);
         let snapshots = kv::snapshot_records(&records.value)
             .into_iter()
             .filter_map(|(key, record)| match record {
@@ -116,6 +172,7 @@ impl SnapshotLoop {
         Ok(Records {
             volumes,
             snapshots,
+            recorded,
             statuses,
         })
     }
@@ -144,7 +201,7 @@ impl SnapshotLoop {
         for (spec, index) in work {
             self.converge(spec, *index, &records).await;
         }
-        let listed = on_host(&self.host, |host| host.snapshots(None))
+        let listed = on_host(&self.host, |host| host.snapshot_inventory())
             .await
             .map_err(|(_, e)| e)?;
         let after = self.read().await.map_err(|e| e.to_string())?;
@@ -152,11 +209,7 @@ impl SnapshotLoop {
         Ok(())
     }
 
-    fn publish_metrics(
-        &self,
-        records: &Records,
-        listed: Option<&[volume_core::host::LocalSnapshot]>,
-    ) {
+    fn publish_metrics(&self, records: &Records, listed: Option<&SnapshotInventory>) {
         let ready: Vec<&SnapshotStatus> = records
             .statuses
             .values()
@@ -165,9 +218,7 @@ impl SnapshotLoop {
         let bytes = ready.iter().map(|s| s.size.0).sum();
         let orphans = match listed {
             Some(listed) => {
-                let known: BTreeSet<&SnapshotId> =
-                    records.snapshots.iter().map(|(s, _)| &s.id).collect();
-                listed.iter().filter(|s| !known.contains(&s.id)).count()
+                orphan_snapshots(listed, &records.recorded, records.volumes.values()).len()
             }
             None => usize::try_from(self.metrics.snapshots().2).unwrap_or(0),
         };
@@ -325,5 +376,22 @@ impl SnapshotLoop {
             &self.metrics,
         )
         .await
+    }
+}
+
+/// Wakes the loop at every change under the snapshot records (a new
+/// record, a `destroy: true`, a delete), so a `volctl snapshots create`
+/// converges in one pass instead of at the next periodic one. The watch
+/// paces itself and backs off after failures; the periodic pass covers
+/// whatever it misses.
+async fn watch_records(kv: ConsulKv, prefix: String, options: WatchOptions, changed: Arc<Notify>) {
+    let mut watch = kv.watch_prefix(prefix, options);
+    loop {
+        match watch.next().await {
+            Ok(_) => changed.notify_one(),
+            Err(error) => {
+                tracing::debug!(%error, "watching the snapshot records failed; retrying");
+            }
+        }
     }
 }

@@ -332,17 +332,22 @@ async fn tables_are_aligned_and_readable() {
     assert_eq!(lines[0].find("NAME"), lines[1].find("data"));
 }
 
-#[tokio::test]
-async fn extend_grows_ledger_and_spec_together() {
-    let env = three_hosts().await;
+/// `create data --size GB` pinned to h1, not waiting; its id.
+async fn create_detached_on_h1(env: &Env, size_gb: &str) -> String {
     let (result, stdout, _) = env
         .run(&[
-            "create", "data", "--size", "10", "--region", "ewr", "--host", "h1", "--detach",
+            "create", "data", "--size", size_gb, "--region", "ewr", "--host", "h1", "--detach",
             "--json",
         ])
         .await;
     result.unwrap();
-    let id = common::created_ids(&stdout)[0].to_string();
+    common::created_ids(&stdout)[0].to_string()
+}
+
+#[tokio::test]
+async fn extend_grows_ledger_and_spec_together() {
+    let env = three_hosts().await;
+    let id = create_detached_on_h1(&env, "10").await;
 
     let (result, _, _) = env.run(&["extend", &id, "--size", "15", "--detach"]).await;
     result.unwrap();
@@ -898,4 +903,60 @@ async fn auto_extend_is_set_at_create_changed_by_update_and_bad_input_changes_no
         .run(&["update", "vol_0000000000000000", "--no-auto-extend"])
         .await;
     assert_eq!(result.unwrap_err().exit_code(), exit::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_snapshot_destroy_waits_until_the_record_is_gone_not_just_destroying() {
+    use volume_control::layout::{SnapshotSpec, SnapshotState, SnapshotStatus};
+    let env = three_hosts().await;
+    let id = create_detached_on_h1(&env, "2").await;
+    let spec = env.spec(&id).await;
+    env.report(&spec, VolumeState::Ready, None).await;
+    let (result, out, _) = env
+        .run(&["snapshots", "create", &id, "--detach", "--json"])
+        .await;
+    result.unwrap();
+    let snapshot: SnapshotSpec = serde_json::from_str(&out).unwrap();
+    // The host has begun removing it, and is slow about it.
+    let status = SnapshotStatus {
+        id: snapshot.id.clone(),
+        volume: snapshot.volume.clone(),
+        state: SnapshotState::Destroying,
+        size: snapshot.size,
+        taken: None,
+        error: None,
+        updated_ms: common::now_ms(),
+    };
+    let key = env.layout.snapshot_status(&snapshot.host, &snapshot.id);
+    assert!(env
+        .kv
+        .put(&key, &serde_json::to_vec(&status).unwrap())
+        .await
+        .unwrap());
+    let (result, out, _) = env
+        .run(&[
+            "snapshots",
+            "destroy",
+            snapshot.id.as_str(),
+            "--timeout",
+            "1",
+        ])
+        .await;
+    let error = result.expect_err(&format!("reported done while destroying: {out}"));
+    assert_eq!(error.exit_code(), exit::TIMED_OUT, "{error}");
+    assert!(!out.contains("destroyed"), "{out}");
+
+    // Once the host deleted the record, the same command says so.
+    let record = env.layout.snapshot_desired(&snapshot.host, &snapshot.id);
+    env.kv.delete(&record).await.unwrap();
+    let (result, out, _) = env
+        .run(&[
+            "snapshots",
+            "destroy",
+            snapshot.id.as_str(),
+            "--timeout",
+            "1",
+        ])
+        .await;
+    assert_eq!(result.unwrap_err().exit_code(), exit::NOT_FOUND, "{out}");
 }

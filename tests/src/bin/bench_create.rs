@@ -28,6 +28,7 @@ use volume_core::host::{Encryption, NewVolume, RealDevices, VolumeHost};
 use volume_core::keys::{LocalKeyDir, VolumeKey};
 use volume_core::names::{VolumeId, VolumeName};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::bench::{median, seconds_each};
 use volume_tests::TestPool;
 
 const SIZE_GIB: u64 = 25;
@@ -78,7 +79,7 @@ fn main() {
     println!(
         "  VolumeHost::create       median {:>6.2} s   runs {}",
         median(&ours).as_secs_f64(),
-        list(&ours)
+        seconds_each(&ours, 2)
     );
     for (label, runs, totals) in [
         ("CLI hand-tuned", &tuned, &tuned_total),
@@ -87,7 +88,7 @@ fn main() {
         println!(
             "  {label:<24} median {:>6.2} s   runs {}",
             median(totals).as_secs_f64(),
-            list(totals)
+            seconds_each(totals, 2)
         );
         for (name, pick) in cli::STEP_NAMES.iter().zip(0..) {
             let steps: Vec<Duration> = runs.iter().map(|n| n.steps[pick]).collect();
@@ -106,20 +107,6 @@ fn main() {
         "  ratio (CLI defaults / VolumeHost):   {:.2}x",
         median(&defaults_total).as_secs_f64() / ours
     );
-}
-
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn list(values: &[Duration]) -> String {
-    values
-        .iter()
-        .map(|d| format!("{:.2}", d.as_secs_f64()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One `VolumeHost::create` (timed), then delete (not timed).

@@ -8,7 +8,7 @@
 //! removes it (not timed). Prints the median of each, every run, and the
 //! ratio.
 
-use nix::mount::{mount, umount, MsFlags};
+use nix::mount::umount;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +20,8 @@ use volume_core::host::{Encryption, NewVolume, NoFreeze, RealDevices, VolumeHost
 use volume_core::keys::LocalKeyDir;
 use volume_core::names::{SnapshotId, VolumeId, VolumeName};
 use volume_core::units::{Bytes, OvercommitRatio, GIB, MIB};
+use volume_tests::bench::{median, seconds_each};
+use volume_tests::stack::mount_ext4;
 use volume_tests::TestPool;
 
 const SIZE_GIB: u64 = 25;
@@ -62,12 +64,12 @@ fn main() {
     println!(
         "  10 MiB written   median {:>6.3} s   runs {}",
         median(&small_times).as_secs_f64(),
-        list(&small_times)
+        seconds_each(&small_times, 3)
     );
     println!(
         "  1 GiB written    median {:>6.3} s   runs {}",
         median(&large_times).as_secs_f64(),
-        list(&large_times)
+        seconds_each(&large_times, 3)
     );
     println!(
         "  ratio (1 GiB / 10 MiB): {:.2}",
@@ -89,14 +91,7 @@ fn filled_volume(host: &VolumeHost, mnt: &Path, written: u64) -> VolumeId {
         .into_inner()
         .device
         .expect("open");
-    mount(
-        Some(&device),
-        mnt,
-        Some("ext4"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount");
+    mount_ext4(&device, mnt);
     let mut file = std::fs::File::create(mnt.join("fill")).unwrap();
     let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     for _ in 0..written / MIB {
@@ -126,18 +121,4 @@ fn time_snapshot(host: &VolumeHost, id: &VolumeId) -> Duration {
     assert!(taken.changed());
     let _ = host.destroy_snapshot(&snapshot).expect("destroy snapshot");
     elapsed
-}
-
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn list(values: &[Duration]) -> String {
-    values
-        .iter()
-        .map(|d| format!("{:.3}", d.as_secs_f64()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -87,6 +87,10 @@ pub trait VolumeDevices: Send + Sync {
     /// Replays the journal of a restored copy and fixes what a crash
     /// safely leaves; see [`crate::fs::check_ext4`].
     fn check_fs(&self, device: &Path) -> Result<(), FsError>;
+
+    /// Gives the restored copy's filesystem on `device` volume `id`'s UUID
+    /// and label; see [`crate::fs::adopt_ext4`].
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
 }
 
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
@@ -212,5 +216,12 @@ impl VolumeDevices for RealDevices {
 
     fn check_fs(&self, device: &Path) -> Result<(), FsError> {
         fs::check_ext4(&self.tools, device)
+    }
+
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
+        Ok(match fs::adopt_ext4(&self.tools, device, id)? {
+            CreateAction::Created(_) => CreateAction::Created(()),
+            CreateAction::Identity(_) => CreateAction::Identity(()),
+        })
     }
 }

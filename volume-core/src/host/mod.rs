@@ -83,7 +83,7 @@ pub use devices::{RealDevices, VolumeDevices};
 #[cfg(feature = "testing")]
 pub use faults::{Fault, FaultInjector, FaultPlan};
 pub use progress::{Encryption, Progress};
-pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore};
+pub use snapshots::{FreezeHook, LocalSnapshot, NoFreeze, Restore, SnapshotInventory};
 pub use steps::Step;
 pub use volume_model::progress;
 
@@ -386,6 +386,12 @@ pub enum HostError {
     },
     #[error("volume {id}: checking the restored filesystem failed: {source}")]
     FsCheck {
+        id: VolumeId,
+        #[source]
+        source: Box<FsError>,
+    },
+    #[error("volume {id}: giving the restored filesystem its own UUID failed: {source}")]
+    FsAdopt {
         id: VolumeId,
         #[source]
         source: Box<FsError>,

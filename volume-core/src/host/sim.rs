@@ -561,4 +561,26 @@ impl VolumeDevices for SimDevices {
             }),
         }
     }
+
+    fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError> {
+        let (lv_device, mapping, _) = self.fs_target(device)?;
+        let mut state = self.lock();
+        let lv = state.lvs.get_mut(&lv_device);
+        let fs = match (&mapping, lv) {
+            (Some(_), Some(lv)) => lv.header.as_mut().and_then(|h| h.fs.as_mut()),
+            (None, Some(lv)) => lv.plain_fs.as_mut(),
+            (_, None) => None,
+        };
+        match fs {
+            Some(fs) if fs.owner == *id => Ok(CreateAction::Identity(())),
+            Some(fs) => {
+                fs.owner = id.clone();
+                Ok(CreateAction::Created(()))
+            }
+            None => Err(FsError::NotExt4 {
+                device: device.to_owned(),
+                found: "no known signature".into(),
+            }),
+        }
+    }
 }

@@ -157,9 +157,13 @@ fn restore_copies_the_key_adopts_the_header_and_grows() {
         // Nothing was formatted: the data is the snapshot's.
         let counts = h.devices.counts(&restore.id);
         assert_eq!((counts.crypt_formats, counts.mkfs_runs), (0, 0));
-        // The simulator counts growth under the filesystem's maker: the
-        // copy is the origin's filesystem, grown once here.
-        assert_eq!(h.devices.counts(&origin.id).fs_grows, 1);
+        // The copy's filesystem is its own now (its UUID and label, on
+        // the real stack), so a create over it would know it; the
+        // simulator counts its growth under it, not the origin.
+        let device = restored.device.clone().expect("open");
+        assert!(!h.devices.make_fs(&device, &restore.id).unwrap().changed());
+        assert_eq!(h.devices.counts(&restore.id).fs_grows, 1);
+        assert_eq!(h.devices.counts(&origin.id).fs_grows, 0);
         if encryption == Encryption::Luks2 {
             let copy = h.keys.load(&restore.id).unwrap().expect("key copied");
             let original = h.keys.load(&origin.id).unwrap().unwrap();
@@ -324,6 +328,7 @@ fn a_restore_at_the_volumes_own_unrounded_size_is_not_too_small() {
     let forked = forked.into_inner();
     assert_eq!(forked.size, h.host.list().unwrap()[0].size);
     // Nothing was grown: same size after rounding.
+    assert_eq!(h.devices.counts(&fork.id).fs_grows, 0);
     assert_eq!(h.devices.counts(&origin.id).fs_grows, 0);
 }
 

@@ -16,7 +16,8 @@
 //!   `vmv1.from=<origin volume>`. Encrypted: the data carries the origin's
 //!   LUKS2 header, so the origin's data key is stored again under the new
 //!   id, and the header's UUID and label become the new volume's. Then
-//!   `e2fsck -f -p` replays the journal, the LV, mapping and filesystem grow
+//!   `e2fsck -f -p` replays the journal, the filesystem gets the new
+//!   volume's UUID and label (`tune2fs`), the LV, mapping and filesystem grow
 //!   to a bigger size if asked, and the volume is `ready`. Each step is
 //!   recorded or idempotent, so a re-run after a crash finishes it.
 //! * A **fork** is a fresh snapshot, a restore of it, and the removal of
@@ -85,6 +86,14 @@ impl LocalSnapshot {
     }
 }
 
+/// [`VolumeHost::snapshot_inventory`]'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotInventory {
+    pub snapshots: Vec<LocalSnapshot>,
+    /// Volumes whose LV is at `ready`.
+    pub ready_volumes: std::collections::BTreeSet<VolumeId>,
+}
+
 /// What to restore, and as which new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restore {
@@ -120,6 +129,23 @@ impl VolumeHost {
             }
         }
         Ok(found)
+    }
+
+    /// Every snapshot of ours, and the volumes whose LV is `ready`, from
+    /// one listing: what telling an orphan snapshot from a fork's own (in
+    /// use until its new volume is ready) needs.
+    pub fn snapshot_inventory(&self) -> Result<SnapshotInventory, HostError> {
+        let mut inventory = SnapshotInventory::default();
+        for lv in self.backend.list_thins().map_err(HostError::List)? {
+            if let Some(snapshot) = LocalSnapshot::of(&lv)? {
+                inventory.snapshots.push(snapshot);
+            } else if let Some(id) = VolumeId::from_lv_name(&lv.lv) {
+                if progress::step(&lv.tags) == Some(Progress::Ready) {
+                    let _ = inventory.ready_volumes.insert(id);
+                }
+            }
+        }
+        Ok(inventory)
     }
 
     fn find_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<LocalSnapshot>, HostError> {
@@ -454,6 +480,11 @@ impl VolumeHost {
             .check_fs(&fs_device)
             .map_err(failed_at!(FsCheck, id))?;
         self.step(id, Step::FsChecked)?;
+        let _ = self
+            .devices
+            .adopt_fs(&fs_device, id)
+            .map_err(failed_at!(FsAdopt, id))?;
+        self.step(id, Step::FsAdopted)?;
         if grown {
             match self
                 .devices

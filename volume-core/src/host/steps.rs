@@ -34,6 +34,7 @@ pub enum Step {
     KeyCopied,
     HeaderAdopted,
     FsChecked,
+    FsAdopted,
 }
 
 impl Step {
@@ -63,7 +64,7 @@ impl Step {
 impl Step {
     /// The steps of a restore of an encrypted snapshot into a bigger
     /// volume, in order.
-    pub const RESTORE_ENCRYPTED: [Step; 9] = [
+    pub const RESTORE_ENCRYPTED: [Step; 10] = [
         Step::KeyCopied,
         Step::LvCreated,
         Step::LvExtended,
@@ -71,6 +72,7 @@ impl Step {
         Step::CryptOpened,
         Step::CryptResized,
         Step::FsChecked,
+        Step::FsAdopted,
         Step::FsGrown,
         Step::ProgressReady,
     ];
