@@ -7,6 +7,7 @@
 //! the worse of the two readings.
 
 use crate::health::PoolHealth;
+use crate::units::Percent;
 use devicemapper::{DevId, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolStatusSummary, DM};
 use std::str::FromStr;
 
@@ -66,6 +67,61 @@ pub fn pool_health(vg: &str, pool: &str) -> Result<Option<PoolHealth>, String> {
     Ok(None)
 }
 
+/// What a working pool target says of its use and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolTarget {
+    /// Used shares of the data and metadata devices, rounded up to a
+    /// hundredth of a percent (admission must not see less than is used).
+    pub data: Percent,
+    pub metadata: Percent,
+    pub health: PoolHealth,
+}
+
+/// The share `used` of `total`, rounded up; 100 % for a total of 0.
+fn used_share(used: u64, total: u64) -> Percent {
+    if total == 0 {
+        return Percent::FULL;
+    }
+    let hundredths = (u128::from(used) * 10_000).div_ceil(u128::from(total));
+    Percent::from_hundredths(u32::try_from(hundredths.min(10_000)).unwrap_or(10_000))
+}
+
+/// A working pool's status line as use and health; `None` for a failed or
+/// unreadable target, whose use the kernel does not give.
+pub fn pool_target_of_status(status: &ThinPoolStatus) -> Option<PoolTarget> {
+    let ThinPoolStatus::Working(working) = status else {
+        return None;
+    };
+    let usage = &working.usage;
+    Some(PoolTarget {
+        data: used_share(*usage.used_data, *usage.total_data),
+        metadata: used_share(*usage.used_meta, *usage.total_meta),
+        health: health_of_status(status),
+    })
+}
+
+/// The pool target's use and health, read without flushing (as
+/// [`pool_health`]). `Ok(None)`: no pool target, or not a working one.
+pub fn pool_target(vg: &str, pool: &str) -> Result<Option<PoolTarget>, String> {
+    let dm = DM::new().map_err(|err| format!("device-mapper: {err}"))?;
+    let base = dm_name(vg, pool);
+    for name in [format!("{base}-tpool"), base] {
+        let dm_name = DmName::new(&name).map_err(|err| format!("{name}: {err}"))?;
+        let options = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
+        let Ok((_, lines)) = dm.table_status(&DevId::Name(dm_name), options) else {
+            continue;
+        };
+        if let [(_, _, target, params)] = lines.as_slice() {
+            if target == "thin-pool" {
+                let status = ThinPoolStatus::from_str(params)
+                    .map_err(|err| format!("thin-pool status {params:?}: {err}"))?;
+                return Ok(pool_target_of_status(&status));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// A thin LV's `(mapped sectors, table length in sectors)` from its thin
 /// target's status line (`<nr mapped sectors> <highest mapped sector>`),
 /// read without flushing. `Ok(None)`: the device is not active.
@@ -101,6 +157,30 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_working_pool_status_gives_its_use_rounded_up() {
+        let status = ThinPoolStatus::from_str(
+            "100 215/1024 1/65536 - rw discard_passdown queue_if_no_space - 256",
+        )
+        .unwrap();
+        let target = pool_target_of_status(&status).unwrap();
+        // 215/1024 = 20.996 %; 1/65536 = 0.0015 %, which is not 0.
+        assert_eq!(target.metadata, Percent::from_hundredths(2100));
+        assert_eq!(target.data, Percent::from_hundredths(1));
+        assert_eq!(target.health, PoolHealth::Healthy);
+        let full = ThinPoolStatus::from_str(
+            "7 300/1024 65536/65536 - out_of_data_space discard_passdown error_if_no_space - 256",
+        )
+        .unwrap();
+        let target = pool_target_of_status(&full).unwrap();
+        assert_eq!(target.data, Percent::FULL);
+        assert_eq!(target.health, PoolHealth::OutOfData);
+        assert_eq!(
+            pool_target_of_status(&ThinPoolStatus::from_str("Fail").unwrap()),
+            None
+        );
+    }
 
     // Lines in the kernel's documented shape
     // (Documentation/admin-guide/device-mapper/thin-provisioning.rst) and

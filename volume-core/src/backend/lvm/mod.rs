@@ -108,6 +108,41 @@ impl LvmBackend {
         status
     }
 
+    /// The pool's use and health from its own target, and the sizes from a
+    /// report of [`report::SIZE_FIELDS`]: LVM queries no thin LV's device
+    /// for it, where a full report queries every active one (measured in
+    /// the micro-VM at 100 active thin LVs, in process: 856, 587 and 428 ms
+    /// against 1161, 889 and 680 ms for the full report, three rounds).
+    /// `None` when the target is not a working pool: then the full report
+    /// says why.
+    fn pool_status_from_target(&self) -> Result<Option<PoolStatus>, BackendError> {
+        let (vg, pool_name) = (self.spec.vg.as_str(), self.spec.pool.as_str());
+        let Ok(Some(target)) = kernel::pool_target(vg, pool_name) else {
+            return Ok(None);
+        };
+        let line = report_command("lvs")
+            .args(["-o", report::SIZE_FIELDS, vg])
+            .build()?;
+        let output = self.runner.run(&line)?;
+        let rows =
+            report::parse_size_report(&output.report).map_err(|err| BackendError::Report {
+                command: line.to_string(),
+                reason: err.to_string(),
+            })?;
+        let view = VgView { rows, line };
+        self.remember(&view);
+        let Some(pool) = view.pool(&self.spec)? else {
+            return Ok(None);
+        };
+        let mut pool = pool.clone();
+        pool.active = true;
+        pool.data_percent = Some(target.data);
+        pool.metadata_percent = Some(target.metadata);
+        let mut status = view.status(&self.spec, &pool)?;
+        status.usage.health = status.usage.health.worst(target.health);
+        Ok(Some(status))
+    }
+
     fn lock(&self) -> MutexGuard<'_, ()> {
         // The guarded data is `()`; a panic elsewhere leaves nothing broken.
         self.operation
@@ -601,6 +636,9 @@ impl ThinBackend for LvmBackend {
 
     fn pool_status(&self) -> Result<PoolStatus, BackendError> {
         let _operation = self.lock();
+        if let Some(status) = self.pool_status_from_target()? {
+            return Ok(status);
+        }
         let view = self.read_vg()?;
         let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
         Ok(self.with_kernel_health(view.status(&self.spec, pool)?))
