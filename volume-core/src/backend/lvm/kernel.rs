@@ -50,6 +50,15 @@ pub fn dm_name(vg: &str, lv: &str) -> String {
 /// pool is active alone; whichever of them carries the `thin-pool` target is
 /// read. `Ok(None)`: neither device exists.
 pub fn pool_health(vg: &str, pool: &str) -> Result<Option<PoolHealth>, String> {
+    thin_pool_status_line(vg, pool)?
+        .map(|params| parse_status(&params))
+        .transpose()
+}
+
+/// The status line of whichever of `<vg>-<pool>-tpool` and `<vg>-<pool>`
+/// carries the `thin-pool` target, read without flushing. `Ok(None)`:
+/// neither device exists.
+fn thin_pool_status_line(vg: &str, pool: &str) -> Result<Option<String>, String> {
     let dm = DM::new().map_err(|err| format!("device-mapper: {err}"))?;
     let base = dm_name(vg, pool);
     for name in [format!("{base}-tpool"), base] {
@@ -60,7 +69,7 @@ pub fn pool_health(vg: &str, pool: &str) -> Result<Option<PoolHealth>, String> {
         };
         if let [(_, _, target, params)] = lines.as_slice() {
             if target == "thin-pool" {
-                return parse_status(params).map(Some);
+                return Ok(Some(params.clone()));
             }
         }
     }
@@ -103,23 +112,12 @@ pub fn pool_target_of_status(status: &ThinPoolStatus) -> Option<PoolTarget> {
 /// The pool target's use and health, read without flushing (as
 /// [`pool_health`]). `Ok(None)`: no pool target, or not a working one.
 pub fn pool_target(vg: &str, pool: &str) -> Result<Option<PoolTarget>, String> {
-    let dm = DM::new().map_err(|err| format!("device-mapper: {err}"))?;
-    let base = dm_name(vg, pool);
-    for name in [format!("{base}-tpool"), base] {
-        let dm_name = DmName::new(&name).map_err(|err| format!("{name}: {err}"))?;
-        let options = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
-        let Ok((_, lines)) = dm.table_status(&DevId::Name(dm_name), options) else {
-            continue;
-        };
-        if let [(_, _, target, params)] = lines.as_slice() {
-            if target == "thin-pool" {
-                let status = ThinPoolStatus::from_str(params)
-                    .map_err(|err| format!("thin-pool status {params:?}: {err}"))?;
-                return Ok(pool_target_of_status(&status));
-            }
-        }
-    }
-    Ok(None)
+    let Some(params) = thin_pool_status_line(vg, pool)? else {
+        return Ok(None);
+    };
+    let status = ThinPoolStatus::from_str(&params)
+        .map_err(|err| format!("thin-pool status {params:?}: {err}"))?;
+    Ok(pool_target_of_status(&status))
 }
 
 /// A thin LV's `(mapped sectors, table length in sectors)` from its thin
