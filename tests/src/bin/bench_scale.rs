@@ -24,34 +24,13 @@ use volume_core::jail::{JailPath, NodeOwner};
 use volume_core::keys::LocalKeyDir;
 use volume_core::names::{VolumeId, VolumeName};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::bench::BatchArgs;
 use volume_tests::TestPool;
 
 const OPERATIONS: [&str; 4] = ["create", "expose", "extend", "delete"];
 
-struct Args {
-    volumes: usize,
-    batch: usize,
-}
-
-fn args() -> Args {
-    let mut args = Args {
-        volumes: 200,
-        batch: 10,
-    };
-    let mut words = std::env::args().skip(1);
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{word} needs a number"));
-        match word.as_str() {
-            "--volumes" => args.volumes = value,
-            "--batch" => args.batch = value,
-            other => panic!("unknown argument {other} (--volumes N, --batch B)"),
-        }
-    }
-    assert!(args.batch > 0, "--batch must be at least 1");
-    args
+fn args() -> BatchArgs {
+    BatchArgs::parse(200, 10)
 }
 
 fn main() {

@@ -27,37 +27,15 @@ use volume_control::layout::{Layout, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::cmd::{self, Program};
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
+use volume_tests::bench::BatchArgs;
 use volume_tests::procs::{Guarded, KvServer};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
 
-struct Args {
-    volumes: usize,
-    batch: usize,
-}
-
-fn args() -> Args {
-    let mut args = Args {
-        volumes: 40,
-        batch: 20,
-    };
-    let mut words = std::env::args().skip(1);
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{word} needs a number"));
-        match word.as_str() {
-            "--volumes" => args.volumes = value,
-            "--batch" => args.batch = value,
-            other => panic!("unknown argument {other} (--volumes N, --batch B)"),
-        }
-    }
-    assert!(
-        args.batch > 0 && args.volumes >= args.batch,
-        "need 1 <= --batch <= --volumes"
-    );
+fn args() -> BatchArgs {
+    let args = BatchArgs::parse(40, 20);
+    assert!(args.volumes >= args.batch, "need 1 <= --batch <= --volumes");
     args
 }
 
