@@ -11,6 +11,19 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `target/<profile>/<name>`, next to the directory of the test binary.
+/// `<scratch>/kek`, the KEK file for volumed's envelope key store, made
+/// on first use so that a restarted daemon reads the same one.
+pub fn kek_file(scratch: &Path) -> PathBuf {
+    let kek = scratch.join("kek");
+    if !kek.exists() {
+        volume_core::keys::KeyEncryptionKey::generate()
+            .expect("KEK")
+            .write_new_file(&kek)
+            .expect("write the KEK");
+    }
+    kek
+}
+
 pub fn project_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the test binary");
     // Test binaries live in target/<profile>/deps, binaries (the

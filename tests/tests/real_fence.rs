@@ -21,11 +21,10 @@ use volume_core::backend::ThinBackend;
 use volume_core::fence::{DmFenceDevices, FenceDevices};
 use volume_core::fence_model::FenceReason;
 use volume_core::health::PoolHealth;
-use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, VolumeId};
 use volume_core::units::{Bytes, Percent, MIB};
 use volume_tests::kv::Kv;
-use volume_tests::procs::{project_binary, wait_for, Guarded};
+use volume_tests::procs::{kek_file, project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
@@ -54,13 +53,7 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
 }
 
 fn start_volumed(pool: &TestPool, kv: &Kv, scratch: &Path) -> Guarded {
-    let kek = scratch.join("kek");
-    if !kek.exists() {
-        KeyEncryptionKey::generate()
-            .expect("KEK")
-            .write_new_file(&kek)
-            .expect("write the KEK");
-    }
+    let kek = kek_file(scratch);
     let mut command = Command::new(project_binary("volumed"));
     command
         .args(["--host", HOST, "--region", "ewr", "--zone", "ewr-a"])

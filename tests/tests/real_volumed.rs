@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use volume_control::layout::{Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::ThinBackend;
-use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
 use volume_tests::kv::Kv;
-use volume_tests::procs::{project_binary, wait_for, Guarded};
+use volume_tests::procs::{kek_file, project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
@@ -97,13 +96,7 @@ impl Setup<'_> {
 
     /// The volumed command line for this pool, store and scratch dir.
     fn command(&self, extra_args: &[&str], jails: bool) -> Command {
-        let kek = self.scratch.join("kek");
-        if !kek.exists() {
-            KeyEncryptionKey::generate()
-                .expect("KEK")
-                .write_new_file(&kek)
-                .expect("write the KEK");
-        }
+        let kek = kek_file(self.scratch);
         let mut command = Command::new(project_binary("volumed"));
         command
             .args(["--host", HOST, "--region", "ewr", "--zone", "ewr-a"])

@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
-use volume_core::keys::KeyEncryptionKey;
 use volume_core::names::{HostId, Region, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB, MIB};
-use volume_tests::procs::{wait_for, Guarded, KvServer};
+use volume_tests::procs::{kek_file, wait_for, Guarded, KvServer};
 use volume_tests::TestPool;
 
 const HOST: &str = "mem1";
@@ -326,13 +325,7 @@ fn ready_count(kv: &Kv) -> usize {
 }
 
 fn start_volumed(args: &Args, pool: &TestPool, kv_url: &str, scratch: &Path) -> Guarded {
-    let kek = scratch.join("kek");
-    if !kek.exists() {
-        KeyEncryptionKey::generate()
-            .expect("KEK")
-            .write_new_file(&kek)
-            .expect("write the KEK");
-    }
+    let kek = kek_file(scratch);
     let mut command = Command::new(&args.volumed);
     command
         .args(["--host", HOST, "--region", "ewr", "--zone", "ewr-a"])
