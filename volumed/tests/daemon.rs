@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
+use volume_control::layout::{Layout, Ledger, VolumeSpec, VolumeState, VolumeStatus};
 use volume_core::backend::sim::SimBackend;
 use volume_core::backend::{BackendError, ThinBackend, ThinPoolSpec, ThinVolume};
 use volume_core::health::PoolHealth;
@@ -16,15 +16,15 @@ use volume_core::host::{self, Encryption, Fault, FaultPlan, Step, VolumeHost};
 use volume_core::keys::{EnvelopeKeyStore, KeyEncryptionKey, KeyStore, LocalKeyDir};
 use volume_core::names::{HostId, LvName, Region, VgName, VolumeId, VolumeName, Zone};
 use volume_core::units::{Bytes, GIB};
-use volumed::config::{Cli, Config, Settings};
+use volumed::config::Config;
 use volumed::counting::CountingBackend;
 use volumed::daemon::{Running, Setup};
 use volumed::kv::{commit_destroy, Committed};
 use volumed::metrics::Metrics;
 use volumed::sealed::ConsulSealedStorage;
 
-const HOST: &str = "h1";
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+use common::{host_id, host_record, status, volctl, wait_for, HOST, WAIT};
 
 async fn start_server(bind: SocketAddr, data_dir: Option<&Path>) -> ServerHandle {
     let mut config = ServerConfig::new(bind);
@@ -55,27 +55,9 @@ fn client(server_addr: SocketAddr) -> ConsulKv {
 }
 
 fn config(extra: &[&str]) -> Config {
-    let mut args = vec![
-        "volumed",
-        "--sim",
-        "--host",
-        HOST,
-        "--region",
-        "ewr",
-        "--zone",
-        "ewr-a",
-        "--heartbeat-interval",
-        "1s",
-        "--retry-max",
-        "1s",
-        "--watch-wait",
-        "10s",
-        "--max-concurrent",
-        "4",
-    ];
+    let mut args = vec!["--max-concurrent", "4"];
     args.extend_from_slice(extra);
-    let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
-    Config::merge(&cli.options.settings, Settings::default()).unwrap()
+    common::config(&args)
 }
 
 /// A simulated host that outlives daemons, as a real host outlives a
@@ -189,10 +171,6 @@ fn spec(size: Bytes, encrypted: bool) -> VolumeSpec {
     }
 }
 
-fn host_id() -> HostId {
-    HostId::new(HOST).unwrap()
-}
-
 async fn put_spec(kv: &ConsulKv, spec: &VolumeSpec) {
     let key = Layout::default().desired(&host_id(), &spec.id);
     assert!(kv
@@ -201,30 +179,9 @@ async fn put_spec(kv: &ConsulKv, spec: &VolumeSpec) {
         .unwrap());
 }
 
-async fn status(kv: &ConsulKv, id: &VolumeId) -> Option<VolumeStatus> {
-    let key = Layout::default().status(&host_id(), id);
-    let pair = kv.get(&key).await.ok()?.value?;
-    Some(serde_json::from_slice(&pair.value).unwrap())
-}
-
 async fn status_raw(kv: &ConsulKv, id: &VolumeId) -> Option<Vec<u8>> {
     let key = Layout::default().status(&host_id(), id);
     Some(kv.get(&key).await.unwrap().value?.value)
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn wait_state(kv: &ConsulKv, id: &VolumeId, state: VolumeState) -> VolumeStatus {
@@ -232,15 +189,6 @@ async fn wait_state(kv: &ConsulKv, id: &VolumeId, state: VolumeState) -> VolumeS
         status(kv, id).await.filter(|s| s.state == state)
     })
     .await
-}
-
-async fn host_record(kv: &ConsulKv) -> Option<HostRecord> {
-    let pair = kv
-        .get(&Layout::default().host_info(&host_id()))
-        .await
-        .ok()?
-        .value?;
-    Some(serde_json::from_slice(&pair.value).unwrap())
 }
 
 async fn ledger(kv: &ConsulKv) -> (Ledger, u64) {
@@ -985,18 +933,6 @@ fn log_lines_with(logs: &std::sync::Mutex<Vec<u8>>, needle: &str) -> Vec<String>
         .filter(|line| line.contains(needle))
         .map(str::to_owned)
         .collect()
-}
-
-/// `volctl <argv>` in process against `kv`: its result and stdout.
-async fn volctl(kv: &ConsulKv, argv: &[&str]) -> (Result<(), volctl::CliError>, String) {
-    let cli = <volctl::Cli as clap::Parser>::try_parse_from(
-        std::iter::once("volctl").chain(argv.iter().copied()),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    let result = volctl::run(&cli, kv.clone(), &mut volctl::Ui::new(&mut out, &mut err)).await;
-    (result, String::from_utf8(out).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ use consul_kv_server::{Server, ServerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use volume_control::layout::{HostRecord, Layout, VolumeSpec, VolumeState, VolumeStatus};
+use std::time::Duration;
+use volume_control::layout::{Layout, VolumeSpec, VolumeState};
 use volume_core::backend::sim::SimBackend;
 use volume_core::backend::{ThinBackend, ThinPoolSpec};
 use volume_core::fence::sim::SimFenceDevices;
@@ -18,41 +18,18 @@ use volume_core::health::PoolHealth;
 use volume_core::host::sim::SimDevices;
 use volume_core::host::VolumeHost;
 use volume_core::keys::LocalKeyDir;
-use volume_core::names::{HostId, LvName, VgName, VolumeId};
+use volume_core::names::{LvName, VgName, VolumeId};
 use volume_core::pool_growth::PoolPart;
 use volume_core::units::{Bytes, Percent, GIB};
-use volumed::config::{Cli, Config, Settings};
+use volumed::config::Config;
 use volumed::daemon::{Running, Setup};
 use volumed::metrics::Metrics;
 
-const HOST: &str = "h1";
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+use common::{host_id, host_record, status, volctl, wait_for, HOST};
 
 fn config() -> Config {
-    let args = [
-        "volumed",
-        "--sim",
-        "--host",
-        HOST,
-        "--region",
-        "ewr",
-        "--zone",
-        "ewr-a",
-        "--heartbeat-interval",
-        "1s",
-        "--retry-max",
-        "1s",
-        "--watch-wait",
-        "10s",
-        "--pool-refresh-interval",
-        "1s",
-    ];
-    let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
-    Config::merge(&cli.options.settings, Settings::default()).unwrap()
-}
-
-fn host_id() -> HostId {
-    HostId::new(HOST).unwrap()
+    common::config(&["--pool-refresh-interval", "1s"])
 }
 
 fn spec(size: Bytes) -> VolumeSpec {
@@ -67,50 +44,6 @@ fn spec(size: Bytes) -> VolumeSpec {
         "created_ms": 1,
     }))
     .unwrap()
-}
-
-async fn status(kv: &ConsulKv, id: &VolumeId) -> Option<VolumeStatus> {
-    let pair = kv
-        .get(&Layout::default().status(&host_id(), id))
-        .await
-        .ok()?
-        .value?;
-    Some(serde_json::from_slice(&pair.value).unwrap())
-}
-
-async fn host_record(kv: &ConsulKv) -> Option<HostRecord> {
-    let pair = kv
-        .get(&Layout::default().host_info(&host_id()))
-        .await
-        .ok()?
-        .value?;
-    Some(serde_json::from_slice(&pair.value).unwrap())
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn volctl(kv: &ConsulKv, argv: &[&str]) -> (Result<(), volctl::CliError>, String) {
-    let cli = <volctl::Cli as clap::Parser>::try_parse_from(
-        std::iter::once("volctl").chain(argv.iter().copied()),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    let result = volctl::run(&cli, kv.clone(), &mut volctl::Ui::new(&mut out, &mut err)).await;
-    (result, String::from_utf8(out).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
