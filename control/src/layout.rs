@@ -656,6 +656,17 @@ mod tests {
     }
 
     #[test]
+    fn volume_sources_keep_their_shapes() {
+        let snapshot = r#"{"snapshot":{"snapshot":"snap_0123456789abcdef"}}"#;
+        let fork =
+            r#"{"fork":{"volume":"vol_0123456789abcdef","snapshot":"snap_0123456789abcdef"}}"#;
+        for text in [snapshot, fork] {
+            let source: VolumeSource = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_json::to_string(&source).unwrap(), text);
+        }
+    }
+
+    #[test]
     fn roots_are_checked() {
         assert!(Layout::new("volumes/v2").is_ok());
         for bad in ["", "/volumes", "volumes/", "a//b", "a/../b", "a b"] {
