@@ -20,6 +20,12 @@
 //! <root>/snapshots/desired/<host>/<snapshot>  SnapshotSpec    volctl (on
 //!                                              demand) or volumed (scheduled)
 //! <root>/snapshots/status/<host>/<snapshot>   SnapshotStatus  volumed
+//! <root>/migrations/<migration>  MigrationSpec  written by volctl (fork or
+//!                                              move to another host), with
+//!                                              the destination's VolumeSpec
+//!                                              and ledger in one txn
+//! <root>/migrations/status/<host>/<migration>  MigrationStatus  each end's
+//!                                              volumed
 //! <root>/usage/<host>/<volume>    FsUsageReport the filesystem's own usage, written
 //!                                              by the VM worker from its guest's
 //!                                              agent; read by volumed's volume
@@ -51,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use volume_model::capacity::{CapacityPolicy, PoolUsage};
 use volume_model::fence::FenceReason;
 use volume_model::health::VolumeHealth;
-use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName, Zone};
+use volume_model::names::{HostId, MigrationId, Region, SnapshotId, VolumeId, VolumeName, Zone};
 use volume_model::units::{Bytes, Percent};
 use volume_model::volume_growth::{AutoExtend, FsUsage};
 
@@ -176,6 +182,40 @@ impl Layout {
 
     pub fn fs_usage_prefix(&self, host: &HostId) -> String {
         format!("{}/usage/{host}/", self.root)
+    }
+
+    /// Every migration spec; a watch here also sees the status records
+    /// below `migrations/status/`, which [`Layout::parse_migration_key`]
+    /// tells apart (a migration id is `mig_` + 16 characters, never
+    /// `status`, and has no `/`).
+    pub fn migrations_prefix(&self) -> String {
+        format!("{}/migrations/", self.root)
+    }
+
+    pub fn migration(&self, migration: &MigrationId) -> String {
+        format!("{}/migrations/{migration}", self.root)
+    }
+
+    pub fn migration_status_prefix(&self, host: &HostId) -> String {
+        format!("{}/migrations/status/{host}/", self.root)
+    }
+
+    pub fn migration_status(&self, host: &HostId, migration: &MigrationId) -> String {
+        format!("{}/migrations/status/{host}/{migration}", self.root)
+    }
+
+    /// The migration of a `migrations/<migration>` spec key; `None` for a
+    /// status key or anything else.
+    pub fn parse_migration_key(&self, key: &str) -> Option<MigrationId> {
+        let id = key.strip_prefix(&self.migrations_prefix())?;
+        MigrationId::new(id).ok()
+    }
+
+    /// `(host, migration)` of a `migrations/status/<host>/<migration>` key.
+    pub fn parse_migration_status_key(&self, key: &str) -> Option<(HostId, MigrationId)> {
+        let rest = key.strip_prefix(&format!("{}/migrations/status/", self.root))?;
+        let (host, migration) = rest.split_once('/')?;
+        Some((HostId::new(host).ok()?, MigrationId::new(migration).ok()?))
     }
 
     /// `(host, volume)` from a desired or status key; `None` for anything else.
@@ -580,6 +620,50 @@ mod tests {
             serde_json::from_slice::<FsUsageReport>(&report.to_json()).unwrap(),
             report
         );
+    }
+
+    #[test]
+    fn migration_keys_round_trip_and_status_is_never_a_spec() {
+        let layout = Layout::default();
+        let host = HostId::new("h1").unwrap();
+        let mig = MigrationId::new("mig_0123456789abcdef").unwrap();
+        let spec = layout.migration(&mig);
+        assert_eq!(spec, "volumes/v1/migrations/mig_0123456789abcdef");
+        assert_eq!(layout.parse_migration_key(&spec), Some(mig.clone()));
+        let status = layout.migration_status(&host, &mig);
+        assert_eq!(
+            status,
+            "volumes/v1/migrations/status/h1/mig_0123456789abcdef"
+        );
+        assert!(status.starts_with(&layout.migration_status_prefix(&host)));
+        assert!(layout.migrations_prefix().ends_with('/'));
+        assert!(layout.migration_status_prefix(&host).ends_with('/'));
+        assert_eq!(
+            layout.parse_migration_status_key(&status),
+            Some((host.clone(), mig.clone()))
+        );
+        // A status key (and the bare status folder) is never a spec.
+        assert_eq!(layout.parse_migration_key(&status), None);
+        assert_eq!(
+            layout.parse_migration_key("volumes/v1/migrations/status"),
+            None
+        );
+        assert!(MigrationId::new("status").is_err());
+        assert_eq!(layout.parse_migration_status_key(&spec), None);
+        // Outside desired/: neither the volume watch nor its parse sees it.
+        assert!(!spec.starts_with(&layout.desired_root()));
+        assert_eq!(layout.parse_volume_key(&status), None);
+    }
+
+    #[test]
+    fn volume_sources_keep_their_shapes() {
+        let snapshot = r#"{"snapshot":{"snapshot":"snap_0123456789abcdef"}}"#;
+        let fork =
+            r#"{"fork":{"volume":"vol_0123456789abcdef","snapshot":"snap_0123456789abcdef"}}"#;
+        for text in [snapshot, fork] {
+            let source: VolumeSource = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_json::to_string(&source).unwrap(), text);
+        }
     }
 
     #[test]

@@ -3,4 +3,5 @@
 //! ([`placement`]). No I/O: callers do the reads and the txn.
 
 pub mod layout;
+pub mod migration;
 pub mod placement;

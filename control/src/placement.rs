@@ -44,6 +44,18 @@ impl Candidate {
     pub fn headroom(&self) -> Bytes {
         self.committed_usage().headroom(&self.host.policy)
     }
+
+    /// Admits a new volume of `size` as a create does (the host's own
+    /// check, against [`Candidate::committed_usage`]): the ledger once it
+    /// is reserved, and the headroom left.
+    pub fn admit_new(&self, size: Bytes) -> Result<(Ledger, Bytes), Refusal> {
+        let admission = self.committed_usage().admit_new(&self.host.policy, size)?;
+        let ledger = Ledger {
+            reserved: self.ledger.reserved + size,
+            volumes: self.ledger.volumes + 1,
+        };
+        Ok((ledger, admission.headroom_after))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -181,11 +193,8 @@ pub fn place(request: &Request, candidates: &[Candidate]) -> Result<Placement, N
             ));
             continue;
         }
-        let admission = match candidate
-            .committed_usage()
-            .admit_new(&host.policy, request.size)
-        {
-            Ok(admission) => admission,
+        let (ledger_after, headroom_after) = match candidate.admit_new(request.size) {
+            Ok(admitted) => admitted,
             Err(refusal) => {
                 skipped.push((host.id.clone(), Skip::Capacity { refusal }));
                 continue;
@@ -194,11 +203,8 @@ pub fn place(request: &Request, candidates: &[Candidate]) -> Result<Placement, N
         let placement = Placement {
             host: host.id.clone(),
             zone: host.zone.clone(),
-            ledger_after: Ledger {
-                reserved: candidate.ledger.reserved + request.size,
-                volumes: candidate.ledger.volumes + 1,
-            },
-            headroom_after: admission.headroom_after,
+            ledger_after,
+            headroom_after,
         };
         admitted.push((candidate, placement));
     }
@@ -234,14 +240,14 @@ fn preference(candidate: &Candidate) -> (std::cmp::Reverse<Bytes>, u32, &HostId)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use volume_model::capacity::CapacityPolicy;
     use volume_model::health::PoolHealth;
     use volume_model::units::{OvercommitRatio, GIB};
 
-    fn host(id: &str, region: &str, zone: &str, data_gib: u64) -> Candidate {
+    pub(crate) fn host(id: &str, region: &str, zone: &str, data_gib: u64) -> Candidate {
         Candidate {
             host: HostRecord {
                 id: HostId::new(id).unwrap(),

@@ -25,8 +25,25 @@ pub fn migration(tags: &BTreeSet<String>) -> Option<MigrationId> {
 /// The background copy's rate limit, in KiB/s: dm-raid's
 /// `max_recovery_rate` (kB/s per device; a raid1 rebuilds one device).
 /// Reads a guest makes of blocks not yet copied are not limited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// In records it is its number of KiB/s, checked when read.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u64", into = "u32")]
 pub struct RecoveryRate(u32);
+
+impl TryFrom<u64> for RecoveryRate {
+    type Error = RateError;
+    fn try_from(kib_per_sec: u64) -> Result<RecoveryRate, RateError> {
+        RecoveryRate::from_kib_per_sec(kib_per_sec)
+    }
+}
+
+impl From<RecoveryRate> for u32 {
+    fn from(rate: RecoveryRate) -> u32 {
+        rate.0
+    }
+}
 
 /// Why a rate limit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +159,10 @@ mod tests {
         );
         assert!(RecoveryRate::from_kib_per_sec(u64::from(u32::MAX)).is_err());
         assert!(RecoveryRate::from_kib_per_sec(u64::MAX).is_err());
+        let rate = RecoveryRate::from_kib_per_sec(4096).unwrap();
+        assert_eq!(serde_json::to_string(&rate).unwrap(), "4096");
+        assert_eq!(serde_json::from_str::<RecoveryRate>("4096").unwrap(), rate);
+        assert!(serde_json::from_str::<RecoveryRate>("1").is_err());
     }
 
     #[test]
