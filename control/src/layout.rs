@@ -196,8 +196,12 @@ impl Layout {
         format!("{}/migrations/{migration}", self.root)
     }
 
+    fn migration_status_root(&self) -> String {
+        format!("{}/migrations/status/", self.root)
+    }
+
     pub fn migration_status_prefix(&self, host: &HostId) -> String {
-        format!("{}/migrations/status/{host}/", self.root)
+        format!("{}{host}/", self.migration_status_root())
     }
 
     pub fn migration_status(&self, host: &HostId, migration: &MigrationId) -> String {
@@ -213,7 +217,7 @@ impl Layout {
 
     /// `(host, migration)` of a `migrations/status/<host>/<migration>` key.
     pub fn parse_migration_status_key(&self, key: &str) -> Option<(HostId, MigrationId)> {
-        let rest = key.strip_prefix(&format!("{}/migrations/status/", self.root))?;
+        let rest = key.strip_prefix(&self.migration_status_root())?;
         let (host, migration) = rest.split_once('/')?;
         Some((HostId::new(host).ok()?, MigrationId::new(migration).ok()?))
     }

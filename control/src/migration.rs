@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use volume_model::capacity::Refusal;
 use volume_model::hydration::RecoveryRate;
 use volume_model::names::{HostId, MigrationId, VolumeId};
-use volume_model::units::Bytes;
+use volume_model::units::{Bytes, BytesPerSec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,11 +45,6 @@ pub struct MigrationSpec {
     #[serde(default)]
     pub cancel: bool,
 }
-
-/// A measured copy rate in bytes per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BytesPerSec(pub u64);
 
 /// One end's state, as its volumed reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,8 +125,8 @@ pub struct Admitted {
 }
 
 /// Checks `spec` against `records`, in the order of [`MigrationRefusal`];
-/// the destination is admitted as a create is ([`Candidate::committed_usage`]
-/// ([`Candidate::admit_new`], as placement does) at the source volume's size.
+/// the destination is admitted at the source volume's size as a create is
+/// ([`Candidate::admit_new`], as placement does).
 pub fn validate(spec: &MigrationSpec, records: &Records<'_>) -> Result<Admitted, MigrationRefusal> {
     if spec.source.host == spec.destination.host {
         return Err(MigrationRefusal::SameHost {

@@ -86,6 +86,10 @@ unit_newtype!(
     /// A count of LVM physical extents; meaningful only with an [`ExtentSize`].
     Extents
 );
+unit_newtype!(
+    /// A measured transfer rate in bytes per second.
+    BytesPerSec
+);
 
 impl Bytes {
     pub fn from_mib(mib: u64) -> Result<Bytes, UnitError> {
