@@ -17,6 +17,9 @@
 //!                                              volumed lifts the fence (a
 //!                                              no-op if none) and deletes it
 //! <root>/keys/<volume>            sealed key   envelope store only; ciphertext
+//! <root>/keys/<migration>         sealed transfer  the migration's secret and the
+//!                                              volume key, sealed by the source
+//!                                              to the destination's public key
 //! <root>/snapshots/desired/<host>/<snapshot>  SnapshotSpec    volctl (on
 //!                                              demand) or volumed (scheduled)
 //! <root>/snapshots/status/<host>/<snapshot>   SnapshotStatus  volumed
@@ -151,6 +154,13 @@ impl Layout {
         format!("{}/keys/{volume}", self.root)
     }
 
+    /// A migration's secret and the volume's key, sealed by the source's
+    /// volumed to the destination host's public key (ciphertext only; a
+    /// migration id never equals a volume id, so it cannot shadow a key).
+    pub fn sealed_migration(&self, migration: &MigrationId) -> String {
+        format!("{}/keys/{migration}", self.root)
+    }
+
     pub fn snapshot_desired_prefix(&self, host: &HostId) -> String {
         format!("{}/snapshots/desired/{host}/", self.root)
     }
@@ -266,6 +276,21 @@ pub struct HostRecord {
     /// one's heartbeat is fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Where this host exports volumes to other hosts, and the key others
+    /// seal a migration's secrets to; `None`: it takes no part in moves
+    /// or forks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationEndpoint>,
+}
+
+/// A host's part in migrations, in its [`HostRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationEndpoint {
+    /// The TCP address its NBD exports listen on.
+    pub address: std::net::SocketAddr,
+    /// Its X25519 public key, base64 (standard alphabet, padded): a source
+    /// seals the migration's secret and the volume key to it.
+    pub public_key: String,
 }
 
 /// Reservations on one host. Only changed inside a txn that checks its
@@ -326,7 +351,8 @@ impl FsUsageReport {
     }
 }
 
-/// A volume made from existing data on the same host.
+/// A volume made from existing data: on the same host (a snapshot or a
+/// fork), or on another (a migration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeSource {
@@ -337,6 +363,14 @@ pub enum VolumeSource {
     Fork {
         volume: VolumeId,
         snapshot: SnapshotId,
+    },
+    /// A fork or move from another host (the spec at
+    /// `<root>/migrations/<id>`): usable at once, copied in the background.
+    Migration {
+        id: MigrationId,
+        /// The source volume and its host.
+        volume: VolumeId,
+        host: HostId,
     },
 }
 
@@ -664,7 +698,8 @@ mod tests {
         let snapshot = r#"{"snapshot":{"snapshot":"snap_0123456789abcdef"}}"#;
         let fork =
             r#"{"fork":{"volume":"vol_0123456789abcdef","snapshot":"snap_0123456789abcdef"}}"#;
-        for text in [snapshot, fork] {
+        let migration = r#"{"migration":{"id":"mig_0123456789abcdef","volume":"vol_0123456789abcdef","host":"h1"}}"#;
+        for text in [snapshot, fork, migration] {
             let source: VolumeSource = serde_json::from_str(text).unwrap();
             assert_eq!(serde_json::to_string(&source).unwrap(), text);
         }

@@ -1002,6 +1002,7 @@ impl Daemon {
             heartbeat_ms: worker::now_ms(),
             orphans: self.orphans(),
             owner: Some(self.owner.clone()),
+            migration: None,
         }
     }
 

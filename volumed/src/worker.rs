@@ -280,12 +280,19 @@ async fn converge(
             },
         };
         let source = spec.source.clone();
+        if let Some(VolumeSource::Migration { id: migration, .. }) = &source {
+            let message = format!(
+                "volume {id} comes from migration {migration}, which this volumed does not run yet"
+            );
+            return run.failed(spec, None, "create", (Retry::OnChange, message));
+        }
         let made = on_host(&ctx.host, move |host| match source {
             None => host.create(&volume),
             Some(source) => {
                 let (origin, snapshot) = match source {
                     VolumeSource::Snapshot { snapshot } => (None, snapshot),
                     VolumeSource::Fork { volume, snapshot } => (Some(volume), snapshot),
+                    VolumeSource::Migration { .. } => unreachable!("handled above"),
                 };
                 let restore = host::Restore {
                     snapshot,

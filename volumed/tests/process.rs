@@ -152,6 +152,7 @@ fn a_volumed_for_a_host_id_served_elsewhere_refuses_to_start() {
         heartbeat_ms,
         orphans: Vec::new(),
         owner: Some("another-machine:vg-one".to_owned()),
+        migration: None,
     };
     let put = |record: HostRecord| {
         runtime

@@ -70,6 +70,7 @@ pub fn host(id: &str, region: &str, zone: &str, data: u64) -> HostRecord {
         heartbeat_ms: now_ms(),
         orphans: vec![],
         owner: None,
+        migration: None,
     }
 }
 

@@ -78,6 +78,7 @@ pub fn host_record(index: usize, slots: usize) -> HostRecord {
         heartbeat_ms: volctl::store::now_ms(),
         orphans: vec![],
         owner: None,
+        migration: None,
     }
 }
 
