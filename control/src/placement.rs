@@ -266,6 +266,7 @@ pub(crate) mod tests {
                 heartbeat_ms: 1_000_000,
                 orphans: vec![],
                 owner: None,
+                migration: None,
             },
             ledger: Ledger::default(),
         }
