@@ -50,8 +50,11 @@ pub struct MigrationSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum MigrationState {
-    /// Source: the export is being set up or is serving.
-    Exporting,
+    /// Source: the export is serving at `address`: the source host's
+    /// endpoint port or the next free one above it, one port per
+    /// concurrent export (qemu-nbd serves one export per socket). Kept
+    /// across restarts, so a destination reconnects to the same place.
+    Exporting { address: std::net::SocketAddr },
     /// Destination: copying in the background.
     Hydrating {
         copied: Bytes,
@@ -248,7 +251,9 @@ mod tests {
             status
         );
         for state in [
-            MigrationState::Exporting,
+            MigrationState::Exporting {
+                address: "127.0.0.1:10809".parse().unwrap(),
+            },
             MigrationState::SourceUnreachable,
             MigrationState::Complete,
             MigrationState::Released,
