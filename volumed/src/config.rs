@@ -97,6 +97,36 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(default)]
     pub daemon: DaemonSettings,
+    #[command(flatten)]
+    #[serde(default)]
+    pub migration: MigrationSettings,
+}
+
+/// `[migration]`: moving and forking volumes to and from other hosts.
+#[skip_serializing_none]
+#[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSettings {
+    /// Address NBD exports of this host listen on, published in its host
+    /// record (without it the host takes no part in moves or forks).
+    #[arg(
+        id = "migration_listen",
+        value_name = "ADDR",
+        long = "migration-listen",
+        env = "VOLUMED_MIGRATION_LISTEN",
+        global = true
+    )]
+    pub listen: Option<SocketAddr>,
+    /// File of this host's X25519 key, made if missing (default
+    /// /var/lib/volumed/migration.key).
+    #[arg(
+        id = "migration_key_file",
+        value_name = "FILE",
+        long = "migration-key",
+        env = "VOLUMED_MIGRATION_KEY",
+        global = true
+    )]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[kv]`: the store.
@@ -411,12 +441,22 @@ pub struct Config {
     pub snapshot_period: Duration,
     pub snapshot_check_interval: Duration,
     pub run_dir: PathBuf,
+    /// `None`: no `[migration] listen`, no part in migrations.
+    pub migration: Option<MigrationConfig>,
     #[cfg(feature = "testing")]
     pub sim: bool,
 }
 
+/// Where this host's exports listen and where its X25519 key is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    pub listen: SocketAddr,
+    pub key_file: PathBuf,
+}
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9108";
 pub const DEFAULT_KEY_DIR: &str = "/var/lib/volumed/keys";
+pub const DEFAULT_MIGRATION_KEY: &str = "/var/lib/volumed/migration.key";
 pub const DEFAULT_JAIL_NODE: &str = "vol";
 pub const DEFAULT_RUN_DIR: &str = "/run/volumed";
 const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
@@ -788,6 +828,13 @@ impl Config {
                 .daemon
                 .run_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            migration: s.migration.listen.map(|listen| MigrationConfig {
+                listen,
+                key_file: s
+                    .migration
+                    .key_file
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MIGRATION_KEY)),
+            }),
             #[cfg(feature = "testing")]
             sim,
         })
@@ -910,6 +957,38 @@ mod tests {
         let config = Config::merge(&options(&["--allow-discards", "false"]), file(FILE)).unwrap();
         assert!(!config.crypt.allow_discards);
         assert!(Cli::try_parse_from(["volumed", "--allow-discards", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn migrations_are_off_until_an_export_address_is_given() {
+        let config = Config::merge(&options(&[]), file(FILE)).unwrap();
+        assert_eq!(config.migration, None);
+        // A key file alone does not make a host take part.
+        let config =
+            Config::merge(&options(&["--migration-key", "/k"]), file(FILE)).unwrap();
+        assert_eq!(config.migration, None);
+        let config = Config::merge(
+            &options(&["--migration-listen", "10.0.0.5:10809"]),
+            file(FILE),
+        )
+        .unwrap();
+        assert_eq!(
+            config.migration,
+            Some(MigrationConfig {
+                listen: "10.0.0.5:10809".parse().unwrap(),
+                key_file: DEFAULT_MIGRATION_KEY.into(),
+            })
+        );
+        let text = format!(
+            "{FILE}\n[migration]\nlisten = \"127.0.0.1:10809\"\nkey_file = \"/etc/volumed/mig.key\"\n"
+        );
+        let config = Config::merge(&options(&[]), file(&text)).unwrap();
+        assert_eq!(
+            config.migration.map(|m| (m.listen.port(), m.key_file)),
+            Some((10809, "/etc/volumed/mig.key".into()))
+        );
+        assert!(Cli::try_parse_from(["volumed", "--migration-listen", "nowhere"]).is_err());
+        assert!(toml::from_str::<Settings>("[migration]\nlisten = \"h:1\"").is_err());
     }
 
     #[test]

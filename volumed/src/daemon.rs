@@ -15,6 +15,7 @@
 use crate::config::Config;
 use crate::kv::{self, Guard, WriterCmd, WriterHandle};
 use crate::metrics::Metrics;
+use crate::migrations::{MigrationEnv, MigrationLoop};
 use crate::notify;
 use crate::plan::{self, Desired, DesiredSet, Work};
 use crate::volume_autoextend::{self, CheckReport, Tracker, Watched};
@@ -42,6 +43,8 @@ pub struct Setup {
     pub metrics: Arc<Metrics>,
     /// The pool as `ensure_pool` reported it.
     pub pool: PoolStatus,
+    /// This host's part in moves and forks; `None`: it takes none.
+    pub migration: Option<Arc<MigrationEnv>>,
 }
 
 /// How the outside steers a running daemon.
@@ -134,6 +137,7 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         kv,
         metrics,
         pool,
+        migration,
     } = setup;
     metrics.set_pool(&pool);
     // A pool already unhealthy at start-up is a transition from the healthy
@@ -162,6 +166,22 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         },
     };
     let snapshot_task = tokio::spawn(snapshot_loop.run(controls.shutdown.clone()));
+    let migration_task = migration.clone().map(|env| {
+        let migration_loop = MigrationLoop {
+            host: host.clone(),
+            kv: kv.clone(),
+            layout: config.layout.clone(),
+            host_id: config.host.clone(),
+            metrics: metrics.clone(),
+            env,
+            watch: WatchOptions {
+                wait: config.watch_wait,
+                backoff_max: config.retry_max,
+                ..WatchOptions::default()
+            },
+        };
+        tokio::spawn(migration_loop.run(controls.shutdown.clone()))
+    });
     let ctx = Arc::new(Ctx {
         host,
         kv: kv.clone(),
@@ -169,6 +189,7 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
         host_id: config.host.clone(),
         jails: config.jails.clone(),
         metrics: metrics.clone(),
+        migration,
         stopping: std::sync::atomic::AtomicBool::new(false),
     });
     if let Some(jails) = &config.jails {
@@ -357,6 +378,9 @@ pub async fn run(setup: Setup, mut controls: Controls) -> Result<(), DaemonError
     // It stops between passes; a pass in flight holds LVM steps that only
     // a crash may interrupt.
     let _ = tokio::time::timeout(JOB_DRAIN, snapshot_task).await;
+    if let Some(task) = migration_task {
+        let _ = tokio::time::timeout(JOB_DRAIN, task).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -1002,7 +1026,7 @@ impl Daemon {
             heartbeat_ms: worker::now_ms(),
             orphans: self.orphans(),
             owner: Some(self.owner.clone()),
-            migration: None,
+            migration: self.ctx.migration.as_ref().map(|env| env.endpoint.clone()),
         }
     }
 

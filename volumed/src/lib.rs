@@ -16,6 +16,7 @@
 //! * [`sealed`]: sealed volume keys in the KV store (envelope key store).
 //! * [`gc`]: deleting orphans, only when asked.
 //! * [`snapshots`]: snapshot records converged, the schedule and retention.
+//! * [`migrations`]: moves and forks, this host's part as a source or destination.
 //! * [`instance`]: one daemon per volume group and per host id.
 //! * [`memory`]: thread stacks and malloc settings.
 //! * [`volume_autoextend`]: growing volumes at their usage threshold.
@@ -31,6 +32,7 @@ pub mod instance;
 pub mod kv;
 pub mod memory;
 pub mod metrics;
+pub mod migrations;
 pub mod notify;
 pub mod plan;
 pub mod sealed;

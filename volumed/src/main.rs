@@ -203,6 +203,7 @@ async fn run_daemon(config: Config) -> Result<ExitCode, Failure> {
             kv,
             metrics,
             pool: built.pool,
+            migration: built.migration,
         },
         Controls {
             shutdown: shutdown_rx,

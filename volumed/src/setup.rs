@@ -4,6 +4,7 @@
 use crate::config::{Config, KeyStoreConfig};
 use crate::counting::CountingBackend;
 use crate::metrics::Metrics;
+use crate::migrations::{MigrationEnv, MigrationStartError};
 use crate::sealed::ConsulSealedStorage;
 use consul_kv::{ClientConfig, ConsulKv, SecretToken};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub enum StartError {
     KeyDir(#[source] KeyError),
     #[error("reading the key-encryption key failed: {0}")]
     Kek(#[source] KeyError),
+    #[error("setting up migrations failed: {0}")]
+    Migration(#[source] MigrationStartError),
 }
 
 const KV_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,6 +110,8 @@ pub struct Built {
     pub pool: PoolStatus,
     /// What the fencing thread acts on (the host follows the same fences).
     pub fence_devices: Arc<dyn FenceDevices>,
+    /// With `[migration] listen`: the host key, qemu-nbd and the key store.
+    pub migration: Option<Arc<MigrationEnv>>,
     /// The simulated backend, in `--sim` mode (benchmarks read its counts).
     #[cfg(feature = "testing")]
     pub sim: Option<Arc<SimBackend>>,
@@ -120,6 +125,13 @@ pub fn build(
     metrics: Arc<Metrics>,
 ) -> Result<Built, StartError> {
     let spec = pool_spec(config)?;
+    let migration = match &config.migration {
+        Some(settings) => Some(Arc::new(
+            MigrationEnv::start(settings, keys.clone(), config.run_dir.clone())
+                .map_err(StartError::Migration)?,
+        )),
+        None => None,
+    };
     let dm_fence: Arc<dyn FenceDevices> = Arc::new(DmFenceDevices::new(
         config.vg.as_str(),
         config.pool.as_str(),
@@ -160,6 +172,7 @@ pub fn build(
         host: Arc::new(host),
         pool,
         fence_devices,
+        migration,
         #[cfg(feature = "testing")]
         sim,
     })

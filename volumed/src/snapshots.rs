@@ -108,11 +108,12 @@ impl SnapshotLoop {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let changed = Arc::new(Notify::new());
-        let watcher = tokio::spawn(watch_records(
+        let watcher = tokio::spawn(wake_on_changes(
             self.kv.clone(),
             self.layout.snapshot_desired_prefix(&self.host_id),
             self.watch.clone(),
             changed.clone(),
+            "snapshot",
         ));
         let mut passes: u32 = 0;
         loop {
@@ -379,18 +380,24 @@ impl SnapshotLoop {
     }
 }
 
-/// Wakes the loop at every change under the snapshot records (a new
-/// record, a `destroy: true`, a delete), so a `volctl snapshots create`
-/// converges in one pass instead of at the next periodic one. The watch
-/// paces itself and backs off after failures; the periodic pass covers
-/// whatever it misses.
-async fn watch_records(kv: ConsulKv, prefix: String, options: WatchOptions, changed: Arc<Notify>) {
+/// Wakes a loop at every change under `prefix` (for the snapshot loop: a
+/// new record, a `destroy: true`, a delete), so a `volctl snapshots
+/// create` converges in one pass instead of at the next periodic one. The
+/// watch paces itself and backs off after failures; the loop's periodic
+/// pass covers whatever it misses. `records` names them in the log.
+pub(crate) async fn wake_on_changes(
+    kv: ConsulKv,
+    prefix: String,
+    options: WatchOptions,
+    changed: Arc<Notify>,
+    records: &'static str,
+) {
     let mut watch = kv.watch_prefix(prefix, options);
     loop {
         match watch.next().await {
             Ok(_) => changed.notify_one(),
             Err(error) => {
-                tracing::debug!(%error, "watching the snapshot records failed; retrying");
+                tracing::debug!(%error, records, "watching the records failed; retrying");
             }
         }
     }

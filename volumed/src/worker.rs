@@ -28,6 +28,8 @@ pub struct Ctx {
     pub host_id: HostId,
     pub jails: Option<JailConfig>,
     pub metrics: Arc<Metrics>,
+    /// This host's part in moves and forks; `None`: it takes none.
+    pub migration: Option<Arc<crate::migrations::MigrationEnv>>,
     /// Set at shutdown: jobs still waiting for a slot give up unstarted.
     pub stopping: std::sync::atomic::AtomicBool,
 }
@@ -279,12 +281,31 @@ async fn converge(
                 Encryption::None
             },
         };
-        let source = spec.source.clone();
+        let mut source = spec.source.clone();
         if let Some(VolumeSource::Migration { id: migration, .. }) = &source {
-            let message = format!(
-                "volume {id} comes from migration {migration}, which this volumed does not run yet"
-            );
-            return run.failed(spec, None, "create", (Retry::OnChange, message));
+            let hydrated = crate::migrations::hydrated_here(
+                &ctx.kv,
+                &ctx.layout,
+                &ctx.host_id,
+                migration,
+            )
+            .await;
+            match hydrated {
+                // Every block is here and the layer is gone: an
+                // existing volume like any other (its create is `Identity`).
+                Ok(true) => source = None,
+                Ok(false) => {}
+                Err(error) => return run.failed(spec, None, "hydrate", error),
+            }
+        }
+        if let Some(VolumeSource::Migration { id: migration, .. }) = &source {
+            return match hydrate(run, spec, migration).await {
+                Ok(volume) => expose(run, spec, Some(volume), steps).await,
+                Err(error) => {
+                    run.changed = true;
+                    run.failed(spec, None, "hydrate", error)
+                }
+            };
         }
         let made = on_host(&ctx.host, move |host| match source {
             None => host.create(&volume),
@@ -292,7 +313,9 @@ async fn converge(
                 let (origin, snapshot) = match source {
                     VolumeSource::Snapshot { snapshot } => (None, snapshot),
                     VolumeSource::Fork { volume, snapshot } => (Some(volume), snapshot),
-                    VolumeSource::Migration { .. } => unreachable!("handled above"),
+                    VolumeSource::Migration { .. } => {
+                        unreachable!("a migration's volume is hydrated above")
+                    }
                 };
                 let restore = host::Restore {
                     snapshot,
@@ -362,6 +385,18 @@ async fn converge(
             Err(error) => return run.failed(spec, observed, "extend", error),
         }
     }
+    expose(run, spec, observed, steps).await
+}
+
+/// The converge's last step: the jail node (when asked), then `ready`.
+async fn expose(
+    run: &mut Run<'_>,
+    spec: &volume_control::layout::VolumeSpec,
+    mut observed: Option<host::LocalVolume>,
+    steps: Steps,
+) -> Outcome {
+    let ctx = run.ctx;
+    let id = run.id.clone();
     if let (true, Some(jail), Some(jails)) = (steps.expose, run.jail.clone(), &ctx.jails) {
         let started = Instant::now();
         if let Err(error) = make_jail_dir(jail.root()) {
@@ -402,6 +437,47 @@ async fn converge(
         now_ms(),
     );
     run.outcome(observed, Some(status), None, false)
+}
+
+/// Builds a volume coming from another host ([`crate::migrations`]):
+/// usable when this returns, copied in the background. `Identity` when it
+/// is up already (a re-run after a restart of either end).
+async fn hydrate(
+    run: &mut Run<'_>,
+    spec: &volume_control::layout::VolumeSpec,
+    migration: &volume_core::names::MigrationId,
+) -> Result<host::LocalVolume, (Retry, String)> {
+    let ctx = run.ctx;
+    let Some(env) = ctx.migration.clone() else {
+        return Err((
+            Retry::OnChange,
+            format!(
+                "volume {} comes from migration {migration}, but this host takes no part in migrations (start volumed with --migration-listen)",
+                spec.id
+            ),
+        ));
+    };
+    run.progress(VolumeState::Creating, spec, None);
+    let started = Instant::now();
+    let (request, secrets) =
+        crate::migrations::prepare_destination(&ctx.kv, &ctx.layout, &env, migration, spec).await?;
+    let Some(key) = secrets.key else {
+        return Err((
+            Retry::OnChange,
+            format!("migration {migration}'s sealed transfer holds no volume key"),
+        ));
+    };
+    let secret = secrets.secret;
+    let made = on_host(&ctx.host, move |host| {
+        host.hydrate(&env.tools, &request, &secret, &key)
+    })
+    .await?;
+    if made.changed() {
+        run.changed = true;
+        tracing::info!(volume = %spec.id, %migration, elapsed_ms = started.elapsed().as_millis() as u64, "volume usable; hydrating in the background");
+    }
+    ctx.metrics.observe("hydrate", started.elapsed());
+    Ok(made.into_inner())
 }
 
 /// The per-volume directory in the jails directory, made if missing.

@@ -149,6 +149,7 @@ fn start_daemon(
             kv,
             metrics: metrics.clone(),
             pool,
+            migration: None,
         }),
         metrics,
     }
@@ -428,6 +429,7 @@ async fn restart_with_many_volumes_costs_a_constant_number_of_reports() {
             kv: kv.clone(),
             metrics: metrics.clone(),
             pool,
+            migration: None,
         }),
         metrics,
     };

@@ -97,6 +97,7 @@ async fn a_full_pool_fences_only_its_filler_and_volctl_unfences_it() {
         Setup {
             config: config(),
             pool: host.pool_status().unwrap(),
+            migration: None,
             host,
             kv: kv.clone(),
             metrics: metrics.clone(),

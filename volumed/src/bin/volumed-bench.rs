@@ -181,6 +181,7 @@ async fn bench(args: Args) -> Result<(), Failure> {
         kv: kv.clone(),
         metrics,
         pool,
+        migration: None,
     });
     let converged = wait_ready(&kv, &layout, &host, args.volumes).await?;
     println!(
@@ -203,6 +204,7 @@ async fn bench(args: Args) -> Result<(), Failure> {
         kv: kv.clone(),
         metrics: metrics.clone(),
         pool,
+        migration: None,
     });
     while metrics.watch_updates() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
