@@ -144,12 +144,8 @@ pub enum TransferError {
         #[source]
         source: io::Error,
     },
-    #[error("could not read random bytes for {what}: {source}")]
-    Random {
-        what: &'static str,
-        #[source]
-        source: KeyError,
-    },
+    #[error("could not read random bytes for {what}: {reason}")]
+    Random { what: &'static str, reason: String },
     #[error(transparent)]
     LockedMemory(LockError),
     #[error("host public key {text:?} is not base64 of {HOST_KEY_BYTES} bytes: {reason}")]
@@ -202,7 +198,13 @@ fn locked_bytes<const N: usize>() -> Result<LockedBytes<N>, TransferError> {
 }
 
 fn random(what: &'static str, buffer: &mut [u8]) -> Result<(), TransferError> {
-    fill_random(buffer).map_err(|source| TransferError::Random { what, source })
+    fill_random(buffer).map_err(|e| TransferError::Random {
+        what,
+        reason: match e {
+            KeyError::Random { reason } => reason,
+            other => other.to_string(),
+        },
+    })
 }
 
 impl HostKeyPair {
