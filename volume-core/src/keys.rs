@@ -45,13 +45,13 @@ pub const KEK_BYTES: usize = 32;
 /// locked memory and wiped on drop.
 pub struct VolumeKey(LockedBytes<VOLUME_KEY_BYTES>);
 
-fn locked<const N: usize>() -> Result<LockedBytes<N>, KeyError> {
+pub(crate) fn locked<const N: usize>() -> Result<LockedBytes<N>, KeyError> {
     LockedBytes::new().map_err(KeyError::LockedMemory)
 }
 
 /// Fills `buffer` from the operating system's random source; never leaves
 /// it all-zero.
-fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
+pub(crate) fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
     loop {
         getrandom::fill(buffer).map_err(|e| KeyError::Random {
             reason: e.to_string(),
@@ -62,7 +62,7 @@ fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
     }
 }
 
-fn all_zero(bytes: &[u8]) -> bool {
+pub(crate) fn all_zero(bytes: &[u8]) -> bool {
     bytes.ct_eq(&vec![0u8; bytes.len()]).into()
 }
 
@@ -285,7 +285,7 @@ struct SecretDir {
 }
 
 /// Refuses a path that grants group or other access or is not ours.
-fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
+pub(crate) fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
     let expected_uid = nix::unistd::geteuid().as_raw();
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 || meta.uid() != expected_uid {
@@ -299,7 +299,7 @@ fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
     Ok(())
 }
 
-fn sync_dir(path: &Path) -> Result<(), KeyError> {
+pub(crate) fn sync_dir(path: &Path) -> Result<(), KeyError> {
     File::open(path)
         .and_then(|dir| dir.sync_all())
         .map_err(|source| KeyError::Sync {
@@ -597,6 +597,49 @@ impl SealedKeyStorage for LocalSealedStorage {
     }
 }
 
+/// Reads a secret file of exactly `N` raw bytes into locked memory: no
+/// symlink, a regular file, private ([`check_private`]), not all zero.
+pub(crate) fn read_private_file<const N: usize>(path: &Path) -> Result<LockedBytes<N>, KeyError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| KeyError::Inspect {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(KeyError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    check_private(path, &meta)?;
+    if meta.len() != N as u64 {
+        return Err(KeyError::FileLength {
+            path: path.to_owned(),
+            len: meta.len(),
+            expected: N,
+        });
+    }
+    let mut secret = locked::<N>()?;
+    file.read_exact(secret.as_mut_slice())
+        .map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if all_zero(secret.as_slice()) {
+        return Err(KeyError::AllZero {
+            path: path.to_owned(),
+            len: N,
+        });
+    }
+    Ok(secret)
+}
+
 /// The key that seals volume keys. Read from a file of exactly
 /// [`KEK_BYTES`] raw bytes that only its owner can read; kept in locked
 /// memory.
@@ -604,39 +647,7 @@ pub struct KeyEncryptionKey(LockedBytes<KEK_BYTES>);
 
 impl KeyEncryptionKey {
     pub fn from_file(path: &Path) -> Result<KeyEncryptionKey, KeyError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| KeyError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| KeyError::Inspect {
-            path: path.to_owned(),
-            source,
-        })?;
-        check_private(path, &meta)?;
-        if meta.len() != KEK_BYTES as u64 {
-            return Err(KeyError::FileLength {
-                path: path.to_owned(),
-                len: meta.len(),
-                expected: KEK_BYTES,
-            });
-        }
-        let mut kek = KeyEncryptionKey(locked()?);
-        file.read_exact(kek.0.as_mut_slice())
-            .map_err(|source| KeyError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-        if all_zero(kek.0.as_slice()) {
-            return Err(KeyError::AllZero {
-                path: path.to_owned(),
-                len: KEK_BYTES,
-            });
-        }
-        Ok(kek)
+        read_private_file(path).map(KeyEncryptionKey)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<KeyEncryptionKey, KeyError> {

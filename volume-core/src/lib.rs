@@ -9,6 +9,7 @@
 //! programs run), [`pool_watch`] (pool auto-extend on device-mapper events),
 //! [`fence`] (suspending the volumes that fill a pool that cannot grow),
 //! [`migrate`] (moving and forking a volume to another host, lazily),
+//! [`transfer`] (handing a migration's secrets to the other host, sealed),
 //! and [`host`], the [`host::VolumeHost`] API the VM worker
 //! links.
 
@@ -23,6 +24,7 @@ pub mod keys;
 mod locked;
 pub mod migrate;
 pub mod pool_watch;
+pub mod transfer;
 
 pub use volume_model::fence as fence_model;
 pub use volume_model::{
