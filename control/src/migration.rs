@@ -54,7 +54,9 @@ pub enum MigrationState {
     /// endpoint port or the next free one above it, one port per
     /// concurrent export (qemu-nbd serves one export per socket). Kept
     /// across restarts, so a destination reconnects to the same place.
-    Exporting { address: std::net::SocketAddr },
+    Exporting {
+        address: std::net::SocketAddr,
+    },
     /// Destination: copying in the background.
     Hydrating {
         copied: Bytes,

@@ -28,8 +28,12 @@ const PATTERN_BYTES: u64 = 200 * MIB;
 /// The fork's and the move's background copy limits, KiB/s.
 const FORK_RATE_KIB: u64 = 4096;
 const MOVE_RATE_KIB: u64 = 8192;
-/// A 1 GB volume at 4 MiB/s copies in about 240 s.
-const HYDRATION_TIMEOUT: Duration = Duration::from_secs(900);
+/// The source volume: 256 MiB (240 MiB of plaintext under the LUKS2
+/// header), written as a record directly (volctl sizes are whole
+/// gigabytes, and every MiB copied is test time under emulation).
+const VOLUME_BYTES: u64 = 256 * MIB;
+/// 256 MiB at about 3 MiB/s (the emulated CPU binds) is 90 s.
+const HYDRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One volumed host: its loop-backed VG and the daemon process, with the
 /// arguments it was started with so a restart is the same daemon. The
@@ -322,6 +326,61 @@ fn reserved_on(kv: &KvServer, host: &str) -> Option<u64> {
         .as_u64()
 }
 
+/// Writes an encrypted volume's record and its reservation on `host` in
+/// one txn, as `volctl create` does (create-only record, `cas` on the
+/// ledger), for a size volctl cannot ask for.
+fn reserve_volume(kv: &KvServer, host: &str, zone: &str, name: &str, size: u64) -> String {
+    use consul_kv::{ClientConfig, ConsulKv, TxnOp};
+    use volume_control::layout::{Layout, Ledger};
+    use volume_core::names::{HostId, VolumeId};
+    let layout = Layout::default();
+    let host_id = HostId::new(host).unwrap();
+    let id = VolumeId::generate();
+    let spec = serde_json::json!({
+        "id": id.as_str(), "name": name, "host": host, "region": "ewr", "zone": zone,
+        "size": size, "encrypted": true, "created_ms": 1
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = ConsulKv::new(ClientConfig::new(&kv.url).unwrap()).unwrap();
+    runtime.block_on(async {
+        let ledger_key = layout.host_ledger(&host_id);
+        let found = client.get(&ledger_key).await.unwrap().value;
+        let mut ledger: Ledger = found
+            .as_ref()
+            .map(|pair| serde_json::from_slice(&pair.value).unwrap())
+            .unwrap_or_default();
+        ledger.reserved = volume_core::units::Bytes(ledger.reserved.0 + size);
+        ledger.volumes += 1;
+        let value = serde_json::to_vec(&ledger).unwrap();
+        // `cas` 0: only if there is no ledger yet.
+        let ledger_op = TxnOp::Cas {
+            key: ledger_key,
+            value,
+            flags: 0,
+            index: found.as_ref().map_or(0, |pair| pair.modify_index),
+        };
+        let desired = layout.desired(&host_id, &id);
+        client
+            .txn(&[
+                TxnOp::CheckNotExists {
+                    key: desired.clone(),
+                },
+                ledger_op,
+                TxnOp::Set {
+                    key: desired,
+                    value: serde_json::to_vec(&spec).unwrap(),
+                    flags: 0,
+                },
+            ])
+            .await
+            .unwrap();
+    });
+    id.as_str().to_owned()
+}
+
 #[test]
 fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
     let work = scratch_dir().join("vmv1test-move");
@@ -347,30 +406,15 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
     );
     let reserved_before = reserved_on(&kv, "h1").expect("h1's ledger");
 
-    // 1. An encrypted 1 GB volume on h1 with a 200 MiB pattern in it.
-    let created = procs::volctl(
-        &kv.url,
-        &[
-            "create",
-            "data",
-            "--size",
-            "1",
-            "--region",
-            "ewr",
-            "--host",
-            "h1",
-            "--timeout",
-            "240",
-            "--json",
-        ],
+    // 1. An encrypted 256 MiB volume on h1 with a 200 MiB pattern in it,
+    // reserved as volctl would.
+    let source = reserve_volume(&kv, "h1", "ewr-a", "data", VOLUME_BYTES);
+    poll(
+        "the source volume to be ready on h1",
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || (show_json(&kv, &source)["state"].as_str() == Some("ready")).then_some(()),
     );
-    assert!(created.status.success(), "create failed");
-    let created = array(stdout_json(&created), "create --json")
-        .into_iter()
-        .next()
-        .expect("create --json prints the volume");
-    let source = created["id"].as_str().unwrap().to_owned();
-    assert_eq!(created["host"].as_str(), Some("h1"), "{created}");
     let show = show_json(&kv, &source);
     assert_eq!(show["encrypted"].as_bool(), Some(true), "{show}");
     let source_node = h1.node(&source);

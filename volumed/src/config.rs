@@ -964,8 +964,7 @@ mod tests {
         let config = Config::merge(&options(&[]), file(FILE)).unwrap();
         assert_eq!(config.migration, None);
         // A key file alone does not make a host take part.
-        let config =
-            Config::merge(&options(&["--migration-key", "/k"]), file(FILE)).unwrap();
+        let config = Config::merge(&options(&["--migration-key", "/k"]), file(FILE)).unwrap();
         assert_eq!(config.migration, None);
         let config = Config::merge(
             &options(&["--migration-listen", "10.0.0.5:10809"]),

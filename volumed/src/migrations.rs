@@ -38,9 +38,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use volume_control::layout::{HostRecord, Layout, MigrationEndpoint, VolumeSpec};
-use volume_control::migration::{
-    MigrationKind, MigrationSpec, MigrationState, MigrationStatus,
-};
+use volume_control::migration::{MigrationKind, MigrationSpec, MigrationState, MigrationStatus};
 use volume_core::cmd::MigrationTools;
 use volume_core::host::{Hydration, VolumeHost};
 use volume_core::keys::{KeyStore, MigrationSecret};
@@ -149,7 +147,9 @@ pub async fn read_records(kv: &ConsulKv, layout: &Layout) -> Result<Records, con
         if let Some(id) = layout.parse_migration_key(&pair.key) {
             match serde_json::from_slice::<MigrationSpec>(&pair.value) {
                 Ok(spec) if spec.id == id => records.specs.push((spec, pair.modify_index)),
-                Ok(_) => tracing::warn!(key = %pair.key, "migration record names another id; left alone"),
+                Ok(_) => {
+                    tracing::warn!(key = %pair.key, "migration record names another id; left alone")
+                }
                 Err(error) => {
                     tracing::warn!(key = %pair.key, %error, "malformed migration record; left alone")
                 }
@@ -174,8 +174,12 @@ async fn host_record(
         .map_err(|e| (Retry::Backoff, format!("reading host {host}'s record: {e}")))?
         .value;
     let pair = found.ok_or_else(|| (Retry::Backoff, format!("host {host} has no host record")))?;
-    serde_json::from_slice(&pair.value)
-        .map_err(|e| (Retry::OnChange, format!("host {host}'s record does not parse: {e}")))
+    serde_json::from_slice(&pair.value).map_err(|e| {
+        (
+            Retry::OnChange,
+            format!("host {host}'s record does not parse: {e}"),
+        )
+    })
 }
 
 async fn read_spec(
@@ -186,7 +190,12 @@ async fn read_spec(
     let found = kv
         .get(&layout.migration(migration))
         .await
-        .map_err(|e| (Retry::Backoff, format!("reading migration {migration}: {e}")))?
+        .map_err(|e| {
+            (
+                Retry::Backoff,
+                format!("reading migration {migration}: {e}"),
+            )
+        })?
         .value;
     let pair = found.ok_or_else(|| {
         (
@@ -306,7 +315,10 @@ pub async fn prepare_destination(
         .ok_or_else(|| {
             (
                 Retry::Backoff,
-                format!("waiting for host {} to seal migration {migration}'s secrets", spec.source.host),
+                format!(
+                    "waiting for host {} to seal migration {migration}'s secrets",
+                    spec.source.host
+                ),
             )
         })?;
     let opener = env.clone();
@@ -423,10 +435,7 @@ impl MigrationLoop {
 
     /// One pass over every migration naming this host. `true` while one
     /// hydrates here (the next pass comes after [`REPORT_EVERY`]).
-    pub async fn pass(
-        &self,
-        samples: &mut BTreeMap<MigrationId, Sample>,
-    ) -> Result<bool, String> {
+    pub async fn pass(&self, samples: &mut BTreeMap<MigrationId, Sample>) -> Result<bool, String> {
         let records = read_records(&self.kv, &self.layout)
             .await
             .map_err(|e| format!("reading the migration records: {e}"))?;
@@ -505,8 +514,9 @@ impl MigrationLoop {
         let host = self.host.clone();
         let env = self.env.clone();
         let export = self.export_spec(spec, listen);
-        let stopped = blocking(move || Source::new(host.backend().as_ref(), &env.tools).stop(&export))
-            .await?;
+        let stopped =
+            blocking(move || Source::new(host.backend().as_ref(), &env.tools).stop(&export))
+                .await?;
         if stopped.changed() {
             tracing::info!(migration = %spec.id, volume = %spec.source.volume, "export stopped");
         }
@@ -532,7 +542,9 @@ impl MigrationLoop {
             self.stop_export(spec, listen).await?;
             self.forget_transfer(spec).await?;
             tracing::info!(migration = %spec.id, "migration cancelled; export removed");
-            return self.put_status(spec, index, MigrationState::Cancelled).await;
+            return self
+                .put_status(spec, index, MigrationState::Cancelled)
+                .await;
         }
         if destination == Some(&MigrationState::Complete) {
             self.stop_export(spec, listen).await?;
@@ -585,12 +597,13 @@ impl MigrationLoop {
                     spec.destination.host
                 )
             })?;
-            let destination_key = HostPublicKey::from_base64(&endpoint.public_key).map_err(|e| {
-                format!(
-                    "destination host {}'s migration key: {e}",
-                    spec.destination.host
-                )
-            })?;
+            let destination_key =
+                HostPublicKey::from_base64(&endpoint.public_key).map_err(|e| {
+                    format!(
+                        "destination host {}'s migration key: {e}",
+                        spec.destination.host
+                    )
+                })?;
             let env = self.env.clone();
             let id = spec.id.clone();
             let volume = spec.source.volume.clone();
@@ -702,7 +715,8 @@ impl MigrationLoop {
         if volume.destroy {
             return Ok(false);
         }
-        let Some(MigrationState::Exporting { address }) = records.status(&spec.source.host, &spec.id)
+        let Some(MigrationState::Exporting { address }) =
+            records.status(&spec.source.host, &spec.id)
         else {
             // The source has not exported yet; the job waits for it too.
             return Ok(true);
@@ -831,7 +845,10 @@ mod tests {
             exporting(&mut records, "h1", &MigrationId::generate(), 10809 + offset);
         }
         let error = export_port(base, &h1, &MigrationId::generate(), &records).unwrap_err();
-        assert!(error.contains("all 64 export ports from 127.0.0.1:10809"), "{error}");
+        assert!(
+            error.contains("all 64 export ports from 127.0.0.1:10809"),
+            "{error}"
+        );
         // At the top of the port range there is nothing above.
         let top: SocketAddr = "127.0.0.1:65535".parse().unwrap();
         let mut records = Records::default();

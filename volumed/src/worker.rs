@@ -283,13 +283,9 @@ async fn converge(
         };
         let mut source = spec.source.clone();
         if let Some(VolumeSource::Migration { id: migration, .. }) = &source {
-            let hydrated = crate::migrations::hydrated_here(
-                &ctx.kv,
-                &ctx.layout,
-                &ctx.host_id,
-                migration,
-            )
-            .await;
+            let hydrated =
+                crate::migrations::hydrated_here(&ctx.kv, &ctx.layout, &ctx.host_id, migration)
+                    .await;
             match hydrated {
                 // Every block is here and the layer is gone: an
                 // existing volume like any other (its create is `Identity`).
