@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 use volume_control::layout::DEFAULT_ROOT;
+use volume_model::hydration::RecoveryRate;
 use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName};
 
 /// Printed under `--help`: scripts branch on these.
@@ -81,9 +82,20 @@ pub enum Command {
     /// Take, list and destroy snapshots of a volume.
     #[command(subcommand)]
     Snapshots(SnapshotsCommand),
-    /// A new volume from a fresh snapshot of a live one, on its host.
+    /// A new volume from a live one: on its host from a fresh snapshot, or
+    /// on another host (--host/--region), usable at once and copied in the
+    /// background.
     #[command(after_help = EXIT_CODES_HELP)]
     Fork(ForkArgs),
+    /// Move a volume to another host: a new volume (new id, same name) usable
+    /// at once, copied in the background; the source is destroyed once the
+    /// copy is complete.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Move(MoveArgs),
+    /// Cancel a fork or move to another host: the new volume is destroyed,
+    /// the source stays; waits until the new volume is gone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Cancel(CancelArgs),
     /// Lift a volume's fence (its I/O resumes); waits until its host has.
     #[command(after_help = EXIT_CODES_HELP)]
     Unfence(UnfenceArgs),
@@ -99,7 +111,7 @@ pub struct WaitArgs {
     pub detach: bool,
 
     /// Give up waiting after this many seconds (exit 4).
-    #[arg(long, value_name = "SECS", default_value_t = 300,
+    #[arg(long, value_name = "SECS", default_value_t = 300, alias = "wait-timeout",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }
@@ -428,12 +440,121 @@ pub struct SnapshotDestroyArgs {
 pub struct ForkArgs {
     /// The volume to fork (vol_...).
     pub volume: VolumeId,
-    /// The new volume's name (default: the volume's).
-    #[arg(long)]
+    /// The new volume's name (default: the volume's; on the same host only).
+    #[arg(long, conflicts_with = "destination")]
     pub name: Option<VolumeName>,
-    /// Print JSON (an array with the new volume) instead of a table.
+    #[command(flatten)]
+    pub destination: DestinationArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Print JSON instead of a table (same host: an array with the new
+    /// volume; another host: the migration and the new volume).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub wait: MigrationWaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs {
+    /// The volume to move (vol_...).
+    pub volume: VolumeId,
+    #[command(flatten)]
+    pub destination: RequiredDestinationArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Print JSON (the migration and the new volume) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub wait: MigrationWaitArgs,
+}
+
+/// Where a fork goes; neither: a fork on the volume's own host.
+#[derive(Debug, Clone, Default, Args)]
+#[group(id = "destination", multiple = false)]
+pub struct DestinationArgs {
+    /// Fork to this host (another than the volume's; every capacity check
+    /// applies, as for a create).
+    #[arg(long, value_name = "H")]
+    pub host: Option<HostId>,
+    /// Fork to the host of this region placement picks (as a create does),
+    /// never the volume's own.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+}
+
+/// Where a move goes: one of the two.
+#[derive(Debug, Clone, Args)]
+#[group(id = "destination", required = true, multiple = false)]
+pub struct RequiredDestinationArgs {
+    /// Move to this host (another than the volume's; every capacity check
+    /// applies, as for a create).
+    #[arg(long, value_name = "H")]
+    pub host: Option<HostId>,
+    /// Move to the host of this region placement picks (as a create does),
+    /// never the volume's own.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+}
+
+impl From<&RequiredDestinationArgs> for DestinationArgs {
+    fn from(args: &RequiredDestinationArgs) -> DestinationArgs {
+        DestinationArgs {
+            host: args.host.clone(),
+            region: args.region.clone(),
+        }
+    }
+}
+
+/// The background copy's limit when `--rate` is not given: 100 MiB/s.
+pub const DEFAULT_RATE_KIB_PER_SEC: u32 = 102_400;
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Limit the background copy to this many KiB/s (at least 64; default
+    /// 102400 = 100 MiB/s). Reads the new volume's user makes of blocks not
+    /// yet copied are not limited.
+    #[arg(long, value_name = "KIB_PER_SEC", requires = "destination", value_parser = parse_rate)]
+    pub rate: Option<RecoveryRate>,
+}
+
+fn parse_rate(text: &str) -> Result<RecoveryRate, String> {
+    let kib: u64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of KiB/s"))?;
+    RecoveryRate::from_kib_per_sec(kib).map_err(|e| e.to_string())
+}
+
+/// How long a fork or move to another host is waited for, and whether.
+#[derive(Debug, Clone, Args)]
+pub struct MigrationWaitArgs {
+    /// Return once the migration is recorded, without waiting for the hosts.
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Give up waiting (exit 4; the request stays recorded) when the new
+    /// volume is not usable this many seconds after the request or, on
+    /// another host, its copy has not advanced for this long.
+    #[arg(long, value_name = "SECS", default_value_t = 300, alias = "wait-timeout",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+impl From<&MigrationWaitArgs> for WaitArgs {
+    fn from(args: &MigrationWaitArgs) -> WaitArgs {
+        WaitArgs {
+            detach: args.detach,
+            timeout: args.timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// The migration's id (mig_...) or the new volume's id (vol_...).
+    #[arg(value_name = "MIGRATION_OR_VOLUME")]
+    pub target: String,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

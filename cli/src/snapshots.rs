@@ -416,7 +416,7 @@ pub async fn fork(ctx: &Ctx, args: &ForkArgs, ui: &mut Ui<'_>) -> Result<(), Cli
         id: None,
         json: args.json,
         auto_extend: Default::default(),
-        wait: args.wait.clone(),
+        wait: (&args.wait).into(),
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
     finish_create(ctx, &create_args, vec![reserved], deadline, ui)
