@@ -373,6 +373,37 @@ mod tests {
     }
 
     #[test]
+    fn migrations_need_a_destination_and_a_rate_within_limits() {
+        for argv in [
+            &["volctl", "move", "vol_0123456789abcdef"][..],
+            &["volctl", "move", "vol_0123456789abcdef", "--host", "h2", "--region", "ewr"],
+            &["volctl", "fork", "vol_0123456789abcdef", "--rate", "4096"],
+            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--rate", "63"],
+            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--rate", "fast"],
+            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--name", "copy"],
+        ] {
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "volctl", "move", "vol_0123456789abcdef", "--region", "ewr", "--rate", "64",
+            "--wait-timeout", "9",
+        ])
+        .unwrap();
+        let Command::Move(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.migration.rate.map(|r| r.kib_per_sec()), Some(64));
+        assert_eq!(args.wait.timeout, 9);
+        let help = Cli::command()
+            .find_subcommand_mut("move")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("default 102400 = 100 MiB/s"), "{help}");
+    }
+
+    #[test]
     fn help_documents_exit_codes() {
         let help = Cli::command().render_help().to_string();
         assert!(help.contains("4  timed out waiting"), "{help}");
