@@ -376,18 +376,57 @@ mod tests {
     fn migrations_need_a_destination_and_a_rate_within_limits() {
         for argv in [
             &["volctl", "move", "vol_0123456789abcdef"][..],
-            &["volctl", "move", "vol_0123456789abcdef", "--host", "h2", "--region", "ewr"],
+            &[
+                "volctl",
+                "move",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--region",
+                "ewr",
+            ],
             &["volctl", "fork", "vol_0123456789abcdef", "--rate", "4096"],
-            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--rate", "63"],
-            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--rate", "fast"],
-            &["volctl", "fork", "vol_0123456789abcdef", "--host", "h2", "--name", "copy"],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--rate",
+                "63",
+            ],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--rate",
+                "fast",
+            ],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--name",
+                "copy",
+            ],
         ] {
             let err = Cli::try_parse_from(argv).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{argv:?}");
         }
         let cli = Cli::try_parse_from([
-            "volctl", "move", "vol_0123456789abcdef", "--region", "ewr", "--rate", "64",
-            "--wait-timeout", "9",
+            "volctl",
+            "move",
+            "vol_0123456789abcdef",
+            "--region",
+            "ewr",
+            "--rate",
+            "64",
+            "--wait-timeout",
+            "9",
         ])
         .unwrap();
         let Command::Move(args) = cli.command else {

@@ -311,57 +311,62 @@ fn plan(
     require_endpoint(source_host, "source")?;
     let ttl_ms = u64::try_from(ctx.heartbeat_ttl.as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
-    let (destination, destination_host) = match (&request.destination.host, &request.destination.region) {
-        (Some(host), _) => {
-            let entry = find(host);
-            // The same host is `validate`'s refusal, endpoint or not.
-            if let Some(entry) = entry.filter(|_| *host != source.host) {
-                require_endpoint(entry, "destination")?;
-                let age_ms = now.saturating_sub(entry.record.heartbeat_ms);
-                if age_ms > ttl_ms {
-                    return Err(CliError::from(NoPlacement {
-                        region: entry.record.region.clone(),
-                        size: source.size,
-                        pinned_host: Some(host.clone()),
-                        skipped: vec![(host.clone(), Skip::StaleHeartbeat { age_ms })],
-                        most_headroom: None,
-                    }));
+    let (destination, destination_host) =
+        match (&request.destination.host, &request.destination.region) {
+            (Some(host), _) => {
+                let entry = find(host);
+                // The same host is `validate`'s refusal, endpoint or not.
+                if let Some(entry) = entry.filter(|_| *host != source.host) {
+                    require_endpoint(entry, "destination")?;
+                    let age_ms = now.saturating_sub(entry.record.heartbeat_ms);
+                    if age_ms > ttl_ms {
+                        return Err(CliError::from(NoPlacement {
+                            region: entry.record.region.clone(),
+                            size: source.size,
+                            pinned_host: Some(host.clone()),
+                            skipped: vec![(host.clone(), Skip::StaleHeartbeat { age_ms })],
+                            most_headroom: None,
+                        }));
+                    }
                 }
+                (entry, host.clone())
             }
-            (entry, host.clone())
-        }
-        (None, Some(region)) => {
-            let others = hosts
-                .iter()
-                .filter(|entry| entry.record.region == *region && entry.record.id != source.host);
-            let (with, without): (Vec<&HostEntry>, Vec<&HostEntry>) =
-                others.partition(|entry| entry.record.migration.is_some());
-            let candidates: Vec<Candidate> = with.iter().map(|entry| candidate(entry)).collect();
-            let placed = placement::place(
-                &placement::Request {
-                    region: region.clone(),
-                    size: source.size,
-                    zones_in_use: Default::default(),
-                    require_unique_zone: false,
-                    pinned_host: None,
-                    now_ms: now,
-                    heartbeat_ttl_ms: ttl_ms,
-                    spread: rand::random(),
-                },
-                &candidates,
-            )
-            .map_err(|placement| CliError::NoMigrationHost {
-                placement: Box::new(placement),
-                without_endpoint: without.iter().map(|entry| entry.record.id.clone()).collect(),
-            })?;
-            (find(&placed.host), placed.host)
-        }
-        (None, None) => {
-            return Err(CliError::Usage(
-                "give --host or --region: where the volume goes".to_owned(),
-            ))
-        }
-    };
+            (None, Some(region)) => {
+                let others = hosts.iter().filter(|entry| {
+                    entry.record.region == *region && entry.record.id != source.host
+                });
+                let (with, without): (Vec<&HostEntry>, Vec<&HostEntry>) =
+                    others.partition(|entry| entry.record.migration.is_some());
+                let candidates: Vec<Candidate> =
+                    with.iter().map(|entry| candidate(entry)).collect();
+                let placed = placement::place(
+                    &placement::Request {
+                        region: region.clone(),
+                        size: source.size,
+                        zones_in_use: Default::default(),
+                        require_unique_zone: false,
+                        pinned_host: None,
+                        now_ms: now,
+                        heartbeat_ttl_ms: ttl_ms,
+                        spread: rand::random(),
+                    },
+                    &candidates,
+                )
+                .map_err(|placement| CliError::NoMigrationHost {
+                    placement: Box::new(placement),
+                    without_endpoint: without
+                        .iter()
+                        .map(|entry| entry.record.id.clone())
+                        .collect(),
+                })?;
+                (find(&placed.host), placed.host)
+            }
+            (None, None) => {
+                return Err(CliError::Usage(
+                    "give --host or --region: where the volume goes".to_owned(),
+                ))
+            }
+        };
     let migration = MigrationSpec {
         id: fixed.migration.clone(),
         kind: request.kind,
@@ -542,7 +547,11 @@ pub async fn record(ctx: &Ctx, request: &Request, ui: &mut Ui<'_>) -> Result<Rec
         }
     }
     Err(CliError::Contended {
-        what: format!("recording the {} of {}", kind_word(request.kind), request.volume),
+        what: format!(
+            "recording the {} of {}",
+            kind_word(request.kind),
+            request.volume
+        ),
         attempts: MAX_ATTEMPTS,
     })
 }

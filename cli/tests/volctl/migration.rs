@@ -131,7 +131,10 @@ fn recorded(stdout: &str) -> (MigrationId, String) {
     let output: serde_json::Value = serde_json::from_str(stdout).expect("JSON on stdout");
     let id = MigrationId::new(output["migration"]["id"].as_str().unwrap()).unwrap();
     let volume = output["volume"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(output["migration"]["destination"]["volume"], volume.as_str());
+    assert_eq!(
+        output["migration"]["destination"]["volume"],
+        volume.as_str()
+    );
     (id, volume)
 }
 
@@ -168,7 +171,10 @@ async fn a_fork_writes_the_migration_the_new_volume_and_its_reservation_in_one_t
         ("h1", source_id.as_str())
     );
     assert_eq!(
-        (spec.destination.host.as_str(), spec.destination.volume.as_str()),
+        (
+            spec.destination.host.as_str(),
+            spec.destination.volume.as_str()
+        ),
         ("h2", new_id.as_str())
     );
     assert_eq!(spec.rate.kib_per_sec(), 4096);
@@ -228,9 +234,7 @@ async fn region_placement_never_picks_the_source_host_nor_one_without_an_endpoin
     // Four fill h2.
     for _ in 0..4 {
         let (result, stdout, stderr) = env
-            .run(&[
-                "fork", &source_id, "--region", "ewr", "--detach", "--json",
-            ])
+            .run(&["fork", &source_id, "--region", "ewr", "--detach", "--json"])
             .await;
         result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
         let (_, new_id) = recorded(&stdout);
@@ -249,9 +253,7 @@ async fn region_placement_never_picks_the_source_host_nor_one_without_an_endpoin
     // h2 full: only the source's host and h3 (no endpoint) are left.
     let before = everything(&env).await;
     let (result, _, _) = env
-        .run(&[
-            "fork", &source_id, "--region", "ewr", "--detach", "--json",
-        ])
+        .run(&["fork", &source_id, "--region", "ewr", "--detach", "--json"])
         .await;
     let error = result.unwrap_err();
     assert_eq!(error.exit_code(), exit::CAPACITY, "{error}");
@@ -261,17 +263,24 @@ async fn region_placement_never_picks_the_source_host_nor_one_without_an_endpoin
         "{text}"
     );
     assert!(
-        text.contains("h3 publish no migration endpoint (start their volumed with --migration-listen)"),
+        text.contains(
+            "h3 publish no migration endpoint (start their volumed with --migration-listen)"
+        ),
         "{text}"
     );
-    assert!(error.details()[0].starts_with("h2: over-commit"), "{:?}", error.details());
+    assert!(
+        error.details()[0].starts_with("h2: over-commit"),
+        "{:?}",
+        error.details()
+    );
     assert_eq!(everything(&env).await, before, "nothing changed");
 }
 
 #[tokio::test]
 async fn refusals_name_what_failed_and_change_nothing() {
     let env = hosts().await;
-    env.publish(&migrating_host("h4", "ewr", "d", GB / 10)).await;
+    env.publish(&migrating_host("h4", "ewr", "d", GB / 10))
+        .await;
     let source_id = source_on(&env, "h1").await;
     let on_h3 = source_on(&env, "h3").await;
     let (result, stdout, _) = env
@@ -342,9 +351,7 @@ async fn refusals_name_what_failed_and_change_nothing() {
     }
 
     // A source being destroyed.
-    let (result, _, _) = env
-        .run(&["destroy", &source_id, "--yes", "--detach"])
-        .await;
+    let (result, _, _) = env.run(&["destroy", &source_id, "--yes", "--detach"]).await;
     result.unwrap();
     let before = everything(&env).await;
     let (result, _, _) = env.run(&["fork", &source_id, "--host", "h2"]).await;
@@ -443,7 +450,11 @@ async fn a_ledger_change_between_read_and_txn_is_retried_and_never_overcommits()
     let source_id = source_on(&env, "h1").await;
 
     // Room is left after the other writer: the retry adds to its ledger.
-    let url = race_first_txn(upstream(&env), reserve_on_h2(env.kv.clone(), Bytes(10 * GB))).await;
+    let url = race_first_txn(
+        upstream(&env),
+        reserve_on_h2(env.kv.clone(), Bytes(10 * GB)),
+    )
+    .await;
     let argv = ["fork", &source_id, "--host", "h2", "--detach", "--json"];
     let (result, stdout, stderr) = common::run_at(common::client(&url), &argv).await;
     result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
@@ -459,7 +470,11 @@ async fn a_ledger_change_between_read_and_txn_is_retried_and_never_overcommits()
 
     // No room is left after the other writer: the retry refuses.
     let before_migrations = migrations(&env).await.len();
-    let url = race_first_txn(upstream(&env), reserve_on_h2(env.kv.clone(), Bytes(18 * GB))).await;
+    let url = race_first_txn(
+        upstream(&env),
+        reserve_on_h2(env.kv.clone(), Bytes(18 * GB)),
+    )
+    .await;
     let (result, _, _) = common::run_at(common::client(&url), &argv).await;
     let error = result.unwrap_err();
     assert_eq!(error.exit_code(), exit::CAPACITY, "{error}");
@@ -726,7 +741,10 @@ async fn show_and_list_report_the_hydration() {
 fn field(stdout: &str, label: &str) -> String {
     stdout
         .lines()
-        .find_map(|line| line.strip_prefix(label).filter(|rest| rest.starts_with("  ")))
+        .find_map(|line| {
+            line.strip_prefix(label)
+                .filter(|rest| rest.starts_with("  "))
+        })
         .unwrap_or_else(|| panic!("no {label} line: {stdout}"))
         .trim()
         .to_owned()
@@ -774,9 +792,14 @@ async fn play_migration(store: Store) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (source, destination) = (&spec.source, &spec.destination);
-    write_status(&store, &source.host, &spec.id, MigrationState::Exporting {
-        address: "127.0.0.1:10809".parse().unwrap(),
-    })
+    write_status(
+        &store,
+        &source.host,
+        &spec.id,
+        MigrationState::Exporting {
+            address: "127.0.0.1:10809".parse().unwrap(),
+        },
+    )
     .await;
     let new = store.spec(destination.volume.as_str()).await;
     store.report(&new, VolumeState::Creating, None).await;
@@ -844,7 +867,10 @@ async fn a_fork_waits_until_usable_then_until_the_copy_is_complete() {
     ] {
         assert!(stderr.contains(expected), "{expected}: {stderr}");
     }
-    assert!(!env.spec(&source_id).await.destroy, "a fork keeps its source");
+    assert!(
+        !env.spec(&source_id).await.destroy,
+        "a fork keeps its source"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -854,7 +880,13 @@ async fn a_move_waits_until_the_source_is_released_and_gone() {
     let volumed = tokio::spawn(play_migration(Store::new(env.kv.clone())));
     let (result, stdout, stderr) = env
         .run(&[
-            "move", &source_id, "--region", "ewr", "--timeout", "20", "--json",
+            "move",
+            &source_id,
+            "--region",
+            "ewr",
+            "--timeout",
+            "20",
+            "--json",
         ])
         .await;
     result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
@@ -872,7 +904,10 @@ async fn a_move_waits_until_the_source_is_released_and_gone() {
         "{stderr}"
     );
     assert!(
-        env.specs().await.iter().all(|spec| spec.id.as_str() != source_id),
+        env.specs()
+            .await
+            .iter()
+            .all(|spec| spec.id.as_str() != source_id),
         "the source is gone"
     );
     assert_eq!(
@@ -900,13 +935,15 @@ async fn a_copy_that_does_not_advance_times_out_and_a_terminal_gets_a_bar() {
         write_status(&store, &spec.destination.host, &spec.id, hydrating(100)).await;
     });
     let argv = ["fork", &source_id, "--host", "h2", "--timeout", "2"];
-    let ((result, _, stderr), _) =
-        common::run_on_terminal(env.kv.clone(), &argv, true, None).await;
+    let ((result, _, stderr), _) = common::run_on_terminal(env.kv.clone(), &argv, true, None).await;
     volumed.await.unwrap();
     let error = result.unwrap_err();
     assert_eq!(error.exit_code(), exit::TIMED_OUT, "{error}");
     let text = error.to_string();
-    assert!(text.contains("to become hydrated (migration mig_"), "{text}");
+    assert!(
+        text.contains("to become hydrated (migration mig_"),
+        "{text}"
+    );
     assert!(text.contains("the copy did not advance for 2s"), "{text}");
     assert!(
         stderr.contains("[##########----------] 50.00% (100 MiB of 200 MiB, 3.6 MiB/s)"),
