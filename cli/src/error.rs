@@ -173,8 +173,13 @@ pub enum CliError {
     #[error("no migration {id} (looked at {key})")]
     MigrationNotFound { id: MigrationId, key: String },
 
-    #[error("volume {volume} is not the new volume of a fork or move to another host: nothing to cancel")]
-    NotAMigration { volume: VolumeId },
+    #[error("volume {volume} is not the new volume of a fork or move to another host: nothing to cancel{}",
+            source_of.as_ref().map(|id| format!(" (it is the source of migration {id}: `volctl cancel {id}`)")).unwrap_or_default())]
+    NotAMigration {
+        volume: VolumeId,
+        /// A migration in progress that copies from it.
+        source_of: Option<MigrationId>,
+    },
 
     #[error("nothing to cancel: migration {id} is complete")]
     MigrationComplete { id: MigrationId },

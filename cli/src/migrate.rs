@@ -808,10 +808,35 @@ async fn resolve(ctx: &Ctx, target: &str) -> Result<MigrationId, CliError> {
             "{target:?} is neither a migration id (mig_...) nor a volume id (vol_...)"
         )));
     };
-    match store::find_spec(ctx, &volume).await?.spec.source {
-        Some(VolumeSource::Migration { id, .. }) => Ok(id),
-        _ => Err(CliError::NotAMigration { volume }),
+    if let Some(VolumeSource::Migration { id, .. }) =
+        store::find_spec(ctx, &volume).await?.spec.source
+    {
+        return Ok(id);
     }
+    // Named by its source: say which migration to cancel instead.
+    let pairs = ctx
+        .kv
+        .get_recurse(&ctx.layout.migrations_prefix())
+        .await?
+        .value;
+    let complete: Vec<(HostId, MigrationId)> = pairs
+        .iter()
+        .filter_map(|pair| {
+            let place = ctx.layout.parse_migration_status_key(&pair.key)?;
+            let status = decode::<MigrationStatus>(pair).ok()?;
+            (status.state == MigrationState::Complete).then_some(place)
+        })
+        .collect();
+    let source_of = pairs
+        .iter()
+        .filter(|pair| ctx.layout.parse_migration_key(&pair.key).is_some())
+        .filter_map(|pair| decode::<MigrationSpec>(pair).ok())
+        .find(|spec| {
+            let place = (spec.destination.host.clone(), spec.id.clone());
+            spec.source.volume == volume && !spec.cancel && !complete.contains(&place)
+        })
+        .map(|spec| spec.id);
+    Err(CliError::NotAMigration { volume, source_of })
 }
 
 /// `cancel MIGRATION|VOLUME`: the cancel on the migration and the destroy

@@ -543,6 +543,17 @@ async fn cancel_sets_both_flags_in_one_txn_and_is_idempotent() {
     write_status(&env, &HostId::new("h2").unwrap(), &id, hydrating(10)).await;
 
     let before = everything(&env).await;
+    // Named by its source: refused, naming the migration to cancel.
+    let (result, _, _) = env.run(&["cancel", &source_id, "--detach"]).await;
+    let error = result.unwrap_err();
+    assert_eq!(error.exit_code(), exit::USAGE);
+    assert!(
+        error.to_string().ends_with(&format!(
+            "nothing to cancel (it is the source of migration {id}: `volctl cancel {id}`)"
+        )),
+        "{error}"
+    );
+    assert_eq!(everything(&env).await, before);
     let (result, stdout, stderr) = env.run(&["cancel", id.as_str(), "--detach"]).await;
     result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
     assert_eq!(
@@ -644,7 +655,16 @@ async fn cancel_refuses_a_complete_migration_and_what_is_no_migration() {
 
     let (result, _, _) = env.run(&["cancel", &source_id]).await;
     let error = result.unwrap_err();
-    assert!(matches!(error, CliError::NotAMigration { .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            CliError::NotAMigration {
+                source_of: None,
+                ..
+            }
+        ),
+        "a complete migration is not named: {error}"
+    );
     assert_eq!(error.exit_code(), exit::USAGE);
     let (result, _, _) = env.run(&["cancel", "mig_0000000000000000"]).await;
     assert_eq!(result.unwrap_err().exit_code(), exit::NOT_FOUND);
