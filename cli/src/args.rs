@@ -15,7 +15,7 @@ Exit codes:
      or a destroy without --yes when no terminal can confirm it
   3  capacity: no host can take the volume, or its host cannot grow it
   4  timed out waiting for the volume's host (the request stays recorded)
-  5  not found: no such volume
+  5  not found: no such volume (or migration)
   6  the KV store is unreachable
   7  the KV store stayed contended: every attempt lost a race; retry
 
@@ -85,11 +85,23 @@ pub enum Command {
     /// A new volume from a live one: on its host from a fresh snapshot, or
     /// on another host (--host/--region), usable at once and copied in the
     /// background.
+    ///
+    /// To another host, only an encrypted volume goes (its blocks cross the
+    /// network as ciphertext), and both hosts' volumed must run with
+    /// --migration-listen. volctl waits until the new volume is usable, then
+    /// shows the copy's progress until it is complete.
     #[command(after_help = EXIT_CODES_HELP)]
     Fork(ForkArgs),
     /// Move a volume to another host: a new volume (new id, same name) usable
     /// at once, copied in the background; the source is destroyed once the
     /// copy is complete.
+    ///
+    /// Only an encrypted volume moves (its blocks cross the network as
+    /// ciphertext), and both hosts' volumed must run with
+    /// --migration-listen. volctl waits until the new volume is usable, then
+    /// shows the copy's progress until it is complete, then until the source
+    /// is destroyed. Stop the source volume's user first: writes made to it
+    /// once its host has started the export are not copied.
     #[command(after_help = EXIT_CODES_HELP)]
     Move(MoveArgs),
     /// Cancel a fork or move to another host: the new volume is destroyed,
