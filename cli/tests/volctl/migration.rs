@@ -281,6 +281,9 @@ async fn refusals_name_what_failed_and_change_nothing() {
     let env = hosts().await;
     env.publish(&migrating_host("h4", "ewr", "d", GB / 10))
         .await;
+    let mut stale = migrating_host("h5", "ewr", "e", 10 * GB);
+    stale.heartbeat_ms -= 120_000;
+    env.publish(&stale).await;
     let source_id = source_on(&env, "h1").await;
     let on_h3 = source_on(&env, "h3").await;
     let (result, stdout, _) = env
@@ -302,7 +305,7 @@ async fn refusals_name_what_failed_and_change_nothing() {
     let plain = common::created_ids(&stdout)[0].to_string();
     let before = everything(&env).await;
 
-    let cases: [(&[&str], i32, &str); 7] = [
+    let cases: [(&[&str], i32, &str); 8] = [
         (
             &["fork", &plain, "--host", "h2"],
             exit::USAGE,
@@ -331,6 +334,11 @@ async fn refusals_name_what_failed_and_change_nothing() {
             "host h4 cannot take",
         ),
         (
+            &["fork", &source_id, "--host", "h5"],
+            exit::CAPACITY,
+            "host h5 in ewr cannot take 5 GB: heartbeat 1",
+        ),
+        (
             &["fork", &source_id, "--host", "h9"],
             exit::USAGE,
             "host h9 has published no host record",
@@ -342,9 +350,9 @@ async fn refusals_name_what_failed_and_change_nothing() {
         ),
     ];
     for (argv, code, message) in cases {
-        let (result, stdout, _) = env.run(argv).await;
+        let (result, stdout, stderr) = env.run(argv).await;
         let error = result.unwrap_err();
-        assert_eq!(error.exit_code(), code, "{argv:?}: {error}");
+        assert_eq!(error.exit_code(), code, "{argv:?}: {error}\n{stderr}");
         assert!(error.to_string().contains(message), "{argv:?}: {error}");
         assert!(stdout.is_empty(), "{argv:?}: {stdout}");
         assert_eq!(everything(&env).await, before, "{argv:?} changed nothing");
