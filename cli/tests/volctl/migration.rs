@@ -371,16 +371,25 @@ async fn refusals_name_what_failed_and_change_nothing() {
 
 type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A proxy to the server that, before it relays the first transaction,
-/// runs `hook` against the server directly: another writer got there
-/// between volctl's reads and its txn. Returns the proxy's URL.
-async fn race_first_txn(upstream: SocketAddr, hook: Hook) -> String {
+/// What the proxy does to the first transaction.
+enum FirstTxn {
+    /// Runs the hook against the server directly, then relays it: another
+    /// writer got there between volctl's reads and its txn.
+    RaceWith(Hook),
+    /// Relays it and lets it commit, then closes the client's connection
+    /// instead of relaying the answer.
+    LoseAnswer,
+}
+
+/// A proxy to the server that does `first` to the first transaction and
+/// relays everything else. Returns its URL.
+async fn interpose(upstream: SocketAddr, first: FirstTxn) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let hook = Arc::new(tokio::sync::Mutex::new(Some(hook)));
+    let first = Arc::new(tokio::sync::Mutex::new(Some(first)));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(relay(client, upstream, hook.clone()));
+            tokio::spawn(relay(client, upstream, first.clone()));
         }
     });
     url
@@ -389,13 +398,14 @@ async fn race_first_txn(upstream: SocketAddr, hook: Hook) -> String {
 async fn relay(
     mut client: TcpStream,
     upstream: SocketAddr,
-    hook: Arc<tokio::sync::Mutex<Option<Hook>>>,
+    first: Arc<tokio::sync::Mutex<Option<FirstTxn>>>,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
     let mut from_client = vec![0u8; 64 * 1024];
     let mut from_server = vec![0u8; 64 * 1024];
+    let mut lose_answer = false;
     loop {
         tokio::select! {
             read = client.read(&mut from_client) => {
@@ -405,9 +415,11 @@ async fn relay(
                 };
                 let chunk = &from_client[..n];
                 if chunk.windows(11).any(|window| window == b"PUT /v1/txn") {
-                    let first = hook.lock().await.take();
-                    if let Some(first) = first {
-                        first.await;
+                    let taken = first.lock().await.take();
+                    match taken {
+                        Some(FirstTxn::RaceWith(hook)) => hook.await,
+                        Some(FirstTxn::LoseAnswer) => lose_answer = true,
+                        None => {}
                     }
                 }
                 if server.write_all(chunk).await.is_err() {
@@ -419,6 +431,10 @@ async fn relay(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if lose_answer {
+                    // The server has answered: the txn is decided.
+                    return;
+                }
                 if client.write_all(&from_server[..n]).await.is_err() {
                     return;
                 }
@@ -458,9 +474,9 @@ async fn a_ledger_change_between_read_and_txn_is_retried_and_never_overcommits()
     let source_id = source_on(&env, "h1").await;
 
     // Room is left after the other writer: the retry adds to its ledger.
-    let url = race_first_txn(
+    let url = interpose(
         upstream(&env),
-        reserve_on_h2(env.kv.clone(), Bytes(10 * GB)),
+        FirstTxn::RaceWith(reserve_on_h2(env.kv.clone(), Bytes(10 * GB))),
     )
     .await;
     let argv = ["fork", &source_id, "--host", "h2", "--detach", "--json"];
@@ -478,9 +494,9 @@ async fn a_ledger_change_between_read_and_txn_is_retried_and_never_overcommits()
 
     // No room is left after the other writer: the retry refuses.
     let before_migrations = migrations(&env).await.len();
-    let url = race_first_txn(
+    let url = interpose(
         upstream(&env),
-        reserve_on_h2(env.kv.clone(), Bytes(18 * GB)),
+        FirstTxn::RaceWith(reserve_on_h2(env.kv.clone(), Bytes(18 * GB))),
     )
     .await;
     let (result, _, _) = common::run_at(common::client(&url), &argv).await;
@@ -496,6 +512,52 @@ async fn a_ledger_change_between_read_and_txn_is_retried_and_never_overcommits()
         "the other writer's ledger stands"
     );
     assert_eq!(migrations(&env).await.len(), before_migrations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_whose_answer_is_lost_is_read_back_not_recorded_twice() {
+    let env = hosts().await;
+    let source_id = source_on(&env, "h1").await;
+    let url = interpose(upstream(&env), FirstTxn::LoseAnswer).await;
+    let argv = ["fork", &source_id, "--region", "ewr", "--detach", "--json"];
+    let (result, stdout, stderr) = common::run_at(common::client(&url), &argv).await;
+    result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
+    assert!(
+        stderr.contains("reading back whether it was recorded"),
+        "{stderr}"
+    );
+    let (id, new_id) = recorded(&stdout);
+    let recorded = migrations(&env).await;
+    assert_eq!(recorded.len(), 1, "one migration: {recorded:?}");
+    assert_eq!(
+        (&recorded[0].id, recorded[0].destination.volume.as_str()),
+        (&id, new_id.as_str())
+    );
+    assert_eq!(
+        env.ledger("h2").await,
+        Some(Ledger {
+            reserved: Bytes(5 * GB),
+            volumes: 1
+        }),
+        "one reservation"
+    );
+}
+
+#[tokio::test]
+async fn a_fork_without_a_destination_stays_on_the_volume_s_host() {
+    let env = hosts().await;
+    let source_id = source_on(&env, "h1").await;
+    let (result, stdout, stderr) = env
+        .run(&["fork", &source_id, "--name", "copy", "--detach", "--json"])
+        .await;
+    result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
+    let new = env.spec(common::created_ids(&stdout)[0].as_str()).await;
+    assert_eq!((new.host.as_str(), new.name.as_str()), ("h1", "copy"));
+    assert!(
+        matches!(new.source, Some(VolumeSource::Fork { .. })),
+        "{new:?}"
+    );
+    assert!(migrations(&env).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
