@@ -445,6 +445,8 @@ pub async fn destroy(ctx: &Ctx, args: &DestroyArgs, ui: &mut Ui<'_>) -> Result<(
 pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
     let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    let current = store::find_spec(ctx, &args.id).await?.spec;
+    crate::migrate::ensure_hydrated(ctx, &current, "extend").await?;
     let grown = reserve::grow(ctx, &args.id, size).await?;
     let status = if args.wait.detach {
         None

@@ -181,6 +181,20 @@ pub enum CliError {
         source_of: Option<MigrationId>,
     },
 
+    /// A snapshot, fork, move or growth of a volume still copying from its
+    /// source would see only the blocks copied so far.
+    #[error(
+        "cannot {action} {volume} yet: its blocks are still being copied from its source \
+         (migration {migration}: {progress}); retry once `volctl show {volume}` says \
+         hydration complete"
+    )]
+    StillHydrating {
+        volume: VolumeId,
+        migration: MigrationId,
+        progress: String,
+        action: &'static str,
+    },
+
     #[error("nothing to cancel: migration {id} is complete")]
     MigrationComplete { id: MigrationId },
 
@@ -271,7 +285,8 @@ impl CliError {
             CliError::Unencrypted { .. }
             | CliError::NoMigrationEndpoint { .. }
             | CliError::NotAMigration { .. }
-            | CliError::MigrationComplete { .. } => exit::USAGE,
+            | CliError::MigrationComplete { .. }
+            | CliError::StillHydrating { .. } => exit::USAGE,
             CliError::MigrationRefused { refusal, .. } => match refusal {
                 MigrationRefusal::SameHost { .. } | MigrationRefusal::NoDestinationHost { .. } => {
                     exit::USAGE

@@ -490,6 +490,9 @@ pub async fn record(ctx: &Ctx, request: &Request, ui: &mut Ui<'_>) -> Result<Rec
     let mut in_doubt = false;
     for attempt in 1..=MAX_ATTEMPTS {
         let source = store::find_spec(ctx, &request.volume).await?;
+        if attempt == 1 {
+            ensure_hydrated(ctx, &source.spec, kind_word(request.kind)).await?;
+        }
         if in_doubt {
             // A late commit of the lost attempt shows up here.
             if let Some(recorded) = read_back(ctx, &fixed, &source, attempt - 1).await? {
@@ -992,12 +995,17 @@ impl Hydration {
         if self.cancelled() {
             return format!("cancelled ({})", describe_state(self.state()));
         }
+        if self.spec.is_none() && self.status.is_none() {
+            return "unknown (the migration's records are gone)".to_owned();
+        }
         describe_state(self.state())
     }
 
-    /// Still copying: a usable volume shows `hydrating` in `list`.
+    /// Still copying: a usable volume shows `hydrating` in `list`. A
+    /// migration whose record is gone has ended.
     pub fn copying(&self) -> bool {
-        !self.cancelled()
+        self.spec.is_some()
+            && !self.cancelled()
             && matches!(
                 self.state(),
                 None | Some(MigrationState::Hydrating { .. })
@@ -1053,6 +1061,29 @@ pub async fn hydration(ctx: &Ctx, spec: &VolumeSpec) -> Result<Option<Hydration>
         spec: migration,
         status,
     }))
+}
+
+/// Refuses to `action` a volume whose blocks are still being copied from
+/// its source: a snapshot, fork, move or growth of it now would see only
+/// the blocks copied so far.
+pub async fn ensure_hydrated(
+    ctx: &Ctx,
+    spec: &VolumeSpec,
+    action: &'static str,
+) -> Result<(), CliError> {
+    let Some(hydration) = hydration(ctx, spec).await? else {
+        return Ok(());
+    };
+    let ended = hydration.spec.is_none() || hydration.state() == Some(&MigrationState::Complete);
+    if ended {
+        return Ok(());
+    }
+    Err(CliError::StillHydrating {
+        volume: spec.id.clone(),
+        progress: hydration.describe(),
+        migration: hydration.id,
+        action,
+    })
 }
 
 /// `list`: every migration record and status, read once.

@@ -802,6 +802,31 @@ async fn show_and_list_report_the_hydration() {
     let row = stdout.lines().find(|l| l.starts_with(&new_id)).unwrap();
     assert!(row.contains(" hydrating "), "{stdout}");
 
+    // While copying, its blocks are not all here: nothing may snapshot,
+    // fork, move or grow it.
+    let before = everything(&env).await;
+    for argv in [
+        &["extend", new_id.as_str(), "--size", "6", "--detach"][..],
+        &["snapshots", "create", new_id.as_str(), "--detach"],
+        &["fork", new_id.as_str(), "--detach"],
+        &["move", new_id.as_str(), "--host", "o1", "--detach"],
+    ] {
+        let (result, _, _) = env.run(argv).await;
+        let error = result.unwrap_err();
+        assert!(
+            matches!(error, CliError::StillHydrating { .. }),
+            "{argv:?}: {error}"
+        );
+        assert_eq!(error.exit_code(), exit::USAGE);
+        assert!(
+            error.to_string().contains(&format!(
+                "its blocks are still being copied from its source (migration {id}: 42.00%"
+            )),
+            "{error}"
+        );
+    }
+    assert_eq!(everything(&env).await, before, "nothing changed");
+
     write_status(&env, &h2, &id, MigrationState::SourceUnreachable).await;
     assert_eq!(
         hydration_line(&show(&env, false).await),
@@ -821,6 +846,9 @@ async fn show_and_list_report_the_hydration() {
         .find(|view| view["id"] == new_id.as_str())
         .unwrap();
     assert_eq!(listed["migration"]["state"], "complete");
+    // Complete: its own volume like any other.
+    let (result, _, stderr) = env.run(&["snapshots", "create", &new_id, "--detach"]).await;
+    result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
     // A volume not made by a migration has no such line or object.
     let (result, stdout, _) = env.run(&["show", &source_id]).await;
     result.unwrap();
