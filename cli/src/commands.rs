@@ -414,6 +414,14 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
 /// `--detach`, waits until volumed has removed the volume.
 pub async fn destroy(ctx: &Ctx, args: &DestroyArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
     let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    if !spec.destroy {
+        if let Some(migration) = crate::migrate::copying_from(ctx, &spec.id).await? {
+            return Err(CliError::SourceOfMigration {
+                volume: spec.id,
+                migration,
+            });
+        }
+    }
     if !args.yes && !spec.destroy {
         let question = format!(
             "destroy {} ({}, {} on {})? Its data is deleted. [y/N] ",

@@ -195,6 +195,18 @@ pub enum CliError {
         action: &'static str,
     },
 
+    /// Destroying a migration's source before the copy is complete would
+    /// lose the blocks not yet copied.
+    #[error(
+        "{volume} is the source of migration {migration}, whose copy is not complete: \
+         destroying it would lose the blocks not yet copied; `volctl cancel {migration}` first; \
+         nothing changed"
+    )]
+    SourceOfMigration {
+        volume: VolumeId,
+        migration: MigrationId,
+    },
+
     #[error("nothing to cancel: migration {id} is complete")]
     MigrationComplete { id: MigrationId },
 
@@ -286,7 +298,8 @@ impl CliError {
             | CliError::NoMigrationEndpoint { .. }
             | CliError::NotAMigration { .. }
             | CliError::MigrationComplete { .. }
-            | CliError::StillHydrating { .. } => exit::USAGE,
+            | CliError::StillHydrating { .. }
+            | CliError::SourceOfMigration { .. } => exit::USAGE,
             CliError::MigrationRefused { refusal, .. } => match refusal {
                 MigrationRefusal::SameHost { .. } | MigrationRefusal::NoDestinationHost { .. } => {
                     exit::USAGE

@@ -817,6 +817,13 @@ async fn resolve(ctx: &Ctx, target: &str) -> Result<MigrationId, CliError> {
         return Ok(id);
     }
     // Named by its source: say which migration to cancel instead.
+    let source_of = copying_from(ctx, &volume).await?;
+    Err(CliError::NotAMigration { volume, source_of })
+}
+
+/// A migration still copying from `volume` (neither cancelled nor
+/// complete), if any.
+pub async fn copying_from(ctx: &Ctx, volume: &VolumeId) -> Result<Option<MigrationId>, CliError> {
     let pairs = ctx
         .kv
         .get_recurse(&ctx.layout.migrations_prefix())
@@ -830,16 +837,15 @@ async fn resolve(ctx: &Ctx, target: &str) -> Result<MigrationId, CliError> {
             (status.state == MigrationState::Complete).then_some(place)
         })
         .collect();
-    let source_of = pairs
+    Ok(pairs
         .iter()
         .filter(|pair| ctx.layout.parse_migration_key(&pair.key).is_some())
         .filter_map(|pair| decode::<MigrationSpec>(pair).ok())
         .find(|spec| {
             let place = (spec.destination.host.clone(), spec.id.clone());
-            spec.source.volume == volume && !spec.cancel && !complete.contains(&place)
+            spec.source.volume == *volume && !spec.cancel && !complete.contains(&place)
         })
-        .map(|spec| spec.id);
-    Err(CliError::NotAMigration { volume, source_of })
+        .map(|spec| spec.id))
 }
 
 /// `cancel MIGRATION|VOLUME`: the cancel on the migration and the destroy

@@ -624,6 +624,18 @@ async fn cancel_sets_both_flags_in_one_txn_and_is_idempotent() {
         "{error}"
     );
     assert_eq!(everything(&env).await, before);
+    // Nor is the source destroyed while its blocks are still needed.
+    let (result, _, _) = env.run(&["destroy", &source_id, "--yes"]).await;
+    let error = result.unwrap_err();
+    assert_eq!(error.exit_code(), exit::USAGE);
+    assert!(
+        error.to_string().contains(&format!(
+            "is the source of migration {id}, whose copy is not complete"
+        )),
+        "{error}"
+    );
+    assert_eq!(everything(&env).await, before);
+
     let (result, stdout, stderr) = env.run(&["cancel", id.as_str(), "--detach"]).await;
     result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
     assert_eq!(
@@ -653,6 +665,9 @@ async fn cancel_sets_both_flags_in_one_txn_and_is_idempotent() {
         "{stdout}"
     );
     assert_eq!(everything(&env).await, after);
+    // Cancelled: the source is the operator's again.
+    let (result, _, stderr) = env.run(&["destroy", &source_id, "--yes", "--detach"]).await;
+    result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
