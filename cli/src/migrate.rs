@@ -14,6 +14,10 @@
 //! (destroy), check-index (or check-not-exists) on the destination's
 //! migration status]`: the status check makes "refused once complete"
 //! atomic, so a cancel never races a move's release into losing both ends.
+//!
+//! While a volume's copy runs, only part of its blocks is local: volctl
+//! refuses to snapshot, fork, move or extend it ([`ensure_hydrated`]), and
+//! to destroy the source the copy reads from ([`copying_from`]).
 
 use std::time::Duration;
 
