@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 use volume_control::layout::DEFAULT_ROOT;
+use volume_model::hydration::RecoveryRate;
 use volume_model::names::{HostId, Region, SnapshotId, VolumeId, VolumeName};
 
 /// Printed under `--help`: scripts branch on these.
@@ -14,7 +15,7 @@ Exit codes:
      or a destroy without --yes when no terminal can confirm it
   3  capacity: no host can take the volume, or its host cannot grow it
   4  timed out waiting for the volume's host (the request stays recorded)
-  5  not found: no such volume
+  5  not found: no such volume (or migration)
   6  the KV store is unreachable
   7  the KV store stayed contended: every attempt lost a race; retry
 
@@ -81,9 +82,32 @@ pub enum Command {
     /// Take, list and destroy snapshots of a volume.
     #[command(subcommand)]
     Snapshots(SnapshotsCommand),
-    /// A new volume from a fresh snapshot of a live one, on its host.
+    /// A new volume from a live one: on its host from a fresh snapshot, or
+    /// on another host (--host/--region), usable at once and copied in the
+    /// background.
+    ///
+    /// To another host, only an encrypted volume goes (its blocks cross the
+    /// network as ciphertext), and both hosts' volumed must run with
+    /// --migration-listen. volctl waits until the new volume is usable, then
+    /// shows the copy's progress until it is complete.
     #[command(after_help = EXIT_CODES_HELP)]
     Fork(ForkArgs),
+    /// Move a volume to another host: a new volume (new id, same name) usable
+    /// at once, copied in the background; the source is destroyed once the
+    /// copy is complete.
+    ///
+    /// Only an encrypted volume moves (its blocks cross the network as
+    /// ciphertext), and both hosts' volumed must run with
+    /// --migration-listen. volctl waits until the new volume is usable, then
+    /// shows the copy's progress until it is complete, then until the source
+    /// is destroyed. Stop the source volume's user first: writes made to it
+    /// once its host has started the export are not copied.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Move(MoveArgs),
+    /// Cancel a fork or move to another host: the new volume is destroyed,
+    /// the source stays; waits until the new volume is gone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Cancel(CancelArgs),
     /// Lift a volume's fence (its I/O resumes); waits until its host has.
     #[command(after_help = EXIT_CODES_HELP)]
     Unfence(UnfenceArgs),
@@ -99,7 +123,7 @@ pub struct WaitArgs {
     pub detach: bool,
 
     /// Give up waiting after this many seconds (exit 4).
-    #[arg(long, value_name = "SECS", default_value_t = 300,
+    #[arg(long, value_name = "SECS", default_value_t = 300, alias = "wait-timeout",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }
@@ -361,6 +385,76 @@ mod tests {
     }
 
     #[test]
+    fn migrations_need_a_destination_and_a_rate_within_limits() {
+        for argv in [
+            &["volctl", "move", "vol_0123456789abcdef"][..],
+            &[
+                "volctl",
+                "move",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--region",
+                "ewr",
+            ],
+            &["volctl", "fork", "vol_0123456789abcdef", "--rate", "4096"],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--rate",
+                "63",
+            ],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--rate",
+                "fast",
+            ],
+            &[
+                "volctl",
+                "fork",
+                "vol_0123456789abcdef",
+                "--host",
+                "h2",
+                "--name",
+                "copy",
+            ],
+        ] {
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "volctl",
+            "move",
+            "vol_0123456789abcdef",
+            "--region",
+            "ewr",
+            "--rate",
+            "64",
+            "--wait-timeout",
+            "9",
+        ])
+        .unwrap();
+        let Command::Move(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.migration.rate.map(|r| r.kib_per_sec()), Some(64));
+        assert_eq!(args.wait.timeout, 9);
+        let help = Cli::command()
+            .find_subcommand_mut("move")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("default 102400 = 100 MiB/s"), "{help}");
+    }
+
+    #[test]
     fn help_documents_exit_codes() {
         let help = Cli::command().render_help().to_string();
         assert!(help.contains("4  timed out waiting"), "{help}");
@@ -428,12 +522,121 @@ pub struct SnapshotDestroyArgs {
 pub struct ForkArgs {
     /// The volume to fork (vol_...).
     pub volume: VolumeId,
-    /// The new volume's name (default: the volume's).
-    #[arg(long)]
+    /// The new volume's name (default: the volume's; on the same host only).
+    #[arg(long, conflicts_with = "destination")]
     pub name: Option<VolumeName>,
-    /// Print JSON (an array with the new volume) instead of a table.
+    #[command(flatten)]
+    pub destination: DestinationArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Print JSON instead of a table (same host: an array with the new
+    /// volume; another host: the migration and the new volume).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub wait: MigrationWaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs {
+    /// The volume to move (vol_...).
+    pub volume: VolumeId,
+    #[command(flatten)]
+    pub destination: RequiredDestinationArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Print JSON (the migration and the new volume) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub wait: MigrationWaitArgs,
+}
+
+/// Where a fork goes; neither: a fork on the volume's own host.
+#[derive(Debug, Clone, Default, Args)]
+#[group(id = "destination", multiple = false)]
+pub struct DestinationArgs {
+    /// Fork to this host (another than the volume's; every capacity check
+    /// applies, as for a create).
+    #[arg(long, value_name = "H")]
+    pub host: Option<HostId>,
+    /// Fork to the host of this region placement picks (as a create does),
+    /// never the volume's own.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+}
+
+/// Where a move goes: one of the two.
+#[derive(Debug, Clone, Args)]
+#[group(id = "destination", required = true, multiple = false)]
+pub struct RequiredDestinationArgs {
+    /// Move to this host (another than the volume's; every capacity check
+    /// applies, as for a create).
+    #[arg(long, value_name = "H")]
+    pub host: Option<HostId>,
+    /// Move to the host of this region placement picks (as a create does),
+    /// never the volume's own.
+    #[arg(long, value_name = "R")]
+    pub region: Option<Region>,
+}
+
+impl From<&RequiredDestinationArgs> for DestinationArgs {
+    fn from(args: &RequiredDestinationArgs) -> DestinationArgs {
+        DestinationArgs {
+            host: args.host.clone(),
+            region: args.region.clone(),
+        }
+    }
+}
+
+/// The background copy's limit when `--rate` is not given: 100 MiB/s.
+pub const DEFAULT_RATE_KIB_PER_SEC: u32 = 102_400;
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Limit the background copy to this many KiB/s (at least 64; default
+    /// 102400 = 100 MiB/s). Reads the new volume's user makes of blocks not
+    /// yet copied are not limited.
+    #[arg(long, value_name = "KIB_PER_SEC", requires = "destination", value_parser = parse_rate)]
+    pub rate: Option<RecoveryRate>,
+}
+
+fn parse_rate(text: &str) -> Result<RecoveryRate, String> {
+    let kib: u64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of KiB/s"))?;
+    RecoveryRate::from_kib_per_sec(kib).map_err(|e| e.to_string())
+}
+
+/// How long a fork or move to another host is waited for, and whether.
+#[derive(Debug, Clone, Args)]
+pub struct MigrationWaitArgs {
+    /// Return once the migration is recorded, without waiting for the hosts.
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Give up waiting (exit 4; the request stays recorded) when the new
+    /// volume is not usable this many seconds after the request or, on
+    /// another host, its copy has not advanced for this long.
+    #[arg(long, value_name = "SECS", default_value_t = 300, alias = "wait-timeout",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+impl From<&MigrationWaitArgs> for WaitArgs {
+    fn from(args: &MigrationWaitArgs) -> WaitArgs {
+        WaitArgs {
+            detach: args.detach,
+            timeout: args.timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// The migration's id (mig_...) or the new volume's id (vol_...).
+    #[arg(value_name = "MIGRATION_OR_VOLUME")]
+    pub target: String,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

@@ -8,7 +8,7 @@ use clap::CommandFactory;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use volume_control::layout::UnfenceRequest;
-use volume_control::layout::{HostRecord, Ledger, VolumeSpec};
+use volume_control::layout::{HostRecord, Ledger, VolumeSpec, VolumeState};
 use volume_control::placement::Candidate;
 use volume_model::fence::FenceReason;
 use volume_model::health::{PoolHealth, VolumeHealth};
@@ -40,6 +40,10 @@ pub struct VolumeView {
     /// Why its host fenced the volume (its I/O waits), while it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fenced: Option<FenceReason>,
+    /// A volume made by a fork or move from another host: its copy's
+    /// progress (the destination's migration status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migrate::Hydration>,
     /// `fenced` while the volume is fenced; `healthy`; the thin LV's own health when LVM flags it (`failed`,
     /// `unknown`); else `pool <health>` while its host's pool cannot take
     /// writes (e.g. `pool out_of_data`).
@@ -47,7 +51,7 @@ pub struct VolumeView {
 }
 
 impl VolumeView {
-    fn new(spec: VolumeSpec, status: Option<&StatusEntry>) -> VolumeView {
+    pub(crate) fn new(spec: VolumeSpec, status: Option<&StatusEntry>) -> VolumeView {
         let state = match status {
             _ if spec.destroy => "destroying".to_owned(),
             Some(entry) => entry.status.state.as_str().to_owned(),
@@ -63,7 +67,18 @@ impl VolumeView {
                 None => health.as_str().to_owned(),
             },
             fenced,
+            migration: None,
             spec,
+        }
+    }
+
+    /// The state column: `hydrating` while a usable volume's copy runs.
+    fn display_state(&self) -> String {
+        let copying = self.migration.as_ref().is_some_and(|m| m.copying());
+        if copying && self.state == VolumeState::Ready.as_str() {
+            "hydrating".to_owned()
+        } else {
+            self.state.clone()
         }
     }
 
@@ -96,7 +111,7 @@ pub(crate) fn volume_table(volumes: &[VolumeView], out: &mut dyn Write) -> std::
             spec.host.to_string(),
             format::size(spec.size),
             if spec.encrypted { "yes" } else { "no" }.to_owned(),
-            view.state.clone(),
+            view.display_state(),
             view.health.clone(),
             view.device().unwrap_or("-").to_owned(),
         ]);
@@ -239,12 +254,16 @@ async fn volume_views(ctx: &Ctx, ui: &mut Ui<'_>) -> Result<Vec<VolumeView>, Cli
     let specs = store::read_specs(ctx, ui).await?;
     let statuses = store::read_statuses(ctx, ui).await?;
     let pools = pool_health(ctx, ui).await?;
+    let migrations = crate::migrate::Migrations::read(ctx, ui).await?;
     let mut views: Vec<VolumeView> = specs
         .into_iter()
         .map(|SpecEntry { spec, .. }| {
             let status = statuses.get(&(spec.host.clone(), spec.id.clone()));
             let pool = pools.get(&spec.host).copied();
-            VolumeView::new(spec, status).with_pool_health(pool)
+            let migration = migrations.hydration(&spec);
+            let mut view = VolumeView::new(spec, status).with_pool_health(pool);
+            view.migration = migration;
+            view
         })
         .collect();
     views.sort_by(|a, b| {
@@ -278,7 +297,9 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
     let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
     let status = store::read_status(ctx, &spec.host, &spec.id).await?;
     let pool = pool_health(ctx, ui).await?.get(&spec.host).copied();
-    let view = VolumeView::new(spec, status.as_ref()).with_pool_health(pool);
+    let migration = crate::migrate::hydration(ctx, &spec).await?;
+    let mut view = VolumeView::new(spec, status.as_ref()).with_pool_health(pool);
+    view.migration = migration;
     if args.json {
         print_json(&view, ui.out())?;
         return Ok(view);
@@ -287,7 +308,7 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
     let mut lines = vec![
         ("id", spec.id.to_string()),
         ("name", spec.name.to_string()),
-        ("state", view.state.clone()),
+        ("state", view.display_state()),
         ("health", view.health.clone()),
         ("host", spec.host.to_string()),
         ("region", spec.region.to_string()),
@@ -309,6 +330,21 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
             ),
         ),
     ];
+    if let Some(migration) = &view.migration {
+        let from = match &spec.source {
+            Some(volume_control::layout::VolumeSource::Migration { volume, host, .. }) => {
+                format!(" from {volume} on {host}")
+            }
+            _ => String::new(),
+        };
+        let kind = match migration.spec.as_ref().map(|spec| spec.kind) {
+            Some(volume_control::migration::MigrationKind::Move) => "move",
+            Some(volume_control::migration::MigrationKind::Fork) => "fork",
+            None => "record gone",
+        };
+        lines.push(("migration", format!("{} ({kind}{from})", migration.id)));
+        lines.push(("hydration", migration.describe()));
+    }
     if let Some(entry) = &status {
         let status = &entry.status;
         lines.push((
@@ -378,6 +414,14 @@ pub async fn show(ctx: &Ctx, args: &ShowArgs, ui: &mut Ui<'_>) -> Result<VolumeV
 /// `--detach`, waits until volumed has removed the volume.
 pub async fn destroy(ctx: &Ctx, args: &DestroyArgs, ui: &mut Ui<'_>) -> Result<(), CliError> {
     let SpecEntry { spec, .. } = store::find_spec(ctx, &args.id).await?;
+    if !spec.destroy {
+        if let Some(migration) = crate::migrate::copying_from(ctx, &spec.id).await? {
+            return Err(CliError::SourceOfMigration {
+                volume: spec.id,
+                migration,
+            });
+        }
+    }
     if !args.yes && !spec.destroy {
         let question = format!(
             "destroy {} ({}, {} on {})? Its data is deleted. [y/N] ",
@@ -409,6 +453,8 @@ pub async fn destroy(ctx: &Ctx, args: &DestroyArgs, ui: &mut Ui<'_>) -> Result<(
 pub async fn extend(ctx: &Ctx, args: &ExtendArgs, ui: &mut Ui<'_>) -> Result<VolumeView, CliError> {
     let size = Bytes::from_gb(args.size).map_err(|e| CliError::Usage(format!("--size: {e}")))?;
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
+    let current = store::find_spec(ctx, &args.id).await?.spec;
+    crate::migrate::ensure_hydrated(ctx, &current, "extend").await?;
     let grown = reserve::grow(ctx, &args.id, size).await?;
     let status = if args.wait.detach {
         None

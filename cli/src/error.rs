@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use volume_control::migration::MigrationRefusal;
 use volume_control::placement::{NoPlacement, Skip};
 use volume_model::capacity::Refusal;
-use volume_model::names::{HostId, SnapshotId, VolumeId};
+use volume_model::names::{HostId, MigrationId, SnapshotId, VolumeId};
 use volume_model::units::Bytes;
 
 /// Exit codes, as documented under `--help`.
@@ -141,6 +142,97 @@ pub enum CliError {
 
     #[error("cannot write output: {0}")]
     Output(#[source] std::io::Error),
+
+    #[error(
+        "volume {volume} is unencrypted: a fork or move to another host streams its blocks \
+         between hosts, and that stream must carry only ciphertext; nothing changed"
+    )]
+    Unencrypted { volume: VolumeId },
+
+    /// A host taking part in a migration has no `migration` in its record.
+    #[error(
+        "host {host} (the {role}) publishes no migration endpoint: start its volumed with \
+         --migration-listen; nothing changed"
+    )]
+    NoMigrationEndpoint { host: HostId, role: &'static str },
+
+    #[error("{}; nothing changed", migration_refusal_text(volume, refusal))]
+    MigrationRefused {
+        volume: VolumeId,
+        refusal: MigrationRefusal,
+    },
+
+    /// `--region`: no host of the region can take the migration.
+    #[error("{}", no_migration_host_text(placement, without_endpoint))]
+    NoMigrationHost {
+        placement: Box<NoPlacement>,
+        /// Hosts of the region passed over for publishing no endpoint.
+        without_endpoint: Vec<HostId>,
+    },
+
+    #[error("no migration {id} (looked at {key})")]
+    MigrationNotFound { id: MigrationId, key: String },
+
+    #[error("volume {volume} is not the new volume of a fork or move to another host: nothing to cancel{}",
+            source_of.as_ref().map(|id| format!(" (it is the source of migration {id}: `volctl cancel {id}`)")).unwrap_or_default())]
+    NotAMigration {
+        volume: VolumeId,
+        /// A migration in progress that copies from it.
+        source_of: Option<MigrationId>,
+    },
+
+    /// A snapshot, fork, move or growth of a volume still copying from its
+    /// source would see only the blocks copied so far.
+    #[error(
+        "cannot {action} {volume} yet: its blocks are still being copied from its source \
+         (migration {migration}: {progress}); retry once `volctl show {volume}` says \
+         hydration complete"
+    )]
+    StillHydrating {
+        volume: VolumeId,
+        migration: MigrationId,
+        progress: String,
+        action: &'static str,
+    },
+
+    /// Destroying a migration's source before the copy is complete would
+    /// lose the blocks not yet copied.
+    #[error(
+        "{volume} is the source of migration {migration}, whose copy is not complete: \
+         destroying it would lose the blocks not yet copied; `volctl cancel {migration}` first; \
+         nothing changed"
+    )]
+    SourceOfMigration {
+        volume: VolumeId,
+        migration: MigrationId,
+    },
+
+    #[error("nothing to cancel: migration {id} is complete")]
+    MigrationComplete { id: MigrationId },
+
+    #[error("migration {id} failed on {host}: {message}")]
+    MigrationFailed {
+        id: MigrationId,
+        host: HostId,
+        message: String,
+    },
+
+    #[error("migration {id} was cancelled (see `volctl show {volume}`)")]
+    MigrationCancelled { id: MigrationId, volume: VolumeId },
+
+    /// The migration's txn was sent, its answer was lost and the store
+    /// stopped answering before volctl could read back whether it landed.
+    #[error(
+        "cannot tell whether migration {id} (new volume {volume}) was recorded: the store \
+         stopped answering after it was sent ({source}); nothing more was sent. \
+         See `volctl show {volume}`"
+    )]
+    MigrationOutcomeUnknown {
+        id: MigrationId,
+        volume: VolumeId,
+        #[source]
+        source: consul_kv::Error,
+    },
 }
 
 /// The deadline of a wait passed; the request itself stays recorded.
@@ -202,6 +294,25 @@ impl CliError {
             CliError::NotFound { .. } | CliError::SnapshotNotFound { .. } => exit::NOT_FOUND,
             CliError::Unreachable(_) | CliError::OutcomeUnknown { .. } => exit::UNREACHABLE,
             CliError::Contended { .. } => exit::CONTENDED,
+            CliError::Unencrypted { .. }
+            | CliError::NoMigrationEndpoint { .. }
+            | CliError::NotAMigration { .. }
+            | CliError::MigrationComplete { .. }
+            | CliError::StillHydrating { .. }
+            | CliError::SourceOfMigration { .. } => exit::USAGE,
+            CliError::MigrationRefused { refusal, .. } => match refusal {
+                MigrationRefusal::SameHost { .. } | MigrationRefusal::NoDestinationHost { .. } => {
+                    exit::USAGE
+                }
+                MigrationRefusal::DestinationCapacity { .. } => exit::CAPACITY,
+                MigrationRefusal::NoSourceVolume { .. } => exit::NOT_FOUND,
+                MigrationRefusal::SourceOnOtherHost { .. }
+                | MigrationRefusal::SourceDestroying { .. } => exit::ERROR,
+            },
+            CliError::NoMigrationHost { .. } => exit::CAPACITY,
+            CliError::MigrationNotFound { .. } => exit::NOT_FOUND,
+            CliError::MigrationOutcomeUnknown { .. } => exit::UNREACHABLE,
+            CliError::MigrationFailed { .. } | CliError::MigrationCancelled { .. } => exit::ERROR,
             CliError::Declined { .. }
             | CliError::VolumeFailed { .. }
             | CliError::SnapshotFailed { .. }
@@ -216,20 +327,68 @@ impl CliError {
     pub fn details(&self) -> Vec<String> {
         let refusal = match self {
             CliError::PartialCreate { source, .. } => return source.details(),
+            CliError::NoMigrationHost { placement, .. } => placement,
             CliError::NoPlacement(refusal) => refusal,
             CliError::PartialPlacement { source, .. }
             | CliError::CountDoesNotFit { source, .. } => source,
             _ => return Vec::new(),
         };
-        refusal
-            .skipped
-            .iter()
-            .map(|(host, why)| match why {
-                Skip::Capacity { refusal } => format!("{host}: {}", refusal_text(refusal)),
-                other => format!("{host}: {other}"),
-            })
-            .collect()
+        skip_lines(refusal)
     }
+}
+
+/// Why each host was passed over, one line each.
+fn skip_lines(refusal: &NoPlacement) -> Vec<String> {
+    refusal
+        .skipped
+        .iter()
+        .map(|(host, why)| match why {
+            Skip::Capacity { refusal } => format!("{host}: {}", refusal_text(refusal)),
+            other => format!("{host}: {other}"),
+        })
+        .collect()
+}
+
+/// A migration refusal naming the volume, sizes in decimal units.
+fn migration_refusal_text(volume: &VolumeId, refusal: &MigrationRefusal) -> String {
+    match refusal {
+        MigrationRefusal::SameHost { host } => format!(
+            "{volume} is on host {host} already: a fork or move to another host needs another \
+             (a fork without --host or --region stays on the volume's host)"
+        ),
+        MigrationRefusal::NoDestinationHost { host } => {
+            format!("host {host} has published no host record (see `volctl hosts`)")
+        }
+        MigrationRefusal::DestinationCapacity {
+            host,
+            size,
+            refusal,
+        } => format!(
+            "host {host} cannot take {volume} ({}): {}",
+            crate::format::size(*size),
+            refusal_text(refusal)
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn no_migration_host_text(placement: &NoPlacement, without_endpoint: &[HostId]) -> String {
+    let mut text = if placement.skipped.is_empty() {
+        format!(
+            "no host in {} can take a migration (the volume's own host never does)",
+            placement.region
+        )
+    } else {
+        placement.to_string()
+    };
+    if !without_endpoint.is_empty() {
+        let hosts: Vec<&str> = without_endpoint.iter().map(HostId::as_str).collect();
+        text.push_str(&format!(
+            "; {} publish no migration endpoint (start their volumed with --migration-listen)",
+            hosts.join(", ")
+        ));
+    }
+    text
 }
 
 /// A refusal with sizes in decimal units, the ones `--size` takes.

@@ -9,6 +9,7 @@ pub mod args;
 pub mod commands;
 pub mod error;
 pub mod format;
+pub mod migrate;
 pub mod reserve;
 pub mod snapshots;
 pub mod store;
@@ -72,6 +73,13 @@ pub async fn run(cli: &Cli, kv: ConsulKv, ui: &mut Ui<'_>) -> Result<(), CliErro
             args::SnapshotsCommand::List(args) => snapshots::list(&ctx, args, ui).await.map(drop),
             args::SnapshotsCommand::Destroy(args) => snapshots::destroy(&ctx, args, ui).await,
         },
+        Command::Fork(args)
+            if args.destination.host.is_some() || args.destination.region.is_some() =>
+        {
+            migrate::fork(&ctx, args, ui).await.map(drop)
+        }
         Command::Fork(args) => snapshots::fork(&ctx, args, ui).await,
+        Command::Move(args) => migrate::move_volume(&ctx, args, ui).await.map(drop),
+        Command::Cancel(args) => migrate::cancel(&ctx, args, ui).await,
     }
 }

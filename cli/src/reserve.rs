@@ -111,11 +111,11 @@ fn describe(spec: &VolumeSpec) -> String {
 }
 
 /// Reads read-back attempts before volctl gives up on an unanswering store.
-const READ_BACK_ATTEMPTS: u32 = 8;
+pub(crate) const READ_BACK_ATTEMPTS: u32 = 8;
 
 /// Whether a failed write may still have been applied: the request was
 /// (or may have been) sent and no answer says what happened.
-fn outcome_unknown(error: &consul_kv::Error) -> bool {
+pub(crate) fn outcome_unknown(error: &consul_kv::Error) -> bool {
     match error {
         consul_kv::Error::Transport { .. } => true,
         consul_kv::Error::Status { status, .. } => *status >= 500,
@@ -238,7 +238,7 @@ pub(crate) fn ledger_write(ctx: &Ctx, host: &HostId, ledger: &Ledger, index: u64
 }
 
 /// The index a transaction gave `key` (cas results carry no value).
-fn written_index(results: &[consul_kv::TxnResult], key: &str) -> u64 {
+pub(crate) fn written_index(results: &[consul_kv::TxnResult], key: &str) -> u64 {
     results
         .iter()
         .find(|result| result.kv.key == key)

@@ -120,6 +120,8 @@ pub async fn create(
     ui: &mut Ui<'_>,
 ) -> Result<SnapshotView, CliError> {
     let id = SnapshotId::generate();
+    let volume = store::find_spec(ctx, &args.volume).await?.spec;
+    crate::migrate::ensure_hydrated(ctx, &volume, "snapshot").await?;
     let spec = record(ctx, &args.volume, &id).await?;
     let status = if args.wait.detach {
         None
@@ -388,6 +390,7 @@ pub async fn fork(ctx: &Ctx, args: &ForkArgs, ui: &mut Ui<'_>) -> Result<(), Cli
             id: origin.id.clone(),
         });
     }
+    crate::migrate::ensure_hydrated(ctx, &origin, "fork").await?;
     let request = CreateRequest {
         name: args.name.clone().unwrap_or_else(|| origin.name.clone()),
         region: origin.region.clone(),
@@ -416,7 +419,7 @@ pub async fn fork(ctx: &Ctx, args: &ForkArgs, ui: &mut Ui<'_>) -> Result<(), Cli
         id: None,
         json: args.json,
         auto_extend: Default::default(),
-        wait: args.wait.clone(),
+        wait: (&args.wait).into(),
     };
     let deadline = Deadline::after(Duration::from_secs(args.wait.timeout));
     finish_create(ctx, &create_args, vec![reserved], deadline, ui)

@@ -55,6 +55,12 @@ impl<'a> Ui<'a> {
         let _ = writeln!(self.err, "volctl: warning: {message}");
     }
 
+    /// A line on stderr between progress reports (a step reached).
+    pub fn note(&mut self, line: &str) {
+        self.end_progress();
+        let _ = writeln!(self.err, "{line}");
+    }
+
     /// `None` when nobody can answer.
     pub fn confirm(&mut self, question: &str) -> Option<io::Result<bool>> {
         self.end_progress();

@@ -16,7 +16,7 @@ use crate::ui::Ui;
 /// Longest blocking wait per read: short on a terminal, so the elapsed
 /// seconds keep counting; longer otherwise, to notice status errors
 /// while waiting on another key.
-fn tick(ui: &Ui<'_>) -> Duration {
+pub(crate) fn tick(ui: &Ui<'_>) -> Duration {
     if ui.err_is_terminal() {
         Duration::from_secs(1)
     } else {
@@ -45,14 +45,14 @@ impl Deadline {
 
 /// Blocking reads of one key: each returns once the key changed, after
 /// `wait`, or `None` at the deadline.
-struct KeyWatch {
+pub(crate) struct KeyWatch {
     key: String,
     index: u64,
     last_request: Option<Instant>,
 }
 
 impl KeyWatch {
-    fn new(key: String) -> KeyWatch {
+    pub(crate) fn new(key: String) -> KeyWatch {
         KeyWatch {
             key,
             index: 0,
@@ -60,7 +60,7 @@ impl KeyWatch {
         }
     }
 
-    async fn next(
+    pub(crate) async fn next(
         &mut self,
         kv: &ConsulKv,
         deadline: Deadline,

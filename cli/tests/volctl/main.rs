@@ -4,5 +4,6 @@
 mod binary;
 mod common;
 mod in_process;
+mod migration;
 mod race;
 mod retry;
