@@ -48,6 +48,12 @@ pub trait VolumeDevices: Send + Sync {
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError>;
 
+    /// The dm-crypt options mappings are opened with (a hydration opens its
+    /// mapping itself, over the copying layer).
+    fn crypt_options(&self) -> CryptOptions {
+        CryptOptions::default()
+    }
+
     /// Grows an open mapping to fill its grown LV.
     fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError>;
 
@@ -171,6 +177,10 @@ impl VolumeDevices for RealDevices {
 
     fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError> {
         crypt::resize(id)
+    }
+
+    fn crypt_options(&self) -> CryptOptions {
+        self.options
     }
 
     fn erase(
