@@ -71,6 +71,8 @@
 pub mod devices;
 #[cfg(feature = "testing")]
 pub mod faults;
+#[cfg(test)]
+mod hydration_tests;
 #[cfg(feature = "testing")]
 pub mod sim;
 #[cfg(test)]
