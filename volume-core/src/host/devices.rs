@@ -9,6 +9,7 @@ use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
 use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
+use crate::migrate::DirectLayer;
 use crate::names::{DmName, LvName, VolumeId};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,6 +100,22 @@ pub trait VolumeDevices: Send + Sync {
     fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
 }
 
+/// The direct layer a hydrated volume's open mapping still sits on, if any.
+fn direct_layer_under(id: &VolumeId) -> Result<Option<DirectLayer>, CryptError> {
+    let Some((_, backing)) = crypt::status(id)? else {
+        return Ok(None);
+    };
+    DirectLayer::at(&backing).map_err(|reason| CryptError::List { reason })
+}
+
+fn layer_name(layer: &DirectLayer) -> DmName {
+    DmName::new(layer.name()).unwrap_or_else(|_| DmName::new("vmv1-hydrate").expect("valid"))
+}
+
+fn io_failure(reason: String) -> libcryptsetup_rs::LibcryptErr {
+    libcryptsetup_rs::LibcryptErr::IOError(std::io::Error::other(reason))
+}
+
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
 /// `resize2fs` through [`crate::cmd`].
 #[derive(Debug, Clone)]
@@ -151,7 +168,26 @@ impl VolumeDevices for RealDevices {
         id: &VolumeId,
         key: &VolumeKey,
     ) -> Result<CreateAction<PathBuf>, CryptError> {
-        crypt::open(lv_device, id, key, &self.options)
+        match crypt::open(lv_device, id, key, &self.options) {
+            // A hydrated volume's mapping still on its direct layer over
+            // this very LV: the same blocks, so the mapping is the one
+            // wanted.
+            Err(CryptError::MappingConflict {
+                name,
+                expected,
+                actual,
+            }) => match DirectLayer::at(&actual) {
+                Ok(Some(layer)) if layer.maps(lv_device) => {
+                    Ok(CreateAction::Identity(crypt::mapping_path(id)))
+                }
+                _ => Err(CryptError::MappingConflict {
+                    name,
+                    expected,
+                    actual,
+                }),
+            },
+            opened => opened,
+        }
     }
 
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
@@ -172,10 +208,28 @@ impl VolumeDevices for RealDevices {
     }
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {
-        crypt::close(id)
+        let layer = direct_layer_under(id)?;
+        let closed = crypt::close(id)?;
+        if let Some(layer) = layer {
+            // Nothing holds it now; left, it would hold the LV open.
+            layer.remove().map_err(|reason| CryptError::Deactivate {
+                name: layer_name(&layer),
+                source: io_failure(reason),
+                detail: Default::default(),
+            })?;
+        }
+        Ok(closed)
     }
 
     fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError> {
+        // dm-crypt takes its size from the device under it.
+        if let Some(layer) = direct_layer_under(id)? {
+            let _ = layer.grow().map_err(|reason| CryptError::Resize {
+                name: layer_name(&layer),
+                source: io_failure(reason),
+                detail: Default::default(),
+            })?;
+        }
         crypt::resize(id)
     }
 

@@ -706,3 +706,112 @@ impl<'a> Destination<'a> {
         Ok(Completion { swap })
     }
 }
+
+/// A hydrated volume's layer after its swap ([`Destination::complete`]):
+/// one `linear` target over the volume's LV. It stays under dm-crypt (an
+/// open mapping cannot change its device) until the volume is next
+/// closed, so the volume's own operations meet it: an open finds the
+/// mapping on it, a close removes it after the mapping, an extend grows
+/// it before the mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectLayer {
+    name: String,
+    /// The LV it maps.
+    local: Device,
+    length: Sectors,
+}
+
+impl DirectLayer {
+    /// The direct layer at `device`, if `device` is one: a device-mapper
+    /// device of a migration's layer name whose table is one `linear`
+    /// target. `None` for anything else, a layer still copying included.
+    pub fn at(device: &Path) -> Result<Option<DirectLayer>, String> {
+        let wanted = device_of(device)?;
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        let prefix = format!("{}-hydrate-", crate::names::NAME_PREFIX);
+        let listed = dm.list_devices().map_err(|e| e.to_string())?;
+        let Some(name) = listed.into_iter().find_map(|(name, number, _)| {
+            let name = name.to_string();
+            (number == wanted && name.starts_with(&prefix)).then_some(name)
+        }) else {
+            return Ok(None);
+        };
+        let dm_name = DmName::new(name.as_str()).map_err(|e| e.to_string())?;
+        let (_, table) = dm
+            .table_status(
+                &DevId::Name(dm_name),
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| format!("reading the table of {name}: {e}"))?;
+        let [(0, length, kind, params)] = table.as_slice() else {
+            return Ok(None);
+        };
+        let mut words = params.split_whitespace();
+        let (Some(local), Some("0"), None) = (words.next(), words.next(), words.next()) else {
+            return Ok(None);
+        };
+        let local = match (kind.as_str(), local.parse::<Device>()) {
+            ("linear", Ok(local)) => local,
+            _ => return Ok(None),
+        };
+        Ok(Some(DirectLayer {
+            name,
+            local,
+            length: Sectors(*length),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn id(&self) -> Result<DevId<'_>, String> {
+        DmName::new(self.name.as_str())
+            .map(DevId::Name)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether it maps the LV at `lv` (the same blocks).
+    pub fn maps(&self, lv: &Path) -> bool {
+        device_of(lv).is_ok_and(|device| device == self.local)
+    }
+
+    /// Removes it; for when nothing holds it (its mapping is closed).
+    pub fn remove(&self) -> Result<(), String> {
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        dm.device_remove(&self.id()?, DmOptions::default())
+            .map_err(|e| format!("removing {}: {e}", self.name))?;
+        // The node `mapper_node` may have made (udev removes its own).
+        let _ = std::fs::remove_file(Path::new("/dev/mapper").join(&self.name));
+        tracing::info!(layer = %self.name, "direct layer removed after its mapping");
+        Ok(())
+    }
+
+    /// Grows its table to its LV's size, after an extend of the LV (a
+    /// suspend and resume: I/O waits, none fails). `false` if it has that
+    /// size already.
+    pub fn grow(&self) -> Result<bool, String> {
+        let size = format!(
+            "/sys/dev/block/{}:{}/size",
+            self.local.major, self.local.minor
+        );
+        let sectors: u64 = std::fs::read_to_string(&size)
+            .map_err(|e| format!("reading {size}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("reading {size}: {e}"))?;
+        if sectors <= self.length.0 {
+            return Ok(false);
+        }
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        let id = self.id()?;
+        let table = raid::linear_target(Sectors(sectors), self.local);
+        dm.table_load(&id, &[table], DmOptions::default())
+            .map_err(|e| format!("loading the grown table of {}: {e}", self.name))?;
+        dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| format!("suspending {}: {e}", self.name))?;
+        dm.device_suspend(&id, DmOptions::default())
+            .map_err(|e| format!("resuming {}: {e}", self.name))?;
+        Ok(true)
+    }
+}

@@ -23,7 +23,7 @@ pub mod nbd;
 pub mod raid;
 
 pub use export::{ExportSpec, Exported, Source};
-pub use hydrate::{Completion, Destination, HydrateSpec, Hydrating, HydrationSite};
+pub use hydrate::{Completion, Destination, DirectLayer, HydrateSpec, Hydrating, HydrationSite};
 
 use crate::backend::BackendError;
 use crate::cmd::CmdError;
