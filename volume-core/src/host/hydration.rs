@@ -170,10 +170,11 @@ impl VolumeHost {
         id: &VolumeId,
         volume: &ThinVolume,
     ) -> Result<PathBuf, HostError> {
-        let migration = Self::migration_of(volume).ok_or_else(|| HostError::UnreadableProgress {
-            id: id.clone(),
-            tags: volume.tags.iter().cloned().collect(),
-        })?;
+        let migration =
+            Self::migration_of(volume).ok_or_else(|| HostError::UnreadableProgress {
+                id: id.clone(),
+                tags: volume.tags.iter().cloned().collect(),
+            })?;
         self.devices
             .crypt_mapping(id)
             .map_err(failed_at!(CryptStatus, id))?
@@ -191,7 +192,9 @@ impl VolumeHost {
             return Err(HostError::SpecMismatch {
                 id: id.clone(),
                 field: "migration",
-                existing: found.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
+                existing: found
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "none".into()),
                 requested: request.migration.to_string(),
             });
         }
@@ -210,7 +213,8 @@ impl VolumeHost {
     /// Whether the LV is a hydration that has completed (`ready`, migration
     /// tag dropped).
     fn hydrated(volume: &ThinVolume) -> bool {
-        progress::step(&volume.tags) == Some(Progress::Ready) && Self::migration_of(volume).is_none()
+        progress::step(&volume.tags) == Some(Progress::Ready)
+            && Self::migration_of(volume).is_none()
     }
 
     /// Stores `key` under `id` unless that same key is there; another key
@@ -411,13 +415,14 @@ impl VolumeHost {
             Progress::Hydrating => {}
             other => return Err(Self::not_ready(id, &volume, other)),
         }
-        let completion = Destination::new(self.backend.as_ref(), tools, self.devices.crypt_options())
-            .complete(&request.spec())
-            .map_err(|source| HostError::HydrationComplete {
-                id: id.clone(),
-                migration: request.migration.clone(),
-                source: Box::new(source),
-            })?;
+        let completion =
+            Destination::new(self.backend.as_ref(), tools, self.devices.crypt_options())
+                .complete(&request.spec())
+                .map_err(|source| HostError::HydrationComplete {
+                    id: id.clone(),
+                    migration: request.migration.clone(),
+                    source: Box::new(source),
+                })?;
         let mut remove = progress::other_step_tags(Progress::Ready);
         remove.push(hydration::migration_tag(&request.migration));
         let _ = self.retag(id, "step", &[progress::step_tag(Progress::Ready)], &remove)?;

@@ -76,7 +76,10 @@ impl Harness {
 fn is_unfinished(result: Result<impl std::fmt::Debug, HostError>, request: &Hydration) {
     match result {
         Err(HostError::HydrationUnfinished { id, migration }) => {
-            assert_eq!((id, migration), (request.id.clone(), request.migration.clone()))
+            assert_eq!(
+                (id, migration),
+                (request.id.clone(), request.migration.clone())
+            )
         }
         other => panic!("expected HydrationUnfinished, got {other:?}"),
     }
@@ -247,7 +250,13 @@ fn hydrate_refuses_another_key_or_migration_and_rolls_back_only_its_own_key() {
         .hydrate(&tools(), &again, &secret, &planted)
         .unwrap_err();
     assert!(
-        matches!(&err, HostError::SpecMismatch { field: "migration", .. }),
+        matches!(
+            &err,
+            HostError::SpecMismatch {
+                field: "migration",
+                ..
+            }
+        ),
         "{err:?}"
     );
     for call in [
@@ -255,7 +264,13 @@ fn hydrate_refuses_another_key_or_migration_and_rolls_back_only_its_own_key() {
         h.host.complete_hydration(&tools(), &again).map(|_| ()),
     ] {
         assert!(
-            matches!(&call, Err(HostError::SpecMismatch { field: "migration", .. })),
+            matches!(
+                &call,
+                Err(HostError::SpecMismatch {
+                    field: "migration",
+                    ..
+                })
+            ),
             "{call:?}"
         );
     }

@@ -194,11 +194,20 @@ pub enum HostError {
     )]
     NotReady { id: VolumeId, progress: Progress },
     #[error("volume {id} is hydrating (migration {migration}) but its copying layer is not up (after a restart): call hydrate again to rebuild it")]
-    Hydrating { id: VolumeId, migration: MigrationId },
+    Hydrating {
+        id: VolumeId,
+        migration: MigrationId,
+    },
     #[error("volume {id} is still hydrating (migration {migration}): its LV here is not complete yet; complete or cancel the migration first")]
-    HydrationUnfinished { id: VolumeId, migration: MigrationId },
+    HydrationUnfinished {
+        id: VolumeId,
+        migration: MigrationId,
+    },
     #[error("volume {id} is hydrating (migration {migration}) but this host takes no part in migrations (no run directory to cancel it from); nothing changed")]
-    MigrationsOff { id: VolumeId, migration: MigrationId },
+    MigrationsOff {
+        id: VolumeId,
+        migration: MigrationId,
+    },
     #[error("volume {id}: starting its hydration (migration {migration}) failed: {source}")]
     HydrationStart {
         id: VolumeId,

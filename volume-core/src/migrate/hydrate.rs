@@ -297,14 +297,14 @@ impl<'a> Destination<'a> {
         made: &mut bool,
     ) -> Result<PathBuf, MigrateError> {
         let migration = &spec.migration;
-        let created = self
-            .backend
-            .create_thin(lv, size, tags)
-            .map_err(|source| MigrateError::CreateLv {
-                migration: migration.clone(),
-                lv: lv.clone(),
-                source: Box::new(source),
-            })?;
+        let created =
+            self.backend
+                .create_thin(lv, size, tags)
+                .map_err(|source| MigrateError::CreateLv {
+                    migration: migration.clone(),
+                    lv: lv.clone(),
+                    source: Box::new(source),
+                })?;
         *made = created.changed();
         let volume = match created {
             CreateAction::Created(volume) | CreateAction::Identity(volume) => volume,
