@@ -108,10 +108,6 @@ fn direct_layer_under(id: &VolumeId) -> Result<Option<DirectLayer>, CryptError> 
     DirectLayer::at(&backing).map_err(|reason| CryptError::List { reason })
 }
 
-fn layer_name(layer: &DirectLayer) -> DmName {
-    DmName::new(layer.name()).unwrap_or_else(|_| DmName::new("vmv1-hydrate").expect("valid"))
-}
-
 fn io_failure(reason: String) -> libcryptsetup_rs::LibcryptErr {
     libcryptsetup_rs::LibcryptErr::IOError(std::io::Error::other(reason))
 }
@@ -213,7 +209,7 @@ impl VolumeDevices for RealDevices {
         if let Some(layer) = layer {
             // Nothing holds it now; left, it would hold the LV open.
             layer.remove().map_err(|reason| CryptError::Deactivate {
-                name: layer_name(&layer),
+                name: layer.name().clone(),
                 source: io_failure(reason),
                 detail: Default::default(),
             })?;
@@ -225,7 +221,7 @@ impl VolumeDevices for RealDevices {
         // dm-crypt takes its size from the device under it.
         if let Some(layer) = direct_layer_under(id)? {
             let _ = layer.grow().map_err(|reason| CryptError::Resize {
-                name: layer_name(&layer),
+                name: layer.name().clone(),
                 source: io_failure(reason),
                 detail: Default::default(),
             })?;

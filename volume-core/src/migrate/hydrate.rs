@@ -715,7 +715,7 @@ impl<'a> Destination<'a> {
 /// it before the mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectLayer {
-    name: String,
+    name: crate::names::DmName,
     /// The LV it maps.
     local: Device,
     length: Sectors,
@@ -732,7 +732,10 @@ impl DirectLayer {
         let listed = dm.list_devices().map_err(|e| e.to_string())?;
         let Some(name) = listed.into_iter().find_map(|(name, number, _)| {
             let name = name.to_string();
-            (number == wanted && name.starts_with(&prefix)).then_some(name)
+            if number != wanted || !name.starts_with(&prefix) {
+                return None;
+            }
+            crate::names::DmName::new(name).ok()
         }) else {
             return Ok(None);
         };
@@ -761,7 +764,7 @@ impl DirectLayer {
         }))
     }
 
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &crate::names::DmName {
         &self.name
     }
 
@@ -782,7 +785,7 @@ impl DirectLayer {
         dm.device_remove(&self.id()?, DmOptions::default())
             .map_err(|e| format!("removing {}: {e}", self.name))?;
         // The node `mapper_node` may have made (udev removes its own).
-        let _ = std::fs::remove_file(Path::new("/dev/mapper").join(&self.name));
+        let _ = std::fs::remove_file(Path::new("/dev/mapper").join(self.name.as_str()));
         tracing::info!(layer = %self.name, "direct layer removed after its mapping");
         Ok(())
     }
