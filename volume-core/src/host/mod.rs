@@ -1234,11 +1234,11 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
-        let (volume, device) = self.usable_volume(id)?;
         let record = progress::node_tag(jail).ok_or_else(|| HostError::JailPathTooLong {
             id: id.clone(),
             path: jail.full(),
         })?;
+        let (volume, device) = self.usable_volume(id)?;
         let rdev = self
             .devices
             .device_number(&device)
