@@ -4,6 +4,9 @@
 //! * `vmv1.step=lv|crypt|ready|deleting`: how far a create got, or that a
 //!   delete began. Only `ready` volumes may hold data, so only they are
 //!   never formatted or discarded.
+//! * `vmv1.step=hydrating`: the volume arrives from another host (with
+//!   `vmv1.migration=<id>`, [`crate::hydration::migration_tag`]): usable
+//!   through its copying layer, its LV not complete until the copy is.
 //! * `vmv1.enc=luks2|none`, `vmv1.name=<volume name>`: the spec.
 //! * `vmv1.node=<base64url>`: a jail node this volume is exposed at
 //!   (recorded before the node is made, removed after it is gone), so that
@@ -41,6 +44,10 @@ pub enum Progress {
     Restoring,
     /// A delete began; only finishing it is allowed.
     Deleting,
+    /// Copied from another host in the background: it holds data (never
+    /// formatted) and is usable through its copying layer, but its LV is
+    /// not complete until the copy is.
+    Hydrating,
 }
 
 impl Progress {
@@ -51,15 +58,17 @@ impl Progress {
             Progress::Ready => "ready",
             Progress::Deleting => "deleting",
             Progress::Restoring => "restoring",
+            Progress::Hydrating => "hydrating",
         }
     }
 
-    const ALL: [Progress; 5] = [
+    const ALL: [Progress; 6] = [
         Progress::LvCreated,
         Progress::CryptFormatted,
         Progress::Ready,
         Progress::Deleting,
         Progress::Restoring,
+        Progress::Hydrating,
     ];
 }
 
@@ -245,6 +254,17 @@ mod tests {
         assert_eq!(restored_from(&tags), Some(volume));
         assert_eq!(step(&tags), Some(Progress::Restoring));
         assert_eq!(origin(&BTreeSet::new()), None);
+    }
+
+    #[test]
+    fn the_hydrating_step_parses_back_and_is_replaced_by_ready() {
+        let tag = step_tag(Progress::Hydrating);
+        assert_eq!(tag, "vmv1.step=hydrating");
+        check_tag(&tag).unwrap();
+        let tags: BTreeSet<String> = [tag.clone()].into();
+        assert_eq!(step(&tags), Some(Progress::Hydrating));
+        assert!(other_step_tags(Progress::Ready).contains(&tag));
+        assert!(!other_step_tags(Progress::Hydrating).contains(&tag));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Real-kernel test of moving a volume between hosts lazily: two hosts'
-//! pools (two VGs on loop devices) in one guest, NBD over 127.0.0.1. Run
+//! pools (two VGs on loop devices) in one guest, NBD over 127.0.0.1. The
+//! destination is driven as volumed drives it, through `VolumeHost`
+//! (hydrate, hydration_progress, complete_hydration, list, delete). Run
 //! inside the micro-VM:
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //!  cargo test -p volume-tests --test real_migrate -- --test-threads=1`.
@@ -8,14 +10,16 @@ use devicemapper::{DevId, DmFlags, DmName, DmOptions, DM};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use volume_core::backend::ThinBackend;
 use volume_core::cmd::MigrationTools;
 use volume_core::crypt::{self, CryptOptions};
-use volume_core::host::{Encryption, NewVolume, RealDevices, VolumeHost};
-use volume_core::hydration::{HydrationState, RecoveryRate};
+use volume_core::host::{
+    Encryption, HostError, Hydration, LocalVolume, NewVolume, Progress, RealDevices, VolumeHost,
+};
+use volume_core::hydration::{migration_tag, HydrationState, RecoveryRate};
 use volume_core::keys::{KeyStore, LocalKeyDir, MigrationSecret};
 use volume_core::migrate::{raid, Destination, ExportSpec, HydrateSpec, Source};
 use volume_core::names::{MigrationId, VolumeId, VolumeName};
@@ -71,6 +75,14 @@ fn lv_names(backend: &dyn ThinBackend) -> Vec<String> {
         .into_iter()
         .map(|volume| volume.lv.to_string())
         .collect()
+}
+
+fn listed(host: &VolumeHost, id: &VolumeId) -> LocalVolume {
+    host.list()
+        .unwrap()
+        .into_iter()
+        .find(|volume| volume.id == *id)
+        .expect("listed")
 }
 
 #[test]
@@ -135,11 +147,23 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         "a running export is left alone"
     );
 
-    // The destination: usable as soon as `start` returns.
+    // The destination host, as volumed runs it: usable as soon as
+    // `hydrate` returns.
+    let destination_keys = Arc::new(LocalKeyDir::open(scratch.path().join("keys-dst")).unwrap());
+    let host = VolumeHost::new(
+        Arc::new(
+            volume_core::backend::lvm::LvmBackend::start(destination_pool.spec().clone()).unwrap(),
+        ),
+        Arc::new(RealDevices::locate().expect("e2fsprogs in the guest")),
+        destination_keys.clone(),
+        Default::default(),
+    )
+    .with_migrations(tools.clone(), run_dir.clone());
     let destination_id = VolumeId::generate();
-    let hydrate = HydrateSpec {
+    let request = Hydration {
         migration: migration.clone(),
-        volume: destination_id.clone(),
+        id: destination_id.clone(),
+        name: origin.name.clone(),
         origin: origin.id.clone(),
         size: origin.size,
         source: export.listen,
@@ -147,41 +171,96 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         rate: RecoveryRate::from_kib_per_sec(4 * 1024).unwrap(),
         run_dir: run_dir.clone(),
     };
+    // What `set_rate` (not a host operation) is given.
+    let hydrate = HydrateSpec {
+        migration: migration.clone(),
+        volume: destination_id.clone(),
+        origin: origin.id.clone(),
+        size: origin.size,
+        source: export.listen,
+        rate: request.rate,
+        run_dir: run_dir.clone(),
+        tags: Vec::new(),
+    };
     let key = keys.load(&origin.id).unwrap().expect("source key");
     let destination = Destination::new(&destination_pool.backend, &tools, CryptOptions::default());
 
-    // A migration cancelled mid-copy leaves nothing on the destination.
-    let cancelled = HydrateSpec {
+    // A hydration that fails leaves nothing on the destination, its key
+    // included.
+    let refused = Hydration {
         migration: MigrationId::generate(),
-        volume: VolumeId::generate(),
-        ..hydrate.clone()
+        id: VolumeId::generate(),
+        ..request.clone()
     };
     let before_any = lv_names(&destination_pool.backend);
-    let _ = destination
-        .start(&cancelled, &secret, &key)
+    let err = host
+        .hydrate(&tools, &refused, &secret, &key)
         .expect_err("another migration's id is not the export's name: the server refuses it");
+    assert!(matches!(err, HostError::HydrationStart { .. }), "{err}");
     assert_eq!(
         lv_names(&destination_pool.backend),
         before_any,
-        "the failed start rolled back what it made"
+        "the failed hydrate rolled back what it made"
     );
-    // (The same migration: its start adopts the header of the export
-    // snapshot, which a new migration would take afresh.)
-    let cancelled = hydrate.clone();
-    let _ = destination.start(&cancelled, &secret, &key).expect("start");
-    destination.cancel(&cancelled).expect("cancel");
-    destination.cancel(&cancelled).expect("cancel again");
+    assert!(destination_keys.load(&refused.id).unwrap().is_none());
+
+    // A hydration deleted mid-copy (a cancel: volumed deletes the
+    // destination's volume) leaves nothing either. (The same migration
+    // and id: its start adopts the header of the export snapshot as this
+    // id's, which a new migration would take afresh.)
+    let cancelled = host
+        .hydrate(&tools, &request, &secret, &key)
+        .expect("hydrate");
+    assert!(cancelled.changed());
+    let shown = listed(&host, &destination_id);
+    assert_eq!(shown.progress, Some(Progress::Hydrating));
+    assert_eq!(shown.device, Some(crypt::mapping_path(&destination_id)));
+    assert_eq!(shown.name.as_ref(), Some(&origin.name));
+    let tags = destination_pool
+        .backend
+        .thin(&destination_id.lv_name())
+        .unwrap()
+        .unwrap()
+        .tags;
+    assert!(tags.contains(&migration_tag(&migration)), "{tags:?}");
+    assert!(tags.contains("vmv1.enc=luks2"), "{tags:?}");
+    assert!(
+        host.delete(&destination_id).expect("delete").changed(),
+        "deleted"
+    );
+    assert!(!host.delete(&destination_id).unwrap().changed());
     assert_eq!(lv_names(&destination_pool.backend), before_any);
+    assert!(destination_keys.load(&destination_id).unwrap().is_none());
     assert!(!Path::new("/dev/mapper")
         .join(migration.layer_name().as_str())
         .exists());
+    assert!(!run_dir.join(migration.as_str()).join("hydrate").exists());
+
     let requested = Instant::now();
-    let hydrating = destination
-        .start(&hydrate, &secret, &key)
-        .expect("hydration starts")
-        .into_inner();
+    let hydrated = host
+        .hydrate(&tools, &request, &secret, &key)
+        .expect("hydration starts");
     let usable_after = requested.elapsed();
-    assert_eq!(device_size(&hydrating.crypt), plain_size);
+    assert!(hydrated.changed());
+    let crypt_device = hydrated.into_inner().device.expect("usable");
+    assert_eq!(crypt_device, crypt::mapping_path(&destination_id));
+    assert!(
+        !host
+            .hydrate(&tools, &request, &secret, &key)
+            .unwrap()
+            .changed(),
+        "idempotent"
+    );
+    assert_eq!(host.open(&destination_id).unwrap(), crypt_device);
+    assert!(matches!(
+        host.close(&destination_id),
+        Err(HostError::HydrationUnfinished { .. })
+    ));
+    assert!(matches!(
+        host.extend(&destination_id, Bytes(origin.size.0 * 2)),
+        Err(HostError::HydrationUnfinished { .. })
+    ));
+    assert_eq!(device_size(&crypt_device), plain_size);
     let meta = read_at(
         &Path::new("/dev")
             .join(destination_pool.vg.as_str())
@@ -197,7 +276,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     // Read the pattern's tail before hydration reaches it: the copy runs
     // from the start upwards, so these blocks come over the network leg.
     let tail = plain_size - 8 * MIB;
-    let before = destination.progress(&hydrate).unwrap();
+    let before = host.hydration_progress(&tools, &request).unwrap();
     assert_eq!(before.state, HydrationState::Copying, "{before}");
     assert_eq!(before.total, origin.size);
     assert!(
@@ -205,7 +284,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         "the tail is not local yet: {before}"
     );
     assert!(
-        read_at(&hydrating.crypt, tail, 8 * MIB as usize) == pattern_at(tail, 8 * MIB as usize),
+        read_at(&crypt_device, tail, 8 * MIB as usize) == pattern_at(tail, 8 * MIB as usize),
         "the tail reads right over NBD"
     );
     eprintln!("usable after {usable_after:?}; {before}");
@@ -232,9 +311,9 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let stalled = destination.progress(&hydrate).unwrap();
+    let stalled = host.hydration_progress(&tools, &request).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let still = destination.progress(&hydrate).unwrap();
+    let still = host.hydration_progress(&tools, &request).unwrap();
     assert_eq!(
         stalled.copied, still.copied,
         "no copy while the source is down"
@@ -246,7 +325,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     ));
     let waiting_at = (still.copied.0 / (4 * MIB) + 2) * 4 * MIB;
     assert!(waiting_at + 4 * MIB < plain_size, "{still}");
-    let crypt_path = hydrating.crypt.clone();
+    let crypt_path = crypt_device.clone();
     let reader = std::thread::spawn(move || read_at(&crypt_path, waiting_at, 4 * MIB as usize));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -269,8 +348,19 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     eprintln!("outage {:?}; {still}", outage.elapsed());
 
     // The destination crashes (its layer and mapping go away) and comes
-    // back: it resumes from the layer's superblock, not from zero.
-    let before_crash = destination.progress(&hydrate).unwrap();
+    // back: open says to hydrate again, which resumes from the layer's
+    // superblock, not from zero.
+    let before_crash = host.hydration_progress(&tools, &request).unwrap();
+    let nbd_device = PathBuf::from(
+        fs::read_to_string(
+            run_dir
+                .join(migration.as_str())
+                .join("hydrate")
+                .join("nbd-device"),
+        )
+        .expect("the nbd device is recorded")
+        .trim(),
+    );
     let _ = crypt::close(&destination_id).unwrap();
     let dm = DM::new().unwrap();
     dm.device_remove(
@@ -278,9 +368,15 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         DmOptions::default(),
     )
     .unwrap();
-    let again = destination.start(&hydrate, &secret, &key).unwrap();
+    let err = host.open(&destination_id).unwrap_err();
+    assert!(
+        matches!(&err, HostError::Hydrating { migration: m, .. } if *m == migration),
+        "{err}"
+    );
+    assert_eq!(listed(&host, &destination_id).device, None);
+    let again = host.hydrate(&tools, &request, &secret, &key).unwrap();
     assert!(again.changed(), "the layer was rebuilt");
-    let resumed = destination.progress(&hydrate).unwrap();
+    let resumed = host.hydration_progress(&tools, &request).unwrap();
     assert!(
         resumed.copied >= before_crash.copied,
         "resumed at {resumed}, was at {before_crash}: copied again from the start"
@@ -301,7 +397,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
             .unwrap();
         table[0].3.clone()
     };
-    let after_rate = destination.progress(&hydrate).unwrap();
+    let after_rate = host.hydration_progress(&tools, &request).unwrap();
     assert!(
         dm_table.contains("max_recovery_rate 65536") || after_rate.is_complete(),
         "{dm_table}"
@@ -316,7 +412,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     let copying = Instant::now();
     let copied_at_start = after_rate.copied;
     loop {
-        let progress = destination.progress(&hydrate).unwrap();
+        let progress = host.hydration_progress(&tools, &request).unwrap();
         assert_ne!(progress.state, HydrationState::Failed, "{progress}");
         if progress.is_complete() {
             break;
@@ -329,25 +425,33 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     }
     let rate_mib_s =
         (origin.size.0 - copied_at_start.0) as f64 / MIB as f64 / copying.elapsed().as_secs_f64();
-    let completion = destination.complete(&hydrate).expect("complete");
+    let completion = host.complete_hydration(&tools, &request).expect("complete");
     let swap = completion.swap.expect("swapped by this call");
     assert_eq!(table_kind(migration.layer_name().as_str()), "linear");
     assert_eq!(
-        destination.complete(&hydrate).unwrap().swap,
+        host.complete_hydration(&tools, &request).unwrap().swap,
         None,
         "idempotent"
     );
+    let shown = listed(&host, &destination_id);
+    assert_eq!(shown.progress, Some(Progress::Ready));
+    assert_eq!(shown.device.as_ref(), Some(&crypt_device));
+    let tags = destination_pool
+        .backend
+        .thin(&destination_id.lv_name())
+        .unwrap()
+        .unwrap()
+        .tags;
+    assert!(!tags.contains(&migration_tag(&migration)), "{tags:?}");
+    assert!(host
+        .hydration_progress(&tools, &request)
+        .unwrap()
+        .is_complete());
     eprintln!("hydration {rate_mib_s:.1} MiB/s; table swap {swap:?}");
 
     // Every block matches, read through the direct table with the nbd
     // device gone; the layer's metadata LVs are gone.
-    let nbd_name = hydrating
-        .nbd
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let nbd_name = nbd_device.file_name().unwrap().to_str().unwrap().to_owned();
     assert!(
         !Path::new("/sys/block").join(&nbd_name).join("pid").exists(),
         "{nbd_name} is disconnected"
@@ -357,7 +461,7 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     while offset < plain_size {
         let len = chunk.min((plain_size - offset) as usize);
         assert!(
-            read_at(&hydrating.crypt, offset, len) == read_at(&source_plain, offset, len),
+            read_at(&crypt_device, offset, len) == read_at(&source_plain, offset, len),
             "destination differs from the source at {offset}"
         );
         offset += len as u64;
@@ -382,12 +486,33 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     assert!(!run_dir.join(migration.as_str()).join("export").exists());
     assert!(!source.stop(&export).unwrap().changed(), "idempotent");
 
-    let _ = crypt::close(&destination_id).unwrap();
-    dm.device_remove(
-        &DevId::Name(DmName::new(migration.layer_name().as_str()).unwrap()),
-        DmOptions::default(),
-    )
-    .unwrap();
+    // A ready volume now. Its mapping still sits on the direct layer until
+    // it is next closed: open finds it, extend grows the layer with the LV
+    // (the mapping grows; this volume holds a raw pattern, no filesystem,
+    // so the filesystem step fails), close removes the layer, and the
+    // next open is dm-crypt on the LV directly.
+    assert_eq!(host.open(&destination_id).unwrap(), crypt_device);
+    let grown = Bytes(origin.size.0 + 8 * MIB);
+    let err = host.extend(&destination_id, grown).unwrap_err();
+    assert!(matches!(err, HostError::FsGrow { .. }), "{err}");
+    assert_eq!(device_size(&crypt_device), plain_size + 8 * MIB);
+    assert!(host.close(&destination_id).unwrap().changed());
+    assert!(!Path::new("/dev/mapper")
+        .join(migration.layer_name().as_str())
+        .exists());
+    assert_eq!(host.open(&destination_id).unwrap(), crypt_device);
+    let (_, backing) = crypt::status(&destination_id).unwrap().expect("open");
+    assert_eq!(
+        backing.canonicalize().unwrap(),
+        Path::new("/dev")
+            .join(destination_pool.vg.as_str())
+            .join(destination_id.lv_name().as_str())
+            .canonicalize()
+            .unwrap()
+    );
+    assert!(read_at(&crypt_device, tail, 4 * MIB as usize) == pattern_at(tail, 4 * MIB as usize));
+    assert!(host.delete(&destination_id).unwrap().changed());
+    assert!(!lv_names(&destination_pool.backend).contains(&destination_id.lv_name().to_string()));
     // A move ends here: the source volume goes once every block is local.
     let _ = source_host.delete(&origin.id).expect("delete the source");
     assert!(!lv_names(&source_pool.backend).contains(&origin.id.lv_name().to_string()));

@@ -9,6 +9,7 @@ use crate::crypt::{self, CryptError, CryptOptions, FormatGuard};
 use crate::fs::{self, FsError, GrowOutcome};
 use crate::jail::{self, DeviceNumber, JailError};
 use crate::keys::VolumeKey;
+use crate::migrate::DirectLayer;
 use crate::names::{DmName, LvName, VolumeId};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,12 @@ pub trait VolumeDevices: Send + Sync {
     }
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError>;
+
+    /// The dm-crypt options mappings are opened with (a hydration opens its
+    /// mapping itself, over the copying layer).
+    fn crypt_options(&self) -> CryptOptions {
+        CryptOptions::default()
+    }
 
     /// Grows an open mapping to fill its grown LV.
     fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError>;
@@ -91,6 +98,18 @@ pub trait VolumeDevices: Send + Sync {
     /// Gives the restored copy's filesystem on `device` volume `id`'s UUID
     /// and label; see [`crate::fs::adopt_ext4`].
     fn adopt_fs(&self, device: &Path, id: &VolumeId) -> Result<CreateAction<()>, FsError>;
+}
+
+/// The direct layer a hydrated volume's open mapping still sits on, if any.
+fn direct_layer_under(id: &VolumeId) -> Result<Option<DirectLayer>, CryptError> {
+    let Some((_, backing)) = crypt::status(id)? else {
+        return Ok(None);
+    };
+    DirectLayer::at(&backing).map_err(|reason| CryptError::List { reason })
+}
+
+fn io_failure(reason: String) -> libcryptsetup_rs::LibcryptErr {
+    libcryptsetup_rs::LibcryptErr::IOError(std::io::Error::other(reason))
 }
 
 /// The real devices: libcryptsetup in process, `mkfs.ext4`/`e2fsck`/
@@ -145,7 +164,26 @@ impl VolumeDevices for RealDevices {
         id: &VolumeId,
         key: &VolumeKey,
     ) -> Result<CreateAction<PathBuf>, CryptError> {
-        crypt::open(lv_device, id, key, &self.options)
+        match crypt::open(lv_device, id, key, &self.options) {
+            // A hydrated volume's mapping still on its direct layer over
+            // this very LV: the same blocks, so the mapping is the one
+            // wanted.
+            Err(CryptError::MappingConflict {
+                name,
+                expected,
+                actual,
+            }) => match DirectLayer::at(&actual) {
+                Ok(Some(layer)) if layer.maps(lv_device) => {
+                    Ok(CreateAction::Identity(crypt::mapping_path(id)))
+                }
+                _ => Err(CryptError::MappingConflict {
+                    name,
+                    expected,
+                    actual,
+                }),
+            },
+            opened => opened,
+        }
     }
 
     fn crypt_mapping(&self, id: &VolumeId) -> Result<Option<PathBuf>, CryptError> {
@@ -166,11 +204,33 @@ impl VolumeDevices for RealDevices {
     }
 
     fn close_crypt(&self, id: &VolumeId) -> Result<DeleteAction, CryptError> {
-        crypt::close(id)
+        let layer = direct_layer_under(id)?;
+        let closed = crypt::close(id)?;
+        if let Some(layer) = layer {
+            // Nothing holds it now; left, it would hold the LV open.
+            layer.remove().map_err(|reason| CryptError::Deactivate {
+                name: layer.name().clone(),
+                source: io_failure(reason),
+                detail: Default::default(),
+            })?;
+        }
+        Ok(closed)
     }
 
     fn resize_crypt(&self, id: &VolumeId) -> Result<(), CryptError> {
+        // dm-crypt takes its size from the device under it.
+        if let Some(layer) = direct_layer_under(id)? {
+            let _ = layer.grow().map_err(|reason| CryptError::Resize {
+                name: layer.name().clone(),
+                source: io_failure(reason),
+                detail: Default::default(),
+            })?;
+        }
         crypt::resize(id)
+    }
+
+    fn crypt_options(&self) -> CryptOptions {
+        self.options
     }
 
     fn erase(

@@ -71,6 +71,8 @@
 pub mod devices;
 #[cfg(feature = "testing")]
 pub mod faults;
+#[cfg(test)]
+mod hydration_tests;
 #[cfg(feature = "testing")]
 pub mod sim;
 #[cfg(test)]
@@ -98,7 +100,8 @@ use crate::health::PoolHealth;
 use crate::health::VolumeHealth;
 use crate::jail::{self, ExposedNode, JailError, JailPath, NodeOwner};
 use crate::keys::{KeyError, KeyStore, VolumeKey};
-use crate::names::{SnapshotId, VolumeId, VolumeName};
+use crate::migrate::MigrateError;
+use crate::names::{MigrationId, SnapshotId, VolumeId, VolumeName};
 use crate::units::{Bytes, ExtentSize, Percent, UnitError};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -166,8 +169,11 @@ macro_rules! failed_at {
     };
 }
 
-// After `failed_at!`, which it uses.
+// After `failed_at!`, which they use.
+pub mod hydration;
 pub mod snapshots;
+
+pub use hydration::Hydration;
 
 /// One variant per failing step. None carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +193,49 @@ pub enum HostError {
         "volume {id} is {progress:?}, not ready; re-run create to finish it or delete to remove it"
     )]
     NotReady { id: VolumeId, progress: Progress },
+    #[error("volume {id} is hydrating (migration {migration}) but its copying layer is not up (after a restart): call hydrate again to rebuild it")]
+    Hydrating {
+        id: VolumeId,
+        migration: MigrationId,
+    },
+    #[error("volume {id} is still hydrating (migration {migration}): its LV here is not complete yet; complete or cancel the migration first")]
+    HydrationUnfinished {
+        id: VolumeId,
+        migration: MigrationId,
+    },
+    #[error("volume {id} is hydrating (migration {migration}) but this host takes no part in migrations (no run directory to cancel it from); nothing changed")]
+    MigrationsOff {
+        id: VolumeId,
+        migration: MigrationId,
+    },
+    #[error("volume {id}: starting its hydration (migration {migration}) failed: {source}")]
+    HydrationStart {
+        id: VolumeId,
+        migration: MigrationId,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("volume {id}: reading the progress of its hydration (migration {migration}) failed: {source}")]
+    HydrationProgress {
+        id: VolumeId,
+        migration: MigrationId,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("volume {id}: completing its hydration (migration {migration}) failed: {source}")]
+    HydrationComplete {
+        id: VolumeId,
+        migration: MigrationId,
+        #[source]
+        source: Box<MigrateError>,
+    },
+    #[error("volume {id}: cancelling its hydration (migration {migration}) failed: {source}")]
+    HydrationCancel {
+        id: VolumeId,
+        migration: MigrationId,
+        #[source]
+        source: Box<MigrateError>,
+    },
     #[error("volume {id} has unreadable progress tags {tags:?}; refusing to guess")]
     UnreadableProgress { id: VolumeId, tags: Vec<String> },
     #[error("volume {id}: capacity refused: {refusal}")]
@@ -465,6 +514,8 @@ pub struct VolumeHost {
     volume_locks: Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>,
     /// The fences in force, when a fencer runs ([`crate::fence`]).
     fences: Option<Arc<Fences>>,
+    /// Set when this host takes part in migrations.
+    migrations: Option<hydration::MigrationSetup>,
 }
 
 impl std::fmt::Debug for VolumeHost {
@@ -500,6 +551,7 @@ impl VolumeHost {
             pool_lock: Mutex::new(()),
             volume_locks: Mutex::new(HashMap::new()),
             fences: None,
+            migrations: None,
         }
     }
 
@@ -782,6 +834,13 @@ impl VolumeHost {
             if progress::step(&volume.tags) == Some(Progress::Restoring) {
                 return Err(HostError::RestoreUnfinished { id: id.clone() });
             }
+            if let Some(migration) = Self::migration_of(volume) {
+                // Never formatted: it holds the source's data.
+                return Err(HostError::HydrationUnfinished {
+                    id: id.clone(),
+                    migration,
+                });
+            }
             Self::check_spec(spec, volume)?;
             // Same size check as LVM makes: identity or SizeMismatch.
             if let Err(source) = self.backend.create_thin(&id.lv_name(), spec.size, &[]) {
@@ -990,6 +1049,12 @@ impl VolumeHost {
     ) -> Result<DeleteAction, HostError> {
         let mut changed = false;
         let mut encrypted = true;
+        // A hydrating volume's copy is cancelled (checked first: refused
+        // with nothing changed when this host cannot).
+        let hydration = match existing.as_ref().and_then(Self::migration_of) {
+            Some(migration) => Some(self.hydration_site(id, migration)?),
+            None => None,
+        };
         if let Some(volume) = &existing {
             // Unknown encryption: treat as encrypted; erasing finds no
             // header of ours on a plain volume and does nothing.
@@ -1039,6 +1104,15 @@ impl VolumeHost {
             .map_err(failed_at!(CryptClose, id))?
             .changed();
         self.step(id, Step::CryptClosed)?;
+        let mut existing = existing;
+        if let Some((site, tools)) = &hydration {
+            // Layer, nbd client, files, metadata LVs and the LV itself. The
+            // header is not erased: it is a copy of the source volume's,
+            // under the key that volume still has.
+            self.cancel_hydration(id, site, tools)?;
+            changed = true;
+            existing = None;
+        }
         if let Some(volume) = &existing {
             let lv_device = self.lv_device(id, volume)?;
             let restoring = progress::restored_from(&volume.tags).is_some();
@@ -1073,7 +1147,9 @@ impl VolumeHost {
 
     /// Deletes a volume and its key, nodes, mapping and LV; `Identity` if
     /// nothing of it is left. The VM using it must be stopped first
-    /// (a mapping held open is reported as busy).
+    /// (a mapping held open is reported as busy). A hydrating volume is
+    /// marked `deleting` first, then its hydration cancelled
+    /// ([`VolumeHost::with_migrations`]).
     pub fn delete(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
@@ -1086,21 +1162,33 @@ impl VolumeHost {
     }
 
     /// Opens a ready volume (after a host restart): activates the LV and
-    /// opens the mapping. Returns the device a VM gets.
+    /// opens the mapping. Returns the device a VM gets. A hydrating
+    /// volume's is its mapping over the copying layer when that is up;
+    /// after a restart it is not, and only `hydrate` can rebuild it
+    /// ([`HostError::Hydrating`]).
     pub fn open(&self, id: &VolumeId) -> Result<PathBuf, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
-        let volume = self.ready_volume(id)?;
-        self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)
+        Ok(self.usable_volume(id)?.1)
     }
 
     /// Closes a volume's mapping (the LV stays active). A mapping in use is
-    /// reported as busy.
+    /// reported as busy. A hydrating volume's is refused
+    /// ([`HostError::HydrationUnfinished`]): its layer would go on copying
+    /// under no mapping, and only `hydrate` could open it again.
     pub fn close(&self, id: &VolumeId) -> Result<DeleteAction, HostError> {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
+        if let Some(volume) = self.find(id)? {
+            if let Some(migration) = Self::migration_of(&volume) {
+                return Err(HostError::HydrationUnfinished {
+                    id: id.clone(),
+                    migration,
+                });
+            }
+        }
         let closed = self
             .devices
             .close_crypt(id)
@@ -1115,16 +1203,28 @@ impl VolumeHost {
             .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
         match Self::progress_of(id, &volume)? {
             Progress::Ready => Ok(volume),
-            other => Err(HostError::NotReady {
-                id: id.clone(),
-                progress: other,
-            }),
+            other => Err(Self::not_ready(id, &volume, other)),
         }
     }
 
-    /// Exposes a ready volume's final device (opening it if needed) as a
-    /// block node at `jail`, owned by `owner`. A stale node of ours is
-    /// replaced; anything else at that path is refused.
+    /// A volume a VM can use, and its final device, opened if needed: a
+    /// ready one, or a hydrating one whose mapping is up.
+    fn usable_volume(&self, id: &VolumeId) -> Result<(ThinVolume, PathBuf), HostError> {
+        let volume = self
+            .find(id)?
+            .ok_or_else(|| HostError::NotFound { id: id.clone() })?;
+        let device = match Self::progress_of(id, &volume)? {
+            Progress::Ready => self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)?,
+            Progress::Hydrating => self.hydrating_device(id, &volume)?,
+            other => return Err(Self::not_ready(id, &volume, other)),
+        };
+        Ok((volume, device))
+    }
+
+    /// Exposes a ready volume's final device (opening it if needed), or a
+    /// hydrating one's mapping, as a block node at `jail`, owned by
+    /// `owner`. A stale node of ours is replaced; anything else at that
+    /// path is refused.
     pub fn expose(
         &self,
         id: &VolumeId,
@@ -1134,12 +1234,11 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(id);
         let _held = lock(&volume_lock);
         self.refuse_if_fenced(id)?;
-        let volume = self.ready_volume(id)?;
         let record = progress::node_tag(jail).ok_or_else(|| HostError::JailPathTooLong {
             id: id.clone(),
             path: jail.full(),
         })?;
-        let device = self.ensure_open(id, Self::encryption_of(id, &volume)?, &volume)?;
+        let (volume, device) = self.usable_volume(id)?;
         let rdev = self
             .devices
             .device_number(&device)

@@ -301,12 +301,7 @@ impl VolumeHost {
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
                 Progress::Restoring => self.check_restored_name(restore, volume)?,
-                other => {
-                    return Err(HostError::NotReady {
-                        id: id.clone(),
-                        progress: other,
-                    })
-                }
+                other => return Err(Self::not_ready(id, volume, other)),
             }
         }
         let snapshot =

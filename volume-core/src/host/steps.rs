@@ -28,6 +28,8 @@ pub enum Step {
     HeaderErased,
     LvRemoved,
     KeyDestroyed,
+    /// A hydrating volume's copy cancelled (its layer and LVs gone).
+    HydrationCancelled,
     // snapshots, restore and fork
     SnapshotTaken,
     SnapshotRemoved,

@@ -38,9 +38,45 @@ pub struct HydrateSpec {
     /// The daemon's run directory; this end's files go in
     /// `<run_dir>/<migration>/hydrate/`.
     pub run_dir: PathBuf,
+    /// Tags the volume's LV gets in its `lvcreate`, besides the migration
+    /// tag (which every LV of the migration carries): the volume host's
+    /// own (name, encryption, step), so that the LV is a volume of its from
+    /// its first metadata commit. Empty for a volume no host manages.
+    pub tags: Vec<String>,
+}
+
+/// What this host's side of a hydration is, by name: its layer, nbd
+/// client, files and LVs all follow from these. Enough to cancel it from
+/// an LV's migration tag and the run directory alone, when the request
+/// that started it is gone (a delete after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HydrationSite {
+    pub migration: MigrationId,
+    /// The new volume here.
+    pub volume: VolumeId,
+    /// As [`HydrateSpec::run_dir`].
+    pub run_dir: PathBuf,
+}
+
+impl HydrationSite {
+    fn files(&self) -> EndFiles {
+        EndFiles::new(&self.run_dir, &self.migration, "hydrate")
+    }
+
+    fn error_layer(&self, step: &'static str, reason: impl ToString) -> MigrateError {
+        layer_error(&self.migration, step, reason)
+    }
 }
 
 impl HydrateSpec {
+    pub fn site(&self) -> HydrationSite {
+        HydrationSite {
+            migration: self.migration.clone(),
+            volume: self.volume.clone(),
+            run_dir: self.run_dir.clone(),
+        }
+    }
+
     fn files(&self) -> EndFiles {
         EndFiles::new(&self.run_dir, &self.migration, "hydrate")
     }
@@ -50,12 +86,7 @@ impl HydrateSpec {
     }
 
     fn error_layer(&self, step: &'static str, reason: impl ToString) -> MigrateError {
-        MigrateError::Layer {
-            migration: self.migration.clone(),
-            step,
-            device: self.migration.layer_name().to_string(),
-            reason: reason.to_string(),
-        }
+        layer_error(&self.migration, step, reason)
     }
 }
 
@@ -97,8 +128,17 @@ pub struct Destination<'a> {
     crypt: CryptOptions,
 }
 
-fn dm(spec: &HydrateSpec) -> Result<DM, MigrateError> {
-    DM::new().map_err(|error| spec.error_layer("open control", error))
+fn layer_error(migration: &MigrationId, step: &'static str, reason: impl ToString) -> MigrateError {
+    MigrateError::Layer {
+        migration: migration.clone(),
+        step,
+        device: migration.layer_name().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn dm(migration: &MigrationId) -> Result<DM, MigrateError> {
+    DM::new().map_err(|error| layer_error(migration, "open control", error))
 }
 
 /// `/dev/mapper/<name>` of the copying layer, made here when udev has
@@ -197,11 +237,25 @@ impl<'a> Destination<'a> {
     ) -> Result<Hydrating, MigrateError> {
         let migration = &spec.migration;
         let tag = migration_tag(migration);
-        let local = self.thin(spec, &spec.volume.lv_name(), spec.size, &tag, &mut made.lv)?;
+        let mut volume_tags = spec.tags.clone();
+        volume_tags.push(tag.clone());
+        let local = self.thin(
+            spec,
+            &spec.volume.lv_name(),
+            spec.size,
+            &volume_tags,
+            &mut made.lv,
+        )?;
         let mut metas = Vec::with_capacity(2);
         for leg in [NETWORK_LEG, LOCAL_LEG] {
             let lv = migration.meta_lv_name(leg as u8);
-            let path = self.thin(spec, &lv, raid::META_SIZE, &tag, &mut made.meta[leg])?;
+            let path = self.thin(
+                spec,
+                &lv,
+                raid::META_SIZE,
+                std::slice::from_ref(&tag),
+                &mut made.meta[leg],
+            )?;
             metas.push(path);
         }
         let nbd = self.connect(spec, secret, made)?;
@@ -239,18 +293,18 @@ impl<'a> Destination<'a> {
         spec: &HydrateSpec,
         lv: &LvName,
         size: Bytes,
-        tag: &str,
+        tags: &[String],
         made: &mut bool,
     ) -> Result<PathBuf, MigrateError> {
         let migration = &spec.migration;
-        let created = self
-            .backend
-            .create_thin(lv, size, &[tag.to_owned()])
-            .map_err(|source| MigrateError::CreateLv {
-                migration: migration.clone(),
-                lv: lv.clone(),
-                source: Box::new(source),
-            })?;
+        let created =
+            self.backend
+                .create_thin(lv, size, tags)
+                .map_err(|source| MigrateError::CreateLv {
+                    migration: migration.clone(),
+                    lv: lv.clone(),
+                    source: Box::new(source),
+                })?;
         *made = created.changed();
         let volume = match created {
             CreateAction::Created(volume) | CreateAction::Identity(volume) => volume,
@@ -352,7 +406,7 @@ impl<'a> Destination<'a> {
         local: &Path,
         made: &mut bool,
     ) -> Result<PathBuf, MigrateError> {
-        let dm = dm(spec)?;
+        let dm = dm(&spec.migration)?;
         let name = spec.migration.layer_name();
         let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
         let id = DevId::Name(dm_name);
@@ -402,56 +456,57 @@ impl<'a> Destination<'a> {
     /// Undoes what one `start` made, newest first.
     fn roll_back(&self, spec: &HydrateSpec, made: &Made) -> Result<(), MigrateError> {
         let migration = &spec.migration;
+        let site = spec.site();
         if made.layer {
-            self.remove_layer(spec)?;
+            self.remove_layer(&site)?;
         }
         if made.nbd {
-            self.disconnect(spec)?;
+            self.disconnect(&site)?;
         }
         if made.files {
             let _ = nbd::remove_files(&spec.files());
         }
         for leg in [LOCAL_LEG, NETWORK_LEG] {
             if made.meta[leg] {
-                self.remove_lv(spec, &migration.meta_lv_name(leg as u8))?;
+                self.remove_lv(&site, &migration.meta_lv_name(leg as u8))?;
             }
         }
         if made.lv {
-            self.remove_lv(spec, &spec.volume.lv_name())?;
+            self.remove_lv(&site, &spec.volume.lv_name())?;
         }
         Ok(())
     }
 
-    fn remove_lv(&self, spec: &HydrateSpec, lv: &LvName) -> Result<(), MigrateError> {
+    fn remove_lv(&self, site: &HydrationSite, lv: &LvName) -> Result<(), MigrateError> {
         self.backend
             .remove_thin(lv)
             .map(|_| ())
             .map_err(|source| MigrateError::RemoveLv {
-                migration: spec.migration.clone(),
+                migration: site.migration.clone(),
                 lv: lv.clone(),
                 source: Box::new(source),
             })
     }
 
-    fn remove_layer(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
-        let dm = dm(spec)?;
-        let name = spec.migration.layer_name();
-        let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
+    fn remove_layer(&self, site: &HydrationSite) -> Result<(), MigrateError> {
+        let dm = dm(&site.migration)?;
+        let name = site.migration.layer_name();
+        let dm_name = DmName::new(name.as_str()).map_err(|e| site.error_layer("name", e))?;
         let id = DevId::Name(dm_name);
         if dm.device_info(&id).is_err() {
             return Ok(());
         }
         dm.device_remove(&id, DmOptions::default())
-            .map_err(|e| spec.error_layer("remove", e))?;
+            .map_err(|e| site.error_layer("remove", e))?;
         // The node this module may have made (udev removes its own).
         let _ = std::fs::remove_file(Path::new("/dev/mapper").join(name.as_str()));
         Ok(())
     }
 
     /// Disconnects this migration's nbd device and waits for its client.
-    fn disconnect(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
-        let migration = &spec.migration;
-        let files = spec.files();
+    fn disconnect(&self, site: &HydrationSite) -> Result<(), MigrateError> {
+        let migration = &site.migration;
+        let files = site.files();
         let Some(_) = nbd::running_pid(&files.pid_file()) else {
             return Ok(());
         };
@@ -485,7 +540,7 @@ impl<'a> Destination<'a> {
     /// with the new rate and without `rebuild`, so md resumes from its
     /// recorded offset (a suspend and resume; I/O waits, none fails).
     pub fn set_rate(&self, spec: &HydrateSpec, rate: RecoveryRate) -> Result<(), MigrateError> {
-        let dm = dm(spec)?;
+        let dm = dm(&spec.migration)?;
         let name = spec.migration.layer_name();
         let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
         let id = DevId::Name(dm_name);
@@ -527,18 +582,24 @@ impl<'a> Destination<'a> {
     /// LV this migration did not make is never removed). The reservation
     /// and the key are the caller's. Idempotent.
     pub fn cancel(&self, spec: &HydrateSpec) -> Result<(), MigrateError> {
-        let migration = &spec.migration;
-        let _ = crypt::close(&spec.volume).map_err(|source| MigrateError::OpenCrypt {
+        self.cancel_site(&spec.site())
+    }
+
+    /// [`Destination::cancel`] from the names alone: a cancel needs no
+    /// source address, size, rate or secret.
+    pub fn cancel_site(&self, site: &HydrationSite) -> Result<(), MigrateError> {
+        let migration = &site.migration;
+        let _ = crypt::close(&site.volume).map_err(|source| MigrateError::CloseCrypt {
             migration: migration.clone(),
             source: Box::new(source),
         })?;
-        self.remove_layer(spec)?;
-        self.disconnect(spec)?;
-        let _ = nbd::remove_files(&spec.files());
+        self.remove_layer(site)?;
+        self.disconnect(site)?;
+        let _ = nbd::remove_files(&site.files());
         for leg in [LOCAL_LEG, NETWORK_LEG] {
-            self.remove_lv(spec, &migration.meta_lv_name(leg as u8))?;
+            self.remove_lv(site, &migration.meta_lv_name(leg as u8))?;
         }
-        let lv = spec.volume.lv_name();
+        let lv = site.volume.lv_name();
         let listed = self
             .backend
             .list_thins()
@@ -554,9 +615,9 @@ impl<'a> Destination<'a> {
                 crate::hydration::migration(&volume.tags).as_ref() == Some(migration)
             });
         if ours {
-            self.remove_lv(spec, &lv)?;
+            self.remove_lv(site, &lv)?;
         }
-        tracing::info!(%migration, volume = %spec.volume, "hydration cancelled");
+        tracing::info!(%migration, volume = %site.volume, "hydration cancelled");
         Ok(())
     }
 
@@ -564,7 +625,7 @@ impl<'a> Destination<'a> {
     /// either leg). A layer already swapped to its direct table reads as
     /// complete.
     pub fn progress(&self, spec: &HydrateSpec) -> Result<HydrationProgress, MigrateError> {
-        let dm = dm(spec)?;
+        let dm = dm(&spec.migration)?;
         let name = spec.migration.layer_name();
         let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
         let (_, lines) = dm
@@ -600,7 +661,7 @@ impl<'a> Destination<'a> {
                 progress,
             });
         }
-        let dm = dm(spec)?;
+        let dm = dm(&spec.migration)?;
         let name = spec.migration.layer_name();
         let dm_name = DmName::new(name.as_str()).map_err(|e| spec.error_layer("name", e))?;
         let id = DevId::Name(dm_name);
@@ -636,11 +697,124 @@ impl<'a> Destination<'a> {
         } else {
             None
         };
-        self.disconnect(spec)?;
+        let site = spec.site();
+        self.disconnect(&site)?;
         let _ = nbd::remove_files(&spec.files());
         for leg in [LOCAL_LEG, NETWORK_LEG] {
-            self.remove_lv(spec, &spec.migration.meta_lv_name(leg as u8))?;
+            self.remove_lv(&site, &spec.migration.meta_lv_name(leg as u8))?;
         }
         Ok(Completion { swap })
+    }
+}
+
+/// A hydrated volume's layer after its swap ([`Destination::complete`]):
+/// one `linear` target over the volume's LV. It stays under dm-crypt (an
+/// open mapping cannot change its device) until the volume is next
+/// closed, so the volume's own operations meet it: an open finds the
+/// mapping on it, a close removes it after the mapping, an extend grows
+/// it before the mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectLayer {
+    name: crate::names::DmName,
+    /// The LV it maps.
+    local: Device,
+    length: Sectors,
+}
+
+impl DirectLayer {
+    /// The direct layer at `device`, if `device` is one: a device-mapper
+    /// device of a migration's layer name whose table is one `linear`
+    /// target. `None` for anything else, a layer still copying included.
+    pub fn at(device: &Path) -> Result<Option<DirectLayer>, String> {
+        let wanted = device_of(device)?;
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        let prefix = format!("{}-hydrate-", crate::names::NAME_PREFIX);
+        let listed = dm.list_devices().map_err(|e| e.to_string())?;
+        let Some(name) = listed.into_iter().find_map(|(name, number, _)| {
+            let name = name.to_string();
+            if number != wanted || !name.starts_with(&prefix) {
+                return None;
+            }
+            crate::names::DmName::new(name).ok()
+        }) else {
+            return Ok(None);
+        };
+        let dm_name = DmName::new(name.as_str()).map_err(|e| e.to_string())?;
+        let (_, table) = dm
+            .table_status(
+                &DevId::Name(dm_name),
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| format!("reading the table of {name}: {e}"))?;
+        let [(0, length, kind, params)] = table.as_slice() else {
+            return Ok(None);
+        };
+        let mut words = params.split_whitespace();
+        let (Some(local), Some("0"), None) = (words.next(), words.next(), words.next()) else {
+            return Ok(None);
+        };
+        let local = match (kind.as_str(), local.parse::<Device>()) {
+            ("linear", Ok(local)) => local,
+            _ => return Ok(None),
+        };
+        Ok(Some(DirectLayer {
+            name,
+            local,
+            length: Sectors(*length),
+        }))
+    }
+
+    pub fn name(&self) -> &crate::names::DmName {
+        &self.name
+    }
+
+    fn id(&self) -> Result<DevId<'_>, String> {
+        DmName::new(self.name.as_str())
+            .map(DevId::Name)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether it maps the LV at `lv` (the same blocks).
+    pub fn maps(&self, lv: &Path) -> bool {
+        device_of(lv).is_ok_and(|device| device == self.local)
+    }
+
+    /// Removes it; for when nothing holds it (its mapping is closed).
+    pub fn remove(&self) -> Result<(), String> {
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        dm.device_remove(&self.id()?, DmOptions::default())
+            .map_err(|e| format!("removing {}: {e}", self.name))?;
+        // The node `mapper_node` may have made (udev removes its own).
+        let _ = std::fs::remove_file(Path::new("/dev/mapper").join(self.name.as_str()));
+        tracing::info!(layer = %self.name, "direct layer removed after its mapping");
+        Ok(())
+    }
+
+    /// Grows its table to its LV's size, after an extend of the LV (a
+    /// suspend and resume: I/O waits, none fails). `false` if it has that
+    /// size already.
+    pub fn grow(&self) -> Result<bool, String> {
+        let size = format!(
+            "/sys/dev/block/{}:{}/size",
+            self.local.major, self.local.minor
+        );
+        let sectors: u64 = std::fs::read_to_string(&size)
+            .map_err(|e| format!("reading {size}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("reading {size}: {e}"))?;
+        if sectors <= self.length.0 {
+            return Ok(false);
+        }
+        let dm = DM::new().map_err(|e| e.to_string())?;
+        let id = self.id()?;
+        let table = raid::linear_target(Sectors(sectors), self.local);
+        dm.table_load(&id, &[table], DmOptions::default())
+            .map_err(|e| format!("loading the grown table of {}: {e}", self.name))?;
+        dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| format!("suspending {}: {e}", self.name))?;
+        dm.device_suspend(&id, DmOptions::default())
+            .map_err(|e| format!("resuming {}: {e}", self.name))?;
+        Ok(true)
     }
 }

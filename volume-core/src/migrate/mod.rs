@@ -23,7 +23,7 @@ pub mod nbd;
 pub mod raid;
 
 pub use export::{ExportSpec, Exported, Source};
-pub use hydrate::{Completion, Destination, HydrateSpec, Hydrating};
+pub use hydrate::{Completion, Destination, DirectLayer, HydrateSpec, Hydrating, HydrationSite};
 
 use crate::backend::BackendError;
 use crate::cmd::CmdError;
@@ -132,6 +132,12 @@ pub enum MigrateError {
     },
     #[error("migration {migration}: opening dm-crypt on the copying layer: {source}")]
     OpenCrypt {
+        migration: MigrationId,
+        #[source]
+        source: Box<CryptError>,
+    },
+    #[error("migration {migration}: closing dm-crypt on the copying layer: {source}")]
+    CloseCrypt {
         migration: MigrationId,
         #[source]
         source: Box<CryptError>,
