@@ -1069,7 +1069,7 @@ impl Daemon {
                         extent,
                     ) == Work::Settled;
                 settled.then(|| Watched {
-                    spec: spec.clone(),
+                    spec: spec.as_ref().clone(),
                     desired_index: *index,
                 })
             })

@@ -435,7 +435,7 @@ impl MigrationLoop {
 
     /// One pass over every migration naming this host. `true` while one
     /// hydrates here (the next pass comes after [`REPORT_EVERY`]).
-    pub async fn pass(&self, samples: &mut BTreeMap<MigrationId, Sample>) -> Result<bool, String> {
+    async fn pass(&self, samples: &mut BTreeMap<MigrationId, Sample>) -> Result<bool, String> {
         let records = read_records(&self.kv, &self.layout)
             .await
             .map_err(|e| format!("reading the migration records: {e}"))?;

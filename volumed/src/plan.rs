@@ -21,14 +21,12 @@ use volume_core::units::Bytes;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Desired {
     Valid {
-        spec: VolumeSpec,
+        /// Boxed: a record is large beside a malformed one's error.
+        spec: Box<VolumeSpec>,
         index: u64,
     },
     /// The key names a volume but the record cannot be used.
-    Malformed {
-        index: u64,
-        error: String,
-    },
+    Malformed { index: u64, error: String },
 }
 
 impl Desired {
@@ -76,7 +74,7 @@ pub fn parse_desired(layout: &Layout, host: &HostId, entries: &[KvPair]) -> Desi
         };
         let desired = match check_spec(host, &id, &entry.value) {
             Ok(spec) => Desired::Valid {
-                spec,
+                spec: Box::new(spec),
                 index: entry.modify_index,
             },
             Err(error) => Desired::Malformed {
@@ -304,7 +302,10 @@ mod tests {
     }
 
     fn valid(spec: VolumeSpec) -> Desired {
-        Desired::Valid { spec, index: 7 }
+        Desired::Valid {
+            spec: Box::new(spec),
+            index: 7,
+        }
     }
 
     #[test]

@@ -163,6 +163,11 @@ pub fn build(
     tracing::info!(usage = %pool.usage, "thin pool ready");
     let host = VolumeHost::new(backend, devices, keys, config.policy)
         .with_fences(Arc::new(Fences::default()));
+    // A delete of a hydrating volume cancels its hydration with these.
+    let host = match &migration {
+        Some(env) => host.with_migrations(env.tools.clone(), env.run_dir.clone()),
+        None => host,
+    };
     #[cfg(feature = "testing")]
     let host = match PauseAfterStep::from_env() {
         Some(pause) => host.with_faults(Arc::new(pause)),

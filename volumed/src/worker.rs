@@ -138,6 +138,9 @@ fn classify(error: &HostError) -> Retry {
             Retry::Backoff
         }
         // LVM reads, and a mapping or node held by a VM that will stop.
+        // The source's export or our nbd client not up yet, or gone for
+        // a while: the same steps work once it is back.
+        HostError::HydrationStart { .. } => Retry::Backoff,
         HostError::PoolStatus(_)
         | HostError::List(_)
         | HostError::CryptClose { .. }
