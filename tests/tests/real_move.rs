@@ -245,6 +245,7 @@ fn strings_with_prefix(value: &Value, prefix: &str, found: &mut Vec<String>) {
 /// progress where it reports one.
 #[derive(Debug, Clone, Default)]
 struct Hydration {
+    id: Option<String>,
     state: Option<String>,
     copied: Option<u64>,
     total: Option<u64>,
@@ -257,6 +258,10 @@ fn hydration(show: &Value) -> Hydration {
     };
     let number = |key| find_key(migration, key).and_then(Value::as_u64);
     Hydration {
+        id: migration
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         state: find_key(migration, "state")
             .and_then(Value::as_str)
             .map(str::to_owned),
@@ -497,17 +502,75 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
         mib_per_sec(8 * MIB, read_took)
     );
 
-    // 3. The source's daemon crashes mid-copy and comes back.
+    // 3. The source's daemon crashes mid-copy and comes back: first the
+    // daemon alone (its export runs on in its own process, the copy goes
+    // on), then the daemon with its export, as a host crash would take
+    // both: the destination reports the source unreachable, and the copy
+    // resumes when the restarted daemon serves the export again.
     let before_crash = hydration(&show_json(&kv, &fork));
     h1.crash();
     std::thread::sleep(Duration::from_secs(3));
     let during_crash = hydration(&show_json(&kv, &fork));
     println!(
-        "h1 down 3 s: migration before {before_crash:?}, after {during_crash:?}, show says {:?}",
+        "h1's volumed down 3 s: migration before {before_crash:?}, after {during_crash:?}, show says {:?}",
         hydration_line(&kv, &fork)
     );
     h1.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    h1.crash();
+    let export_pid = work
+        .join("run-h1")
+        .join(
+            hydration(&show_json(&kv, &fork))
+                .id
+                .expect("the migration's id"),
+        )
+        .join("export/qemu-nbd.pid");
+    let pid: i32 = fs::read_to_string(&export_pid)
+        .unwrap_or_else(|e| panic!("{}: {e}", export_pid.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the export");
+    let killed = Instant::now();
+    let unreachable = poll(
+        "the fork to report its source unreachable",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            let now = hydration(&show_json(&kv, &fork));
+            (now.state.as_deref() == Some("source_unreachable")).then_some(now)
+        },
+    );
+    println!(
+        "h1's volumed and export killed: source unreachable after {:.1?} ({unreachable:?}), show says {:?}",
+        killed.elapsed(),
+        hydration_line(&kv, &fork)
+    );
+    // Meanwhile a read of a block already copied is served locally.
+    assert!(
+        read_at(&fork_node, 0, MIB as usize) == pattern_at(0, MIB as usize),
+        "the fork's first MiB differs while the source is away"
+    );
+    h1.restart();
     let restarted = Instant::now();
+    poll(
+        "the copy to resume after the source's restart",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let now = hydration(&show_json(&kv, &fork));
+            matches!(now.state.as_deref(), Some("hydrating" | "complete")).then_some(())
+        },
+    );
+    println!(
+        "copy resumed {:.1?} after h1's restart",
+        restarted.elapsed()
+    );
 
     // 4. The copy completes; the fork holds exactly the source's bytes.
     let mut samples: Vec<(Duration, Hydration)> = Vec::new();

@@ -49,6 +49,9 @@ use volume_core::transfer::{
 };
 use volume_core::units::{Bytes, BytesPerSec};
 
+/// How long a destination's job waits for the source to export (its
+/// status then says `creating`); after it, the job fails and is retried.
+pub const EXPORT_WAIT: Duration = Duration::from_secs(120);
 /// The copy has not moved for this long: the source is probed.
 pub const STALL: Duration = Duration::from_secs(3);
 /// How often a destination reports its copy.
@@ -229,12 +232,13 @@ async fn read_transfer(
         .transpose()
 }
 
-/// The export's address, from the source's `exporting` status.
+/// The export's address, from the source's `exporting` status; `None`
+/// until the source reports one.
 async fn export_address(
     kv: &ConsulKv,
     layout: &Layout,
     spec: &MigrationSpec,
-) -> Result<SocketAddr, (Retry, String)> {
+) -> Result<Option<SocketAddr>, (Retry, String)> {
     let key = layout.migration_status(&spec.source.host, &spec.id);
     let found = kv
         .get(&key)
@@ -245,7 +249,7 @@ async fn export_address(
         .and_then(|pair| serde_json::from_slice::<MigrationStatus>(&pair.value).ok())
         .map(|status| status.state);
     match state {
-        Some(MigrationState::Exporting { address }) => Ok(address),
+        Some(MigrationState::Exporting { address }) => Ok(Some(address)),
         Some(MigrationState::Error { message }) => Err((
             Retry::Backoff,
             format!(
@@ -253,13 +257,7 @@ async fn export_address(
                 spec.source.host, spec.id
             ),
         )),
-        _ => Err((
-            Retry::Backoff,
-            format!(
-                "waiting for host {} to export volume {} (migration {})",
-                spec.source.host, spec.source.volume, spec.id
-            ),
-        )),
+        _ => Ok(None),
     }
 }
 
@@ -283,15 +281,15 @@ fn hydration(
 
 /// What the destination's job needs to build `volume` (whose record names
 /// `migration` as its source): the request, and the secret and key opened
-/// from the sealed transfer. `Backoff` while the source has not exported
-/// yet.
+/// from the sealed transfer. `None` while the source has not exported
+/// and sealed yet (the job waits, see [`EXPORT_WAIT`]).
 pub async fn prepare_destination(
     kv: &ConsulKv,
     layout: &Layout,
     env: &Arc<MigrationEnv>,
     migration: &MigrationId,
     volume: &VolumeSpec,
-) -> Result<(Hydration, MigrationSecrets), (Retry, String)> {
+) -> Result<Option<(Hydration, MigrationSecrets)>, (Retry, String)> {
     let spec = read_spec(kv, layout, migration).await?;
     if spec.destination.volume != volume.id || spec.destination.host != volume.host {
         return Err((
@@ -308,19 +306,15 @@ pub async fn prepare_destination(
             format!("migration {migration} is cancelled"),
         ));
     }
-    let address = export_address(kv, layout, &spec).await?;
-    let sealed = read_transfer(kv, layout, migration)
+    let Some(address) = export_address(kv, layout, &spec).await? else {
+        return Ok(None);
+    };
+    let Some(sealed) = read_transfer(kv, layout, migration)
         .await
         .map_err(|e| (Retry::Backoff, e))?
-        .ok_or_else(|| {
-            (
-                Retry::Backoff,
-                format!(
-                    "waiting for host {} to seal migration {migration}'s secrets",
-                    spec.source.host
-                ),
-            )
-        })?;
+    else {
+        return Ok(None);
+    };
     let opener = env.clone();
     let id = migration.clone();
     let secrets = blocking(move || {
@@ -328,7 +322,7 @@ pub async fn prepare_destination(
     })
     .await
     .map_err(|e| (Retry::OnChange, e))?;
-    Ok((hydration(env, &spec, volume, address), secrets))
+    Ok(Some((hydration(env, &spec, volume, address), secrets)))
 }
 
 /// The address `migration`'s export on `host` uses: the one it reported,

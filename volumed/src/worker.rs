@@ -18,7 +18,7 @@ use volume_core::actions::ExtendAction;
 use volume_core::host::{self, Encryption, HostError, VolumeHost};
 use volume_core::jail::{JailPath, NodeOwner};
 use volume_core::keys::KeyError;
-use volume_core::names::{HostId, VolumeId};
+use volume_core::names::{HostId, MigrationId, VolumeId};
 
 /// What every job shares.
 pub struct Ctx {
@@ -297,8 +297,13 @@ async fn converge(
                 Err(error) => return run.failed(spec, None, "hydrate", error),
             }
         }
-        if let Some(VolumeSource::Migration { id: migration, .. }) = &source {
-            return match hydrate(run, spec, migration).await {
+        if let Some(VolumeSource::Migration {
+            id: migration,
+            host: source_host,
+            volume: source_volume,
+        }) = &source
+        {
+            return match hydrate(run, spec, (migration, source_host, source_volume)).await {
                 Ok(volume) => expose(run, spec, Some(volume), steps).await,
                 Err(error) => {
                     run.changed = true;
@@ -444,7 +449,7 @@ async fn expose(
 async fn hydrate(
     run: &mut Run<'_>,
     spec: &volume_control::layout::VolumeSpec,
-    migration: &volume_core::names::MigrationId,
+    (migration, source_host, source_volume): (&MigrationId, &HostId, &VolumeId),
 ) -> Result<host::LocalVolume, (Retry, String)> {
     let ctx = run.ctx;
     let Some(env) = ctx.migration.clone() else {
@@ -458,8 +463,27 @@ async fn hydrate(
     };
     run.progress(VolumeState::Creating, spec, None);
     let started = Instant::now();
-    let (request, secrets) =
-        crate::migrations::prepare_destination(&ctx.kv, &ctx.layout, &env, migration, spec).await?;
+    let waiting = Instant::now();
+    let (request, secrets) = loop {
+        let prepared =
+            crate::migrations::prepare_destination(&ctx.kv, &ctx.layout, &env, migration, spec)
+                .await?;
+        match prepared {
+            Some(prepared) => break prepared,
+            None if waiting.elapsed() < crate::migrations::EXPORT_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            None => {
+                return Err((
+                    Retry::Backoff,
+                    format!(
+                        "host {source_host} has not exported volume {source_volume} for migration {migration} within {:?}",
+                        crate::migrations::EXPORT_WAIT
+                    ),
+                ))
+            }
+        }
+    };
     let Some(key) = secrets.key else {
         return Err((
             Retry::OnChange,
