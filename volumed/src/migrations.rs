@@ -558,7 +558,13 @@ impl MigrationLoop {
         })
         .await?;
         if started.changed() {
-            tracing::info!(migration = %spec.id, volume = %spec.source.volume, %listen, "exporting");
+            tracing::info!(
+                migration = %spec.id,
+                volume = %spec.source.volume,
+                %listen,
+                since_request_ms = now_ms().saturating_sub(spec.created_ms),
+                "exporting"
+            );
         }
         if mine != Some(&MigrationState::Exporting { address: listen }) {
             self.put_status(spec, index, MigrationState::Exporting { address: listen })

@@ -497,7 +497,13 @@ async fn hydrate(
     .await?;
     if made.changed() {
         run.changed = true;
-        tracing::info!(volume = %spec.id, %migration, elapsed_ms = started.elapsed().as_millis() as u64, "volume usable; hydrating in the background");
+        tracing::info!(
+            volume = %spec.id,
+            %migration,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            since_request_ms = now_ms().saturating_sub(spec.created_ms),
+            "volume usable; hydrating in the background"
+        );
     }
     ctx.metrics.observe("hydrate", started.elapsed());
     Ok(made.into_inner())
