@@ -686,6 +686,74 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
         Some(5)
     );
 
+    // 6. A fork back to h1, cancelled while it copies: both ends are
+    // cleaned up and h1's reservation is returned.
+    let forked = procs::volctl(
+        &kv.url,
+        &[
+            "fork", &target, "--host", "h1", "--rate", "64", "--detach", "--json",
+        ],
+    );
+    assert!(forked.status.success(), "the second fork failed");
+    let forked = stdout_json(&forked);
+    let doomed_migration = forked["migration"]["id"]
+        .as_str()
+        .expect("fork --json names its migration")
+        .to_owned();
+    let mut ids = Vec::new();
+    strings_with_prefix(&forked, "vol_", &mut ids);
+    let doomed = ids
+        .into_iter()
+        .find(|id| *id != target)
+        .expect("the second fork's volume id");
+    poll(
+        "the second fork to be usable on h1",
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || (show_json(&kv, &doomed)["state"].as_str() == Some("ready")).then_some(()),
+    );
+    let export_lvs = |host: &Host| -> Vec<String> {
+        let output = Command::new("lvs")
+            .args(["--noheadings", "-o", "lv_name"])
+            .arg(host._pool.vg.as_str())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .filter(|name| name.contains("mig_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        !export_lvs(&h2).is_empty(),
+        "h2 serves no export snapshot while the fork copies"
+    );
+    let cancel_started = Instant::now();
+    let cancelled = procs::volctl(&kv.url, &["cancel", &doomed]);
+    assert!(cancelled.status.success(), "cancel failed");
+    println!("cancel returned after {:.1?}", cancel_started.elapsed());
+    assert!(!list_json(&kv).iter().any(|v| v["id"] == doomed.as_str()));
+    assert!(!h1.jails.join(&doomed).join("vol").exists());
+    poll(
+        "h1's reservation to be returned after the cancel",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || (reserved_on(&kv, "h1")? == reserved_before).then_some(()),
+    );
+    poll(
+        "both ends' migration LVs to be gone",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || (export_lvs(&h1).is_empty() && export_lvs(&h2).is_empty()).then_some(()),
+    );
+    assert_eq!(
+        procs::volctl(&kv.url, &["cancel", &doomed_migration])
+            .status
+            .code(),
+        Some(0),
+        "a second cancel is not idempotent"
+    );
+
     for host in [&mut h1, &mut h2] {
         assert!(
             host.daemon.is_running(),
