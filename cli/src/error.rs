@@ -149,6 +149,17 @@ pub enum CliError {
     )]
     Unencrypted { volume: VolumeId },
 
+    /// A move needs its source to itself: a second move would destroy it
+    /// twice over, and a fork would lose its source when the move ends.
+    #[error(
+        "volume {volume} is the source of {kind} {migration}, still in progress: a move needs          its source to itself (wait for it or `volctl cancel {migration}`); nothing changed"
+    )]
+    SourceInMigration {
+        volume: VolumeId,
+        migration: MigrationId,
+        kind: &'static str,
+    },
+
     /// A host taking part in a migration has no `migration` in its record.
     #[error(
         "host {host} (the {role}) publishes no migration endpoint: start its volumed with \
@@ -295,6 +306,7 @@ impl CliError {
             CliError::Unreachable(_) | CliError::OutcomeUnknown { .. } => exit::UNREACHABLE,
             CliError::Contended { .. } => exit::CONTENDED,
             CliError::Unencrypted { .. }
+            | CliError::SourceInMigration { .. }
             | CliError::NoMigrationEndpoint { .. }
             | CliError::NotAMigration { .. }
             | CliError::MigrationComplete { .. }

@@ -503,6 +503,20 @@ pub async fn record(ctx: &Ctx, request: &Request, ui: &mut Ui<'_>) -> Result<Rec
                 return Ok(recorded);
             }
         }
+        if let Some(other) = sourced_from(ctx, &source.spec.id)
+            .await?
+            .into_iter()
+            .find(|other| other.id != fixed.migration)
+            .filter(|other| {
+                request.kind == MigrationKind::Move || other.kind == MigrationKind::Move
+            })
+        {
+            return Err(CliError::SourceInMigration {
+                volume: source.spec.id.clone(),
+                migration: other.id,
+                kind: kind_word(other.kind),
+            });
+        }
         let hosts = store::read_hosts(ctx, ui).await?;
         let plan = plan(ctx, request, &fixed, &source.spec, &hosts)?;
         let volume_key = ctx.layout.desired(&plan.volume.host, &plan.volume.id);
@@ -525,9 +539,14 @@ pub async fn record(ctx: &Ctx, request: &Request, ui: &mut Ui<'_>) -> Result<Rec
                 &plan.ledger_after,
                 plan.destination.ledger_index,
             ),
-            // The source is still the one checked (not destroyed meanwhile).
-            TxnOp::CheckIndex {
+            // The source is still the one checked (not destroyed
+            // meanwhile), and rewritten as it is: a concurrent fork or
+            // move of it fails this `cas`, re-reads, and sees this one
+            // (a move needs its source to itself).
+            TxnOp::Cas {
                 key: ctx.layout.desired(&source.spec.host, &source.spec.id),
+                value: encode(&source.spec),
+                flags: 0,
                 index: source.index,
             },
         ];
@@ -850,6 +869,37 @@ pub async fn copying_from(ctx: &Ctx, volume: &VolumeId) -> Result<Option<Migrati
             spec.source.volume == *volume && !spec.cancel && !complete.contains(&place)
         })
         .map(|spec| spec.id))
+}
+
+/// The migrations from `volume` still in progress: not cancelled, and not
+/// released by the source yet (a move's source is destroyed only then).
+async fn sourced_from(ctx: &Ctx, volume: &VolumeId) -> Result<Vec<MigrationSpec>, CliError> {
+    let pairs = ctx
+        .kv
+        .get_recurse(&ctx.layout.migrations_prefix())
+        .await?
+        .value;
+    let ended: Vec<(HostId, MigrationId)> = pairs
+        .iter()
+        .filter_map(|pair| {
+            let place = ctx.layout.parse_migration_status_key(&pair.key)?;
+            let status = decode::<MigrationStatus>(pair).ok()?;
+            matches!(
+                status.state,
+                MigrationState::Released | MigrationState::Cancelled
+            )
+            .then_some(place)
+        })
+        .collect();
+    Ok(pairs
+        .iter()
+        .filter(|pair| ctx.layout.parse_migration_key(&pair.key).is_some())
+        .filter_map(|pair| decode::<MigrationSpec>(pair).ok())
+        .filter(|spec| {
+            let place = (spec.source.host.clone(), spec.id.clone());
+            spec.source.volume == *volume && !spec.cancel && !ended.contains(&place)
+        })
+        .collect())
 }
 
 /// `cancel MIGRATION|VOLUME`: the cancel on the migration and the destroy

@@ -549,6 +549,14 @@ impl MigrationLoop {
             tracing::info!(migration = %spec.id, kind = ?spec.kind, "migration complete; source released");
             return self.put_status(spec, index, MigrationState::Released).await;
         }
+        if self.destination_dropped(spec).await? {
+            self.stop_export(spec, listen).await?;
+            self.forget_transfer(spec).await?;
+            tracing::info!(migration = %spec.id, "the destination volume was destroyed; export removed");
+            return self
+                .put_status(spec, index, MigrationState::Cancelled)
+                .await;
+        }
         let secret = self.source_secret(spec).await?;
         let host = self.host.clone();
         let env = self.env.clone();
@@ -571,6 +579,27 @@ impl MigrationLoop {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether the destination's record is gone or being destroyed before
+    /// the copy completed (a `volctl destroy` of the new volume, not a
+    /// cancel): the export then has no reader left.
+    async fn destination_dropped(&self, spec: &MigrationSpec) -> Result<bool, String> {
+        let key = self
+            .layout
+            .desired(&spec.destination.host, &spec.destination.volume);
+        let found = self
+            .kv
+            .get(&key)
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))?
+            .value;
+        Ok(match found {
+            None => true,
+            Some(pair) => serde_json::from_slice::<VolumeSpec>(&pair.value)
+                .map(|volume| volume.destroy)
+                .unwrap_or(false),
+        })
     }
 
     /// The migration's secret: opened from the sealed transfer, or made

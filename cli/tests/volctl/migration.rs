@@ -369,6 +369,76 @@ async fn refusals_name_what_failed_and_change_nothing() {
     assert_eq!(everything(&env).await, before);
 }
 
+#[tokio::test]
+async fn a_move_needs_its_source_to_itself() {
+    let env = hosts().await;
+    let source_id = source_on(&env, "h1").await;
+    let (result, stdout, stderr) = env
+        .run(&["fork", &source_id, "--host", "h2", "--detach", "--json"])
+        .await;
+    result.unwrap_or_else(|e| panic!("{e}\n{stderr}"));
+    let (fork, _) = recorded(&stdout);
+
+    // While the fork copies: a move of its source is refused, a second
+    // fork is not.
+    let before = everything(&env).await;
+    let (result, stdout, _) = env
+        .run(&["move", &source_id, "--host", "o1", "--detach"])
+        .await;
+    let error = result.unwrap_err();
+    assert!(
+        matches!(&error, CliError::SourceInMigration { migration, .. } if *migration == fork),
+        "{error}"
+    );
+    assert_eq!(error.exit_code(), exit::USAGE);
+    assert!(
+        error.to_string().contains(&format!(
+            "volume {source_id} is the source of fork {fork}, still in progress"
+        )),
+        "{error}"
+    );
+    assert!(stdout.is_empty());
+    assert_eq!(
+        everything(&env).await,
+        before,
+        "the refused move changed nothing"
+    );
+    let (result, _, stderr) = env
+        .run(&["fork", &source_id, "--host", "o1", "--detach", "--json"])
+        .await;
+    result.unwrap_or_else(|e| panic!("a second fork: {e}\n{stderr}"));
+
+    // Once both forks have been released by the source, a move may start,
+    // and while it runs no fork or move of that source may.
+    let spec = env.spec(&source_id).await;
+    for other in migrations(&env).await {
+        write_status(&env, &spec.host, &other.id, MigrationState::Released).await;
+    }
+    let (result, stdout, stderr) = env
+        .run(&["move", &source_id, "--host", "o1", "--detach", "--json"])
+        .await;
+    result.unwrap_or_else(|e| panic!("the move: {e}\n{stderr}"));
+    let (moving, _) = recorded(&stdout);
+    for kind in ["fork", "move"] {
+        let before = everything(&env).await;
+        let (result, _, _) = env
+            .run(&[kind, &source_id, "--host", "h2", "--detach"])
+            .await;
+        let error = result.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("is the source of move {moving}")),
+            "{kind}: {error}"
+        );
+        assert_eq!(
+            everything(&env).await,
+            before,
+            "the refused {kind} changed nothing"
+        );
+    }
+}
+
 type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What the proxy does to the first transaction.
