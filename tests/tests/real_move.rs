@@ -119,7 +119,9 @@ impl Host {
 
 fn spawn_volumed(id: &str, args: &[OsString]) -> Guarded {
     let mut command = Command::new(procs::project_binary("volumed"));
-    command.args(args).env("RUST_LOG", "volumed=info");
+    command
+        .args(args)
+        .env("RUST_LOG", "volumed=info,volume_core=info");
     Guarded::spawn(&format!("volumed {id}"), &mut command)
 }
 

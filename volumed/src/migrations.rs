@@ -561,6 +561,7 @@ impl MigrationLoop {
         let host = self.host.clone();
         let env = self.env.clone();
         let export = self.export_spec(spec, listen);
+        let starting = Instant::now();
         let started = blocking(move || {
             Source::new(host.backend().as_ref(), &env.tools).start(&export, &secret)
         })
@@ -571,6 +572,7 @@ impl MigrationLoop {
                 volume = %spec.source.volume,
                 %listen,
                 since_request_ms = now_ms().saturating_sub(spec.created_ms),
+                start_ms = starting.elapsed().as_millis() as u64,
                 "exporting"
             );
         }
