@@ -30,7 +30,9 @@ pub struct HydrateSpec {
     /// The source volume: its LUKS2 header is the one that arrives, and is
     /// adopted as `volume`'s (as a fork on one host does).
     pub origin: VolumeId,
-    /// The source volume's size; the local LV is at least this.
+    /// The source volume's recorded size. The local LV is made of it,
+    /// rounded up to whole extents as the source's LV was, and the export
+    /// must be exactly that LV's size.
     pub size: Bytes,
     /// The source's export address.
     pub source: SocketAddr,
@@ -79,10 +81,6 @@ impl HydrateSpec {
 
     fn files(&self) -> EndFiles {
         EndFiles::new(&self.run_dir, &self.migration, "hydrate")
-    }
-
-    fn length(&self) -> Sectors {
-        Sectors(self.size.0 / SECTOR_SIZE)
     }
 
     fn error_layer(&self, step: &'static str, reason: impl ToString) -> MigrateError {
@@ -239,7 +237,10 @@ impl<'a> Destination<'a> {
         let tag = migration_tag(migration);
         let mut volume_tags = spec.tags.clone();
         volume_tags.push(tag.clone());
-        let local = self.thin(
+        // LVM rounds the size up to whole extents, as it did the source's
+        // LV: the layer spans the LV (and the export) whole, not the
+        // record's size, or the volume's tail would never be copied.
+        let (local, local_size) = self.thin(
             spec,
             &spec.volume.lv_name(),
             spec.size,
@@ -249,7 +250,7 @@ impl<'a> Destination<'a> {
         let mut metas = Vec::with_capacity(2);
         for leg in [NETWORK_LEG, LOCAL_LEG] {
             let lv = migration.meta_lv_name(leg as u8);
-            let path = self.thin(
+            let (path, _) = self.thin(
                 spec,
                 &lv,
                 raid::META_SIZE,
@@ -258,8 +259,9 @@ impl<'a> Destination<'a> {
             )?;
             metas.push(path);
         }
-        let nbd = self.connect(spec, secret, made)?;
-        let layer = self.layer(spec, &nbd, &metas, &local, &mut made.layer)?;
+        let nbd = self.connect(spec, secret, local_size, made)?;
+        let length = Sectors(local_size.0 / SECTOR_SIZE);
+        let layer = self.layer(spec, &nbd, &metas, (&local, length), &mut made.layer)?;
         if spec.origin != spec.volume {
             crypt::adopt_header(&layer, &spec.origin, &spec.volume)
                 .map(|_| ())
@@ -295,7 +297,7 @@ impl<'a> Destination<'a> {
         size: Bytes,
         tags: &[String],
         made: &mut bool,
-    ) -> Result<PathBuf, MigrateError> {
+    ) -> Result<(PathBuf, Bytes), MigrateError> {
         let migration = &spec.migration;
         let created =
             self.backend
@@ -317,8 +319,8 @@ impl<'a> Destination<'a> {
                 wanted: size.0,
             });
         }
-        match volume.device {
-            Some(device) => Ok(device),
+        let device = match volume.device {
+            Some(device) => device,
             None => self
                 .backend
                 .activate_thin(lv)
@@ -326,8 +328,9 @@ impl<'a> Destination<'a> {
                     migration: migration.clone(),
                     lv: lv.clone(),
                     source: Box::new(source),
-                }),
-        }
+                })?,
+        };
+        Ok((device, volume.virtual_size))
     }
 
     /// The nbd device, connected to the source (kept if it still is).
@@ -335,6 +338,7 @@ impl<'a> Destination<'a> {
         &self,
         spec: &HydrateSpec,
         secret: &MigrationSecret,
+        local_size: Bytes,
         made: &mut Made,
     ) -> Result<PathBuf, MigrateError> {
         let migration = &spec.migration;
@@ -380,16 +384,19 @@ impl<'a> Destination<'a> {
         // starts it (NBD_DO_IT). Wait for it, bounded.
         let waiting = Instant::now();
         let mut found = nbd::device_size(&device);
-        while found.is_none_or(|size| size < spec.size.0) && waiting.elapsed() < NBD_START_WAIT {
+        while found.is_none_or(|size| size < local_size.0) && waiting.elapsed() < NBD_START_WAIT {
             std::thread::sleep(Duration::from_millis(20));
             found = nbd::device_size(&device);
         }
-        if found.is_none_or(|size| size < spec.size.0) {
+        // Exactly the local LV's size: a larger export (the hosts' VGs
+        // round to other extents) would leave its tail uncopied, a
+        // smaller one cannot fill the LV.
+        if found != Some(local_size.0) {
             return Err(MigrateError::ExportSize {
                 migration: migration.clone(),
                 nbd: device,
                 found,
-                wanted: spec.size.0,
+                wanted: local_size.0,
             });
         }
         Ok(device)
@@ -403,7 +410,7 @@ impl<'a> Destination<'a> {
         spec: &HydrateSpec,
         nbd: &Path,
         metas: &[PathBuf],
-        local: &Path,
+        (local, length): (&Path, Sectors),
         made: &mut bool,
     ) -> Result<PathBuf, MigrateError> {
         let dm = dm(&spec.migration)?;
@@ -424,7 +431,7 @@ impl<'a> Destination<'a> {
             })?;
         let devices = |path: &Path| device_of(path).map_err(|e| spec.error_layer("stat", e));
         let table = CopyTable {
-            length: spec.length(),
+            length,
             network: Leg {
                 meta: devices(&metas[NETWORK_LEG])?,
                 data: devices(nbd)?,
@@ -671,7 +678,11 @@ impl<'a> Destination<'a> {
                 DmOptions::default().set_flags(DmFlags::DM_NOFLUSH | DmFlags::DM_STATUS_TABLE),
             )
             .map_err(|e| spec.error_layer("table", e))?;
-        let swap = if table.iter().any(|(_, _, kind, _)| kind == "raid") {
+        let raid_length = table
+            .iter()
+            .find(|(_, _, kind, _)| kind == "raid")
+            .map(|(_, length, _, _)| Sectors(*length));
+        let swap = if let Some(length) = raid_length {
             let local = self
                 .backend
                 .activate_thin(&spec.volume.lv_name())
@@ -681,7 +692,8 @@ impl<'a> Destination<'a> {
                     source: Box::new(source),
                 })?;
             let local = device_of(&local).map_err(|e| spec.error_layer("stat", e))?;
-            let linear = raid::linear_target(spec.length(), local);
+            // As long as the layer it replaces, which spans the local LV.
+            let linear = raid::linear_target(length, local);
             // Loaded first (into the inactive slot), so the suspend lasts
             // only for the swap itself.
             dm.table_load(&id, &[linear], DmOptions::default())

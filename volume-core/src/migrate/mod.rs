@@ -110,7 +110,10 @@ pub enum MigrateError {
         #[source]
         source: Box<CmdError>,
     },
-    #[error("migration {migration}: the export on {nbd} is {found:?} bytes, the volume {wanted}")]
+    #[error(
+        "migration {migration}: the export on {nbd} is {found:?} bytes, the local LV {wanted} \
+         (the two volume groups must round to the same extent size)"
+    )]
     ExportSize {
         migration: MigrationId,
         nbd: PathBuf,
