@@ -557,6 +557,18 @@ impl MigrationLoop {
                 .put_status(spec, index, MigrationState::Cancelled)
                 .await;
         }
+        // A fenced volume's LV is suspended: a snapshot of it would wait
+        // for the fence, holding LVM.
+        if let Some(reason) = self
+            .host
+            .fences()
+            .and_then(|fences| fences.reason(&spec.source.volume))
+        {
+            return Err(format!(
+                "volume {} is fenced ({reason}); nothing exported: unfence it first",
+                spec.source.volume
+            ));
+        }
         let secret = self.source_secret(spec).await?;
         let host = self.host.clone();
         let env = self.env.clone();
