@@ -250,6 +250,8 @@ fn strings_with_prefix(value: &Value, prefix: &str, found: &mut Vec<String>) {
 #[derive(Debug, Clone, Default)]
 struct Hydration {
     id: Option<String>,
+    /// When the destination wrote it (ms since the Unix epoch).
+    updated_ms: Option<u64>,
     state: Option<String>,
     copied: Option<u64>,
     total: Option<u64>,
@@ -266,6 +268,7 @@ fn hydration(show: &Value) -> Hydration {
             .get("id")
             .and_then(Value::as_str)
             .map(str::to_owned),
+        updated_ms: migration.get("updated_ms").and_then(Value::as_u64),
         state: find_key(migration, "state")
             .and_then(Value::as_str)
             .map(str::to_owned),
@@ -310,6 +313,13 @@ fn poll<T>(
         );
         std::thread::sleep(every);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn mib_per_sec(bytes: u64, elapsed: Duration) -> f64 {
@@ -612,14 +622,19 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
             .status();
     }
     let copied_before = before_crash.copied.unwrap_or(0);
+    let restarted_ms = now_ms();
     h2.restart();
     let restarted = Instant::now();
+    // A report the restarted daemon wrote, not the last one before the crash.
     let resumed = poll(
         "the fork's copy to resume on the restarted destination",
         Duration::from_secs(180),
         Duration::from_millis(500),
         || {
             let now = hydration(&show_json(&kv, &fork));
+            if now.updated_ms.is_none_or(|at| at <= restarted_ms) {
+                return None;
+            }
             match now.state.as_deref() {
                 Some("complete") => Some(now),
                 Some("hydrating") if now.copied.is_some_and(|c| c > 0) => Some(now),
