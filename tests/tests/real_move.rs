@@ -809,8 +809,25 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
         !export_lvs(&h2).is_empty(),
         "h2 serves no export snapshot while the fork copies"
     );
+    // The source's export dies first (as when the cancel reaches the
+    // source before the destination, or the source is gone for good): the
+    // destination's teardown must not wait for it.
+    let export_pid = work
+        .join("run-h2")
+        .join(&doomed_migration)
+        .join("export/qemu-nbd.pid");
+    let pid: i32 = fs::read_to_string(&export_pid)
+        .unwrap_or_else(|e| panic!("{}: {e}", export_pid.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the second fork's export");
     let cancel_started = Instant::now();
-    let cancelled = procs::volctl(&kv.url, &["cancel", &doomed]);
+    let cancelled = procs::volctl(&kv.url, &["cancel", &doomed, "--timeout", "120"]);
     assert!(cancelled.status.success(), "cancel failed");
     println!("cancel returned after {:.1?}", cancel_started.elapsed());
     assert!(!list_json(&kv).iter().any(|v| v["id"] == doomed.as_str()));

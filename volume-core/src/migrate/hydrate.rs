@@ -464,11 +464,12 @@ impl<'a> Destination<'a> {
     fn roll_back(&self, spec: &HydrateSpec, made: &Made) -> Result<(), MigrateError> {
         let migration = &spec.migration;
         let site = spec.site();
-        if made.layer {
-            self.remove_layer(&site)?;
-        }
+        // The network leg first: see `cancel_site`.
         if made.nbd {
             self.disconnect(&site)?;
+        }
+        if made.layer {
+            self.remove_layer(&site)?;
         }
         if made.files {
             let _ = nbd::remove_files(&spec.files());
@@ -600,8 +601,13 @@ impl<'a> Destination<'a> {
             migration: migration.clone(),
             source: Box::new(source),
         })?;
-        self.remove_layer(site)?;
+        // The network leg goes first: with the source gone (stopped by
+        // the same cancel, or dead), the layer's copy waits on a read of
+        // it that qemu's client holds while it tries to reconnect, and the
+        // layer's removal would wait with it. Disconnected, that read
+        // fails, the copy stops, and the layer goes at once.
         self.disconnect(site)?;
+        self.remove_layer(site)?;
         let _ = nbd::remove_files(&site.files());
         for leg in [LOCAL_LEG, NETWORK_LEG] {
             self.remove_lv(site, &migration.meta_lv_name(leg as u8))?;
