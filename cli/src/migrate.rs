@@ -847,59 +847,31 @@ async fn resolve(ctx: &Ctx, target: &str) -> Result<MigrationId, CliError> {
 /// A migration still copying from `volume` (neither cancelled nor
 /// complete), if any.
 pub async fn copying_from(ctx: &Ctx, volume: &VolumeId) -> Result<Option<MigrationId>, CliError> {
-    let pairs = ctx
-        .kv
-        .get_recurse(&ctx.layout.migrations_prefix())
-        .await?
-        .value;
-    let complete: Vec<(HostId, MigrationId)> = pairs
-        .iter()
-        .filter_map(|pair| {
-            let place = ctx.layout.parse_migration_status_key(&pair.key)?;
-            let status = decode::<MigrationStatus>(pair).ok()?;
-            (status.state == MigrationState::Complete).then_some(place)
+    let migrations = Migrations::read_with(ctx, |_| {}).await?;
+    let copying = migrations
+        .sourced_by(volume, |spec| {
+            migrations.state(&spec.destination.host, &spec.id) != Some(&MigrationState::Complete)
         })
-        .collect();
-    Ok(pairs
-        .iter()
-        .filter(|pair| ctx.layout.parse_migration_key(&pair.key).is_some())
-        .filter_map(|pair| decode::<MigrationSpec>(pair).ok())
-        .find(|spec| {
-            let place = (spec.destination.host.clone(), spec.id.clone());
-            spec.source.volume == *volume && !spec.cancel && !complete.contains(&place)
-        })
-        .map(|spec| spec.id))
+        .next()
+        .map(|spec| spec.id.clone());
+    Ok(copying)
 }
 
 /// The migrations from `volume` still in progress: not cancelled, and not
 /// released by the source yet (a move's source is destroyed only then).
 async fn sourced_from(ctx: &Ctx, volume: &VolumeId) -> Result<Vec<MigrationSpec>, CliError> {
-    let pairs = ctx
-        .kv
-        .get_recurse(&ctx.layout.migrations_prefix())
-        .await?
-        .value;
-    let ended: Vec<(HostId, MigrationId)> = pairs
-        .iter()
-        .filter_map(|pair| {
-            let place = ctx.layout.parse_migration_status_key(&pair.key)?;
-            let status = decode::<MigrationStatus>(pair).ok()?;
-            matches!(
-                status.state,
-                MigrationState::Released | MigrationState::Cancelled
-            )
-            .then_some(place)
-        })
+    let migrations = Migrations::read_with(ctx, |_| {}).await?;
+    let ended = |spec: &MigrationSpec| {
+        matches!(
+            migrations.state(&spec.source.host, &spec.id),
+            Some(MigrationState::Released | MigrationState::Cancelled)
+        )
+    };
+    let pending = migrations
+        .sourced_by(volume, |spec| !ended(spec))
+        .cloned()
         .collect();
-    Ok(pairs
-        .iter()
-        .filter(|pair| ctx.layout.parse_migration_key(&pair.key).is_some())
-        .filter_map(|pair| decode::<MigrationSpec>(pair).ok())
-        .filter(|spec| {
-            let place = (spec.source.host.clone(), spec.id.clone());
-            spec.source.volume == *volume && !spec.cancel && !ended.contains(&place)
-        })
-        .collect())
+    Ok(pending)
 }
 
 /// `cancel MIGRATION|VOLUME`: the cancel on the migration and the destroy
@@ -1155,6 +1127,11 @@ pub struct Migrations {
 impl Migrations {
     /// Unreadable records are skipped with a warning.
     pub async fn read(ctx: &Ctx, ui: &mut Ui<'_>) -> Result<Migrations, CliError> {
+        Migrations::read_with(ctx, |warning| ui.warn(&warning)).await
+    }
+
+    /// Unreadable records are skipped, each told to `skipped`.
+    async fn read_with(ctx: &Ctx, mut skipped: impl FnMut(String)) -> Result<Migrations, CliError> {
         let pairs = ctx
             .kv
             .get_recurse(&ctx.layout.migrations_prefix())
@@ -1170,18 +1147,35 @@ impl Migrations {
                     Ok(spec) => {
                         migrations.specs.insert(id, spec);
                     }
-                    Err(error) => ui.warn(&format!("skipping migration: {error}")),
+                    Err(error) => skipped(format!("skipping migration: {error}")),
                 }
             } else if let Some(place) = ctx.layout.parse_migration_status_key(&pair.key) {
                 match decode(pair) {
                     Ok(status) => {
                         migrations.statuses.insert(place, status);
                     }
-                    Err(error) => ui.warn(&format!("ignoring migration status: {error}")),
+                    Err(error) => skipped(format!("ignoring migration status: {error}")),
                 }
             }
         }
         Ok(migrations)
+    }
+
+    fn state(&self, host: &HostId, id: &MigrationId) -> Option<&MigrationState> {
+        self.statuses
+            .get(&(host.clone(), id.clone()))
+            .map(|status| &status.state)
+    }
+
+    /// The migrations from `volume`, not cancelled, that `pending` keeps.
+    fn sourced_by<'a>(
+        &'a self,
+        volume: &'a VolumeId,
+        pending: impl Fn(&MigrationSpec) -> bool + 'a,
+    ) -> impl Iterator<Item = &'a MigrationSpec> + 'a {
+        self.specs
+            .values()
+            .filter(move |spec| spec.source.volume == *volume && !spec.cancel && pending(spec))
     }
 
     pub fn hydration(&self, spec: &VolumeSpec) -> Option<Hydration> {

@@ -315,6 +315,20 @@ fn poll<T>(
     }
 }
 
+/// `kill -9` of the process a qemu-nbd pid file names, as a crash would.
+fn kill_from_pid_file(pid_file: &Path) {
+    let pid: i32 = fs::read_to_string(pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill -9 {pid} from {}: {e}", pid_file.display()));
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -540,16 +554,7 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
                 .expect("the migration's id"),
         )
         .join("export/qemu-nbd.pid");
-    let pid: i32 = fs::read_to_string(&export_pid)
-        .unwrap_or_else(|e| panic!("{}: {e}", export_pid.display()))
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the export");
+    kill_from_pid_file(&export_pid);
     let killed = Instant::now();
     let unreachable = poll(
         "the fork to report its source unreachable",
@@ -605,16 +610,7 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
     dmsetup_remove(format!("vmv1-crypt-{fork}"));
     dmsetup_remove(format!("vmv1-hydrate-{migration}"));
     let client = work.join("run-h2").join(&migration).join("hydrate");
-    let pid: i32 = fs::read_to_string(client.join("qemu-nbd.pid"))
-        .expect("the nbd client's pid file")
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the nbd client");
+    kill_from_pid_file(&client.join("qemu-nbd.pid"));
     if let Ok(device) = fs::read_to_string(client.join("nbd-device")) {
         // What a reboot does to the kernel's side of the connection.
         let _ = Command::new("qemu-nbd")
@@ -816,16 +812,7 @@ fn real_test_fork_and_move_between_hosts_across_a_source_crash() {
         .join("run-h2")
         .join(&doomed_migration)
         .join("export/qemu-nbd.pid");
-    let pid: i32 = fs::read_to_string(&export_pid)
-        .unwrap_or_else(|e| panic!("{}: {e}", export_pid.display()))
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the second fork's export");
+    kill_from_pid_file(&export_pid);
     let cancel_started = Instant::now();
     let cancelled = procs::volctl(&kv.url, &["cancel", &doomed, "--timeout", "120"]);
     assert!(cancelled.status.success(), "cancel failed");

@@ -166,23 +166,35 @@ pub async fn read_records(kv: &ConsulKv, layout: &Layout) -> Result<Records, con
     Ok(records)
 }
 
+/// The record at `key` (`what` names it in errors); a missing one is
+/// retried as `missing` says.
+async fn read_record<T: serde::de::DeserializeOwned>(
+    kv: &ConsulKv,
+    key: &str,
+    what: &str,
+    missing: Retry,
+) -> Result<T, (Retry, String)> {
+    let found = kv
+        .get(key)
+        .await
+        .map_err(|e| (Retry::Backoff, format!("reading {what}: {e}")))?
+        .value;
+    let pair = found.ok_or_else(|| (missing, format!("{what} has no record")))?;
+    serde_json::from_slice(&pair.value).map_err(|e| {
+        (
+            Retry::OnChange,
+            format!("{what}'s record does not parse: {e}"),
+        )
+    })
+}
+
 async fn host_record(
     kv: &ConsulKv,
     layout: &Layout,
     host: &HostId,
 ) -> Result<HostRecord, (Retry, String)> {
-    let found = kv
-        .get(&layout.host_info(host))
-        .await
-        .map_err(|e| (Retry::Backoff, format!("reading host {host}'s record: {e}")))?
-        .value;
-    let pair = found.ok_or_else(|| (Retry::Backoff, format!("host {host} has no host record")))?;
-    serde_json::from_slice(&pair.value).map_err(|e| {
-        (
-            Retry::OnChange,
-            format!("host {host}'s record does not parse: {e}"),
-        )
-    })
+    let what = format!("host {host}");
+    read_record(kv, &layout.host_info(host), &what, Retry::Backoff).await
 }
 
 async fn read_spec(
@@ -190,28 +202,8 @@ async fn read_spec(
     layout: &Layout,
     migration: &MigrationId,
 ) -> Result<MigrationSpec, (Retry, String)> {
-    let found = kv
-        .get(&layout.migration(migration))
-        .await
-        .map_err(|e| {
-            (
-                Retry::Backoff,
-                format!("reading migration {migration}: {e}"),
-            )
-        })?
-        .value;
-    let pair = found.ok_or_else(|| {
-        (
-            Retry::OnChange,
-            format!("migration {migration} has no record"),
-        )
-    })?;
-    serde_json::from_slice(&pair.value).map_err(|e| {
-        (
-            Retry::OnChange,
-            format!("migration {migration}'s record does not parse: {e}"),
-        )
-    })
+    let what = format!("migration {migration}");
+    read_record(kv, &layout.migration(migration), &what, Retry::OnChange).await
 }
 
 async fn read_transfer(
