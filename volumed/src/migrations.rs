@@ -224,6 +224,25 @@ async fn read_transfer(
         .transpose()
 }
 
+/// What `host` last reported of `migration`; `None` when it reported
+/// nothing readable yet.
+async fn reported_state(
+    kv: &ConsulKv,
+    layout: &Layout,
+    host: &HostId,
+    migration: &MigrationId,
+) -> Result<Option<MigrationState>, (Retry, String)> {
+    let key = layout.migration_status(host, migration);
+    let found = kv
+        .get(&key)
+        .await
+        .map_err(|e| (Retry::Backoff, format!("reading {key}: {e}")))?
+        .value;
+    Ok(found
+        .and_then(|pair| serde_json::from_slice::<MigrationStatus>(&pair.value).ok())
+        .map(|status| status.state))
+}
+
 /// The export's address, from the source's `exporting` status; `None`
 /// until the source reports one.
 async fn export_address(
@@ -231,15 +250,7 @@ async fn export_address(
     layout: &Layout,
     spec: &MigrationSpec,
 ) -> Result<Option<SocketAddr>, (Retry, String)> {
-    let key = layout.migration_status(&spec.source.host, &spec.id);
-    let found = kv
-        .get(&key)
-        .await
-        .map_err(|e| (Retry::Backoff, format!("reading {key}: {e}")))?
-        .value;
-    let state = found
-        .and_then(|pair| serde_json::from_slice::<MigrationStatus>(&pair.value).ok())
-        .map(|status| status.state);
+    let state = reported_state(kv, layout, &spec.source.host, &spec.id).await?;
     match state {
         Some(MigrationState::Exporting { address }) => Ok(Some(address)),
         Some(MigrationState::Error { message }) => Err((
@@ -355,15 +366,8 @@ pub async fn hydrated_here(
     host: &HostId,
     migration: &MigrationId,
 ) -> Result<bool, (Retry, String)> {
-    let key = layout.migration_status(host, migration);
-    let found = kv
-        .get(&key)
-        .await
-        .map_err(|e| (Retry::Backoff, format!("reading {key}: {e}")))?
-        .value;
-    Ok(found
-        .and_then(|pair| serde_json::from_slice::<MigrationStatus>(&pair.value).ok())
-        .is_some_and(|status| status.state == MigrationState::Complete))
+    let state = reported_state(kv, layout, host, migration).await?;
+    Ok(state == Some(MigrationState::Complete))
 }
 
 /// Where the copy stood at the last report.

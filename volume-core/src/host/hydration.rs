@@ -198,10 +198,15 @@ impl VolumeHost {
                 requested: request.migration.to_string(),
             });
         }
+        Self::check_name(request, volume)
+    }
+
+    /// Checks that the LV of `request.id` carries the volume's name.
+    fn check_name(request: &Hydration, volume: &ThinVolume) -> Result<(), HostError> {
         let name = progress::name(&volume.tags);
         if name.as_ref() != Some(&request.name) {
             return Err(HostError::SpecMismatch {
-                id: id.clone(),
+                id: request.id.clone(),
                 field: "name",
                 existing: name.map(|n| n.to_string()).unwrap_or_default(),
                 requested: request.name.to_string(),
@@ -289,15 +294,7 @@ impl VolumeHost {
                 }
                 Progress::Hydrating => Self::check_hydration(request, volume)?,
                 Progress::Ready if Self::hydrated(volume) => {
-                    let name = progress::name(&volume.tags);
-                    if name.as_ref() != Some(&request.name) {
-                        return Err(HostError::SpecMismatch {
-                            id: id.clone(),
-                            field: "name",
-                            existing: name.map(|n| n.to_string()).unwrap_or_default(),
-                            requested: request.name.to_string(),
-                        });
-                    }
+                    Self::check_name(request, volume)?;
                     self.ensure_open(id, Encryption::Luks2, volume)?;
                     return Ok(CreateAction::Identity(self.status(id)?));
                 }
