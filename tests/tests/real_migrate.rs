@@ -85,6 +85,26 @@ fn listed(host: &VolumeHost, id: &VolumeId) -> LocalVolume {
         .expect("listed")
 }
 
+/// `kill -9` of the export's server, as in a crash of the source; returns
+/// once it is gone.
+fn kill_export(run_dir: &Path, migration: &MigrationId) {
+    let pid_file = run_dir.join(migration.as_str()).join("export/qemu-nbd.pid");
+    let pid = volume_core::migrate::nbd::running_pid(&pid_file).expect("export running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    while volume_core::migrate::nbd::running_pid(&pid_file).is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "export still alive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     let tools = MigrationTools::locate().expect("qemu-nbd (qemu-utils) in the guest");
@@ -224,10 +244,52 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         .tags;
     assert!(tags.contains(&migration_tag(&migration)), "{tags:?}");
     assert!(tags.contains("vmv1.enc=luks2"), "{tags:?}");
-    assert!(
-        host.delete(&destination_id).expect("delete").changed(),
-        "deleted"
+    // Its source dies first (a cancel stops the export; so does a crash).
+    // The copy's read of the network leg is then held by the client's
+    // reconnect, and md's resync barrier holds any other I/O to that
+    // region behind it: a delete that touched the mapping before it
+    // disconnected the network leg waited for ever.
+    kill_export(&run_dir, &migration);
+    std::thread::sleep(Duration::from_secs(2));
+    let stalled = host.hydration_progress(&tools, &request).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let still = host.hydration_progress(&tools, &request).unwrap();
+    assert_eq!(
+        stalled.copied, still.copied,
+        "the copy waits for the source"
     );
+    assert!(
+        still.copied.0 < 64 * MIB,
+        "in md's first barrier unit: {still}"
+    );
+    let deleted = std::thread::scope(|scope| {
+        let deleting = scope.spawn(|| host.delete(&destination_id));
+        let started = Instant::now();
+        while !deleting.is_finished() && started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let hung = !deleting.is_finished();
+        if hung {
+            // Unblock the held I/O so that the test ends and says why.
+            let nbd = fs::read_to_string(
+                run_dir
+                    .join(migration.as_str())
+                    .join("hydrate")
+                    .join("nbd-device"),
+            )
+            .unwrap();
+            let _ = std::process::Command::new("qemu-nbd")
+                .args(["--disconnect", nbd.trim()])
+                .status();
+        }
+        let result = deleting.join().unwrap();
+        assert!(
+            !hung,
+            "a delete of a hydrating volume whose source is gone hung for 120 s ({result:?})"
+        );
+        result
+    });
+    assert!(deleted.expect("delete").changed(), "deleted");
     assert!(!host.delete(&destination_id).unwrap().changed());
     assert_eq!(lv_names(&destination_pool.backend), before_any);
     assert!(destination_keys.load(&destination_id).unwrap().is_none());
@@ -235,6 +297,10 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
         .join(migration.layer_name().as_str())
         .exists());
     assert!(!run_dir.join(migration.as_str()).join("hydrate").exists());
+    assert!(
+        source.start(&export, &secret).expect("export").changed(),
+        "the killed export is started again"
+    );
 
     let requested = Instant::now();
     let hydrated = host
@@ -292,24 +358,8 @@ fn real_test_a_volume_hydrates_on_another_host_across_a_source_crash() {
     // The source crashes: its export dies. Nothing is copied meanwhile, and
     // a read of a block not yet local waits for the source instead of
     // failing or reading zeros.
-    let exported = exported.into_inner();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(exported.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill_export(&run_dir, &migration);
     let outage = Instant::now();
-    while volume_core::migrate::nbd::running_pid(
-        &run_dir.join(migration.as_str()).join("export/qemu-nbd.pid"),
-    )
-    .is_some()
-    {
-        assert!(
-            outage.elapsed() < Duration::from_secs(10),
-            "export still alive"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     std::thread::sleep(Duration::from_secs(2));
     let stalled = host.hydration_progress(&tools, &request).unwrap();
     std::thread::sleep(Duration::from_secs(2));

@@ -129,6 +129,26 @@ impl VolumeHost {
         Ok((site, setup.tools.clone()))
     }
 
+    /// The first step of a cancel, before the mapping is touched
+    /// ([`Destination::disconnect`]); whether it disconnected anything.
+    pub(super) fn disconnect_hydration(
+        &self,
+        id: &VolumeId,
+        site: &HydrationSite,
+        tools: &MigrationTools,
+    ) -> Result<bool, HostError> {
+        let disconnected =
+            Destination::new(self.backend.as_ref(), tools, self.devices.crypt_options())
+                .disconnect(site)
+                .map_err(|source| HostError::HydrationCancel {
+                    id: id.clone(),
+                    migration: site.migration.clone(),
+                    source: Box::new(source),
+                })?;
+        self.step(id, Step::HydrationDisconnected)?;
+        Ok(disconnected.changed())
+    }
+
     /// Cancels a hydration as part of a delete (see [`Self::teardown`]).
     pub(super) fn cancel_hydration(
         &self,

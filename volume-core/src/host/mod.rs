@@ -1098,6 +1098,11 @@ impl VolumeHost {
                 self.step(id, Step::NodeForgotten)?;
             }
         }
+        if let Some((site, tools)) = &hydration {
+            // Before the mapping is touched: its I/O may be held behind a
+            // copy that waits on a source that is gone.
+            changed |= self.disconnect_hydration(id, site, tools)?;
+        }
         changed |= self
             .devices
             .close_crypt(id)

@@ -28,6 +28,9 @@ pub enum Step {
     HeaderErased,
     LvRemoved,
     KeyDestroyed,
+    /// A hydrating volume's network leg disconnected (a delete's first
+    /// step for one).
+    HydrationDisconnected,
     /// A hydrating volume's copy cancelled (its layer and LVs gone).
     HydrationCancelled,
     // snapshots, restore and fork

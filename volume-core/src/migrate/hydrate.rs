@@ -4,7 +4,7 @@
 use super::nbd::{self, EndFiles};
 use super::raid::{self, CopyTable, Leg, LOCAL_LEG, NETWORK_LEG};
 use super::{with_rollback, MigrateError};
-use crate::actions::CreateAction;
+use crate::actions::{CreateAction, DeleteAction};
 use crate::backend::ThinBackend;
 use crate::cmd::MigrationTools;
 use crate::crypt::{self, CryptOptions};
@@ -466,7 +466,7 @@ impl<'a> Destination<'a> {
         let site = spec.site();
         // The network leg first: see `cancel_site`.
         if made.nbd {
-            self.disconnect(&site)?;
+            let _ = self.disconnect(&site)?;
         }
         if made.layer {
             self.remove_layer(&site)?;
@@ -511,12 +511,19 @@ impl<'a> Destination<'a> {
         Ok(())
     }
 
-    /// Disconnects this migration's nbd device and waits for its client.
-    fn disconnect(&self, site: &HydrationSite) -> Result<(), MigrateError> {
+    /// Disconnects this migration's nbd device and waits for its client;
+    /// from then on a read of a block not yet copied fails. The first step
+    /// of a cancel: with the source gone (stopped by the same cancel, or
+    /// dead), the copy's read of it is held by qemu's client while it
+    /// tries to reconnect, and md's resync barrier holds every other I/O
+    /// to that region behind it: dm-crypt's header read and removal, and
+    /// the layer's removal. Disconnected, the held reads fail, the copy
+    /// stops, and the rest goes at once. Idempotent.
+    pub fn disconnect(&self, site: &HydrationSite) -> Result<DeleteAction, MigrateError> {
         let migration = &site.migration;
         let files = site.files();
         let Some(_) = nbd::running_pid(&files.pid_file()) else {
-            return Ok(());
+            return Ok(DeleteAction::Identity);
         };
         let device = std::fs::read_to_string(files.device_file())
             .map(|text| PathBuf::from(text.trim()))
@@ -541,7 +548,9 @@ impl<'a> Destination<'a> {
                 migration: migration.clone(),
                 reason,
             }
-        })
+        })?;
+        tracing::info!(%migration, nbd = %device.display(), "network leg disconnected");
+        Ok(DeleteAction::Deleted)
     }
 
     /// Changes the background copy's rate limit: the same layer reloaded
@@ -597,16 +606,13 @@ impl<'a> Destination<'a> {
     /// source address, size, rate or secret.
     pub fn cancel_site(&self, site: &HydrationSite) -> Result<(), MigrateError> {
         let migration = &site.migration;
+        // The network leg goes first, before any I/O to the layer: see
+        // [`Destination::disconnect`].
+        let _ = self.disconnect(site)?;
         let _ = crypt::close(&site.volume).map_err(|source| MigrateError::CloseCrypt {
             migration: migration.clone(),
             source: Box::new(source),
         })?;
-        // The network leg goes first: with the source gone (stopped by
-        // the same cancel, or dead), the layer's copy waits on a read of
-        // it that qemu's client holds while it tries to reconnect, and the
-        // layer's removal would wait with it. Disconnected, that read
-        // fails, the copy stops, and the layer goes at once.
-        self.disconnect(site)?;
         self.remove_layer(site)?;
         let _ = nbd::remove_files(&site.files());
         for leg in [LOCAL_LEG, NETWORK_LEG] {
@@ -716,7 +722,7 @@ impl<'a> Destination<'a> {
             None
         };
         let site = spec.site();
-        self.disconnect(&site)?;
+        let _ = self.disconnect(&site)?;
         let _ = nbd::remove_files(&spec.files());
         for leg in [LOCAL_LEG, NETWORK_LEG] {
             self.remove_lv(&site, &spec.migration.meta_lv_name(leg as u8))?;
