@@ -7,9 +7,12 @@
 //!   less).
 //! * While the pool cannot grow (the VG is full), each time the pool
 //!   enters a worse zone the volumes whose mapped data grew since the
-//!   previous sample are fenced: each one that grew by at least a tenth
+//!   baseline sample are fenced: each one that grew by at least a tenth
 //!   of the largest growth, so a volume writing a trickle beside a filler
-//!   is spared. The zone is only taken as entered once a grower was found,
+//!   is spared. The caller picks the baseline: volume-core's `Fencer`
+//!   passes one from a couple of seconds back, not the last sample, so a
+//!   small burst that happens to share one short interval with the
+//!   filler's writes does not count as filling. The zone is only taken as entered once a grower was found,
 //!   so a sample that saw no growth (the first one) does not hide the next.
 //! * The reserve's first half is for every other volume: it is not
 //!   fenced for writing there. The floor is guarded once more.
@@ -190,8 +193,8 @@ pub struct PoolState {
     pub grew_since_fence: bool,
 }
 
-/// Decides from `previous` (the last sample, if any) and `current`, with
-/// `fenced` the volumes fenced now.
+/// Decides from `previous` (the baseline to measure growth from, if any)
+/// and `current`, with `fenced` the volumes fenced now.
 pub fn decide(
     policy: &FencePolicy,
     previous: Option<&FenceSample>,

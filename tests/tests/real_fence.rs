@@ -28,6 +28,8 @@ use volume_tests::procs::{kek_file, project_binary, wait_for, Guarded};
 use volume_tests::TestPool;
 
 const HOST: &str = "h1";
+/// volumed's fencing reserve, percent of pool data.
+const RESERVE: u32 = 30;
 const CONVERGE: Duration = Duration::from_secs(240);
 /// Fixed inside the guest, which has its own network namespace.
 const METRICS: &str = "127.0.0.1:19109";
@@ -63,11 +65,18 @@ fn start_volumed(pool: &TestPool, kv: &Kv, scratch: &Path) -> Guarded {
         .arg(&kek)
         .args(["--listen", METRICS])
         .args(["--heartbeat-interval", "1s", "--retry-max", "2s"])
-        // A reserve of 102 MiB: the emulated guest is slow and shared,
-        // and the filler got up to 31 MiB past the edge before its
-        // suspend took hold.
-        .args(["--reserve-percent", "20", "--fence-interval", "100ms"])
-        .args(["--autoextend-interval", "1s"])
+        // A reserve of 154 MiB, its floor 77 MiB from the edge: the
+        // emulated guest is slow and shared, and the filler got up to
+        // 53 MiB past the edge before its suspend took hold. Auto-extend
+        // below 100 % - 2 × reserve, so a grown pool gets the fence lifted.
+        .args(["--reserve-percent", &RESERVE.to_string()])
+        .args(["--fence-interval", "100ms"])
+        .args([
+            "--autoextend-threshold",
+            "60",
+            "--autoextend-interval",
+            "1s",
+        ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     Guarded::spawn("volumed", &mut command)
@@ -100,23 +109,85 @@ fn lvm(runner: &LvmRunner, words: &[&str]) {
         .unwrap_or_else(|e| panic!("{words:?}: {e}"));
 }
 
-/// Mounted without the background inode-table zeroing, so each volume
-/// allocates only what the test writes into it.
-fn mount(device: &Path, dir: &Path) {
-    Program::find("mount")
-        .unwrap()
-        .run([
-            "-o".as_ref(),
-            "noinit_itable".as_ref(),
-            device.as_os_str(),
-            dir.as_os_str(),
-        ])
-        .expect("mount");
+/// A filesystem mounted for a test on a directory of its own, without the
+/// background inode-table zeroing (so its volume allocates only what the
+/// test writes). Dropped while still mounted (a failing test), it is
+/// detached lazily first: removing the directory through a filesystem on a
+/// fenced device would wait in the kernel for a resume that never comes,
+/// and the test would hang instead of reporting its failure.
+struct Mounted {
+    dir: tempfile::TempDir,
+    mounted: bool,
 }
 
-/// `dd` of `mib` MiB into `file`, flushed; returns its exit status.
-fn write_file(file: &Path, mib: u64) -> std::process::ExitStatus {
-    Command::new(Program::find("dd").unwrap().path())
+impl Mounted {
+    fn new(device: &Path) -> Mounted {
+        let dir = tempfile::tempdir().expect("mount point");
+        Program::find("mount")
+            .unwrap()
+            .run([
+                "-o".as_ref(),
+                "noinit_itable".as_ref(),
+                device.as_os_str(),
+                dir.path().as_os_str(),
+            ])
+            .expect("mount");
+        Mounted { dir, mounted: true }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn unmount(&mut self) {
+        Program::find("umount")
+            .unwrap()
+            .run([self.dir.path()])
+            .expect("umount");
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Program::find("umount")
+                .map(|umount| umount.run(["-l".as_ref(), self.dir.path().as_os_str()]));
+        }
+    }
+}
+
+/// Resumes the volumes' fence devices when a failing test unwinds past it,
+/// so nothing the test leaves (a blocked writer, a filesystem to unmount)
+/// waits on a suspended device, and the failure is reported.
+struct ResumeOnUnwind {
+    devices: DmFenceDevices,
+    volumes: Vec<VolumeId>,
+}
+
+impl Drop for ResumeOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in &self.volumes {
+                let _ = self.devices.resume(id);
+            }
+        }
+    }
+}
+
+/// A child process killed when dropped: a writer blocked on a fenced device
+/// dies once the device resumes, instead of outliving a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+/// `dd` of `mib` MiB into `file`, flushed, started.
+fn spawn_dd(file: &Path, mib: u64) -> KillOnDrop {
+    let child = Command::new(Program::find("dd").unwrap().path())
         .args([
             "if=/dev/zero".to_owned(),
             format!("of={}", file.display()),
@@ -125,8 +196,20 @@ fn write_file(file: &Path, mib: u64) -> std::process::ExitStatus {
             "conv=fsync".to_owned(),
         ])
         .stderr(Stdio::null())
-        .status()
-        .expect("dd")
+        .spawn()
+        .expect("dd");
+    KillOnDrop(child)
+}
+
+/// `dd` of `mib` MiB into `file`, flushed; returns its exit status. A write
+/// that waits on a fenced device fails the test instead of hanging it.
+fn write_file(file: &Path, mib: u64) -> std::process::ExitStatus {
+    let mut dd = spawn_dd(file, mib);
+    wait_for(
+        &format!("dd of {mib} MiB into {}", file.display()),
+        CONVERGE,
+        || dd.0.try_wait().expect("dd"),
+    )
 }
 
 /// Fill with no room in the VG: only the filler is fenced, with its reason
@@ -180,10 +263,12 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     let record = wait_for("the host record", CONVERGE, || kv.host_record());
     assert_eq!(record.pool.health, PoolHealth::Healthy);
 
-    let filler_mnt = tempfile::tempdir().unwrap();
-    let other_mnt = tempfile::tempdir().unwrap();
-    mount(&filler_dev, filler_mnt.path());
-    mount(&other_dev, other_mnt.path());
+    let mut filler_mnt = Mounted::new(&filler_dev);
+    let mut other_mnt = Mounted::new(&other_dev);
+    let _resume_on_unwind = ResumeOnUnwind {
+        devices: DmFenceDevices::new(pool.vg.as_str(), "pool"),
+        volumes: vec![filler.id.clone(), other.id.clone()],
+    };
     assert!(write_file(&other_mnt.path().join("before"), 8).success());
 
     // Watch the pool as fast as device-mapper answers: when free data
@@ -198,7 +283,8 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
             while !stop.load(Ordering::Relaxed) && fenced.is_none() {
                 if let Ok(sample) = devices.sample() {
                     let now = Instant::now();
-                    if crossed.is_none() && sample.sample.free_percent() <= Percent::from_whole(20)
+                    if crossed.is_none()
+                        && sample.sample.free_percent() <= Percent::from_whole(RESERVE)
                     {
                         crossed = Some(now);
                     }
@@ -214,17 +300,7 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
 
     // 560 MiB into a pool with about 480 MiB free.
     let fill_target = filler_mnt.path().join("fill");
-    let mut dd = Command::new(Program::find("dd").unwrap().path())
-        .args([
-            "if=/dev/zero".to_owned(),
-            format!("of={}", fill_target.display()),
-            "bs=1M".to_owned(),
-            "count=560".to_owned(),
-            "conv=fsync".to_owned(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dd");
+    let mut dd = spawn_dd(&fill_target, 560);
     let fenced = wait_for("the filler to be fenced", CONVERGE, || {
         kv.status(&filler.id)?.fenced
     });
@@ -237,12 +313,12 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
         );
     }
     assert!(
-        matches!(fenced, FenceReason::PoolReserve { reserve, .. } if reserve == Percent::from_whole(20)),
+        matches!(fenced, FenceReason::PoolReserve { reserve, .. } if reserve == Percent::from_whole(RESERVE)),
         "{fenced:?}"
     );
     assert_eq!(kv.status(&other.id).unwrap().fenced, None);
     assert!(
-        dd.try_wait().unwrap().is_none(),
+        dd.0.try_wait().unwrap().is_none(),
         "the filler's write waits, it does not fail"
     );
     let record = wait_for("in_reserve in the host record", CONVERGE, || {
@@ -256,7 +332,20 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
             .then_some(())
     });
 
-    // The other volume keeps writing inside the reserve.
+    // The other volume keeps writing inside the reserve, in its first
+    // half (the floor is guarded once more). The fence took hold after
+    // the filler's last bio in flight: the room left is settled.
+    let settled = DmFenceDevices::new(pool.vg.as_str(), "pool")
+        .sample()
+        .expect("sample the pool")
+        .sample;
+    let floor = Bytes(settled.data_size.0 * u64::from(RESERVE) / 200);
+    let room = Bytes(settled.data_size.0 - settled.data_used.0);
+    assert!(
+        room > Bytes(floor.0 + 8 * MIB),
+        "the filler's fence took hold with {room} free, too near the floor ({floor}) \
+         for the other volume's write: the guest was slower than this test allows for"
+    );
     assert!(
         write_file(&other_mnt.path().join("during"), 4).success(),
         "the other volume's write failed while the filler was fenced"
@@ -282,7 +371,7 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
         (kv.status(&filler.id)?.fenced == Some(FenceReason::FoundSuspended)).then_some(())
     });
     assert_eq!(kv.status(&other.id).unwrap().fenced, None);
-    assert!(dd.try_wait().unwrap().is_none());
+    assert!(dd.0.try_wait().unwrap().is_none());
 
     // An operator adds a PV: the pool grows, the fence goes.
     let backing = volume_tests::scratch_dir().join("vmv1test-fence-pv2.img");
@@ -294,7 +383,7 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
         kv.status(&filler.id).filter(|s| s.fenced.is_none())
     });
     assert_eq!(unfenced.state, VolumeState::Ready);
-    let status = wait_for("dd to finish", CONVERGE, || dd.try_wait().unwrap());
+    let status = wait_for("dd to finish", CONVERGE, || dd.0.try_wait().unwrap());
     assert!(status.success(), "the filler's write failed: {status}");
     wait_for("healthy in the host record", CONVERGE, || {
         kv.host_record()
@@ -307,11 +396,8 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
     eprintln!("after the PV: {}", grown.usage);
     assert!(grown.usage.data_size > Bytes(512 * MIB));
 
-    for (dir, device) in [
-        (filler_mnt.path(), &filler_dev),
-        (other_mnt.path(), &other_dev),
-    ] {
-        Program::find("umount").unwrap().run([dir]).expect("umount");
+    for (mounted, device) in [(&mut filler_mnt, &filler_dev), (&mut other_mnt, &other_dev)] {
+        mounted.unmount();
         Program::find("e2fsck")
             .unwrap()
             .run(["-fn", device.to_str().unwrap()])
@@ -378,12 +464,15 @@ fn real_test_lvm_never_waits_on_a_fenced_mapping() {
         .unwrap()
         .run(["-q", mapped.to_str().unwrap()])
         .expect("mkfs");
-    let mnt = tempfile::tempdir().unwrap();
-    mount(&mapped, mnt.path());
+    let mut mnt = Mounted::new(&mapped);
     // Dirty data that a flushing suspend would write.
     std::fs::write(mnt.path().join("dirty"), vec![1u8; 4 * MIB as usize]).unwrap();
 
     let fence = DmFenceDevices::new(pool.vg.as_str(), "pool");
+    let _resume_on_unwind = ResumeOnUnwind {
+        devices: fence.clone(),
+        volumes: vec![plain.clone(), encrypted.clone()],
+    };
     fence
         .suspend(&plain)
         .expect("suspend the plain volume's LV");
@@ -429,10 +518,7 @@ fn real_test_lvm_never_waits_on_a_fenced_mapping() {
     );
     fence.resume(&encrypted).unwrap();
     fence.resume(&plain).unwrap();
-    Program::find("umount")
-        .unwrap()
-        .run([mnt.path()])
-        .expect("umount");
+    mnt.unmount();
     Program::find("e2fsck")
         .unwrap()
         .run(["-fn", mapped.to_str().unwrap()])
