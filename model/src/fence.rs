@@ -12,8 +12,9 @@
 //!   is spared. The caller picks the baseline: volume-core's `Fencer`
 //!   passes one from a couple of seconds back, not the last sample, so a
 //!   small burst that happens to share one short interval with the
-//!   filler's writes does not count as filling. The zone is only taken as entered once a grower was found,
-//!   so a sample that saw no growth (the first one) does not hide the next.
+//!   filler's writes does not count as filling. The zone is only taken as
+//!   entered once a grower was found, so a sample that saw no growth (the
+//!   first one) does not hide the next.
 //! * The reserve's first half is for every other volume: it is not
 //!   fenced for writing there. The floor is guarded once more.
 //! * Every fenced volume is let go once the pool grew since the fence and

@@ -19,7 +19,7 @@ use volume_core::backend::lvm::runner::{CommandLine, LvmRunner};
 use volume_core::backend::lvm::SKIP_FENCEABLE;
 use volume_core::backend::ThinBackend;
 use volume_core::fence::{DmFenceDevices, FenceDevices};
-use volume_core::fence_model::FenceReason;
+use volume_core::fence_model::{FencePolicy, FenceReason, FenceSample, Zone};
 use volume_core::health::PoolHealth;
 use volume_core::names::{HostId, VolumeId};
 use volume_core::units::{Bytes, Percent, MIB};
@@ -66,8 +66,9 @@ fn start_volumed(pool: &TestPool, kv: &Kv, scratch: &Path) -> Guarded {
         .args(["--listen", METRICS])
         .args(["--heartbeat-interval", "1s", "--retry-max", "2s"])
         // A reserve of 154 MiB, its floor 77 MiB from the edge: the
-        // emulated guest is slow and shared, and the filler got up to
-        // 53 MiB past the edge before its suspend took hold. Auto-extend
+        // emulated guest is slow and shared, and the filler got 25 MiB past
+        // the edge before its suspend took hold (53 MiB with a 1.5 s fence
+        // interval). Auto-extend
         // below 100 % - 2 × reserve, so a grown pool gets the fence lifted.
         .args(["--reserve-percent", &RESERVE.to_string()])
         .args(["--fence-interval", "100ms"])
@@ -339,12 +340,17 @@ fn real_test_fill_with_no_room_fences_only_the_filler() {
         .sample()
         .expect("sample the pool")
         .sample;
-    let floor = Bytes(settled.data_size.0 * u64::from(RESERVE) / 200);
-    let room = Bytes(settled.data_size.0 - settled.data_used.0);
-    assert!(
-        room > Bytes(floor.0 + 8 * MIB),
-        "the filler's fence took hold with {room} free, too near the floor ({floor}) \
-         for the other volume's write: the guest was slower than this test allows for"
+    let after_write = FenceSample {
+        data_used: Bytes(settled.data_used.0 + 8 * MIB),
+        ..settled.clone()
+    };
+    let policy = FencePolicy::new(Percent::from_whole(RESERVE)).unwrap();
+    assert_eq!(
+        policy.zone(after_write.free_percent()),
+        Zone::Reserve,
+        "the filler's fence took hold with {} free, too near the floor for the other \
+         volume's write: the guest was slower than this test allows for",
+        settled.free_percent()
     );
     assert!(
         write_file(&other_mnt.path().join("during"), 4).success(),

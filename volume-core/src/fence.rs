@@ -334,9 +334,10 @@ pub struct FenceChange {
 /// check interval is too short: an idle volume's metadata writeback (a few
 /// 64 KiB chunks of ext4's lazily initialised journal and bitmaps) landing
 /// in the same 100 ms as a filler's 2–3 MiB passed the tenth-of-the-largest
-/// bar, and the idle volume was fenced with the filler (seen in the
-/// micro-VM, `real_fence`). Over this window the filler's growth is tens of
-/// MiB and a burst like that stays far below the bar.
+/// bar, so the idle volume was fenced with the filler (a CI run of
+/// `real_fence` hung with both volumes' journals blocked). Over this window
+/// the filler's growth is tens of MiB and a burst like that stays far below
+/// the bar.
 pub const ATTRIBUTION_WINDOW: Duration = Duration::from_secs(2);
 
 /// Samples the pool and fences or unfences by [`fence_model::decide`].
@@ -425,7 +426,7 @@ impl Fencer {
         let fenced = self.fences.fenced();
         let can_grow = self.room.can_grow();
         let entered = self.zone;
-        let baseline = self.baseline(now);
+        let baseline = self.baseline(now, &current.sample);
         let FenceDecision {
             fence,
             unfence,
@@ -472,15 +473,15 @@ impl Fencer {
         }
         let zone_now = self.policy.zone(current.sample.free_percent());
         self.fences.lock().in_reserve = !can_grow && zone_now > Zone::Clear;
-        self.remember(now, current.sample);
+        self.history.push_back((now, current.sample));
         Ok(changes)
     }
 
-    /// What each volume had mapped at the start of the attribution window
-    /// that ends `now`: from the oldest remembered sample that has it (a
-    /// volume created since is measured from its first sample). Forgets
-    /// the samples before that start.
-    fn baseline(&mut self, now: Instant) -> Option<FenceSample> {
+    /// What each volume of `current` had mapped at the start of the
+    /// attribution window that ends `now`: from the oldest remembered
+    /// sample that has it (a volume created since is measured from its
+    /// first sample). Forgets the samples before that start.
+    fn baseline(&mut self, now: Instant, current: &FenceSample) -> Option<FenceSample> {
         if let Some(cutoff) = now.checked_sub(ATTRIBUTION_WINDOW) {
             while self.history.get(1).is_some_and(|(at, _)| *at <= cutoff) {
                 self.history.pop_front();
@@ -488,16 +489,16 @@ impl Fencer {
         }
         let (_, oldest) = self.history.front()?;
         let mut baseline = oldest.clone();
-        for (_, sample) in self.history.iter().skip(1) {
-            for (id, mapped) in &sample.mapped {
-                baseline.mapped.entry(id.clone()).or_insert(*mapped);
+        // Only a volume newer than the oldest sample needs a later one.
+        for id in current.mapped.keys() {
+            if baseline.mapped.contains_key(id) {
+                continue;
+            }
+            if let Some(mapped) = self.history.iter().find_map(|(_, s)| s.mapped.get(id)) {
+                baseline.mapped.insert(id.clone(), *mapped);
             }
         }
         Some(baseline)
-    }
-
-    fn remember(&mut self, now: Instant, sample: FenceSample) {
-        self.history.push_back((now, sample));
     }
 
     /// Unfences `id` on request; `None` when it was not fenced (the
@@ -636,11 +637,7 @@ mod tests {
     #[test]
     fn only_the_filler_is_fenced_and_released_when_the_pool_grows() {
         let (backend, devices, room, mut fencer) = setup();
-        let filler = VolumeId::generate();
-        let other = VolumeId::generate();
-        for id in [&filler, &other] {
-            let _ = backend.create_thin(&id.lv_name(), Bytes(GIB), &[]).unwrap();
-        }
+        let [filler, other] = volumes(&backend);
         backend
             .simulate_write(&other.lv_name(), Percent::from_whole(2))
             .unwrap();
@@ -714,6 +711,20 @@ mod tests {
         assert!(!fencer.fences().contained());
     }
 
+    /// `N` new 1 GiB thin LVs on `backend`.
+    fn volumes<const N: usize>(backend: &SimBackend) -> [VolumeId; N] {
+        std::array::from_fn(|_| {
+            let id = VolumeId::generate();
+            let _ = backend.create_thin(&id.lv_name(), Bytes(GIB), &[]).unwrap();
+            id
+        })
+    }
+
+    /// The volumes `changes` fenced or unfenced, in order.
+    fn changed(changes: &[FenceChange]) -> Vec<&VolumeId> {
+        changes.iter().map(|c| &c.id).collect()
+    }
+
     /// `mib` MiB as the share of a 1 GiB volume that `simulate_write` sets.
     fn mib_of_a_gib(mib: u32) -> Percent {
         Percent::from_hundredths((mib * 10_000).div_ceil(1024))
@@ -725,11 +736,7 @@ mod tests {
     #[test]
     fn a_burst_beside_the_filler_is_not_taken_for_filling() {
         let (backend, devices, room, mut fencer) = setup();
-        let filler = VolumeId::generate();
-        let idle = VolumeId::generate();
-        for id in [&filler, &idle] {
-            let _ = backend.create_thin(&id.lv_name(), Bytes(GIB), &[]).unwrap();
-        }
+        let [filler, idle] = volumes(&backend);
         room.set(false);
         backend
             .simulate_write(&idle.lv_name(), mib_of_a_gib(20))
@@ -757,11 +764,7 @@ mod tests {
             .simulate_write(&idle.lv_name(), mib_of_a_gib(22))
             .unwrap();
         let changes = fencer.check_at(at(500)).unwrap();
-        assert_eq!(
-            changes.iter().map(|c| &c.id).collect::<Vec<_>>(),
-            [&filler],
-            "{changes:?}"
-        );
+        assert_eq!(changed(&changes), [&filler], "{changes:?}");
         assert!(devices.is_suspended(&filler) && !devices.is_suspended(&idle));
     }
 
@@ -770,11 +773,7 @@ mod tests {
     #[test]
     fn the_baseline_slides_with_the_window() {
         let (backend, devices, room, mut fencer) = setup();
-        let early = VolumeId::generate();
-        let filler = VolumeId::generate();
-        for id in [&early, &filler] {
-            let _ = backend.create_thin(&id.lv_name(), Bytes(GIB), &[]).unwrap();
-        }
+        let [early, filler] = volumes(&backend);
         room.set(false);
         let start = Instant::now();
         let window = ATTRIBUTION_WINDOW.as_millis() as u64;
@@ -791,11 +790,7 @@ mod tests {
         let changes = fencer
             .check_at(later + Duration::from_millis(window))
             .unwrap();
-        assert_eq!(
-            changes.iter().map(|c| &c.id).collect::<Vec<_>>(),
-            [&filler],
-            "{changes:?}"
-        );
+        assert_eq!(changed(&changes), [&filler], "{changes:?}");
         assert!(!devices.is_suspended(&early));
     }
 
