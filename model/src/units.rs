@@ -247,6 +247,13 @@ impl Percent {
         self.0
     }
 
+    /// This share of `whole`, rounded down (the inverse of
+    /// [`Bytes::percent_of`]).
+    pub fn of(self, whole: Bytes) -> Bytes {
+        let part = u128::from(whole.0) * u128::from(self.0) / 10_000;
+        Bytes(u64::try_from(part).unwrap_or(u64::MAX))
+    }
+
     /// Parses LVM's decimal form (`"12.34"`, `"0.00"`, `""` for "not
     /// applicable" is the caller's business and is refused here).
     pub fn parse_lvm(text: &str) -> Option<Percent> {

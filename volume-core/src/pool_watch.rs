@@ -8,9 +8,11 @@
 //! low-water-mark event) with a timer as the fallback, and on each wake
 //! reads the pool once and grows what [`PoolGrowthPolicy::plan`] asks for.
 
-use crate::backend::{BackendError, ThinBackend};
+use crate::backend::{BackendError, PoolStatus, ThinBackend};
+use crate::capacity::PoolUsage;
 use crate::fence::PoolRoom;
 use crate::pool_growth::{PoolGrowth, PoolGrowthPolicy, PoolPart};
+use crate::units::Bytes;
 use devicemapper::DM;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::collections::BTreeSet;
@@ -111,7 +113,15 @@ pub struct AutoExtender {
     /// Where each pool reading says whether the data can still grow (read
     /// by the fencer, [`crate::fence`]).
     room: Option<Arc<PoolRoom>>,
+    /// The last reading through LVM and when it was taken: a wake weighs
+    /// the pool target's fill against it (see [`AutoExtender::check_fill`]).
+    last_read: Option<(PoolStatus, Instant)>,
 }
+
+/// How old the last reading through LVM may get before a wake reads LVM
+/// again although the pool target asks for nothing: the VG's free space,
+/// which says whether the pool can still grow, is only in LVM's report.
+pub const FULL_READ_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// At most this many growths back to back before waiting again: a step
 /// too small for the writer repeats at once, but never without bound.
@@ -124,6 +134,7 @@ impl AutoExtender {
             policy,
             vg_full: BTreeSet::new(),
             room: None,
+            last_read: None,
         }
     }
 
@@ -141,17 +152,13 @@ impl AutoExtender {
         let mut done = Vec::new();
         for _ in 0..MAX_STEPS_PER_WAKE {
             let status = self.backend.pool_status()?;
+            self.last_read = Some((status.clone(), Instant::now()));
             if let Some(room) = &self.room {
                 let can_grow =
                     self.policy.data.enabled() && status.vg_free >= status.extent_size.bytes();
                 room.set(can_grow);
             }
-            let plan: Vec<_> = self
-                .policy
-                .plan(&status.usage)
-                .into_iter()
-                .filter(|(part, _)| !self.vg_full.contains(part) || status.vg_free.0 > 0)
-                .collect();
+            let plan = self.plan(&status.usage, status.vg_free);
             if plan.is_empty() {
                 break;
             }
@@ -189,11 +196,50 @@ impl AutoExtender {
         Ok(done)
     }
 
+    /// What to grow, leaving out a part whose VG was full at its last
+    /// growth while the VG still has nothing free.
+    fn plan(&self, usage: &PoolUsage, vg_free: Bytes) -> Vec<(PoolPart, Bytes)> {
+        self.policy
+            .plan(usage)
+            .into_iter()
+            .filter(|(part, _)| !self.vg_full.contains(part) || vg_free.0 > 0)
+            .collect()
+    }
+
+    /// A wake's check: the pool target's fill (one device-mapper status, no
+    /// LVM command) against the last reading through LVM, and
+    /// [`AutoExtender::check`] only when that asks for a growth, the target
+    /// cannot be read, or the last reading is [`FULL_READ_MAX_AGE`] old.
+    /// Every device's event wakes the watcher (a burst of creates makes
+    /// several per volume), and a report through LVM costs more with every
+    /// thin LV in the pool.
+    pub fn check_fill(&mut self, now: Instant) -> Result<Vec<TimedGrowth>, BackendError> {
+        let Some((last, read_at)) = &self.last_read else {
+            return self.check();
+        };
+        if now.saturating_duration_since(*read_at) >= FULL_READ_MAX_AGE {
+            return self.check();
+        }
+        let Some(fill) = self.backend.pool_fill()? else {
+            return self.check();
+        };
+        let usage = PoolUsage {
+            data_used: fill.data.of(last.usage.data_size),
+            metadata_used: fill.metadata.of(last.usage.metadata_size),
+            health: fill.health,
+            ..last.usage
+        };
+        if self.plan(&usage, last.vg_free).is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check()
+    }
+
     /// Checks, then waits for an event or `tick`, until `stop` is set.
     /// A failed check or wait is logged and retried at the next tick.
     pub fn run(&mut self, events: &mut dyn PoolEvents, tick: Duration, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
-            if let Err(error) = self.check() {
+            if let Err(error) = self.check_fill(Instant::now()) {
                 tracing::error!(%error, "pool auto-extend check failed");
             }
             if let Err(error) = events.wait(tick) {
@@ -224,6 +270,60 @@ mod tests {
         let sim = Arc::new(SimBackend::new(spec));
         let _ = sim.ensure_pool().unwrap();
         sim
+    }
+
+    #[test]
+    fn a_wake_reads_lvm_only_when_the_fill_asks_for_a_growth_or_the_reading_is_old() {
+        let sim = sim(Bytes(128 * MIB));
+        sim.set_vg_free(Bytes(200 * MIB));
+        let lv = VolumeId::generate().lv_name();
+        let _ = sim.create_thin(&lv, Bytes(GIB), &[]).unwrap();
+        let mut extender = AutoExtender::new(sim.clone(), PoolGrowthPolicy::default());
+        let start = Instant::now();
+        assert!(extender.check_fill(start).unwrap().is_empty());
+        let after_first = sim.calls().reports;
+        assert!(
+            after_first > 0,
+            "the first wake has no reading to weigh against"
+        );
+
+        for second in 1..10 {
+            let wake = start + Duration::from_secs(second);
+            assert!(extender.check_fill(wake).unwrap().is_empty());
+        }
+        assert_eq!(
+            sim.calls().reports,
+            after_first,
+            "wakes with nothing to grow read the pool target only"
+        );
+
+        sim.simulate_write(&lv, Percent::from_hundredths(1172))
+            .unwrap();
+        let grown = extender
+            .check_fill(start + Duration::from_secs(10))
+            .unwrap();
+        assert!(
+            matches!(
+                grown.as_slice(),
+                [TimedGrowth {
+                    growth: PoolGrowth::Grown {
+                        part: PoolPart::Data,
+                        ..
+                    },
+                    ..
+                }]
+            ),
+            "a fill past the threshold grows at once: {grown:?}"
+        );
+
+        let before_old = sim.calls().reports;
+        let _ = extender
+            .check_fill(Instant::now() + FULL_READ_MAX_AGE)
+            .unwrap();
+        assert!(
+            sim.calls().reports > before_old,
+            "a reading {FULL_READ_MAX_AGE:?} old is taken again through LVM"
+        );
     }
 
     #[test]

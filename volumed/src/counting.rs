@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use volume_core::actions::{CreateAction, DeleteAction, ExtendAction};
 use volume_core::backend::{
-    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
+    BackendError, LvPresence, PoolFill, PoolStatus, ThinAllocation, ThinBackend, ThinCopy,
+    ThinPoolSpec, ThinVolume,
 };
 use volume_core::names::LvName;
 use volume_core::pool_growth::{PoolGrowth, PoolPart};
@@ -36,6 +37,11 @@ impl ThinBackend for CountingBackend {
     fn pool_status(&self) -> Result<PoolStatus, BackendError> {
         self.metrics.lvm_call(false);
         self.inner.pool_status()
+    }
+
+    fn pool_status_and_lv(&self, lv: &LvName) -> Result<(PoolStatus, LvPresence), BackendError> {
+        self.metrics.lvm_call(false);
+        self.inner.pool_status_and_lv(lv)
     }
 
     fn create_thin(
@@ -83,6 +89,16 @@ impl ThinBackend for CountingBackend {
         self.inner.retag(lv, add, remove)
     }
 
+    fn retag_seen(
+        &self,
+        seen: &ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
+        self.metrics.lvm_call(true);
+        self.inner.retag_seen(seen, add, remove)
+    }
+
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         self.metrics.lvm_call(true);
         self.inner.activate_thin(lv)
@@ -107,5 +123,9 @@ impl ThinBackend for CountingBackend {
     /// Not counted: on LVM it reads device-mapper, not LVM.
     fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
         self.inner.thin_allocations(lvs)
+    }
+
+    fn pool_fill(&self) -> Result<Option<PoolFill>, BackendError> {
+        self.inner.pool_fill()
     }
 }

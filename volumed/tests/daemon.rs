@@ -1112,6 +1112,14 @@ impl ThinBackend for HookBackend {
     ) -> Result<ThinVolume, BackendError> {
         self.inner.retag(lv, add, remove)
     }
+    fn retag_seen(
+        &self,
+        seen: &ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
+        self.inner.retag_seen(seen, add, remove)
+    }
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {
         self.inner.activate_thin(lv)
     }

@@ -172,9 +172,19 @@ fn start_volumed(pool: &TestPool, kv_addr: &str, scratch: &Path) -> Guarded {
         .args(["--jail-uid", "1000", "--jail-gid", "1000"])
         .args(["--listen", "127.0.0.1:0"])
         .args(["--overcommit", "1000"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_filter())
         .stdin(Stdio::null());
     Guarded::spawn("volumed", &mut command)
+}
+
+/// volumed's log: warnings, and with `BENCH_TRACE` every LVM command with
+/// its time (the runner's debug lines) too.
+fn log_filter() -> &'static str {
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        "warn,volume_core::backend::lvm::runner=debug,volume_core::host=info"
+    } else {
+        "warn"
+    }
 }
 
 /// Waits until `count` statuses say ready; any error status ends the run.

@@ -11,7 +11,7 @@ pub mod sim;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
-use crate::health::VolumeHealth;
+use crate::health::{PoolHealth, VolumeHealth};
 use crate::names::{LvName, NameError, VgName};
 use crate::pool_growth::{PoolGrowth, PoolPart};
 use crate::units::{Bytes, ExtentSize, Percent, UnitError};
@@ -94,6 +94,25 @@ pub struct PoolStatus {
     pub extent_size: ExtentSize,
     /// Unallocated space left in the VG (room to grow the pool).
     pub vg_free: Bytes,
+}
+
+/// Whether a VG holds an LV of some name, as one report showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LvPresence {
+    Absent,
+    Present,
+}
+
+/// The pool's use and health as its own device-mapper target reports them:
+/// what a watcher needs to decide whether anything must be done, without
+/// an LVM command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFill {
+    /// Used shares of the data and metadata devices, rounded up to a
+    /// hundredth of a percent (a decision must not see less than is used).
+    pub data: Percent,
+    pub metadata: Percent,
+    pub health: PoolHealth,
 }
 
 /// One variant per failing step; each carries what an operator needs.
@@ -184,6 +203,33 @@ pub trait ThinBackend: Send + Sync {
 
     fn pool_status(&self) -> Result<PoolStatus, BackendError>;
 
+    /// The pool's status, and whether the VG holds an LV named `lv` (ours
+    /// or not), from the one reading an admission needs: a create of a new
+    /// name needs no report of its LV. By default, the status and a report
+    /// of that LV.
+    fn pool_status_and_lv(&self, lv: &LvName) -> Result<(PoolStatus, LvPresence), BackendError> {
+        let status = self.pool_status()?;
+        let presence = match self.thin(lv)? {
+            Some(_) => LvPresence::Present,
+            None => LvPresence::Absent,
+        };
+        Ok((status, presence))
+    }
+
+    /// The pool's use and health, as often as a caller likes: where the
+    /// backend can, from device-mapper's own status, with no LVM command
+    /// and no wait on one. `None` when it cannot be read so (no working
+    /// pool target): [`ThinBackend::pool_status`] says why. By default,
+    /// from the pool's status.
+    fn pool_fill(&self) -> Result<Option<PoolFill>, BackendError> {
+        let usage = self.pool_status()?.usage;
+        Ok(Some(PoolFill {
+            data: usage.data_percent(),
+            metadata: usage.metadata_percent(),
+            health: usage.health,
+        }))
+    }
+
     /// Creates an active thin LV carrying [`crate::names::OWNER_TAG`] plus
     /// `tags`. Same name and same (extent-rounded) size is `Identity`; a
     /// different size is [`BackendError::SizeMismatch`].
@@ -218,6 +264,16 @@ pub trait ThinBackend: Send + Sync {
     fn retag(
         &self,
         lv: &LvName,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError>;
+
+    /// [`ThinBackend::retag`] of an LV the caller read moments ago, under
+    /// the locks that keep every other change of it out: the one LVM
+    /// command, no report. Returns `seen` with its tags changed.
+    fn retag_seen(
+        &self,
+        seen: &ThinVolume,
         add: &[String],
         remove: &[String],
     ) -> Result<ThinVolume, BackendError>;

@@ -2,7 +2,10 @@
 //! backend, for fast tests of everything above the backend.
 
 use super::shared::{self, FoundLv};
-use super::{BackendError, PoolStatus, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume};
+use super::{
+    BackendError, LvPresence, PoolFill, PoolStatus, ThinAllocation, ThinBackend, ThinCopy,
+    ThinPoolSpec, ThinVolume,
+};
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
 use crate::health::{PoolHealth, VolumeHealth};
@@ -74,6 +77,34 @@ impl SimBackend {
     /// Marks `used` of the pool's metadata in use, as many mappings would.
     pub fn simulate_metadata_use(&self, used: Bytes) {
         self.lock().metadata_written = used;
+    }
+
+    /// `retag`, with or without the report that finds the LV first.
+    fn change_tags(
+        &self,
+        lv: &LvName,
+        add: &[String],
+        remove: &[String],
+        report: bool,
+    ) -> Result<ThinVolume, BackendError> {
+        shared::check_retag(add, remove)?;
+        let mut state = self.lock();
+        if report {
+            state.calls.reports += 1;
+        }
+        let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
+        shared::require_ours(&self.spec, found)?;
+        let volume = state
+            .volumes
+            .get_mut(lv)
+            .expect("found above under the same lock");
+        for tag in remove {
+            volume.tags.remove(tag);
+        }
+        volume.tags.extend(add.iter().cloned());
+        let volume = volume.clone();
+        state.calls.changes += 1;
+        Ok(volume)
     }
 
     pub fn calls(&self) -> SimCallCounts {
@@ -226,6 +257,34 @@ impl ThinBackend for SimBackend {
         Ok(self.status_of(&state))
     }
 
+    /// One (full) report, as the LVM backend's: the size report names
+    /// every LV of the VG, foreign ones too.
+    fn pool_status_and_lv(&self, lv: &LvName) -> Result<(PoolStatus, LvPresence), BackendError> {
+        let mut state = self.lock();
+        self.require_pool(&state)?;
+        state.calls.reports += 1;
+        state.calls.full_reports += 1;
+        let presence = if state.volumes.contains_key(lv) {
+            LvPresence::Present
+        } else {
+            LvPresence::Absent
+        };
+        Ok((self.status_of(&state), presence))
+    }
+
+    /// Read off the state, not counted as a report: the LVM backend reads
+    /// it from device-mapper with no LVM command.
+    fn pool_fill(&self) -> Result<Option<PoolFill>, BackendError> {
+        let state = self.lock();
+        self.require_pool(&state)?;
+        let usage = self.status_of(&state).usage;
+        Ok(Some(PoolFill {
+            data: usage.data_percent(),
+            metadata: usage.metadata_percent(),
+            health: usage.health,
+        }))
+    }
+
     fn create_thin(
         &self,
         lv: &LvName,
@@ -236,7 +295,11 @@ impl ThinBackend for SimBackend {
         let size = shared::round_to_extents(size, ExtentSize::DEFAULT)?;
         let mut state = self.lock();
         self.require_pool(&state)?;
-        state.calls.reports += 1;
+        // As the LVM backend: straight to lvcreate, and a report only when
+        // LVM refuses the name.
+        if state.volumes.contains_key(lv) {
+            state.calls.reports += 1;
+        }
         if let Some(existing) = shared::decide_create(&self.spec, self.find(&state, lv), size)? {
             return Ok(CreateAction::Identity(existing));
         }
@@ -330,22 +393,34 @@ impl ThinBackend for SimBackend {
         add: &[String],
         remove: &[String],
     ) -> Result<ThinVolume, BackendError> {
-        shared::check_retag(add, remove)?;
-        let mut state = self.lock();
-        state.calls.reports += 1;
-        let found = self.find(&state, lv).ok_or_else(|| self.not_found(lv))?;
-        shared::require_ours(&self.spec, found)?;
-        let volume = state
-            .volumes
-            .get_mut(lv)
-            .expect("found above under the same lock");
-        for tag in remove {
-            volume.tags.remove(tag);
-        }
-        volume.tags.extend(add.iter().cloned());
-        let volume = volume.clone();
-        state.calls.changes += 1;
-        Ok(volume)
+        self.change_tags(lv, add, remove, true)
+    }
+
+    /// No report: LVM's `lvchange` alone, which fails for a missing LV.
+    fn retag_seen(
+        &self,
+        seen: &ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
+        self.change_tags(&seen.lv, add, remove, false)
+    }
+
+    /// Allocation of the active LVs, read off the state and not counted as
+    /// a report: the LVM backend reads it from device-mapper with no LVM
+    /// command.
+    fn thin_allocations(&self, lvs: &[LvName]) -> Result<Vec<ThinAllocation>, BackendError> {
+        let state = self.lock();
+        Ok(lvs
+            .iter()
+            .filter_map(|lv| state.volumes.get(lv))
+            .filter(|volume| volume.device.is_some())
+            .map(|volume| ThinAllocation {
+                lv: volume.lv.clone(),
+                size: volume.virtual_size,
+                allocated: volume.data_percent,
+            })
+            .collect())
     }
 
     fn activate_thin(&self, lv: &LvName) -> Result<PathBuf, BackendError> {

@@ -90,7 +90,7 @@ pub use steps::Step;
 pub use volume_model::progress;
 
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
-use crate::backend::{BackendError, PoolStatus, ThinBackend, ThinVolume};
+use crate::backend::{BackendError, LvPresence, PoolStatus, ThinBackend, ThinVolume};
 use crate::capacity::{CapacityPolicy, Refusal};
 use crate::crypt::{CryptError, FormatGuard};
 use crate::fence::Fences;
@@ -582,7 +582,12 @@ impl VolumeHost {
 
     /// The pool as the backend reads it, with the fences' containment.
     fn read_pool(&self) -> Result<PoolStatus, HostError> {
-        let mut status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+        let status = self.backend.pool_status().map_err(HostError::PoolStatus)?;
+        Ok(self.contained(status))
+    }
+
+    /// `status` with the fences' containment.
+    fn contained(&self, mut status: PoolStatus) -> PoolStatus {
         if self
             .fences
             .as_ref()
@@ -590,7 +595,7 @@ impl VolumeHost {
         {
             status.usage.health = status.usage.health.worst(PoolHealth::InReserve);
         }
-        Ok(status)
+        status
     }
 
     /// Injects faults between steps (tests, on the simulator and the real
@@ -660,13 +665,39 @@ impl VolumeHost {
             })
     }
 
-    fn set_progress(&self, id: &VolumeId, reached: Progress) -> Result<ThinVolume, HostError> {
-        self.retag(
+    /// Records `reached` on `volume`, read or made under the volume lock.
+    fn set_progress(
+        &self,
+        id: &VolumeId,
+        volume: &ThinVolume,
+        reached: Progress,
+    ) -> Result<ThinVolume, HostError> {
+        self.retag_seen(
             id,
             "step",
+            volume,
             &[progress::step_tag(reached)],
             &progress::other_step_tags(reached),
         )
+    }
+
+    /// [`Self::retag`] of `volume`, read (or made) moments ago under the
+    /// volume lock: the change alone, with no report first.
+    fn retag_seen(
+        &self,
+        id: &VolumeId,
+        what: &'static str,
+        volume: &ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, HostError> {
+        self.backend
+            .retag_seen(volume, add, remove)
+            .map_err(|source| HostError::Record {
+                id: id.clone(),
+                what,
+                source: Box::new(source),
+            })
     }
 
     fn load_key(&self, id: &VolumeId) -> Result<VolumeKey, HostError> {
@@ -800,6 +831,10 @@ impl VolumeHost {
 
     fn admit_new(&self, spec: &NewVolume) -> Result<(), HostError> {
         let status = self.read_pool()?;
+        self.admit_on(spec, &status)
+    }
+
+    fn admit_on(&self, spec: &NewVolume, status: &PoolStatus) -> Result<(), HostError> {
         let size = round_to_extents(&spec.id, spec.size, status.extent_size)?;
         status
             .usage
@@ -818,7 +853,24 @@ impl VolumeHost {
         let volume_lock = self.volume_lock(&spec.id);
         let _held = lock(&volume_lock);
         let id = &spec.id;
-        let mut existing = self.find(id)?;
+        // Nearly every create is of a new name: the admission's one pool
+        // report says so, and the volume is admitted on it, under the pool
+        // lock. Only a name the VG holds is read on its own.
+        let pool_guard = lock(&self.pool_lock);
+        let (status, presence) = self
+            .backend
+            .pool_status_and_lv(&id.lv_name())
+            .map_err(HostError::PoolStatus)?;
+        let (admitted, mut existing) = match presence {
+            LvPresence::Absent => {
+                self.admit_on(spec, &self.contained(status))?;
+                (Some(pool_guard), None)
+            }
+            LvPresence::Present => {
+                drop(pool_guard);
+                (None, self.find(id)?)
+            }
+        };
         if let Some(volume) = &existing {
             if Self::progress_of(id, volume)? == Progress::Deleting {
                 // A delete or rollback began; finish it, then start afresh.
@@ -879,7 +931,7 @@ impl VolumeHost {
             tracing::info!(volume = %id, "resuming an unfinished create");
         }
         let mut made = Made::default();
-        match self.build(spec, existing, &mut made) {
+        match self.build(spec, existing, admitted, &mut made) {
             Ok(status) => Ok(CreateAction::Created(status)),
             Err(error) if error.is_crash() => Err(error),
             Err(error) => {
@@ -898,22 +950,26 @@ impl VolumeHost {
 
     /// The mutating part of create; any error here is rolled back, and
     /// `made` says what this call made.
+    /// `admitted`: the pool lock, held since this new volume was admitted.
     fn build(
         &self,
         spec: &NewVolume,
         existing: Option<ThinVolume>,
+        admitted: Option<MutexGuard<'_, ()>>,
         made: &mut Made,
     ) -> Result<LocalVolume, HostError> {
         let id = &spec.id;
         // A new volume is admitted, and its key and LV made, under the pool
         // lock, so two creates cannot both take the last headroom; one pool
         // report serves the admission.
-        let pool_guard = if existing.is_none() {
-            let guard = lock(&self.pool_lock);
-            self.admit_new(spec)?;
-            Some(guard)
-        } else {
-            None
+        let pool_guard = match (&existing, admitted) {
+            (Some(_), _) => None,
+            (None, Some(guard)) => Some(guard),
+            (None, None) => {
+                let guard = lock(&self.pool_lock);
+                self.admit_new(spec)?;
+                Some(guard)
+            }
         };
         let key = match spec.encryption {
             Encryption::Luks2 => {
@@ -928,8 +984,8 @@ impl VolumeHost {
             }
             Encryption::None => None,
         };
-        let (state, created_device) = match existing {
-            Some(volume) => (Self::progress_of(id, &volume)?, None),
+        let (state, seen, created_device) = match existing {
+            Some(volume) => (Self::progress_of(id, &volume)?, volume, None),
             None => {
                 // Every tag a create needs goes in with the LV: one
                 // metadata commit.
@@ -945,7 +1001,9 @@ impl VolumeHost {
                 made.lv = created.changed();
                 drop(pool_guard);
                 tracing::info!(volume = %id, size = %spec.size, "created LV");
-                (Progress::LvCreated, created.into_inner().device)
+                let created = created.into_inner();
+                let device = created.device.clone();
+                (Progress::LvCreated, created, device)
             }
         };
         self.step(id, Step::LvCreated)?;
@@ -985,11 +1043,17 @@ impl VolumeHost {
             .make_fs(&fs_device, id)
             .map_err(failed_at!(Mkfs, id))?;
         self.step(id, Step::FsMade)?;
-        let volume = self.set_progress(id, Progress::Ready)?;
+        let mut volume = self.set_progress(id, &seen, Progress::Ready)?;
         self.step(id, Step::ProgressReady)?;
         tracing::info!(volume = %id, device = %fs_device.display(), "volume ready");
-        // The retag read the LV after mkfs; the device is the one just
-        // made, so no report or device-mapper call is needed for the status.
+        // The LV was read or made under the volume lock; what mkfs
+        // allocated comes from the thin device's own counters, and the
+        // device is the one just made: no report is needed for the status.
+        if let Ok(allocations) = self.backend.thin_allocations(&[id.lv_name()]) {
+            if let Some(allocation) = allocations.first() {
+                volume.data_percent = allocation.allocated;
+            }
+        }
         Ok(Self::local_volume(id.clone(), &volume, Some(fs_device)))
     }
 
@@ -1251,7 +1315,13 @@ impl VolumeHost {
         let recorded_now = !volume.tags.contains(&record);
         if recorded_now {
             // Recorded first: a node made after a crash is still found.
-            self.retag(id, "node record", std::slice::from_ref(&record), &[])?;
+            self.retag_seen(
+                id,
+                "node record",
+                &volume,
+                std::slice::from_ref(&record),
+                &[],
+            )?;
         }
         let mut made_node = false;
         let exposed: Result<_, HostError> = (|| {

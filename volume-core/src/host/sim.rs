@@ -173,12 +173,17 @@ impl SimDevices {
         }
     }
 
-    /// The size of the LV at `lv_device` (`/dev/<vg>/<lv>`), as a block
-    /// device's size query would say; one lookup of that LV.
+    /// The size of the active LV at `lv_device` (`/dev/<vg>/<lv>`), as a
+    /// block device's size query would say: from the thin device, not from
+    /// an LVM report.
     fn lv_size(&self, lv_device: &Path) -> Option<Bytes> {
         let name = LvName::new(lv_device.file_name()?.to_str()?).ok()?;
-        let volume = self.backend.thin(&name).ok()??;
-        (volume.device.as_deref() == Some(lv_device)).then_some(volume.virtual_size)
+        let vg = &self.backend.spec().vg;
+        if lv_device != Path::new(&format!("/dev/{vg}/{name}")) {
+            return None;
+        }
+        let found = self.backend.thin_allocations(&[name]).ok()?;
+        found.first().map(|allocation| allocation.size)
     }
 
     fn require_lv(&self, lv_device: &Path) -> Result<Bytes, std::io::Error> {

@@ -838,6 +838,44 @@ fn listing_many_volumes_costs_one_report_and_one_device_mapper_query() {
     }
 }
 
+/// A create of a new name is admitted on the pool report that also says the
+/// name is free, and records `ready` on the LV it made without reading it
+/// again; an expose records its node on the LV it just read.
+#[test]
+fn a_create_reads_the_pool_once_and_an_expose_reads_its_volume_once() {
+    let h = harness_with(CapacityPolicy {
+        overcommit: crate::units::OvercommitRatio::from_thousandths(1_000_000).unwrap(),
+        ..CapacityPolicy::default()
+    });
+    for (encryption, jail) in [(Encryption::None, "vdb"), (Encryption::Luks2, "vdc")] {
+        let volume = spec(encryption);
+        let before = h.backend.calls();
+        let created = h.host.create(&volume).unwrap();
+        let after = h.backend.calls();
+        assert_eq!(after.reports - before.reports, 1, "create: LVM reports");
+        assert_eq!(
+            after.full_reports - before.full_reports,
+            1,
+            "create: the admission"
+        );
+        assert_eq!(
+            after.changes - before.changes,
+            2,
+            "create: lvcreate and ready"
+        );
+        assert!(matches!(created, CreateAction::Created(_)));
+
+        let before = h.backend.calls();
+        let _ = h.host.expose(&volume.id, &h.jail(jail), OWNER).unwrap();
+        let after = h.backend.calls();
+        assert_eq!(after.reports - before.reports, 1, "expose: LVM reports");
+        assert_eq!(after.changes - before.changes, 1, "expose: the node record");
+
+        let again = h.host.create(&volume).unwrap();
+        assert!(matches!(again, CreateAction::Identity(_)), "{again:?}");
+    }
+}
+
 /// Create, expose, extend and delete of one volume read that volume alone
 /// (and the pool once where admission needs it), however many volumes the
 /// pool holds.

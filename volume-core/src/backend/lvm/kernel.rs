@@ -6,6 +6,7 @@
 //! `devicemapper` crate (which parses it into [`ThinPoolStatus`]) and takes
 //! the worse of the two readings.
 
+use crate::backend::PoolFill;
 use crate::health::PoolHealth;
 use crate::units::Percent;
 use devicemapper::{DevId, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolStatusSummary, DM};
@@ -76,16 +77,6 @@ fn thin_pool_status_line(vg: &str, pool: &str) -> Result<Option<String>, String>
     Ok(None)
 }
 
-/// What a working pool target says of its use and health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolTarget {
-    /// Used shares of the data and metadata devices, rounded up to a
-    /// hundredth of a percent (admission must not see less than is used).
-    pub data: Percent,
-    pub metadata: Percent,
-    pub health: PoolHealth,
-}
-
 /// The share `used` of `total`, rounded up; 100 % for a total of 0.
 fn used_share(used: u64, total: u64) -> Percent {
     if total == 0 {
@@ -97,12 +88,12 @@ fn used_share(used: u64, total: u64) -> Percent {
 
 /// A working pool's status line as use and health; `None` for a failed or
 /// unreadable target, whose use the kernel does not give.
-pub fn pool_target_of_status(status: &ThinPoolStatus) -> Option<PoolTarget> {
+pub fn pool_target_of_status(status: &ThinPoolStatus) -> Option<PoolFill> {
     let ThinPoolStatus::Working(working) = status else {
         return None;
     };
     let usage = &working.usage;
-    Some(PoolTarget {
+    Some(PoolFill {
         data: used_share(*usage.used_data, *usage.total_data),
         metadata: used_share(*usage.used_meta, *usage.total_meta),
         health: health_of_status(status),
@@ -111,7 +102,7 @@ pub fn pool_target_of_status(status: &ThinPoolStatus) -> Option<PoolTarget> {
 
 /// The pool target's use and health, read without flushing (as
 /// [`pool_health`]). `Ok(None)`: no pool target, or not a working one.
-pub fn pool_target(vg: &str, pool: &str) -> Result<Option<PoolTarget>, String> {
+pub fn pool_target(vg: &str, pool: &str) -> Result<Option<PoolFill>, String> {
     let Some(params) = thin_pool_status_line(vg, pool)? else {
         return Ok(None);
     };

@@ -18,7 +18,8 @@ use self::report::{LvKind, LvRecord, VgRecord};
 use self::runner::{CommandLine, CommandLineBuilder, LvmRunner};
 use super::shared::{self, FoundLv};
 use super::{
-    BackendError, PoolStatus, ThinAllocation, ThinBackend, ThinCopy, ThinPoolSpec, ThinVolume,
+    BackendError, LvPresence, PoolFill, PoolStatus, ThinAllocation, ThinBackend, ThinCopy,
+    ThinPoolSpec, ThinVolume,
 };
 use crate::actions::{CreateAction, DeleteAction, ExtendAction};
 use crate::capacity::PoolUsage;
@@ -115,7 +116,7 @@ impl LvmBackend {
     /// against 1161, 889 and 680 ms for the full report, three rounds).
     /// `None` when the target is not a working pool: then the full report
     /// says why.
-    fn pool_status_from_target(&self) -> Result<Option<PoolStatus>, BackendError> {
+    fn pool_status_from_target(&self) -> Result<Option<(PoolStatus, VgView)>, BackendError> {
         let (vg, pool_name) = (self.spec.vg.as_str(), self.spec.pool.as_str());
         let Ok(Some(target)) = kernel::pool_target(vg, pool_name) else {
             return Ok(None);
@@ -140,7 +141,20 @@ impl LvmBackend {
         pool.metadata_percent = Some(target.metadata);
         let mut status = view.status(&self.spec, &pool)?;
         status.usage.health = status.usage.health.worst(target.health);
-        Ok(Some(status))
+        Ok(Some((status, view)))
+    }
+
+    /// The pool's status and the report it came from (whose rows name
+    /// every LV of the VG).
+    fn pool_reading(&self) -> Result<(PoolStatus, VgView), BackendError> {
+        let _operation = self.lock();
+        if let Some(reading) = self.pool_status_from_target()? {
+            return Ok(reading);
+        }
+        let view = self.read_vg()?;
+        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
+        let status = self.with_kernel_health(view.status(&self.spec, pool)?);
+        Ok((status, view))
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -215,6 +229,28 @@ impl LvmBackend {
     }
 
     /// The LV `lvcreate` just made, active and empty.
+    /// One `lvchange` of `volume`'s tags, and the same change to `volume`.
+    fn change_tags(
+        &self,
+        volume: &mut ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), BackendError> {
+        let mut line = CommandLine::command("lvchange").arg("-qq");
+        for tag in add {
+            line = line.args(["--addtag", tag.as_str()]);
+        }
+        for tag in remove {
+            line = line.args(["--deltag", tag.as_str()]);
+        }
+        self.change(line.arg(self.vg_lv(volume.lv.as_str())))?;
+        for tag in remove {
+            volume.tags.remove(tag);
+        }
+        volume.tags.extend(add.iter().cloned());
+        Ok(())
+    }
+
     fn new_thin(&self, lv: &LvName, size: Bytes, tags: BTreeSet<String>) -> ThinVolume {
         ThinVolume {
             lv: lv.clone(),
@@ -386,11 +422,6 @@ fn lvcreate_line(
 }
 
 /// `share` of `whole`, rounded down.
-fn share(whole: Bytes, share: Percent) -> Bytes {
-    let part = u128::from(whole.0) * u128::from(share.hundredths()) / 10_000;
-    Bytes(u64::try_from(part).unwrap_or(u64::MAX))
-}
-
 /// One `lvs` report of our VG and the decisions read off it.
 struct VgView {
     rows: Vec<LvRecord>,
@@ -494,9 +525,9 @@ impl VgView {
             pool: spec.pool.clone(),
             usage: PoolUsage {
                 data_size: pool.size,
-                data_used: share(pool.size, data_percent),
+                data_used: data_percent.of(pool.size),
                 metadata_size,
-                metadata_used: share(metadata_size, metadata_percent),
+                metadata_used: metadata_percent.of(metadata_size),
                 provisioned,
                 volume_count,
                 health: pool.pool_health(),
@@ -635,13 +666,21 @@ impl ThinBackend for LvmBackend {
     }
 
     fn pool_status(&self) -> Result<PoolStatus, BackendError> {
-        let _operation = self.lock();
-        if let Some(status) = self.pool_status_from_target()? {
-            return Ok(status);
-        }
-        let view = self.read_vg()?;
-        let pool = view.pool(&self.spec)?.ok_or_else(|| self.pool_missing())?;
-        Ok(self.with_kernel_health(view.status(&self.spec, pool)?))
+        Ok(self.pool_reading()?.0)
+    }
+
+    fn pool_status_and_lv(&self, lv: &LvName) -> Result<(PoolStatus, LvPresence), BackendError> {
+        let (status, view) = self.pool_reading()?;
+        let presence = match view.named(lv.as_str()) {
+            Some(_) => LvPresence::Present,
+            None => LvPresence::Absent,
+        };
+        Ok((status, presence))
+    }
+
+    fn pool_fill(&self) -> Result<Option<PoolFill>, BackendError> {
+        // No operation lock: a device-mapper status, not an LVM command.
+        Ok(kernel::pool_target(self.spec.vg.as_str(), self.spec.pool.as_str()).unwrap_or(None))
     }
 
     fn create_thin(
@@ -786,18 +825,30 @@ impl ThinBackend for LvmBackend {
         if add.is_empty() && remove.is_empty() {
             return Ok(volume);
         }
-        let mut line = CommandLine::command("lvchange").arg("-qq");
-        for tag in add {
-            line = line.args(["--addtag", tag.as_str()]);
+        self.change_tags(&mut volume, add, remove)?;
+        Ok(volume)
+    }
+
+    fn retag_seen(
+        &self,
+        seen: &ThinVolume,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<ThinVolume, BackendError> {
+        shared::check_retag(add, remove)?;
+        if !shared::is_ours(seen) {
+            return Err(BackendError::NotOurs {
+                lv: seen.lv.clone(),
+                pool: self.spec.pool.clone(),
+                tag: OWNER_TAG,
+            });
         }
-        for tag in remove {
-            line = line.args(["--deltag", tag.as_str()]);
+        let mut volume = seen.clone();
+        if add.is_empty() && remove.is_empty() {
+            return Ok(volume);
         }
-        self.change(line.arg(self.vg_lv(lv.as_str())))?;
-        for tag in remove {
-            volume.tags.remove(tag);
-        }
-        volume.tags.extend(add.iter().cloned());
+        let _operation = self.lock();
+        self.change_tags(&mut volume, add, remove)?;
         Ok(volume)
     }
 
