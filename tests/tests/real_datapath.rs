@@ -4,6 +4,7 @@
 //! `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/target/debug/microvm
 //!  cargo test -p volume-tests --test real_datapath -- --test-threads=1`.
 
+use fixtures::cmd::Program;
 use nix::mount::{mount, umount, MsFlags};
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -179,25 +180,42 @@ fn real_test_extend_grows_the_filesystem_offline_and_online() {
     let spec = new_volume(Bytes(GIB), Encryption::Luks2);
     let status = host.create(&spec).expect("create").into_inner();
     let mapping = status.device.unwrap();
+    mount_ext4(&mapping, &stack.mnt());
+    let kept = stack.mnt().join("kept");
+    let written: Vec<u8> = (0..4 * MIB).map(|i| (i * 7 + 3) as u8).collect();
+    fs::write(&kept, &written).unwrap();
+    umount(&stack.mnt()).unwrap();
 
+    // Each growth crosses a group descriptor block (one holds 64 groups of
+    // 128 MiB, 8 GiB): the filesystem has no reserved descriptor blocks
+    // (mkfs `-O ^resize_inode`), so resize2fs offline and the kernel
+    // online must make room for new ones.
     // Offline: nothing mounts it.
     let grown = host
-        .extend(&spec.id, Bytes(2 * GIB))
+        .extend(&spec.id, Bytes(9 * GIB))
         .expect("extend offline");
     assert!(grown.lv.changed());
     assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
     mount_ext4(&mapping, &stack.mnt());
     let size = fs_size(&stack.mnt());
-    assert!(size > 1900 * MIB, "df size {size} after offline grow");
+    assert!(size > 8900 * MIB, "df size {size} after offline grow");
 
     // Online: mounted here, resize2fs grows it in place.
     let grown = host
-        .extend(&spec.id, Bytes(3 * GIB))
+        .extend(&spec.id, Bytes(18 * GIB))
         .expect("extend online");
     assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
     let size = fs_size(&stack.mnt());
-    assert!(size > 2900 * MIB, "df size {size} after online grow");
+    assert!(size > 17900 * MIB, "df size {size} after online grow");
+    assert!(
+        fs::read(&kept).unwrap() == written,
+        "the file written before both growths"
+    );
     umount(&stack.mnt()).unwrap();
+    Program::find("e2fsck")
+        .unwrap()
+        .run(["-fn", mapping.to_str().unwrap()])
+        .expect("e2fsck -fn: the grown filesystem checks clean");
 
     // Held open by something this host cannot see as a jail node (a VM
     // given the device path, a mount in another namespace): the filesystem
@@ -214,7 +232,7 @@ fn real_test_extend_grows_the_filesystem_offline_and_online() {
             .open(&mapping)
             .unwrap();
         let outcome = host
-            .extend(&spec.id, Bytes(3 * GIB + 512 * MIB))
+            .extend(&spec.id, Bytes(18 * GIB + 512 * MIB))
             .unwrap_or_else(|e| panic!("extend with {holder}: {e}"));
         match outcome.filesystem {
             FsGrowth::InUse(holders) => {
@@ -231,13 +249,13 @@ fn real_test_extend_grows_the_filesystem_offline_and_online() {
         drop(held);
     }
     // Released: the next extend finishes the job.
-    let grown = host.extend(&spec.id, Bytes(3 * GIB + 512 * MIB)).unwrap();
+    let grown = host.extend(&spec.id, Bytes(18 * GIB + 512 * MIB)).unwrap();
     assert!(matches!(grown.filesystem, FsGrowth::Grown(action) if action.changed()));
     assert!(blocks() > before);
 
     // Exposed to a VM: the guest grows it.
     let _ = host.expose(&spec.id, &stack.jail(), OWNER).unwrap();
-    let left = host.extend(&spec.id, Bytes(4 * GIB)).unwrap();
+    let left = host.extend(&spec.id, Bytes(19 * GIB)).unwrap();
     assert_eq!(left.filesystem, FsGrowth::LeftToGuest);
     let _ = host.delete(&spec.id).unwrap();
     assert_gone(&stack, &host, &spec.id);

@@ -20,6 +20,15 @@
 //!   a valid journal block of this filesystem).
 //! * `-E nodiscard`: a fresh thin LV has no provisioned blocks; a discard
 //!   pass over it does nothing useful and takes long on large volumes.
+//! * `-O ^resize_inode`: no group descriptor blocks reserved for growth.
+//!   mke2fs reserves enough for a 1024-fold growth and writes them in every
+//!   backup group; that was half of mkfs's time (in the micro-VM, a 25 GiB
+//!   thin LV: 530–590 ms with them, 280–310 ms without). Growth does not
+//!   need them: `resize2fs` offline moves what is in the way of new
+//!   descriptor blocks, and the kernel online converts the filesystem to
+//!   `meta_bg` once it needs more (`real_test_extend_grows_the_filesystem_
+//!   offline_and_online` crosses a descriptor block both ways and checks
+//!   the result with `e2fsck -fn`).
 //! * `-b 4096`: the block size must be at least the dm-crypt sector size
 //!   (4096); mke2fs would pick 1024 for small volumes, which dm-crypt with
 //!   4K sectors cannot serve.
@@ -384,6 +393,8 @@ pub fn mkfs_args(device: &Path, id: &VolumeId) -> Vec<std::ffi::OsString> {
         &uuid,
         "-L",
         volume_label(id),
+        "-O",
+        "^resize_inode",
         "-E",
         "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
     ]
@@ -701,6 +712,8 @@ mod tests {
                 uuid.as_str(),
                 "-L",
                 "0123456789abcdef",
+                "-O",
+                "^resize_inode",
                 "-E",
                 "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
                 "/dev/mapper/x"
