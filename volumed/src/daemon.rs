@@ -70,6 +70,11 @@ const JOB_DRAIN: Duration = Duration::from_secs(120);
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// Changes are gathered this long before the pool is read again.
 const REFRESH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// ... and this long while other jobs still run: a burst of creates reads
+/// the pool every so often, not after each job (each read is a report of
+/// the whole VG on the LVM thread the jobs wait for), and once more as
+/// soon as the last job is done.
+const BUSY_REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
 /// The ledger is checked against the desired records every this many
 /// heartbeats (first at start-up); a drift is corrected on the second
 /// check that sees it unchanged.
@@ -765,8 +770,16 @@ impl Daemon {
         } = outcome;
         if changed {
             self.pool_stale = true;
-            self.refresh_due
-                .get_or_insert(Instant::now() + REFRESH_DEBOUNCE);
+        }
+        if self.pool_stale {
+            let soon = Instant::now()
+                + if self.running > 0 {
+                    BUSY_REFRESH_DEBOUNCE
+                } else {
+                    REFRESH_DEBOUNCE
+                };
+            let due = self.refresh_due.get_or_insert(soon);
+            *due = (*due).min(soon);
         }
         let retry_max = self.config.retry_max;
         let Some(volume) = self.volumes.get_mut(&id) else {
