@@ -272,13 +272,19 @@ mod tests {
         sim
     }
 
-    #[test]
-    fn a_wake_reads_lvm_only_when_the_fill_asks_for_a_growth_or_the_reading_is_old() {
+    /// A 128 MiB pool with 200 MiB free in its VG and one 1 GiB volume.
+    fn one_volume_in_a_small_pool() -> (Arc<SimBackend>, LvName, AutoExtender) {
         let sim = sim(Bytes(128 * MIB));
         sim.set_vg_free(Bytes(200 * MIB));
         let lv = VolumeId::generate().lv_name();
         let _ = sim.create_thin(&lv, Bytes(GIB), &[]).unwrap();
-        let mut extender = AutoExtender::new(sim.clone(), PoolGrowthPolicy::default());
+        let extender = AutoExtender::new(sim.clone(), PoolGrowthPolicy::default());
+        (sim, lv, extender)
+    }
+
+    #[test]
+    fn a_wake_reads_lvm_only_when_the_fill_asks_for_a_growth_or_the_reading_is_old() {
+        let (sim, lv, mut extender) = one_volume_in_a_small_pool();
         let start = Instant::now();
         assert!(extender.check_fill(start).unwrap().is_empty());
         let after_first = sim.calls().reports;
@@ -328,11 +334,7 @@ mod tests {
 
     #[test]
     fn a_filling_pool_grows_until_below_the_threshold_then_reports_the_vg_full() {
-        let sim = sim(Bytes(128 * MIB));
-        sim.set_vg_free(Bytes(200 * MIB));
-        let lv = VolumeId::generate().lv_name();
-        let _ = sim.create_thin(&lv, Bytes(GIB), &[]).unwrap();
-        let mut extender = AutoExtender::new(sim.clone(), PoolGrowthPolicy::default());
+        let (sim, lv, mut extender) = one_volume_in_a_small_pool();
         assert!(extender.check().unwrap().is_empty(), "an empty pool stays");
 
         // 120 MiB written into 128 MiB: 94 %, grown at once to below 70 %
