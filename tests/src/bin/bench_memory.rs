@@ -134,6 +134,9 @@ struct Peaks {
     /// `/proc/<pid>/smaps` by mapping at the largest RSS seen while LVM
     /// held memory locked (`VmLck` above 0), if asked for.
     while_locked: Option<(Reading, Breakdown)>,
+    /// The same at the largest RSS seen, locked or not (taken again when
+    /// the RSS passes the last one by 512 KiB), if asked for.
+    at_peak: Option<(Reading, Breakdown)>,
 }
 
 struct Sampler {
@@ -164,10 +167,18 @@ impl Sampler {
                             .while_locked
                             .as_ref()
                             .is_none_or(|(seen, _)| r.rss > seen.rss);
+                        let past_peak = p
+                            .at_peak
+                            .as_ref()
+                            .is_none_or(|(seen, _)| r.rss >= seen.rss + 512);
                         if smaps && r.locked > 0 && larger {
                             drop(p);
                             let breakdown = smaps_breakdown(pid);
                             peaks.lock().expect("sampler lock").while_locked = Some((r, breakdown));
+                        } else if smaps && past_peak {
+                            drop(p);
+                            let breakdown = smaps_breakdown(pid);
+                            peaks.lock().expect("sampler lock").at_peak = Some((r, breakdown));
                         }
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -479,6 +490,15 @@ fn main() {
             "  resident by mapping while LVM held memory locked (RSS {}, locked {}; KiB, mappings):",
             mib(reading.rss),
             mib(reading.locked)
+        );
+        for (name, rss, count) in breakdown.iter().take(25) {
+            println!("    {rss:>7} {count:>3}  {name}");
+        }
+    }
+    if let Some((reading, breakdown)) = &peaks.at_peak {
+        println!(
+            "  resident by mapping at the largest RSS sampled (RSS {}; KiB, mappings):",
+            mib(reading.rss)
         );
         for (name, rss, count) in breakdown.iter().take(25) {
             println!("    {rss:>7} {count:>3}  {name}");
