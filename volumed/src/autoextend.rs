@@ -42,7 +42,6 @@ pub fn spawn(
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("pool-autoextend".into())
-            .stack_size(crate::memory::THREAD_STACK)
             .spawn(move || {
                 let mut events = events;
                 AutoExtender::new(backend, policy).with_room(room).run(

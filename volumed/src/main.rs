@@ -46,7 +46,6 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_stack_size(memory::THREAD_STACK)
         .enable_all()
         .build()
     {

@@ -1,22 +1,13 @@
-//! The daemon's memory settings, applied at start. LVM locks every
-//! anonymous mapping of the process around each device suspend (see
-//! `MEMLOCK_SETTINGS` in volume-core's LVM backend), which makes every
-//! thread stack and malloc arena resident in full, for good. So both are
-//! kept small (measured in README, "Performance": volumed's memory).
+//! The daemon's memory settings, applied at start (measured in README,
+//! "Performance": volumed's memory). LVM locks none of volumed's memory
+//! (`MEMLOCK_SETTINGS` in volume-core's LVM backend) and gives glibc back
+//! its mapping of large allocations after `lvm2_init` (its runner), so
+//! what stays resident is what the allocator keeps.
 
-/// Stack of every thread volumed starts (the async workers, the blocking
-/// pool, the auto-extend thread). They run our Rust code and
-/// libcryptsetup's format and open, never LVM (its own thread). Debug
-/// builds, whose frames are several times larger, keep the 2 MiB default.
-pub const THREAD_STACK: usize = if cfg!(debug_assertions) {
-    2 << 20
-} else {
-    256 << 10
-};
-
-/// glibc malloc: one arena (LVM's lock skips the heap, not other arenas),
-/// allocations from 64 KiB up mapped on their own and returned on free,
-/// and at most 512 KiB of free heap kept at its top. Fixed thresholds also
+/// glibc malloc: one arena (a freed buffer is reused by any thread, not
+/// kept in the arena of the thread that freed it), allocations from 64 KiB
+/// up mapped on their own and returned on free, and at most 512 KiB of
+/// free heap kept at its top. Fixed thresholds also
 /// stop glibc from raising them after a large free, which would keep later
 /// large buffers in the heap.
 const ARENA_MAX: libc::c_int = 1;

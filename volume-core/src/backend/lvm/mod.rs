@@ -38,18 +38,20 @@ use std::sync::{Mutex, MutexGuard};
 /// needs must be read back from a device it suspended; after the `munlock`
 /// every page stays resident. In volumed that kept 91 MiB resident during
 /// a burst of creates (`VmLck` 90.7 MiB): volumed's and its libraries' file
-/// pages, every malloc arena and thread stack in full, the reserve. None
-/// of it can come from a suspended device: volumed's files live on the
-/// root filesystem and its anonymous memory in RAM or swap, never in the
-/// volume group volumed owns (the only one it suspends). So:
-/// - `mlock_filter=["/","[heap]"]`: skip file-backed mappings (their lines
-///   name a path) and the malloc heap (volumed keeps one arena, see
-///   volumed's `memory.rs`); thread stacks and large mapped buffers are
-///   still locked.
-/// - `reserved_memory=1024`: LVM's own allocations while a device is
-///   suspended are small.
+/// pages, every malloc arena and thread stack in full, LVM's own 8 MiB
+/// block cache, the reserve. None of it can come from a suspended device:
+/// volumed's files live on the root filesystem and its anonymous memory in
+/// RAM or swap, never in the thin pool volumed owns (the only thing it
+/// suspends; its volumes belong to VMs). So LVM is told to lock nothing,
+/// as `reserved_memory=0` says from LVM 2.03.27 on:
+/// - `mlock_filter=["/","00:00"]`: skip file-backed mappings (their lines
+///   name a path) and anonymous ones (device `00:00`, which no file-backed
+///   mapping has); LVM matches each entry as a substring of the maps line
+///   after its permissions, and no entry may hold a space (see
+///   `CommandLineBuilder::config`).
+/// - `reserved_memory=1024`: the reserve LVM still touches is small.
 pub const MEMLOCK_SETTINGS: &str =
-    r#"activation{mlock_filter=["/","[heap]"]}activation{reserved_memory=1024}"#;
+    r#"activation{mlock_filter=["/","00:00"]}activation{reserved_memory=1024}"#;
 
 /// A thin pool managed through liblvm2cmd.
 #[derive(Debug)]
@@ -1026,6 +1028,40 @@ mod tests {
                 "no warning for {wrong}: {output:?}"
             );
         }
+    }
+
+    /// LVM's rule (lib/mm/memlock.c, `_maps_line`): a readable mapping is
+    /// locked unless an `mlock_filter` entry is a substring of its maps
+    /// line after the permissions. Checked against this process's own maps,
+    /// with a second thread's stack and a large mapped buffer in them.
+    #[test]
+    fn the_memlock_filter_leaves_lvm_no_mapping_to_lock() {
+        let filters: Vec<&str> = MEMLOCK_SETTINGS
+            .split_once("mlock_filter=[")
+            .and_then(|(_, rest)| rest.split_once("]}"))
+            .map(|(list, _)| list.split(',').map(|f| f.trim_matches('"')).collect())
+            .unwrap();
+        let buffer = vec![1u8; 8 << 20];
+        let maps = std::thread::spawn(|| std::fs::read_to_string("/proc/self/maps").unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(buffer[buffer.len() - 1], 1);
+        let always_skipped = ["[vdso]", "[vsyscall]", "[vectors]"];
+        let mut anonymous = 0;
+        for line in maps.lines() {
+            let mut fields = line.splitn(3, ' ');
+            let (_range, perms) = (fields.next().unwrap(), fields.next().unwrap());
+            let after_perms = &line[line.find(perms).unwrap() + perms.len()..];
+            if !perms.starts_with('r') || always_skipped.iter().any(|s| after_perms.contains(s)) {
+                continue;
+            }
+            anonymous += usize::from(!after_perms.contains('/'));
+            assert!(
+                filters.iter().any(|f| after_perms.contains(f)),
+                "LVM would lock {line:?} (filters {filters:?})"
+            );
+        }
+        assert!(anonymous > 2, "no anonymous mappings seen:\n{maps}");
     }
 
     #[test]

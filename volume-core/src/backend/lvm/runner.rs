@@ -37,11 +37,13 @@ const MAX_WORDS: usize = 63;
 /// Error lines kept per command; a failing report over many LVs can print
 /// one line per LV.
 const MAX_ERROR_LINES: usize = 64;
-/// LVM reserves 64 KiB of its stack (`activation/reserved_stack`) before it
-/// locks memory around a device suspend; the lock makes the whole stack
-/// mapping resident for good, so it is 16 times that reserve, not a main
-/// thread's 8 MiB (which stayed resident after the first create).
-const WORKER_STACK: usize = 1 << 20;
+/// The stack the `lvm` command's own main thread gets; LVM reserves 64 KiB
+/// of it (`activation/reserved_stack`) before a suspend. Only the pages
+/// touched are resident (LVM locks none of them, see `MEMLOCK_SETTINGS`).
+const WORKER_STACK: usize = 8 << 20;
+/// glibc's own `M_MMAP_MAX` (malloc.c's `DEFAULT_MMAP_MAX`), which
+/// `lvm2_init` sets to 0; see [`map_large_allocations_again`].
+const GLIBC_MMAP_MAX: c_int = 65536;
 
 /// One command line for `lvm2_run`, checked so that LVM's word splitter
 /// reads back exactly the words we gave.
@@ -415,6 +417,7 @@ fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<S
     // SAFETY: LIBRARY is held (see above); lvm2_init has no preconditions.
     let raw = unsafe { lvm2_sys::lvm2_init() };
     restore_umask(process_umask);
+    map_large_allocations_again();
     let init_output = take_captured();
     if raw.is_null() {
         let _ = started.send(Err(init_output.errors));
@@ -455,6 +458,23 @@ fn worker_main(incoming: Receiver<Request>, started: SyncSender<Result<(), Vec<S
     }
     drop(handle);
     take_captured();
+}
+
+/// `lvm2_init` calls `mallopt(M_MMAP_MAX, 0)` (create_toolcontext), so
+/// that nothing LVM allocates while it holds memory locked around a
+/// suspend is a fresh, unlocked mapping. That is process-wide: afterwards
+/// every large allocation of every thread came from the heap, LVM's 8 MiB
+/// block cache (made and freed by each command) included, and the heap
+/// stayed at 18 MiB under a burst of creates with other threads' buffers
+/// on top of it. LVM's reason does not hold here: the backend tells LVM
+/// not to lock the heap either (`MEMLOCK_SETTINGS`), because nothing in
+/// this process pages in from the volume group it suspends.
+fn map_large_allocations_again() {
+    // SAFETY: mallopt only changes an allocator parameter; this runs on
+    // the worker thread while it holds LIBRARY, outside any LVM call.
+    if unsafe { libc::mallopt(libc::M_MMAP_MAX, GLIBC_MMAP_MAX) } != 1 {
+        tracing::warn!("could not let malloc map large allocations again after lvm2_init");
+    }
 }
 
 /// The process umask, read without changing it (`/proc/self/status`,
@@ -615,6 +635,45 @@ mod tests {
             .unwrap();
         let err = runner.run(&line).unwrap_err().to_string();
         assert!(err.contains("Unrecognised field: no_such_field"), "{err}");
+    }
+
+    /// glibc marks a chunk it mapped on its own with bit 1 of the size
+    /// word just before the pointer (`IS_MMAPPED` in malloc.c's chunk
+    /// layout); such a chunk goes back to the kernel on free.
+    fn is_mapped_on_its_own(pointer: *mut c_void) -> bool {
+        // SAFETY: `pointer` is a live allocation from glibc malloc, whose
+        // chunk header (the size word) sits in the 8 bytes before it.
+        let size_word = unsafe { *(pointer as *const usize).sub(1) };
+        size_word & 0b10 != 0
+    }
+
+    /// `lvm2_init` turns glibc's mapping of large allocations off for the
+    /// whole process (`mallopt(M_MMAP_MAX, 0)` in create_toolcontext), so
+    /// every large buffer after it, LVM's own 8 MiB block cache per
+    /// command included, came from the heap and kept it large.
+    #[test]
+    fn large_allocations_are_still_mapped_after_lvm_starts() {
+        let _serial = REAL_LVM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        // A fixed threshold, as volumed sets: glibc's own moves up after a
+        // large free, which another test could cause.
+        // SAFETY: mallopt only changes allocator parameters.
+        let threshold_set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+        assert_eq!(threshold_set, 1);
+        let runner = LvmRunner::start().unwrap();
+        runner
+            .run(&CommandLine::command("version").build().unwrap())
+            .unwrap();
+
+        // SAFETY: a plain allocation, checked for null and freed below.
+        let pointer = unsafe { libc::malloc(4 << 20) };
+        assert!(!pointer.is_null());
+        let mapped = is_mapped_on_its_own(pointer);
+        // SAFETY: `pointer` came from malloc above and is freed once.
+        unsafe { libc::free(pointer) };
+        assert!(
+            mapped,
+            "a 4 MiB allocation came from the heap after lvm2_init"
+        );
     }
 
     #[test]
