@@ -7,9 +7,9 @@
 /// glibc malloc: one arena (a freed buffer is reused by any thread, not
 /// kept in the arena of the thread that freed it), allocations from 64 KiB
 /// up mapped on their own and returned on free, and at most 512 KiB of
-/// free heap kept at its top. Fixed thresholds also
-/// stop glibc from raising them after a large free, which would keep later
-/// large buffers in the heap.
+/// free heap kept at its top. Fixed thresholds also stop glibc from
+/// raising them after a large free, which would keep later large buffers
+/// in the heap.
 const ARENA_MAX: libc::c_int = 1;
 const MMAP_THRESHOLD: libc::c_int = 64 << 10;
 const TRIM_THRESHOLD: libc::c_int = 512 << 10;

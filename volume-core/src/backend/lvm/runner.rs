@@ -445,9 +445,10 @@ fn worker_main(
         };
         // A renewal that failed is tried again for each command until one
         // succeeds; until then each command fails with lvm2_init's errors.
-        if handle.is_none() {
-            match open_handle() {
-                Ok(renewed) => handle = Some(renewed),
+        let live = match handle.take() {
+            Some(live) => live,
+            None => match open_handle() {
+                Ok(renewed) => renewed,
                 Err(mut errors) => {
                     errors.insert(0, "lvm2_init failed when the LVM handle was renewed".into());
                     let _ = request.reply.send((
@@ -459,11 +460,9 @@ fn worker_main(
                     ));
                     continue;
                 }
-            }
-        }
-        let Some(live) = handle.as_ref() else {
-            continue;
+            },
         };
+        let live = handle.insert(live);
         take_captured();
         let began = Instant::now();
         let process_umask = current_umask();
@@ -485,13 +484,11 @@ fn worker_main(
             commands_on_handle = 0;
             // After the reply, so no caller waits for it.
             drop(handle.take());
-            take_captured();
-            match open_handle() {
-                Ok(renewed) => handle = Some(renewed),
-                Err(errors) => {
+            handle = open_handle()
+                .map_err(|errors| {
                     tracing::error!(?errors, "lvm2_init failed when the LVM handle was renewed; trying again at the next command");
-                }
-            }
+                })
+                .ok();
         }
     }
     drop(handle);
