@@ -518,3 +518,62 @@ fn real_test_a_full_pool_reports_out_of_data_and_no_headroom() {
     assert_eq!(grown.usage.health, PoolHealth::Healthy, "{}", grown.usage);
     assert!(grown.usage.headroom(&policy) > Bytes::ZERO);
 }
+
+/// No command sends a D-Bus notice. LVM's default (`notify_dbus=1`) opens a
+/// system-bus connection after a command that changed metadata, or, in
+/// process, after the next command of any kind (the pending notice outlives
+/// a change that had it off). A listener stands in for the bus (the guest
+/// runs none) and counts the connections of a create and a remove.
+#[test]
+fn real_test_changes_send_lvm_no_dbus_notice() {
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let bus_dir = std::path::Path::new("/run/dbus");
+    let bus = bus_dir.join("system_bus_socket");
+    assert!(
+        !bus.exists(),
+        "{} exists: this test needs a host without a system bus (the micro-VM)",
+        bus.display()
+    );
+    std::fs::create_dir_all(bus_dir).expect("make /run/dbus");
+    let listener = UnixListener::bind(&bus).expect("listen where the system bus would be");
+    listener.set_nonblocking(true).unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let counter = {
+        let (connections, done) = (connections.clone(), done.clone());
+        std::thread::spawn(move || {
+            // A connection is closed at once, so a notice fails fast
+            // instead of waiting for a reply.
+            while !done.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {
+                        connections.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+
+    let pool = small_pool("nodbus");
+    let _ = pool.backend.ensure_pool().unwrap();
+    let lv = VolumeId::generate().lv_name();
+    assert!(pool
+        .backend
+        .create_thin(&lv, Bytes(GIB), &[])
+        .unwrap()
+        .changed());
+    assert!(pool.backend.remove_thin(&lv).unwrap().changed());
+
+    done.store(true, Ordering::Relaxed);
+    counter.join().unwrap();
+    let _ = std::fs::remove_file(&bus);
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        0,
+        "LVM connected to the system bus after a change"
+    );
+}

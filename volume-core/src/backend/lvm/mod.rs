@@ -49,9 +49,24 @@ use std::sync::{Mutex, MutexGuard};
 ///   mapping has); LVM matches each entry as a substring of the maps line
 ///   after its permissions, and no entry may hold a space (see
 ///   `CommandLineBuilder::config`).
-/// - `reserved_memory=1024`: the reserve LVM still touches is small.
+/// - `reserved_memory=0`: LVM touches no reserve of malloc'd memory
+///   before a suspend. (It still touches a fixed 2 MB buffer and
+///   `reserved_stack`, lib/mm/memlock.c `_allocate_memory`.)
 pub const MEMLOCK_SETTINGS: &str =
-    r#"activation{mlock_filter=["/","00:00"]}activation{reserved_memory=1024}"#;
+    r#"activation{mlock_filter=["/","00:00"]}activation{reserved_memory=0}"#;
+
+/// No D-Bus notice after a change. With `global/notify_dbus` on (LVM's
+/// default), every command that changed metadata opens a new system-bus
+/// connection and calls lvmdbusd's `ExternalEvent`, waiting for the reply
+/// (tools/lvmcmdline.c, lib/notify/lvmnotify.c): a round trip per change on
+/// any host running D-Bus, which can also start lvmdbusd by bus activation,
+/// and sd-bus code paged in for it. The notice only tells lvmdbusd to
+/// re-read LVM; volumed's volumes are managed through volumed, and
+/// lvmdbusd, if it runs, still sees the changes by its udev events. Every
+/// command carries it, reports too: in process, a change leaves its
+/// notice pending in LVM's command context when the setting is off, and
+/// the next command to run with it on sends it.
+pub const NO_DBUS_NOTICE: &str = "global{notify_dbus=0}";
 
 /// A thin pool managed through liblvm2cmd.
 #[derive(Debug)]
@@ -283,11 +298,11 @@ impl LvmBackend {
         })
     }
 
-    /// Runs a command that changes LVM state, with [`MEMLOCK_SETTINGS`] and
-    /// the low-water threshold.
+    /// Runs a command that changes LVM state, with [`MEMLOCK_SETTINGS`],
+    /// [`NO_DBUS_NOTICE`] and the low-water threshold.
     fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
-        let mut config = format!("{SKIP_FENCEABLE}{MEMLOCK_SETTINGS}");
+        let mut config = format!("{SKIP_FENCEABLE}{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}");
         if low_water != 0 {
             config.push_str(&format!(
                 "activation{{thin_pool_autoextend_threshold={low_water}}}"
@@ -382,11 +397,12 @@ impl LvmBackend {
 /// `--config` word: LVM takes the option once.)
 pub const SKIP_FENCEABLE: &str = r#"devices{global_filter=["r|/vmv1-crypt-|","r|/vmv1-vol_|","r|-vmv1--vol_|","r|^/dev/nbd|","r|/vmv1-hydrate-|"]}"#;
 
-/// A report command with the format every parser here expects.
+/// A report command with the format every parser here expects, and no
+/// D-Bus notice ([`NO_DBUS_NOTICE`]).
 fn report_command(command: &str) -> CommandLineBuilder {
     CommandLine::command(command)
         .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
-        .config(SKIP_FENCEABLE)
+        .config(format!("{SKIP_FENCEABLE}{NO_DBUS_NOTICE}"))
 }
 
 /// A size in bytes as LVM takes it (`<n>b`); LVM refuses sizes that are not
@@ -998,7 +1014,7 @@ mod tests {
         LvName::new("vmv1-vol_gjq9wcbfx7i9a3iy").unwrap()
     }
 
-    /// LVM reads the memory-lock settings as written. It warns about a
+    /// LVM reads the memory-lock and D-Bus settings as written. It warns about a
     /// setting it does not know or of the wrong type (checked here too, so
     /// the test cannot pass for want of checking), once per command.
     #[test]
@@ -1013,7 +1029,7 @@ mod tests {
                 .unwrap();
             runner.run(&line).unwrap()
         };
-        let ours = vgs(MEMLOCK_SETTINGS);
+        let ours = vgs(&format!("{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}"));
         assert!(
             ours.messages.is_empty() && ours.errors.is_empty(),
             "{ours:?}"
