@@ -577,3 +577,64 @@ fn real_test_changes_send_lvm_no_dbus_notice() {
         "LVM connected to the system bus after a change"
     );
 }
+
+/// Changes keep LVM's metadata archive to its newest `retain_min` copies
+/// (10, LVM's default) rather than every copy younger than 30 days. The
+/// micro-VM's lvm.conf turns archiving off; this test turns it on for its
+/// own run and puts the file back after.
+#[test]
+fn real_test_changes_keep_a_bounded_metadata_archive() {
+    struct Restore<'a>(&'a std::path::Path, String);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            if let Err(error) = std::fs::write(self.0, &self.1) {
+                eprintln!("cleanup: restore {}: {error}", self.0.display());
+            }
+        }
+    }
+    const RETAIN_MIN: usize = 10;
+    let conf = std::path::Path::new("/etc/lvm/lvm.conf");
+    let original = std::fs::read_to_string(conf).expect("read lvm.conf");
+    let off = "    backup = 0\n    archive = 0\n";
+    assert!(
+        original.contains(off),
+        "this test needs the micro-VM's lvm.conf, which turns archiving off; found:\n{original}"
+    );
+    let _restore = Restore(conf, original.clone());
+    std::fs::write(
+        conf,
+        original.replace(off, "    backup = 1\n    archive = 1\n"),
+    )
+    .expect("turn LVM's archive on");
+
+    let pool = small_pool("archive");
+    let _ = pool.backend.ensure_pool().unwrap();
+    let lv = VolumeId::generate().lv_name();
+    for _ in 0..7 {
+        assert!(pool
+            .backend
+            .create_thin(&lv, Bytes(GIB), &[])
+            .unwrap()
+            .changed());
+        assert!(pool.backend.remove_thin(&lv).unwrap().changed());
+    }
+    // LVM names a copy `<vg>_<index>-<random>.vg`.
+    let prefix = format!("{}_", pool.vg);
+    let archived = std::fs::read_dir("/etc/lvm/archive")
+        .expect("LVM's archive directory")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".vg")
+        })
+        .count();
+    assert!(
+        archived > 0,
+        "LVM archived nothing: the test would prove nothing"
+    );
+    assert!(
+        archived <= RETAIN_MIN,
+        "{archived} archived copies of {} after 7 creates and removes, more than {RETAIN_MIN}",
+        pool.vg
+    );
+}

@@ -68,6 +68,18 @@ pub const MEMLOCK_SETTINGS: &str =
 /// the next command to run with it on sends it.
 pub const NO_DBUS_NOTICE: &str = "global{notify_dbus=0}";
 
+/// LVM's metadata archive kept to its newest `backup/retain_min` copies
+/// (10 by default). With `archive` on (LVM's default), every change first
+/// writes the VG's whole metadata to a new file in the archive directory,
+/// and keeps every file younger than `retain_days` (30): a few changes per
+/// volume made it grow without bound on a busy host (81 KB a copy at 200
+/// thin LVs, in /etc), while each change also lists and sorts the whole
+/// directory (lib/format_text/archive.c). `retain_days=0` leaves only the
+/// count: the newest copies stay for `vgcfgrestore`, alongside the copies
+/// LVM keeps in the PV's own metadata area. Whether LVM archives at all
+/// stays as lvm.conf says.
+pub const BOUNDED_ARCHIVE: &str = "backup{retain_days=0}";
+
 /// A thin pool managed through liblvm2cmd.
 #[derive(Debug)]
 pub struct LvmBackend {
@@ -299,10 +311,11 @@ impl LvmBackend {
     }
 
     /// Runs a command that changes LVM state, with [`MEMLOCK_SETTINGS`],
-    /// [`NO_DBUS_NOTICE`] and the low-water threshold.
+    /// [`NO_DBUS_NOTICE`], [`BOUNDED_ARCHIVE`] and the low-water threshold.
     fn change(&self, line: CommandLineBuilder) -> Result<(), BackendError> {
         let low_water = self.low_water.load(Ordering::Relaxed);
-        let mut config = format!("{SKIP_FENCEABLE}{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}");
+        let mut config =
+            format!("{SKIP_FENCEABLE}{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}{BOUNDED_ARCHIVE}");
         if low_water != 0 {
             config.push_str(&format!(
                 "activation{{thin_pool_autoextend_threshold={low_water}}}"
@@ -1014,7 +1027,7 @@ mod tests {
         LvName::new("vmv1-vol_gjq9wcbfx7i9a3iy").unwrap()
     }
 
-    /// LVM reads the memory-lock and D-Bus settings as written. It warns about a
+    /// LVM reads the memory-lock, D-Bus and archive settings as written. It warns about a
     /// setting it does not know or of the wrong type (checked here too, so
     /// the test cannot pass for want of checking), once per command.
     #[test]
@@ -1029,7 +1042,9 @@ mod tests {
                 .unwrap();
             runner.run(&line).unwrap()
         };
-        let ours = vgs(&format!("{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}"));
+        let ours = vgs(&format!(
+            "{MEMLOCK_SETTINGS}{NO_DBUS_NOTICE}{BOUNDED_ARCHIVE}"
+        ));
         assert!(
             ours.messages.is_empty() && ours.errors.is_empty(),
             "{ours:?}"
